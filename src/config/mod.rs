@@ -1,0 +1,11 @@
+//! Configuration: plain serde data with documented defaults, validated once at
+//! load into typed values, so the hot path never parses a string.
+
+mod load;
+mod proxy;
+
+pub use load::{ConfigErrors, ConfigIssue, Issues, Location, TomlDoc};
+pub use proxy::{
+    AllOpen, BreakerPolicy, Limits, LogConfig, LogFormat, PoolConfig, ProxyConfig, ProxyFile,
+    ProxyOverrides, RoutingConfig, RuntimeConfig, ServerConfig, Timeouts, TopologySource,
+};

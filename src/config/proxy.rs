@@ -1,0 +1,1020 @@
+//! `shardgate proxy` configuration: the file's plain-data form, its defaults,
+//! and its validation into the typed values the data plane runs on.
+
+use super::load::{ConfigErrors, Issues, TomlDoc};
+use crate::resilience::{Backoff, BreakerConfig, BudgetConfig, Jitter, RetryPolicy, StatusSet};
+use crate::routing::{KeyExtractor, KeySource, PathTemplate, ReadPreference};
+use http::HeaderName;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+// ---------------------------------------------------------------------------
+// The file, as written. Every field has a default, documented where it is set.
+// ---------------------------------------------------------------------------
+
+/// `[server]`: listeners and connection handling.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct ServerSection {
+    /// Client-facing listener.
+    pub listen: String,
+    /// Admin listener (metrics, health, topology); loopback unless you mean otherwise.
+    pub admin_listen: String,
+    /// Runtime worker threads; 0 = one per available CPU.
+    pub workers: usize,
+    /// Longest a drain may take on SIGTERM/SIGINT before connections are cut.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Serve HTTP/2 (prior knowledge, or ALPN under TLS) as well as HTTP/1.1.
+    pub http2: bool,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            workers: 0,
+            shutdown_grace: Duration::from_secs(30),
+            http2: true,
+        }
+    }
+}
+
+/// `[topology]`: where the shard map comes from.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct TopologySection {
+    /// A file path, or coordinator URLs (`http://host:port`) tried in order.
+    pub sources: Vec<String>,
+    /// Port used for node addresses the map writes without one.
+    pub default_upstream_port: u16,
+}
+
+impl Default for TopologySection {
+    fn default() -> Self {
+        TopologySection {
+            sources: Vec::new(),
+            default_upstream_port: 80,
+        }
+    }
+}
+
+/// One entry of `routing.key_sources`: exactly one of the three.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct KeySourceDoc {
+    /// Header name.
+    pub header: Option<String>,
+    /// Path template with one `{key}` segment.
+    pub path: Option<String>,
+    /// Query parameter name.
+    pub query: Option<String>,
+}
+
+/// `[routing]`: keys, partitions and read preference.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct RoutingSection {
+    /// Where to look for the shard key, in order.
+    pub key_sources: Vec<KeySourceDoc>,
+    /// Longest key accepted, in bytes.
+    pub max_key_bytes: usize,
+    /// Route requests with no key to this partition index instead of refusing them.
+    pub keyless_partition: Option<u32>,
+    /// Read preference when a request names none.
+    pub read_preference: String,
+    /// Header a client may use to choose a read preference per request.
+    pub read_preference_header: String,
+    /// Whether that header is honoured.
+    pub allow_read_preference_override: bool,
+    /// Add `x-shardgate-upstream` to responses (off: the upstream stays private).
+    pub expose_upstream: bool,
+}
+
+impl Default for RoutingSection {
+    fn default() -> Self {
+        RoutingSection {
+            key_sources: vec![
+                KeySourceDoc {
+                    header: Some("x-shard-key".into()),
+                    ..KeySourceDoc::default()
+                },
+                KeySourceDoc {
+                    path: Some("/kv/{key}".into()),
+                    ..KeySourceDoc::default()
+                },
+                KeySourceDoc {
+                    query: Some("key".into()),
+                    ..KeySourceDoc::default()
+                },
+            ],
+            max_key_bytes: 1024,
+            keyless_partition: None,
+            read_preference: "primaryPreferred".into(),
+            read_preference_header: "x-read-preference".into(),
+            allow_read_preference_override: true,
+            expose_upstream: false,
+        }
+    }
+}
+
+/// `[limits]`: what one client may ask of the proxy.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct LimitsSection {
+    /// Request line plus headers, in bytes (431 above).
+    pub max_header_bytes: usize,
+    /// Request body, in bytes (413 above).
+    pub max_body_bytes: u64,
+    /// Open client connections; further ones get `503 overloaded`.
+    pub max_connections: usize,
+    /// Requests being proxied at once; further ones get `503 overloaded`.
+    pub max_inflight: usize,
+    /// Requests in flight to any one upstream; 0 = no per-upstream limit.
+    pub max_inflight_per_upstream: usize,
+    /// Time a client has to send a complete request head.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time an idle client connection (no request in flight) is kept open.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 128 * 1024 * 1024,
+            max_connections: 10_000,
+            max_inflight: 10_000,
+            max_inflight_per_upstream: 0,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[timeouts]`: how long the proxy waits on upstreams.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct TimeoutsSection {
+    /// TCP connect to an upstream.
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// One attempt, from sending until response headers arrive.
+    #[serde(with = "humantime_serde")]
+    pub per_try: Duration,
+    /// The whole request, all attempts and the response body included.
+    #[serde(with = "humantime_serde")]
+    pub overall: Duration,
+}
+
+impl Default for TimeoutsSection {
+    fn default() -> Self {
+        TimeoutsSection {
+            connect: Duration::from_secs(1),
+            per_try: Duration::from_secs(15),
+            overall: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[retry]`: attempts, spacing and the budget that caps them.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct RetrySection {
+    /// Attempts per request, the first included; 1 disables retries.
+    pub max_attempts: u32,
+    /// Delay before the first retry to the same upstream, before jitter.
+    #[serde(with = "humantime_serde")]
+    pub base_delay: Duration,
+    /// Longest delay between attempts.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// `none`, `full`, `equal` or `decorrelated`.
+    pub jitter: String,
+    /// Upstream statuses retried for idempotent requests.
+    pub on_status: Vec<u16>,
+    /// Request bodies up to this many bytes are kept for replay.
+    pub buffer_bytes: usize,
+    /// Retries allowed as a share of requests over the budget window.
+    pub budget_ratio: f64,
+    /// Window the budget counts over.
+    #[serde(with = "humantime_serde")]
+    pub budget_window: Duration,
+    /// Retries per second allowed regardless of traffic.
+    pub budget_min_per_second: u32,
+}
+
+impl Default for RetrySection {
+    fn default() -> Self {
+        RetrySection {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(25),
+            max_delay: Duration::from_secs(1),
+            jitter: "full".into(),
+            on_status: vec![502, 503, 504],
+            buffer_bytes: 64 * 1024,
+            budget_ratio: 0.2,
+            budget_window: Duration::from_secs(10),
+            budget_min_per_second: 10,
+        }
+    }
+}
+
+/// `[breaker]`: per-upstream circuit breakers.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct BreakerSection {
+    /// Consecutive failures that open a breaker; 0 disables this trigger.
+    pub consecutive_failures: u32,
+    /// Failure share over the window that opens a breaker; above 1 disables it.
+    pub failure_ratio: f64,
+    /// Window for the failure share.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Requests the window must hold before the share counts.
+    pub min_requests: u32,
+    /// Shortest time a breaker stays open.
+    #[serde(with = "humantime_serde")]
+    pub min_open: Duration,
+    /// Longest time a breaker stays open, however often it trips.
+    #[serde(with = "humantime_serde")]
+    pub max_open: Duration,
+    /// Probes let through at once while half-open.
+    pub half_open_probes: u32,
+    /// Upstream statuses that count as failures.
+    pub failure_statuses: Vec<u16>,
+    /// When every node of a partition is open: `fail_fast` or `fail_open`.
+    pub when_all_open: String,
+}
+
+impl Default for BreakerSection {
+    fn default() -> Self {
+        BreakerSection {
+            consecutive_failures: 5,
+            failure_ratio: 0.5,
+            window: Duration::from_secs(10),
+            min_requests: 20,
+            min_open: Duration::from_secs(5),
+            max_open: Duration::from_secs(60),
+            half_open_probes: 3,
+            failure_statuses: vec![502, 503, 504],
+            when_all_open: "fail_fast".into(),
+        }
+    }
+}
+
+/// `[upstream]`: connections to shard nodes.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct UpstreamSection {
+    /// Idle keep-alive connections kept per upstream.
+    pub pool_max_idle: usize,
+    /// How long an idle pooled connection is kept; keep it below the nodes' own keep-alive timeout.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        UpstreamSection {
+            pool_max_idle: 64,
+            pool_idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[log]`: logging and access-log sampling.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct LogSection {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a full filter; `RUST_LOG` wins.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+    /// Share of successful requests written to the access log (errors always are).
+    pub access_log_sample: f64,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+            format: "text".into(),
+            access_log_sample: 0.01,
+        }
+    }
+}
+
+/// The proxy config file, section by section.
+#[derive(Clone, Debug, Default)]
+pub struct ProxyFile {
+    /// `[server]`
+    pub server: ServerSection,
+    /// `[topology]`
+    pub topology: TopologySection,
+    /// `[routing]`
+    pub routing: RoutingSection,
+    /// `[limits]`
+    pub limits: LimitsSection,
+    /// `[timeouts]`
+    pub timeouts: TimeoutsSection,
+    /// `[retry]`
+    pub retry: RetrySection,
+    /// `[breaker]`
+    pub breaker: BreakerSection,
+    /// `[upstream]`
+    pub upstream: UpstreamSection,
+    /// `[log]`
+    pub log: LogSection,
+}
+
+const SECTIONS: &[&str] = &[
+    "server", "topology", "routing", "limits", "timeouts", "retry", "breaker", "upstream", "log",
+];
+
+/// Command-line flags that override the file.
+#[derive(Clone, Debug, Default)]
+pub struct ProxyOverrides {
+    /// `--listen`
+    pub listen: Option<String>,
+    /// `--admin-listen`
+    pub admin_listen: Option<String>,
+    /// `--topology` (replaces the file's sources when given)
+    pub topology: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------
+// The validated form.
+// ---------------------------------------------------------------------------
+
+/// Where a shard map is read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TopologySource {
+    /// A JSON file, re-read on SIGHUP.
+    File(PathBuf),
+    /// A coordinator's base URL.
+    Coordinator(http::Uri),
+}
+
+impl std::fmt::Display for TopologySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TopologySource::File(p) => write!(f, "file {}", p.display()),
+            TopologySource::Coordinator(u) => write!(f, "coordinator {u}"),
+        }
+    }
+}
+
+/// What happens when every node a request may use has an open breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllOpen {
+    /// Answer `503 no_healthy_upstream` at once.
+    FailFast,
+    /// Send to the node whose breaker reopens soonest.
+    FailOpen,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Listener settings; fixed for the life of the process.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerConfig {
+    /// Client-facing listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Worker threads (0 = per CPU).
+    pub workers: usize,
+    /// Drain limit on shutdown.
+    pub shutdown_grace: Duration,
+    /// Serve HTTP/2 too.
+    pub http2: bool,
+}
+
+/// Request routing settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingConfig {
+    /// Reads shard keys.
+    pub keys: KeyExtractor,
+    /// Partition for keyless requests, if they are routed at all.
+    pub keyless_partition: Option<u32>,
+    /// Default read preference.
+    pub read_preference: ReadPreference,
+    /// Per-request override header, if honoured.
+    pub read_preference_header: Option<HeaderName>,
+    /// Reveal the upstream address in responses.
+    pub expose_upstream: bool,
+}
+
+/// Client limits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Request head size limit.
+    pub max_header_bytes: usize,
+    /// Request body size limit.
+    pub max_body_bytes: u64,
+    /// Client connection limit.
+    pub max_connections: usize,
+    /// Global in-flight request limit.
+    pub max_inflight: usize,
+    /// Per-upstream in-flight limit (0 = none).
+    pub max_inflight_per_upstream: usize,
+    /// Request head deadline.
+    pub header_read_timeout: Duration,
+    /// Idle connection lifetime.
+    pub idle_timeout: Duration,
+}
+
+/// Upstream timeouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect.
+    pub connect: Duration,
+    /// One attempt until response headers.
+    pub per_try: Duration,
+    /// The whole request.
+    pub overall: Duration,
+}
+
+/// Upstream connection pooling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Idle connections kept per upstream.
+    pub max_idle: usize,
+    /// Idle lifetime.
+    pub idle_timeout: Duration,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+}
+
+/// Breaker settings plus what counts as a failure.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BreakerPolicy {
+    /// State machine parameters.
+    pub breaker: BreakerConfig,
+    /// Statuses that count as failures.
+    pub failure_statuses: StatusSet,
+    /// Behaviour when all candidates are open.
+    pub when_all_open: AllOpen,
+}
+
+/// Logging settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogConfig {
+    /// Filter directive.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+    /// Share of successes written to the access log.
+    pub access_log_sample: f64,
+}
+
+/// Everything the request path reads; swapped as a whole on reload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuntimeConfig {
+    /// Routing.
+    pub routing: RoutingConfig,
+    /// Client limits.
+    pub limits: Limits,
+    /// Upstream timeouts.
+    pub timeouts: Timeouts,
+    /// Retries.
+    pub retry: RetryPolicy,
+    /// Retry budget.
+    pub budget: BudgetConfig,
+    /// Breakers.
+    pub breaker: BreakerPolicy,
+    /// Pooling.
+    pub pool: PoolConfig,
+    /// Access-log sampling.
+    pub access_log_sample: f64,
+}
+
+/// A validated proxy configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProxyConfig {
+    /// Listeners.
+    pub server: ServerConfig,
+    /// Shard map sources, in order.
+    pub topology_sources: Vec<TopologySource>,
+    /// Port for node addresses without one.
+    pub default_upstream_port: u16,
+    /// Logging.
+    pub log: LogConfig,
+    /// The request path's settings.
+    pub runtime: Arc<RuntimeConfig>,
+}
+
+impl ProxyFile {
+    /// Read the sections of a parsed document.
+    pub fn from_doc(doc: &TomlDoc<'_>, issues: &mut Issues<'_>) -> ProxyFile {
+        doc.reject_unknown_sections(SECTIONS, issues);
+        ProxyFile {
+            server: doc.section("server", issues),
+            topology: doc.section("topology", issues),
+            routing: doc.section("routing", issues),
+            limits: doc.section("limits", issues),
+            timeouts: doc.section("timeouts", issues),
+            retry: doc.section("retry", issues),
+            breaker: doc.section("breaker", issues),
+            upstream: doc.section("upstream", issues),
+            log: doc.section("log", issues),
+        }
+    }
+
+    /// Apply command-line flags on top of the file.
+    pub fn apply(&mut self, o: &ProxyOverrides) {
+        if let Some(l) = &o.listen {
+            self.server.listen = l.clone();
+        }
+        if let Some(a) = &o.admin_listen {
+            self.server.admin_listen = a.clone();
+        }
+        if !o.topology.is_empty() {
+            self.topology.sources = o.topology.clone();
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Load `path` (or defaults when `None`), apply flags, validate everything.
+    pub fn load(path: Option<&std::path::Path>, o: &ProxyOverrides) -> Result<ProxyConfig, ConfigErrors> {
+        let Some(path) = path else {
+            let mut file = ProxyFile::default();
+            file.apply(o);
+            return ProxyConfig::validate(&file, o, None, "flags");
+        };
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            source_name: name.clone(),
+            issues: vec![super::load::ConfigIssue {
+                location: None,
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        ProxyConfig::from_toml(&text, &name, o)
+    }
+
+    /// Parse and validate config text; `name` labels errors.
+    pub fn from_toml(text: &str, name: &str, o: &ProxyOverrides) -> Result<ProxyConfig, ConfigErrors> {
+        let doc = TomlDoc::parse(text, name)?;
+        let mut issues = Issues::new(Some(&doc));
+        let mut file = ProxyFile::from_doc(&doc, &mut issues);
+        if !issues.is_empty() {
+            return Err(issues.into_errors(name));
+        }
+        file.apply(o);
+        ProxyConfig::validate(&file, o, Some(&doc), name)
+    }
+
+    /// Check every rule, collecting all problems.
+    pub fn validate(
+        f: &ProxyFile,
+        o: &ProxyOverrides,
+        doc: Option<&TomlDoc<'_>>,
+        name: &str,
+    ) -> Result<ProxyConfig, ConfigErrors> {
+        let mut issues = Issues::new(doc);
+        let flag_or = |flag: &str, given: bool, key: &str| {
+            if given { flag.to_owned() } else { key.to_owned() }
+        };
+
+        let listen = parse_addr(
+            &f.server.listen,
+            &flag_or("--listen", o.listen.is_some(), "server.listen"),
+            &mut issues,
+        );
+        let admin_listen = parse_addr(
+            &f.server.admin_listen,
+            &flag_or("--admin-listen", o.admin_listen.is_some(), "server.admin_listen"),
+            &mut issues,
+        );
+        if f.server.shutdown_grace.is_zero() {
+            issues.push("server.shutdown_grace", "must be above zero");
+        }
+
+        let sources_key = flag_or("--topology", !o.topology.is_empty(), "topology.sources");
+        let mut topology_sources = Vec::new();
+        if f.topology.sources.is_empty() {
+            issues.push(
+                sources_key.clone(),
+                "no shard map source: give a topology file or coordinator URL",
+            );
+        }
+        for (i, s) in f.topology.sources.iter().enumerate() {
+            match parse_topology_source(s) {
+                Ok(src) => topology_sources.push(src),
+                Err(m) => issues.push(format!("{sources_key}.{i}"), m),
+            }
+        }
+        let files = topology_sources
+            .iter()
+            .filter(|s| matches!(s, TopologySource::File(_)))
+            .count();
+        if files > 1 || (files == 1 && topology_sources.len() > 1) {
+            issues.push(
+                sources_key,
+                "give either one topology file or one or more coordinator URLs, not a mix",
+            );
+        }
+        if f.topology.default_upstream_port == 0 {
+            issues.push("topology.default_upstream_port", "must be a port above 0");
+        }
+
+        let routing = validate_routing(&f.routing, &mut issues);
+        let limits = validate_limits(&f.limits, &mut issues);
+        let timeouts = validate_timeouts(&f.timeouts, &mut issues);
+        let (retry, budget) = validate_retry(&f.retry, &mut issues);
+        let breaker = validate_breaker(&f.breaker, &mut issues);
+        if f.upstream.pool_idle_timeout.is_zero() {
+            issues.push("upstream.pool_idle_timeout", "must be above zero");
+        }
+        let pool = PoolConfig {
+            max_idle: f.upstream.pool_max_idle,
+            idle_timeout: f.upstream.pool_idle_timeout,
+            connect_timeout: timeouts.connect,
+        };
+        let log = validate_log(&f.log, &mut issues);
+
+        let (Some(listen), Some(admin_listen), Some(routing)) = (listen, admin_listen, routing) else {
+            return Err(issues.into_errors(name));
+        };
+        if listen == admin_listen && listen.port() != 0 {
+            issues.push("server.admin_listen", "must differ from server.listen");
+        }
+        let config = ProxyConfig {
+            server: ServerConfig {
+                listen,
+                admin_listen,
+                workers: f.server.workers,
+                shutdown_grace: f.server.shutdown_grace,
+                http2: f.server.http2,
+            },
+            topology_sources,
+            default_upstream_port: f.topology.default_upstream_port,
+            runtime: Arc::new(RuntimeConfig {
+                routing,
+                limits,
+                timeouts,
+                retry,
+                budget,
+                breaker,
+                pool,
+                access_log_sample: log.access_log_sample,
+            }),
+            log,
+        };
+        issues.finish(name, config)
+    }
+}
+
+fn parse_addr(s: &str, key: &str, issues: &mut Issues<'_>) -> Option<SocketAddr> {
+    match s.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            issues.push(key, format!("{s:?} is not an address like 127.0.0.1:8080 or [::1]:8080"));
+            None
+        }
+    }
+}
+
+fn parse_topology_source(s: &str) -> Result<TopologySource, String> {
+    if s.starts_with("http://") || s.starts_with("https://") {
+        let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+        if uri.authority().is_none() {
+            return Err(format!("{s:?} has no host"));
+        }
+        Ok(TopologySource::Coordinator(uri))
+    } else if s.contains("://") {
+        Err(format!("{s:?}: only http:// and https:// coordinator URLs, or file paths"))
+    } else if s.is_empty() {
+        Err("empty topology source".into())
+    } else {
+        Ok(TopologySource::File(PathBuf::from(s)))
+    }
+}
+
+fn validate_routing(r: &RoutingSection, issues: &mut Issues<'_>) -> Option<RoutingConfig> {
+    let mut sources = Vec::new();
+    if r.key_sources.is_empty() && r.keyless_partition.is_none() {
+        issues.push(
+            "routing.key_sources",
+            "no key source and no keyless_partition: every request would be refused",
+        );
+    }
+    for (i, s) in r.key_sources.iter().enumerate() {
+        let key = format!("routing.key_sources.{i}");
+        match (&s.header, &s.path, &s.query) {
+            (Some(h), None, None) => match HeaderName::from_bytes(h.as_bytes()) {
+                Ok(name) => sources.push(KeySource::Header(name)),
+                Err(_) => issues.push(key, format!("{h:?} is not a valid header name")),
+            },
+            (None, Some(p), None) => match PathTemplate::parse(p) {
+                Ok(t) => sources.push(KeySource::Path(t)),
+                Err(e) => issues.push(key, e.to_string()),
+            },
+            (None, None, Some(q)) if !q.is_empty() => sources.push(KeySource::Query(q.clone())),
+            (None, None, Some(_)) => issues.push(key, "query parameter name is empty"),
+            _ => issues.push(key, "give exactly one of header, path or query"),
+        }
+    }
+    if r.max_key_bytes == 0 {
+        issues.push("routing.max_key_bytes", "must be above zero");
+    }
+    let read_preference = r
+        .read_preference
+        .parse::<ReadPreference>()
+        .map_err(|e| issues.push("routing.read_preference", e.to_string()))
+        .ok();
+    let read_preference_header = if r.allow_read_preference_override {
+        HeaderName::from_bytes(r.read_preference_header.as_bytes())
+            .map_err(|_| {
+                issues.push(
+                    "routing.read_preference_header",
+                    format!("{:?} is not a valid header name", r.read_preference_header),
+                );
+            })
+            .ok()
+    } else {
+        None
+    };
+    Some(RoutingConfig {
+        keys: KeyExtractor::new(sources, r.max_key_bytes),
+        keyless_partition: r.keyless_partition,
+        read_preference: read_preference?,
+        read_preference_header,
+        expose_upstream: r.expose_upstream,
+    })
+}
+
+fn validate_limits(l: &LimitsSection, issues: &mut Issues<'_>) -> Limits {
+    if l.max_header_bytes < 1024 {
+        issues.push("limits.max_header_bytes", "must be at least 1024");
+    }
+    for (key, v) in [
+        ("limits.max_connections", l.max_connections),
+        ("limits.max_inflight", l.max_inflight),
+    ] {
+        if v == 0 {
+            issues.push(key, "must be above zero");
+        }
+    }
+    for (key, d) in [
+        ("limits.header_read_timeout", l.header_read_timeout),
+        ("limits.idle_timeout", l.idle_timeout),
+    ] {
+        if d.is_zero() {
+            issues.push(key, "must be above zero");
+        }
+    }
+    Limits {
+        max_header_bytes: l.max_header_bytes,
+        max_body_bytes: l.max_body_bytes,
+        max_connections: l.max_connections,
+        max_inflight: l.max_inflight,
+        max_inflight_per_upstream: l.max_inflight_per_upstream,
+        header_read_timeout: l.header_read_timeout,
+        idle_timeout: l.idle_timeout,
+    }
+}
+
+fn validate_timeouts(t: &TimeoutsSection, issues: &mut Issues<'_>) -> Timeouts {
+    for (key, d) in [
+        ("timeouts.connect", t.connect),
+        ("timeouts.per_try", t.per_try),
+        ("timeouts.overall", t.overall),
+    ] {
+        if d.is_zero() {
+            issues.push(key, "must be above zero");
+        }
+    }
+    if t.per_try > t.overall {
+        issues.push("timeouts.per_try", "must not exceed timeouts.overall");
+    }
+    Timeouts {
+        connect: t.connect,
+        per_try: t.per_try,
+        overall: t.overall,
+    }
+}
+
+fn check_statuses(key: &str, codes: &[u16], issues: &mut Issues<'_>) -> StatusSet {
+    for &c in codes {
+        if !(500..=599).contains(&c) {
+            issues.push(key, format!("{c} is not a 5xx status"));
+        }
+    }
+    StatusSet::from_codes(codes)
+}
+
+fn validate_retry(r: &RetrySection, issues: &mut Issues<'_>) -> (RetryPolicy, BudgetConfig) {
+    if r.max_attempts == 0 {
+        issues.push("retry.max_attempts", "must be at least 1 (1 disables retries)");
+    }
+    if r.base_delay > r.max_delay {
+        issues.push("retry.base_delay", "must not exceed retry.max_delay");
+    }
+    let jitter = r
+        .jitter
+        .parse::<Jitter>()
+        .map_err(|e| issues.push("retry.jitter", e.to_string()))
+        .unwrap_or_default();
+    let statuses = check_statuses("retry.on_status", &r.on_status, issues);
+    if !(0.0..=10.0).contains(&r.budget_ratio) || r.budget_ratio.is_nan() {
+        issues.push("retry.budget_ratio", "must be between 0 and 10");
+    }
+    if r.budget_window < Duration::from_secs(1) {
+        issues.push("retry.budget_window", "must be at least 1s");
+    }
+    (
+        RetryPolicy {
+            max_attempts: r.max_attempts.max(1),
+            backoff: Backoff {
+                base: r.base_delay,
+                max: r.max_delay,
+                jitter,
+            },
+            retry_statuses: statuses,
+            buffer_limit: r.buffer_bytes,
+        },
+        BudgetConfig {
+            ratio: r.budget_ratio,
+            window: r.budget_window,
+            min_per_second: r.budget_min_per_second,
+        },
+    )
+}
+
+fn validate_breaker(b: &BreakerSection, issues: &mut Issues<'_>) -> BreakerPolicy {
+    if b.failure_ratio <= 0.0 || b.failure_ratio.is_nan() {
+        issues.push("breaker.failure_ratio", "must be above 0 (above 1 disables it)");
+    }
+    if b.window < Duration::from_secs(1) {
+        issues.push("breaker.window", "must be at least 1s");
+    }
+    if b.min_open.is_zero() {
+        issues.push("breaker.min_open", "must be above zero");
+    }
+    if b.min_open > b.max_open {
+        issues.push("breaker.min_open", "must not exceed breaker.max_open");
+    }
+    if b.half_open_probes == 0 {
+        issues.push("breaker.half_open_probes", "must be at least 1");
+    }
+    let failure_statuses = check_statuses("breaker.failure_statuses", &b.failure_statuses, issues);
+    let when_all_open = match b.when_all_open.as_str() {
+        "fail_fast" => AllOpen::FailFast,
+        "fail_open" => AllOpen::FailOpen,
+        other => {
+            issues.push(
+                "breaker.when_all_open",
+                format!("{other:?}: expected fail_fast or fail_open"),
+            );
+            AllOpen::FailFast
+        }
+    };
+    BreakerPolicy {
+        breaker: BreakerConfig {
+            consecutive_failures: b.consecutive_failures,
+            failure_ratio: b.failure_ratio,
+            window: b.window,
+            min_requests: b.min_requests,
+            cool_down: Backoff {
+                base: b.min_open,
+                max: b.max_open,
+                jitter: Jitter::Equal,
+            },
+            half_open_probes: b.half_open_probes,
+        },
+        failure_statuses,
+        when_all_open,
+    }
+}
+
+fn validate_log(l: &LogSection, issues: &mut Issues<'_>) -> LogConfig {
+    let format = match l.format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            issues.push("log.format", format!("{other:?}: expected text or json"));
+            LogFormat::Text
+        }
+    };
+    if tracing_subscriber::EnvFilter::try_new(&l.level).is_err() {
+        issues.push("log.level", format!("{:?} is not a level or filter", l.level));
+    }
+    if !(0.0..=1.0).contains(&l.access_log_sample) {
+        issues.push("log.access_log_sample", "must be between 0 and 1");
+    }
+    LogConfig {
+        level: l.level.clone(),
+        format,
+        access_log_sample: l.access_log_sample.clamp(0.0, 1.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<ProxyConfig, ConfigErrors> {
+        ProxyConfig::from_toml(text, "t.toml", &ProxyOverrides::default())
+    }
+
+    const MIN: &str = "[topology]\nsources = [\"map.json\"]\n";
+
+    #[test]
+    fn defaults_are_valid_and_documented_values_hold() {
+        let c = load(MIN).unwrap();
+        assert_eq!(c.server.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.runtime.routing.keys.sources().len(), 3);
+        assert_eq!(c.runtime.routing.read_preference, ReadPreference::PrimaryPreferred);
+        assert_eq!(c.runtime.retry.max_attempts, 3);
+        assert_eq!(c.runtime.retry.buffer_limit, 64 * 1024);
+        assert_eq!(c.runtime.budget.ratio, 0.2);
+        assert_eq!(c.runtime.breaker.breaker.consecutive_failures, 5);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let o = ProxyOverrides {
+            listen: Some("127.0.0.1:0".into()),
+            admin_listen: None,
+            topology: vec!["other.json".into()],
+        };
+        let c = ProxyConfig::from_toml(MIN, "t.toml", &o).unwrap();
+        assert_eq!(c.server.listen.port(), 0);
+        assert_eq!(c.topology_sources, vec![TopologySource::File("other.json".into())]);
+    }
+
+    #[test]
+    fn bad_flags_are_named_as_flags() {
+        let o = ProxyOverrides {
+            listen: Some("nope".into()),
+            ..Default::default()
+        };
+        let err = ProxyConfig::from_toml(MIN, "t.toml", &o).unwrap_err();
+        assert_eq!(err.issues[0].key, "--listen");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_listed_with_its_line() {
+        let text = r#"
+[topology]
+sources = ["map.json"]
+[timeouts]
+per_try = "40s"
+[retry]
+jitter = "wobbly"
+on_status = [404]
+[routing]
+read_preference = "closest"
+key_sources = [{ header = "x-k", query = "k" }]
+"#;
+        let err = load(text).unwrap_err();
+        let keys: Vec<_> = err.issues.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "timeouts.per_try",
+                "retry.jitter",
+                "retry.on_status",
+                "routing.read_preference",
+                "routing.key_sources.0"
+            ],
+            "{err}"
+        );
+        assert!(err.issues.iter().all(|i| i.location.is_some()));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_errors() {
+        let err = load("[limits]\nmax_body = 1\n[timeouts]\nconnect = 5\n[nonsense]\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("t.toml:2:1: limits.max_body: unknown key"), "{text}");
+        assert!(text.contains("timeouts"), "{text}");
+        assert!(text.contains("nonsense: unknown section"), "{text}");
+    }
+
+    #[test]
+    fn file_and_coordinator_sources_do_not_mix() {
+        let err = load("[topology]\nsources = [\"a.json\", \"http://127.0.0.1:7400\"]\n").unwrap_err();
+        assert!(err.to_string().contains("not a mix"));
+        let c = load("[topology]\nsources = [\"http://127.0.0.1:7400\", \"http://127.0.0.2:7400\"]\n")
+            .unwrap();
+        assert_eq!(c.topology_sources.len(), 2);
+    }
+}

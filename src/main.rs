@@ -1,0 +1,88 @@
+//! The `shardgate` binary: parse arguments, run a command, map the outcome to
+//! an exit code (0 ok, 1 invalid input or config, 2 runtime failure).
+
+use anyhow::Context;
+use clap::Parser;
+use shardgate::cli::{self, Cli, Command};
+use shardgate::config::ProxyConfig;
+use std::io::Write;
+use std::process::ExitCode;
+
+/// Exit code for invalid input or configuration.
+const INVALID: u8 = 1;
+/// Exit code for failures of the environment (ports in use, I/O).
+const RUNTIME: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Route(args) => finish(cli::route(&args, &mut std::io::stdout().lock())),
+        Command::CheckConfig(args) => match cli::check_config(&args.file) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => finish::<()>(Err(e)),
+        },
+        Command::Proxy(args) => run_proxy(&args),
+    }
+}
+
+fn finish<T>(r: Result<T, cli::InputError>) -> ExitCode {
+    match r {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(INVALID)
+        }
+    }
+}
+
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all().build().context("cannot start the async runtime")
+}
+
+fn run_proxy(args: &cli::ProxyArgs) -> ExitCode {
+    let overrides = args.overrides();
+    let config = match ProxyConfig::load(args.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(INVALID);
+        }
+    };
+    shardgate::telemetry::init_logging(&config.log.level, config.log.format);
+    let rt = match runtime(config.server.workers) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::from(RUNTIME);
+        }
+    };
+    let result = rt.block_on(shardgate::proxy::run(
+        config,
+        args.config.clone(),
+        overrides,
+        |running| {
+            // Tests and scripts wait for this line to learn the bound ports.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "shardgate proxy listening on {} admin {}",
+                running.addr, running.admin_addr
+            );
+            let _ = out.flush();
+        },
+    ));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shardgate proxy: {e}");
+            ExitCode::from(if e.is_input_error() { INVALID } else { RUNTIME })
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! The body of every response the proxy sends: the upstream's, streamed, or
+//! one the proxy wrote itself.
+
+use crate::upstream::{BodyError, UpstreamBody};
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// A response body.
+pub enum ProxyBody {
+    /// Written by the proxy (errors, admin pages).
+    Full(Option<Bytes>),
+    /// Streamed from an upstream.
+    Upstream(UpstreamBody),
+}
+
+impl ProxyBody {
+    /// A complete body.
+    pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+        let b = bytes.into();
+        ProxyBody::Full((!b.is_empty()).then_some(b))
+    }
+
+    /// No body.
+    pub fn empty() -> ProxyBody {
+        ProxyBody::Full(None)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Upstream(u) => Pin::new(u).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Upstream(u) => u.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Upstream(u) => u.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! Header rules of SPEC §3: what is refused on the way in, what is stripped,
+//! added or rewritten on the way to the upstream, and on the way back.
+
+use super::error::{PARTITION_HEADER, ProxyError};
+use crate::telemetry::TraceContext;
+use http::header::{
+    CONNECTION, EXPECT, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING,
+    UPGRADE,
+};
+use http::uri::{Authority, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Version, request};
+
+/// `x-cluster-epoch`: the fencing token sent to shard nodes.
+pub const EPOCH_HEADER: HeaderName = HeaderName::from_static("x-cluster-epoch");
+/// `x-shardgate-upstream`: the serving node, when configured to expose it.
+pub const UPSTREAM_HEADER: HeaderName = HeaderName::from_static("x-shardgate-upstream");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+const XF_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const XF_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1 and RFC 2616 §13.5.1); never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    TE,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+];
+
+/// Facts about the client connection a request arrived on, computed once per connection.
+#[derive(Clone, Debug)]
+pub struct ClientInfo {
+    /// The peer's address.
+    pub addr: std::net::SocketAddr,
+    /// The peer's IP as an `X-Forwarded-For` element.
+    pub forwarded_for: HeaderValue,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+impl ClientInfo {
+    /// Describe a client at `addr`.
+    pub fn new(addr: std::net::SocketAddr, tls: bool) -> ClientInfo {
+        let forwarded_for = HeaderValue::try_from(addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ClientInfo {
+            addr,
+            forwarded_for,
+            tls,
+        }
+    }
+}
+
+/// Size of the request line plus headers, as the client framed them (HTTP/1 terms).
+fn head_bytes<B>(req: &Request<B>) -> usize {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or(1, |pq| pq.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
+    req.headers()
+        .iter()
+        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
+/// Refuse what must not be forwarded; returns the `Host` to send upstream.
+///
+/// Exactly one valid Host: duplicates, a Host that disagrees with an
+/// absolute request target, or userinfo in it make the request ambiguous.
+pub fn check_inbound<B>(
+    req: &Request<B>,
+    max_header_bytes: usize,
+) -> Result<Option<HeaderValue>, ProxyError> {
+    if head_bytes(req) > max_header_bytes {
+        return Err(ProxyError::HeadersTooLarge {
+            limit: max_header_bytes,
+        });
+    }
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed(Method::CONNECT));
+    }
+    if let Some(expect) = req.headers().get(EXPECT) {
+        if !expect.as_bytes().eq_ignore_ascii_case(b"100-continue") {
+            return Err(ProxyError::ExpectationFailed);
+        }
+    }
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    if let Some(h) = header {
+        let valid = Authority::try_from(h.as_bytes())
+            .is_ok_and(|a| !a.as_str().contains('@') && !a.host().is_empty());
+        if !valid {
+            return Err(ProxyError::BadRequest("the Host header is not a valid host[:port]"));
+        }
+    }
+    match (req.uri().authority(), header) {
+        (Some(a), Some(h)) if !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()) => Err(
+            ProxyError::BadRequest("the Host header disagrees with the request target"),
+        ),
+        (Some(a), _) if a.as_str().contains('@') => Err(ProxyError::BadRequest(
+            "the request target carries userinfo",
+        )),
+        (_, Some(h)) => Ok(Some(h.clone())),
+        (Some(a), None) => Ok(HeaderValue::from_str(a.as_str()).ok()),
+        (None, None) if req.version() == Version::HTTP_11 => {
+            Err(ProxyError::BadRequest("HTTP/1.1 request without a Host header"))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Remove hop-by-hop headers, including any the `Connection` header names.
+///
+/// `Host` is never removed this way: the upstream must get exactly one.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| *n != HOST)
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+}
+
+/// Turn the client's request head into the one sent upstream; returns the
+/// trace context (continued or started).
+pub fn to_upstream(
+    parts: &mut request::Parts,
+    host: Option<HeaderValue>,
+    client: &ClientInfo,
+    epoch: &HeaderValue,
+) -> TraceContext {
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    // hyper answered any `Expect: 100-continue` itself when it read the body.
+    headers.remove(EXPECT);
+
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(pq);
+    }
+    parts.version = Version::HTTP_11;
+
+    if let Some(host) = &host {
+        headers.insert(HOST, host.clone());
+        headers.insert(XF_HOST, host.clone());
+    }
+    append_forwarded_for(headers, &client.forwarded_for);
+    headers.insert(
+        XF_PROTO,
+        HeaderValue::from_static(if client.tls { "https" } else { "http" }),
+    );
+
+    let (trace, continued) = TraceContext::continue_or_start(headers.get(TRACEPARENT));
+    if !continued {
+        headers.remove(TRACESTATE);
+    }
+    headers.insert(TRACEPARENT, trace.header());
+    headers.insert(EPOCH_HEADER, epoch.clone());
+    trace
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
+    let mut existing = headers.get_all(XFF).iter();
+    let Some(first) = existing.next() else {
+        headers.insert(XFF, ip.clone());
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for more in existing {
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(more.as_bytes());
+    }
+    joined.extend_from_slice(b", ");
+    joined.extend_from_slice(ip.as_bytes());
+    match HeaderValue::from_bytes(&joined) {
+        Ok(v) => {
+            headers.insert(XFF, v);
+        }
+        Err(_) => {
+            headers.insert(XFF, ip.clone());
+        }
+    }
+}
+
+/// Turn the upstream's response head into the one sent to the client.
+pub fn to_downstream(headers: &mut HeaderMap, partition: &HeaderValue, upstream: Option<&str>) {
+    strip_hop_by_hop(headers);
+    headers.insert(PARTITION_HEADER, partition.clone());
+    match upstream.and_then(|u| HeaderValue::from_str(u).ok()) {
+        Some(u) => {
+            headers.insert(UPSTREAM_HEADER, u);
+        }
+        None => {
+            headers.remove(UPSTREAM_HEADER);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(build: impl FnOnce(http::request::Builder) -> http::request::Builder) -> Request<()> {
+        build(Request::builder()).body(()).unwrap()
+    }
+
+    #[test]
+    fn host_rules() {
+        let ok = request(|b| b.uri("/x").header("host", "shop.example:8080"));
+        assert_eq!(check_inbound(&ok, 16384).unwrap().unwrap(), "shop.example:8080");
+
+        let dup = request(|b| b.uri("/x").header("host", "a").header("host", "b"));
+        assert!(matches!(check_inbound(&dup, 16384), Err(ProxyError::BadRequest(_))));
+
+        let disagree = request(|b| b.uri("http://a.example/x").header("host", "b.example"));
+        assert!(matches!(check_inbound(&disagree, 16384), Err(ProxyError::BadRequest(_))));
+
+        let userinfo = request(|b| b.uri("/x").header("host", "user@a.example"));
+        assert!(matches!(check_inbound(&userinfo, 16384), Err(ProxyError::BadRequest(_))));
+
+        let missing = request(|b| b.uri("/x"));
+        assert!(matches!(check_inbound(&missing, 16384), Err(ProxyError::BadRequest(_))));
+
+        let h10 = request(|b| b.uri("/x").version(Version::HTTP_10));
+        assert_eq!(check_inbound(&h10, 16384).unwrap(), None);
+
+        let h2 = request(|b| b.uri("http://a.example/x").version(Version::HTTP_2));
+        assert_eq!(check_inbound(&h2, 16384).unwrap().unwrap(), "a.example");
+    }
+
+    #[test]
+    fn expect_other_than_continue_is_refused() {
+        let r = request(|b| b.uri("/x").header("host", "a").header("expect", "100-Continue"));
+        assert!(check_inbound(&r, 16384).is_ok());
+        let r = request(|b| b.uri("/x").header("host", "a").header("expect", "magic"));
+        assert!(matches!(check_inbound(&r, 16384), Err(ProxyError::ExpectationFailed)));
+    }
+
+    #[test]
+    fn oversized_heads_are_refused() {
+        let r = request(|b| b.uri("/x").header("host", "a").header("x-big", "v".repeat(2000)));
+        assert!(matches!(
+            check_inbound(&r, 1024),
+            Err(ProxyError::HeadersTooLarge { limit: 1024 })
+        ));
+    }
+
+    #[test]
+    fn upstream_head_strips_hop_by_hop_and_adds_forwarding_headers() {
+        let r = request(|b| {
+            b.uri("http://a.example/kv/1?x=y")
+                .version(Version::HTTP_2)
+                .header("connection", "keep-alive, x-secret, host")
+                .header("x-secret", "s")
+                .header("keep-alive", "timeout=5")
+                .header("te", "trailers")
+                .header("upgrade", "h2c")
+                .header("proxy-authorization", "Basic x")
+                .header("expect", "100-continue")
+                .header("x-forwarded-for", "1.1.1.1")
+                .header("x-forwarded-for", "2.2.2.2")
+                .header("tracestate", "vendor=1")
+                .header("x-keep", "yes")
+        });
+        let (mut parts, ()) = r.into_parts();
+        let client = ClientInfo::new("10.9.8.7:5555".parse().unwrap(), false);
+        let host = check_inbound(&Request::from_parts(parts.clone_head(), ()), 16384).unwrap();
+        to_upstream(&mut parts, host, &client, &HeaderValue::from_static("42"));
+        let h = &parts.headers;
+        for gone in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "te",
+            "upgrade",
+            "proxy-authorization",
+            "expect",
+            "tracestate",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} crossed");
+        }
+        assert_eq!(h["host"], "a.example");
+        assert_eq!(h.get_all("host").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.9.8.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "a.example");
+        assert_eq!(h["x-cluster-epoch"], "42");
+        assert_eq!(h["x-keep"], "yes");
+        assert!(h["traceparent"].to_str().unwrap().starts_with("00-"));
+        assert_eq!(parts.uri, "/kv/1?x=y");
+        assert_eq!(parts.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn response_head_is_cleaned_and_labelled() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-internal"));
+        h.insert("x-internal", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-shardgate-upstream", HeaderValue::from_static("spoofed"));
+        to_downstream(&mut h, &HeaderValue::from_static("3"), None);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-shardgate-partition"], "3");
+    }
+
+    trait CloneHead {
+        fn clone_head(&self) -> request::Parts;
+    }
+    impl CloneHead for request::Parts {
+        fn clone_head(&self) -> request::Parts {
+            let mut b = Request::builder()
+                .method(self.method.clone())
+                .uri(self.uri.clone())
+                .version(self.version);
+            for (k, v) in &self.headers {
+                b = b.header(k, v);
+            }
+            b.body(()).unwrap().into_parts().0
+        }
+    }
+}

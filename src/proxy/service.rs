@@ -1,0 +1,561 @@
+//! The request path, top to bottom:
+//!
+//! 1. **accept** — admission under the in-flight limit;
+//! 2. **key** — the request is checked, then its shard key read (`routing::KeyExtractor`);
+//! 3. **partition** — the key's hash picks a partition of the map in force;
+//! 4. **upstream choice** — read/write class and read preference order the
+//!    partition's nodes (`RoutePartition::plan`);
+//! 5. **attempt loop** — breakers, retries, backoff, budget and deadlines;
+//! 6. **response** — the upstream's, streamed back, or a SPEC JSON error.
+
+use super::body::ProxyBody;
+use super::conn::{ConnActivity, Tracked};
+use super::error::ProxyError;
+use super::headers::{self, ClientInfo};
+use super::Proxy;
+use crate::config::{AllOpen, RoutingConfig, RuntimeConfig};
+use crate::resilience::{Permit, Reach, is_idempotent};
+use crate::routing::{
+    KeyError, Plan, ReadPreference, RequestClass, RetryReason, Role, RouteTable, RoutePartition,
+    ServedBy,
+};
+use crate::telemetry::{TraceContext, TraceId};
+use crate::topology::key_position;
+use crate::upstream::{
+    AttemptOutcome, BodyError, Conn, InflightGuard, Replayer, RequestBody, SendError, Upstream,
+    UpstreamBody,
+};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use hyper::body::Incoming;
+use rand::RngExt;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// What is known about a client connection, shared by its requests.
+pub struct ClientConn {
+    /// Forwarding facts.
+    pub info: ClientInfo,
+    /// Idle/busy tracking and admission.
+    pub activity: Arc<ConnActivity>,
+}
+
+/// What metrics and the access log learn about one request.
+struct Exchange {
+    started: Instant,
+    class: RequestClass,
+    method: Method,
+    partition: Option<(u32, Arc<crate::routing::PartitionMetrics>)>,
+    served_by: ServedBy,
+    attempts: u32,
+    upstream: Option<Arc<str>>,
+    trace: Option<TraceContext>,
+    error: Option<&'static str>,
+}
+
+/// A response from an upstream, with what it needs to stream back.
+struct Delivered {
+    resp: Response<Incoming>,
+    conn: Conn,
+    guard: InflightGuard,
+    role: Role,
+}
+
+/// Why an attempt did not produce a response to pass on.
+enum Failure {
+    /// Nothing was written: connect error, or refused before writing.
+    NotSent(String),
+    /// The exchange broke after the request was (maybe) written.
+    Broken(String),
+    /// No response headers in time.
+    Timeout,
+    /// A retryable status; kept in case it ends up being the answer.
+    Status(Delivered),
+}
+
+impl Failure {
+    fn reach(&self) -> Reach {
+        match self {
+            Failure::NotSent(_) => Reach::NotSent,
+            _ => Reach::MaybeSent,
+        }
+    }
+}
+
+/// The parts of a request head needed to send it again after the original
+/// was consumed by a failed attempt.
+struct Head {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn of<B>(req: &Request<B>) -> Head {
+        Head {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    fn with_body(&self, body: RequestBody) -> Request<RequestBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+impl Proxy {
+    /// Answer one client request.
+    pub(super) async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client: Arc<ClientConn>,
+    ) -> Response<Tracked<ProxyBody>> {
+        let mut x = Exchange {
+            started: Instant::now(),
+            class: RequestClass::of(req.method()),
+            method: req.method().clone(),
+            partition: None,
+            served_by: ServedBy::Proxy,
+            attempts: 0,
+            upstream: None,
+            trace: None,
+            error: None,
+        };
+        // 1. accept
+        let Some(ticket) = client.activity.enter() else {
+            self.metrics.shed_inflight.increment(1);
+            let e = ProxyError::Overloaded {
+                reason: "too many requests in flight",
+                partition: None,
+            };
+            x.error = Some(e.code());
+            let resp = e.into_response();
+            self.observe(&x, resp.status(), &self.runtime.load());
+            return resp.map(|b| Tracked::new(b, None));
+        };
+        let cfg = self.runtime.load_full();
+        let table = self.routes.load_full();
+        let resp = match self
+            .forward(req, &cfg, table.as_deref(), &client.info, &mut x)
+            .await
+        {
+            Ok(resp) => resp,
+            Err(e) => {
+                x.error = Some(e.code());
+                x.served_by = ServedBy::Proxy;
+                e.into_response()
+            }
+        };
+        self.observe(&x, resp.status(), &cfg);
+        resp.map(|b| Tracked::new(b, Some(ticket)))
+    }
+
+    /// Steps 2–6 for an admitted request.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        cfg: &RuntimeConfig,
+        table: Option<&RouteTable>,
+        client: &ClientInfo,
+        x: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        // 2. key: refuse anything ambiguous before reading a key out of it.
+        let host = headers::check_inbound(&req, cfg.limits.max_header_bytes)?;
+        let table = table.ok_or(ProxyError::NoTopology)?;
+        // 3. partition
+        let partition = route(&req, &cfg.routing, table)?;
+        x.partition = Some((partition.index, partition.metrics.clone()));
+        // 4. upstream choice
+        let pref = read_preference(req.headers(), &cfg.routing)?;
+        let plan = partition.plan(x.class, pref);
+        if plan.candidates.is_empty() {
+            return Err(ProxyError::NoHealthyUpstream {
+                partition: partition.index,
+                cause: format!("read preference {pref} needs a replica and the partition has none"),
+            });
+        }
+        let (mut parts, body) = req.into_parts();
+        let body = request_body(&parts.method, body, cfg)?;
+        x.trace = Some(headers::to_upstream(
+            &mut parts,
+            host,
+            client,
+            table.epoch_header(),
+        ));
+        let deadline = x.started + cfg.timeouts.overall;
+        // 5. attempt loop
+        let delivered = self
+            .attempt_loop(Request::from_parts(parts, body), &plan, partition, cfg, deadline, x)
+            .await?;
+        // 6. response
+        x.served_by = delivered.role.into();
+        x.upstream = Some(delivered.guard.upstream().label().clone());
+        let (mut parts, incoming) = delivered.resp.into_parts();
+        // The client connection's protocol, not the upstream's, frames the answer.
+        parts.version = Version::HTTP_11;
+        let exposed = cfg
+            .routing
+            .expose_upstream
+            .then(|| &**delivered.guard.upstream().label());
+        headers::to_downstream(&mut parts.headers, &partition.index_header, exposed);
+        let body = UpstreamBody::new(incoming, delivered.guard, delivered.conn, deadline);
+        Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+    }
+
+    /// Try the plan's nodes until one answers acceptably or the rules of
+    /// SPEC §3 say stop: retry only idempotent requests or requests nothing
+    /// of which was sent, within attempts, budget and deadline.
+    async fn attempt_loop(
+        &self,
+        req: Request<RequestBody>,
+        plan: &Plan<'_>,
+        partition: &RoutePartition,
+        cfg: &RuntimeConfig,
+        deadline: Instant,
+        x: &mut Exchange,
+    ) -> Result<Delivered, ProxyError> {
+        let policy = &cfg.retry;
+        let idempotent = is_idempotent(req.method());
+        // Only requests that may be re-sent after reaching an upstream need a
+        // copy of their head; everything else gets its request back unsent.
+        let head = (idempotent && policy.max_attempts > 1).then(|| Head::of(&req));
+        let replayer = head.as_ref().and_then(|_| req.body().replayer());
+        let budget = self.budget.load();
+        budget.deposit();
+
+        let mut pending = Some(req);
+        let mut cursor = 0usize;
+        let mut tried: u64 = 0;
+        let mut previous_delay = None;
+        let mut last: Option<(Failure, Arc<str>)> = None;
+        loop {
+            // Which node: the first from the cursor whose breaker and in-flight limit admit us.
+            let Some((slot, permit, guard)) = self.admit(plan, cursor, cfg) else {
+                return Err(self.refused(plan, partition, last, cfg));
+            };
+            let (upstream, role) = plan.candidates[slot];
+            let Some(req) = pending
+                .take()
+                .or_else(|| Some(head.as_ref()?.with_body(replayer.as_ref()?.next()?)))
+            else {
+                return give_up(last, plan, partition);
+            };
+            tried |= 1u64 << slot.min(63);
+            x.attempts += 1;
+
+            let sent_at = Instant::now();
+            let try_deadline = deadline.min(sent_at + cfg.timeouts.per_try);
+            let failure = match tokio::time::timeout_at(try_deadline, upstream.send(req)).await {
+                Ok(Ok((resp, conn))) => {
+                    upstream.latency().observe(sent_at.elapsed());
+                    let status = resp.status();
+                    let delivered = Delivered {
+                        resp,
+                        conn,
+                        guard,
+                        role,
+                    };
+                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                        // Upgrades are never forwarded, so a 101 is a confused upstream.
+                        settle(upstream, permit, AttemptOutcome::SendError);
+                        Failure::Broken("unexpected 101 Switching Protocols".into())
+                    } else if cfg.breaker.failure_statuses.contains(status) {
+                        settle(upstream, permit, AttemptOutcome::FailureStatus);
+                        if idempotent && policy.retry_statuses.contains(status) {
+                            Failure::Status(delivered)
+                        } else {
+                            return Ok(delivered);
+                        }
+                    } else {
+                        settle(upstream, permit, AttemptOutcome::Ok);
+                        return Ok(delivered);
+                    }
+                }
+                Ok(Err(SendError::Connect { req, error })) => {
+                    pending = Some(req);
+                    settle(upstream, permit, AttemptOutcome::ConnectError);
+                    Failure::NotSent(error.to_string())
+                }
+                Ok(Err(SendError::NotSent { req, error })) => {
+                    pending = Some(req);
+                    settle(upstream, permit, AttemptOutcome::ConnectError);
+                    Failure::NotSent(error.to_string())
+                }
+                Ok(Err(SendError::Failed(error))) => {
+                    // The client's fault, not the upstream's: no breaker verdict, no retry.
+                    if let Some(e) = client_side(&error) {
+                        drop(permit);
+                        return Err(e);
+                    }
+                    settle(upstream, permit, AttemptOutcome::SendError);
+                    Failure::Broken(error.to_string())
+                }
+                Err(_elapsed) => {
+                    settle(upstream, permit, AttemptOutcome::Timeout);
+                    Failure::Timeout
+                }
+            };
+            let label = upstream.label().clone();
+
+            // Whether to try again, where, and after how long.
+            let resendable = pending.is_some() || replayer.as_ref().is_some_and(Replayer::can_replay);
+            let allowed = x.attempts < policy.max_attempts
+                && (failure.reach() == Reach::NotSent || idempotent)
+                && resendable
+                && Instant::now() < deadline;
+            if !allowed {
+                return give_up(Some((failure, label)), plan, partition);
+            }
+            if !budget.try_withdraw() {
+                self.metrics.budget_exhausted.increment(1);
+                return give_up(Some((failure, label)), plan, partition);
+            }
+            cursor = (slot + 1) % plan.candidates.len();
+            // Moving to a node not yet tried is immediate; going back to one is spaced by backoff.
+            if tried & (1u64 << cursor.min(63)) != 0 {
+                let delay = policy
+                    .backoff
+                    .delay(x.attempts - 1, previous_delay, &mut rand::rng());
+                if Instant::now() + delay >= deadline {
+                    return give_up(Some((failure, label)), plan, partition);
+                }
+                previous_delay = Some(delay);
+                partition.metrics.retry(RetryReason::Retry);
+                last = Some((failure, label));
+                tokio::time::sleep(delay).await;
+            } else {
+                partition.metrics.retry(RetryReason::Failover);
+                last = Some((failure, label));
+            }
+        }
+    }
+
+    /// The first candidate from `cursor` on that a breaker and the per-upstream
+    /// in-flight limit admit; `fail_open` falls back to the least-bad node.
+    fn admit<'p>(
+        &self,
+        plan: &Plan<'p>,
+        cursor: usize,
+        cfg: &RuntimeConfig,
+    ) -> Option<(usize, Permit<'p>, InflightGuard)> {
+        let n = plan.candidates.len();
+        let limit = cfg.limits.max_inflight_per_upstream;
+        for i in 0..n {
+            let slot = (cursor + i) % n;
+            let upstream: &'p Arc<Upstream> = plan.candidates[slot].0;
+            let Some(permit) = upstream.breaker().try_acquire() else {
+                continue;
+            };
+            match upstream.try_begin(limit) {
+                Some(guard) => return Some((slot, permit, guard)),
+                None => self.metrics.shed_upstream.increment(1),
+            }
+        }
+        if cfg.breaker.when_all_open == AllOpen::FailOpen {
+            let least_bad = (0..n).min_by_key(|&s| {
+                plan.candidates[s]
+                    .0
+                    .breaker()
+                    .open_until()
+                    .unwrap_or_else(Instant::now)
+            })?;
+            let upstream: &'p Arc<Upstream> = plan.candidates[least_bad].0;
+            let guard = upstream.try_begin(limit)?;
+            self.metrics.breaker_fail_open.increment(1);
+            return Some((least_bad, upstream.breaker().force_acquire(), guard));
+        }
+        None
+    }
+
+    /// Every node the request may use refused it without a network attempt.
+    fn refused(
+        &self,
+        plan: &Plan<'_>,
+        partition: &RoutePartition,
+        last: Option<(Failure, Arc<str>)>,
+        cfg: &RuntimeConfig,
+    ) -> ProxyError {
+        if last.is_some() {
+            return match give_up(last, plan, partition) {
+                Err(e) => e,
+                // give_up only delivers a kept response; here none was kept.
+                Ok(_) => ProxyError::NoHealthyUpstream {
+                    partition: partition.index,
+                    cause: "every node refused".into(),
+                },
+            };
+        }
+        let full = cfg.limits.max_inflight_per_upstream != 0
+            && plan
+                .candidates
+                .iter()
+                .any(|(u, _)| u.inflight() >= cfg.limits.max_inflight_per_upstream);
+        if full {
+            return ProxyError::Overloaded {
+                reason: "upstream in-flight limit reached",
+                partition: Some(partition.index),
+            };
+        }
+        self.metrics.shed_breaker.increment(1);
+        let cause = "circuit breaker open".to_owned();
+        if plan.primary_only {
+            ProxyError::PrimaryUnavailable {
+                partition: partition.index,
+                upstream: plan.candidates[0].0.label().to_string(),
+                cause,
+            }
+        } else {
+            ProxyError::NoHealthyUpstream {
+                partition: partition.index,
+                cause: format!("every node's {cause}"),
+            }
+        }
+    }
+
+    /// Metrics and the sampled access log for one answered request.
+    fn observe(&self, x: &Exchange, status: StatusCode, cfg: &RuntimeConfig) {
+        let secs = x.started.elapsed().as_secs_f64();
+        match &x.partition {
+            Some((_, m)) => m.request(x.class, status.as_u16(), x.served_by, secs),
+            None => self
+                .metrics
+                .unrouted
+                .request(x.class, status.as_u16(), x.served_by, secs),
+        }
+        let is_error = x.error.is_some() || status.is_server_error();
+        if is_error || rand::rng().random_bool(cfg.access_log_sample) {
+            tracing::info!(
+                target: "shardgate::access",
+                method = %x.method,
+                status = status.as_u16(),
+                partition = x.partition.as_ref().map(|(i, _)| *i),
+                upstream = x.upstream.as_deref(),
+                served_by = ?x.served_by,
+                attempts = x.attempts,
+                duration_ms = secs * 1000.0,
+                error = x.error,
+                trace_id = %x.trace.map_or(TraceId(0), |t| TraceId(t.trace_id)),
+                "request"
+            );
+        }
+    }
+}
+
+/// Settle a breaker permit and count the attempt.
+fn settle(upstream: &Upstream, permit: Permit<'_>, outcome: AttemptOutcome) {
+    upstream.count_attempt(outcome);
+    match outcome {
+        AttemptOutcome::Ok => permit.success(),
+        _ => permit.failure(),
+    }
+}
+
+/// The final answer once no further attempt will be made.
+fn give_up(
+    last: Option<(Failure, Arc<str>)>,
+    plan: &Plan<'_>,
+    partition: &RoutePartition,
+) -> Result<Delivered, ProxyError> {
+    let index = partition.index;
+    let Some((failure, upstream)) = last else {
+        return Err(ProxyError::NoHealthyUpstream {
+            partition: index,
+            cause: "no attempt could be made".into(),
+        });
+    };
+    match failure {
+        // The upstream's own answer is passed through as the final response.
+        Failure::Status(d) => Ok(d),
+        Failure::NotSent(cause) if plan.primary_only => Err(ProxyError::PrimaryUnavailable {
+            partition: index,
+            upstream: upstream.to_string(),
+            cause,
+        }),
+        Failure::NotSent(cause) => Err(ProxyError::NoHealthyUpstream {
+            partition: index,
+            cause: format!("last tried {upstream}: {cause}"),
+        }),
+        Failure::Timeout => Err(ProxyError::UpstreamTimeout {
+            partition: index,
+            upstream: upstream.to_string(),
+        }),
+        Failure::Broken(cause) => Err(ProxyError::UpstreamFailed {
+            partition: index,
+            upstream: upstream.to_string(),
+            cause,
+        }),
+    }
+}
+
+/// If a failed exchange was the client's doing (oversized or broken body).
+fn client_side(error: &hyper::Error) -> Option<ProxyError> {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(b) = e.downcast_ref::<BodyError>() {
+            return match b {
+                BodyError::TooLarge { limit } => Some(ProxyError::PayloadTooLarge { limit: *limit }),
+                BodyError::Client(c) => Some(ProxyError::ClientBodyFailed(c.to_string())),
+                _ => None,
+            };
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// Step 3: the partition that owns the request's key.
+fn route<'t>(
+    req: &Request<Incoming>,
+    routing: &RoutingConfig,
+    table: &'t RouteTable,
+) -> Result<&'t RoutePartition, ProxyError> {
+    match routing.keys.extract(req.uri(), req.headers()) {
+        Ok(key) => Ok(table.partition_for(key_position(&key))),
+        Err(KeyError::Missing(looked)) => match routing.keyless_partition {
+            Some(i) => table.partition_by_index(i).ok_or_else(|| {
+                ProxyError::MissingShardKey(format!(
+                    "no shard key, and the keyless partition {i} is not in the map"
+                ))
+            }),
+            None => Err(ProxyError::MissingShardKey(format!(
+                "no shard key found (looked in {looked})"
+            ))),
+        },
+        Err(e @ KeyError::Invalid { .. }) => Err(ProxyError::InvalidShardKey(e.to_string())),
+    }
+}
+
+/// The request's read preference: its header if allowed and present, else the default.
+fn read_preference(headers: &HeaderMap, routing: &RoutingConfig) -> Result<ReadPreference, ProxyError> {
+    match routing
+        .read_preference_header
+        .as_ref()
+        .and_then(|h| headers.get(h))
+    {
+        Some(v) => ReadPreference::from_bytes(v.as_bytes())
+            .map_err(|e| ProxyError::InvalidReadPreference(e.to_string())),
+        None => Ok(routing.read_preference),
+    }
+}
+
+/// How the body travels: empty, streamed once, or kept for replay.
+fn request_body(method: &Method, body: Incoming, cfg: &RuntimeConfig) -> Result<RequestBody, ProxyError> {
+    let max = cfg.limits.max_body_bytes;
+    if body.size_hint().lower() > max {
+        return Err(ProxyError::PayloadTooLarge { limit: max });
+    }
+    if body.is_end_stream() {
+        return Ok(RequestBody::empty());
+    }
+    if is_idempotent(method) && cfg.retry.max_attempts > 1 && cfg.retry.buffer_limit > 0 {
+        Ok(RequestBody::replayable(body, cfg.retry.buffer_limit, max))
+    } else {
+        Ok(RequestBody::streaming(body, max))
+    }
+}

@@ -1,0 +1,142 @@
+//! Accept loops shared by every listener: a connection cap, survival when the
+//! process runs out of file descriptors, and graceful drain on shutdown.
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// How long to pause accepting after a resource error (EMFILE, ENOBUFS...).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+
+/// A connection that got a place under the cap.
+pub struct Accepted {
+    /// The client stream.
+    pub stream: TcpStream,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Its place under the connection cap, held until the connection ends.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Errors that concern one connection only; accepting continues at once.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// Accept until `shutdown`; connections under the cap go to `serve`, the rest to `refuse`.
+///
+/// Running out of descriptors does not end the loop: it pauses briefly and
+/// tries again, so the listener recovers as soon as connections close.
+pub async fn accept_loop(
+    listener: &TcpListener,
+    cap: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+    mut serve: impl FnMut(Accepted),
+    mut refuse: impl FnMut(TcpStream),
+) {
+    let mut pausing = false;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) if is_per_connection(&e) => continue,
+            Err(e) => {
+                if !pausing {
+                    tracing::error!(error = %e, "accept failed; pausing accepts until resources free up");
+                }
+                pausing = true;
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(ACCEPT_PAUSE) => continue,
+                }
+            }
+        };
+        if pausing {
+            tracing::info!("accepting again");
+            pausing = false;
+        }
+        match cap.clone().try_acquire_owned() {
+            Ok(permit) => serve(Accepted {
+                stream,
+                peer,
+                permit,
+            }),
+            Err(_) => refuse(stream),
+        }
+    }
+}
+
+/// Serve plain HTTP/1.1 with `handle` until `shutdown`, then drain for up to `grace`.
+///
+/// For small internal listeners (admin, coordinator HTTP): a fixed connection
+/// cap and header-read timeout, no HTTP/2.
+pub async fn serve_http1<F, Fut, B>(
+    listener: TcpListener,
+    max_connections: usize,
+    shutdown: CancellationToken,
+    grace: Duration,
+    handle: F,
+) where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let graceful = GracefulShutdown::new();
+    let cap = Arc::new(Semaphore::new(max_connections));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .keep_alive(true);
+    accept_loop(
+        &listener,
+        &cap,
+        &shutdown,
+        |a| {
+            let handle = handle.clone();
+            let peer = a.peer;
+            let svc = hyper::service::service_fn(move |req| {
+                let f = handle(req, peer);
+                async move { Ok::<_, Infallible>(f.await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(a.stream), svc);
+            let watched = graceful.watch(conn);
+            let permit = a.permit;
+            tokio::spawn(async move {
+                let _ = watched.await;
+                drop(permit);
+            });
+        },
+        drop,
+    )
+    .await;
+    drop(listener);
+    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+}
+
+/// The executor hyper uses for HTTP/2 streams.
+pub fn executor() -> TokioExecutor {
+    TokioExecutor::new()
+}

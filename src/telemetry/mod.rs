@@ -1,0 +1,34 @@
+//! Metrics, logs and traces (SPEC §5, §6).
+
+mod registry;
+mod trace;
+
+pub use registry::{LATENCY_BUCKETS, Lazy, Metrics, names};
+pub use trace::{TraceContext, TraceId};
+
+use crate::config::LogFormat;
+use tracing_subscriber::EnvFilter;
+
+/// Install the process-wide log subscriber: `RUST_LOG` wins over `level`.
+///
+/// Noisy dependencies are held at `warn` unless the filter names them, so a
+/// client that misbehaves cannot fill the log through hyper's own messages.
+pub fn init_logging(level: &str, format: LogFormat) {
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_owned());
+    let mut filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
+    for quiet in ["hyper", "h2", "tower", "tonic", "rustls", "tokio_postgres"] {
+        if !directives.contains(quiet) {
+            if let Ok(d) = format!("{quiet}=warn").parse() {
+                filter = filter.add_directive(d);
+            }
+        }
+    }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests, demo) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

@@ -1,0 +1,153 @@
+//! W3C Trace Context: continue a client's `traceparent` or start one.
+//!
+//! The proxy is a hop in the trace: it keeps the trace id and flags, and sends
+//! its own span id upstream as the parent id.
+
+use http::HeaderValue;
+use std::fmt;
+
+/// A trace id and the span id this hop sends upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    /// 128-bit trace id.
+    pub trace_id: u128,
+    /// This hop's span id (the upstream's parent id).
+    pub span_id: u64,
+    /// Trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+/// The trace id as 32 lower-case hex digits.
+pub struct TraceId(pub u128);
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+fn hex<const N: usize>(s: &[u8]) -> Option<u128> {
+    if s.len() != N || !s.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    u128::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok()
+}
+
+fn nonzero_span() -> u64 {
+    loop {
+        let id = rand::random::<u64>();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+impl TraceContext {
+    /// Continue the trace in `header` if it is valid, else start a new one.
+    ///
+    /// Returns the context and whether the incoming header was continued
+    /// (callers drop `tracestate` when it was not).
+    pub fn continue_or_start(header: Option<&HeaderValue>) -> (TraceContext, bool) {
+        match header.and_then(|h| TraceContext::parse(h.as_bytes())) {
+            Some((trace_id, flags)) => (
+                TraceContext {
+                    trace_id,
+                    span_id: nonzero_span(),
+                    flags,
+                },
+                true,
+            ),
+            None => (TraceContext::start(), false),
+        }
+    }
+
+    /// A new sampled trace.
+    pub fn start() -> TraceContext {
+        let trace_id = loop {
+            let id = rand::random::<u128>();
+            if id != 0 {
+                break id;
+            }
+        };
+        TraceContext {
+            trace_id,
+            span_id: nonzero_span(),
+            flags: 0x01,
+        }
+    }
+
+    /// Parse `version-traceid-parentid-flags`; returns the trace id and flags.
+    fn parse(v: &[u8]) -> Option<(u128, u8)> {
+        if v.len() < 55 {
+            return None;
+        }
+        let version = hex::<2>(&v[0..2])? as u8;
+        // Version ff is invalid; version 00 must be exactly 55 bytes; later
+        // versions may append fields after a dash.
+        if version == 0xff || (version == 0 && v.len() != 55) || (v.len() > 55 && v[55] != b'-') {
+            return None;
+        }
+        if v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+            return None;
+        }
+        let trace_id = hex::<32>(&v[3..35])?;
+        let parent = hex::<16>(&v[36..52])?;
+        let flags = hex::<2>(&v[53..55])? as u8;
+        (trace_id != 0 && parent != 0).then_some((trace_id, flags))
+    }
+
+    /// The `traceparent` to send upstream.
+    pub fn header(&self) -> HeaderValue {
+        let s = format!(
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, self.span_id, self.flags
+        );
+        HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static("00-0-0-00"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn continues_a_valid_parent_with_a_new_span() {
+        let (ctx, continued) = TraceContext::continue_or_start(Some(&HeaderValue::from_static(GOOD)));
+        assert!(continued);
+        assert_eq!(ctx.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        let out = ctx.header();
+        let out = out.to_str().unwrap();
+        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(!out.contains("00f067aa0ba902b7"), "a new parent id");
+        assert!(out.ends_with("-01"));
+    }
+
+    #[test]
+    fn starts_fresh_on_anything_invalid() {
+        for bad in [
+            "",
+            "garbage",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            let (_, continued) =
+                TraceContext::continue_or_start(Some(&HeaderValue::from_str(bad).unwrap()));
+            assert!(!continued, "{bad:?}");
+        }
+        let later_version = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra";
+        let (_, continued) =
+            TraceContext::continue_or_start(Some(&HeaderValue::from_static(later_version)));
+        assert!(continued, "future versions may append fields");
+    }
+
+    #[test]
+    fn started_headers_are_well_formed() {
+        let h = TraceContext::start().header();
+        assert!(TraceContext::parse(h.as_bytes()).is_some(), "{h:?}");
+    }
+}

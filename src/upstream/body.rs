@@ -1,0 +1,400 @@
+//! Bodies that cross the proxy: the request body sent upstream (streamed,
+//! capped, and replayable within a buffer limit) and the upstream's response
+//! body (streamed back, bounded by the request deadline, returning its
+//! connection to the pool only after a clean end).
+
+use super::InflightGuard;
+use super::pool::Conn;
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use tokio::time::{Instant, Sleep};
+
+/// Why a body stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The client sent more than the configured body limit.
+    #[error("request body exceeds the {limit}-byte limit")]
+    TooLarge {
+        /// The limit in force.
+        limit: u64,
+    },
+    /// Reading the client's body failed (it went away or broke framing).
+    #[error("client body: {0}")]
+    Client(#[source] hyper::Error),
+    /// A newer attempt took over this replayable body.
+    #[error("request body was handed to a newer attempt")]
+    Superseded,
+    /// The upstream's response body failed mid-stream.
+    #[error("upstream body: {0}")]
+    Upstream(#[source] hyper::Error),
+    /// The request's overall deadline passed while the response streamed.
+    #[error("request deadline passed while streaming the response")]
+    DeadlineExceeded,
+}
+
+/// What every copy of a replayable body shares.
+pub struct ReplayState {
+    source: Option<Incoming>,
+    /// Everything read so far, while it fits in `limit`.
+    chunks: Vec<Bytes>,
+    buffered: usize,
+    limit: usize,
+    overflowed: bool,
+    broken: bool,
+    trailers: Option<HeaderMap>,
+    seen: u64,
+    max_body: u64,
+    generation: u64,
+}
+
+/// One attempt's view of a replayable body.
+struct ReplayHandle {
+    shared: Arc<Mutex<ReplayState>>,
+    generation: u64,
+    pos: usize,
+    trailers_sent: bool,
+    size_hint: SizeHint,
+}
+
+enum Kind {
+    Empty,
+    Stream {
+        inner: Incoming,
+        seen: u64,
+        max_body: u64,
+    },
+    Replay(ReplayHandle),
+}
+
+/// The body of a request on its way upstream.
+pub struct RequestBody {
+    kind: Kind,
+}
+
+impl RequestBody {
+    /// No body.
+    pub fn empty() -> RequestBody {
+        RequestBody { kind: Kind::Empty }
+    }
+
+    /// Stream `inner` once, refusing more than `max_body` bytes.
+    pub fn streaming(inner: Incoming, max_body: u64) -> RequestBody {
+        RequestBody {
+            kind: Kind::Stream {
+                inner,
+                seen: 0,
+                max_body,
+            },
+        }
+    }
+
+    /// Stream `inner`, keeping up to `buffer_limit` bytes so it can be sent again.
+    pub fn replayable(inner: Incoming, buffer_limit: usize, max_body: u64) -> RequestBody {
+        let size_hint = inner.size_hint();
+        RequestBody {
+            kind: Kind::Replay(ReplayHandle {
+                shared: Arc::new(Mutex::new(ReplayState {
+                    source: Some(inner),
+                    chunks: Vec::new(),
+                    buffered: 0,
+                    limit: buffer_limit,
+                    overflowed: false,
+                    broken: false,
+                    trailers: None,
+                    seen: 0,
+                    max_body,
+                    generation: 0,
+                })),
+                generation: 0,
+                pos: 0,
+                trailers_sent: false,
+                size_hint,
+            }),
+        }
+    }
+
+    /// What can make copies of this body for later attempts, if anything can.
+    pub fn replayer(&self) -> Option<Replayer> {
+        match &self.kind {
+            Kind::Empty => Some(Replayer::Empty),
+            Kind::Stream { .. } => None,
+            Kind::Replay(h) => Some(Replayer::Shared {
+                shared: h.shared.clone(),
+                size_hint: h.size_hint.clone(),
+            }),
+        }
+    }
+}
+
+/// Makes copies of a request body for retries.
+pub enum Replayer {
+    /// The body is empty; every copy is empty.
+    Empty,
+    /// Copies replay what was kept, then continue from the client.
+    Shared {
+        /// State shared by every copy.
+        shared: Arc<Mutex<ReplayState>>,
+        /// The original body's size hint.
+        size_hint: SizeHint,
+    },
+}
+
+impl Replayer {
+    /// Whether a copy could be made now (nothing read has been discarded).
+    pub fn can_replay(&self) -> bool {
+        match self {
+            Replayer::Empty => true,
+            Replayer::Shared { shared, .. } => {
+                let st = shared.lock().unwrap_or_else(|e| e.into_inner());
+                !st.overflowed && !st.broken
+            }
+        }
+    }
+
+    /// A fresh copy for another attempt, if everything read so far was kept.
+    ///
+    /// The copy supersedes every earlier one: an abandoned attempt still being
+    /// polled by its connection gets an error rather than stealing data.
+    pub fn next(&self) -> Option<RequestBody> {
+        match self {
+            Replayer::Empty => Some(RequestBody::empty()),
+            Replayer::Shared { shared, size_hint } => {
+                let mut st = shared.lock().unwrap_or_else(|e| e.into_inner());
+                if st.overflowed || st.broken {
+                    return None;
+                }
+                st.generation += 1;
+                Some(RequestBody {
+                    kind: Kind::Replay(ReplayHandle {
+                        shared: shared.clone(),
+                        generation: st.generation,
+                        pos: 0,
+                        trailers_sent: false,
+                        size_hint: size_hint.clone(),
+                    }),
+                })
+            }
+        }
+    }
+}
+
+fn too_large(seen: u64, max_body: u64) -> Option<BodyError> {
+    (seen > max_body).then_some(BodyError::TooLarge { limit: max_body })
+}
+
+impl ReplayHandle {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let mut st = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if st.generation != self.generation {
+            return Poll::Ready(Some(Err(BodyError::Superseded)));
+        }
+        if let Some(chunk) = st.chunks.get(self.pos) {
+            self.pos += 1;
+            return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
+        }
+        let Some(source) = st.source.as_mut() else {
+            if !self.trailers_sent {
+                self.trailers_sent = true;
+                if let Some(t) = st.trailers.clone() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+            }
+            return Poll::Ready(None);
+        };
+        match ready!(Pin::new(source).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                let frame = match frame.into_data() {
+                    Ok(data) => {
+                        st.seen += data.len() as u64;
+                        if let Some(e) = too_large(st.seen, st.max_body) {
+                            st.broken = true;
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                        if !st.overflowed {
+                            if st.buffered + data.len() > st.limit {
+                                st.overflowed = true;
+                                st.chunks = Vec::new();
+                                st.buffered = 0;
+                            } else {
+                                st.buffered += data.len();
+                                st.chunks.push(data.clone());
+                            }
+                        }
+                        self.pos = st.chunks.len();
+                        Frame::data(data)
+                    }
+                    Err(frame) => {
+                        if let Some(t) = frame.trailers_ref() {
+                            st.trailers = Some(t.clone());
+                            self.trailers_sent = true;
+                        }
+                        frame
+                    }
+                };
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                st.broken = true;
+                st.source = None;
+                Poll::Ready(Some(Err(BodyError::Client(e))))
+            }
+            None => {
+                st.source = None;
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &mut self.get_mut().kind {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Stream {
+                inner,
+                seen,
+                max_body,
+            } => match ready!(Pin::new(inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(d) = frame.data_ref() {
+                        *seen += d.remaining() as u64;
+                        if let Some(e) = too_large(*seen, *max_body) {
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Some(Err(e)) => Poll::Ready(Some(Err(BodyError::Client(e)))),
+                None => Poll::Ready(None),
+            },
+            Kind::Replay(h) => h.poll(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Stream { inner, .. } => inner.is_end_stream(),
+            Kind::Replay(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Stream { inner, .. } => inner.size_hint(),
+            Kind::Replay(h) => h.size_hint.clone(),
+        }
+    }
+}
+
+/// An upstream's response body on its way to the client.
+pub struct UpstreamBody {
+    inner: Incoming,
+    /// Holds the upstream's in-flight slot until the body is done.
+    guard: InflightGuard,
+    conn: Option<Conn>,
+    deadline: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+    finished: bool,
+}
+
+impl UpstreamBody {
+    /// Stream `inner` from the guarded upstream; `conn` returns to its pool at a clean end.
+    pub fn new(inner: Incoming, guard: InflightGuard, conn: Conn, deadline: Instant) -> Self {
+        let mut body = UpstreamBody {
+            inner,
+            guard,
+            conn: Some(conn),
+            deadline,
+            sleep: None,
+            finished: false,
+        };
+        // HEAD, 204 and 304 responses have no body to poll; the connection is
+        // already free.
+        if body.inner.is_end_stream() {
+            body.finish(true);
+        }
+        body
+    }
+
+    fn finish(&mut self, clean: bool) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        if let (true, Some(conn)) = (clean, self.conn.take()) {
+            self.guard.upstream().pool().checkin(conn);
+        }
+        self.conn = None;
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // An unfinished body leaves unread bytes on the connection: never reuse it.
+        self.finish(false);
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.inner.is_end_stream() {
+                    this.finish(true);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.guard.upstream().breaker().record_failure();
+                this.finish(false);
+                Poll::Ready(Some(Err(BodyError::Upstream(e))))
+            }
+            Poll::Ready(None) => {
+                this.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let deadline = this.deadline;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    this.finish(false);
+                    return Poll::Ready(Some(Err(BodyError::DeadlineExceeded)));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

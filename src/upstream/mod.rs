@@ -1,0 +1,302 @@
+//! Shard nodes as the data plane sees them: one `Upstream` per address, with
+//! its connection pool, circuit breaker, latency estimate and in-flight count.
+
+pub mod body;
+mod latency;
+pub mod pool;
+
+pub use body::{BodyError, Replayer, RequestBody, UpstreamBody};
+pub use latency::PeakEwma;
+pub use pool::{Conn, ConnectError, Pool, PoolSettings};
+
+use crate::resilience::{Breaker, BreakerConfig, BreakerObserver, BreakerState};
+use crate::telemetry::{Metrics, names};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use metrics::{Counter, Gauge};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// How an attempt at an upstream ended, as `shardgate_upstream_attempts_total` labels it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// A response that is not a failure.
+    Ok,
+    /// A response whose status counts as a failure.
+    FailureStatus,
+    /// No connection could be made.
+    ConnectError,
+    /// The exchange broke after the request was (maybe) sent.
+    SendError,
+    /// No response headers within the per-try timeout.
+    Timeout,
+}
+
+impl AttemptOutcome {
+    const ALL: [AttemptOutcome; 5] = [
+        AttemptOutcome::Ok,
+        AttemptOutcome::FailureStatus,
+        AttemptOutcome::ConnectError,
+        AttemptOutcome::SendError,
+        AttemptOutcome::Timeout,
+    ];
+
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Ok => "ok",
+            AttemptOutcome::FailureStatus => "failure_status",
+            AttemptOutcome::ConnectError => "connect_error",
+            AttemptOutcome::SendError => "send_error",
+            AttemptOutcome::Timeout => "timeout",
+        }
+    }
+}
+
+struct BreakerMetrics {
+    state: Gauge,
+    to: [Counter; 3],
+}
+
+impl BreakerObserver for BreakerMetrics {
+    fn transition(&self, to: BreakerState) {
+        self.state.set(to as u8 as f64);
+        self.to[to as usize].increment(1);
+    }
+}
+
+/// One shard node.
+pub struct Upstream {
+    addr: SocketAddr,
+    label: Arc<str>,
+    pool: Pool,
+    breaker: Breaker,
+    latency: PeakEwma,
+    inflight: AtomicUsize,
+    attempts: [Counter; 5],
+}
+
+/// Why an attempt produced no response.
+pub enum SendError {
+    /// No connection; the request comes back untouched.
+    Connect {
+        /// The request, never sent.
+        req: Request<RequestBody>,
+        /// Why.
+        error: ConnectError,
+    },
+    /// A fresh connection refused the request before writing it.
+    NotSent {
+        /// The request, never sent.
+        req: Request<RequestBody>,
+        /// Why.
+        error: hyper::Error,
+    },
+    /// The exchange failed after the request was at least partly written.
+    Failed(hyper::Error),
+}
+
+impl std::fmt::Debug for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect { error, .. } => write!(f, "Connect({error})"),
+            SendError::NotSent { error, .. } => write!(f, "NotSent({error})"),
+            SendError::Failed(error) => write!(f, "Failed({error})"),
+        }
+    }
+}
+
+/// Counts a request in flight at an upstream until dropped.
+pub struct InflightGuard {
+    upstream: Arc<Upstream>,
+}
+
+impl InflightGuard {
+    /// The upstream being used.
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.upstream.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Upstream {
+    fn new(addr: SocketAddr, settings: &UpstreamSettings, metrics: &Metrics) -> Upstream {
+        let label: Arc<str> = addr.to_string().into();
+        let l = &*label;
+        let breaker_metrics = BreakerMetrics {
+            state: metrics.gauge(names::BREAKER_STATE, &[("upstream", l)]),
+            to: [BreakerState::Closed, BreakerState::HalfOpen, BreakerState::Open].map(|s| {
+                metrics.counter(
+                    names::BREAKER_TRANSITIONS,
+                    &[("upstream", l), ("to", s.as_str())],
+                )
+            }),
+        };
+        Upstream {
+            addr,
+            pool: Pool::new(addr, settings.pool),
+            breaker: Breaker::new(settings.breaker, Box::new(breaker_metrics)),
+            latency: PeakEwma::default(),
+            inflight: AtomicUsize::new(0),
+            attempts: AttemptOutcome::ALL.map(|o| {
+                metrics.counter(
+                    names::UPSTREAM_ATTEMPTS,
+                    &[("upstream", l), ("outcome", o.as_str())],
+                )
+            }),
+            label,
+        }
+    }
+
+    /// The address dialled.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The address as text (metrics label, admin output, optional response header).
+    pub fn label(&self) -> &Arc<str> {
+        &self.label
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The circuit breaker.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// The latency estimate.
+    pub fn latency(&self) -> &PeakEwma {
+        &self.latency
+    }
+
+    /// Requests in flight here (attempt start to response body end).
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Count an attempt's outcome.
+    pub fn count_attempt(&self, outcome: AttemptOutcome) {
+        self.attempts[outcome as usize].increment(1);
+    }
+
+    /// Reserve an in-flight slot, unless `limit` (0 = none) is reached.
+    pub fn try_begin(self: &Arc<Self>, limit: usize) -> Option<InflightGuard> {
+        let before = self.inflight.fetch_add(1, Ordering::Relaxed);
+        let guard = InflightGuard {
+            upstream: self.clone(),
+        };
+        if limit != 0 && before >= limit {
+            return None; // the guard's drop gives the slot back
+        }
+        Some(guard)
+    }
+
+    /// Send `req` on a pooled connection; a stale pooled connection is
+    /// replaced transparently because nothing was written to it.
+    pub async fn send(
+        &self,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Conn), SendError> {
+        loop {
+            let mut conn = match self.pool.checkout().await {
+                Ok(c) => c,
+                Err(error) => return Err(SendError::Connect { req, error }),
+            };
+            match conn.sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, conn)),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if conn.is_reused() => req = back,
+                    Some(back) => {
+                        return Err(SendError::NotSent {
+                            req: back,
+                            error: e.into_error(),
+                        });
+                    }
+                    None => return Err(SendError::Failed(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// Per-upstream settings; a change replaces every upstream.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UpstreamSettings {
+    /// Pooling.
+    pub pool: PoolSettings,
+    /// Breaker.
+    pub breaker: BreakerConfig,
+}
+
+/// Every upstream the maps in force refer to, one per address, so a breaker's
+/// state survives a map swap that keeps its node.
+pub struct Upstreams {
+    settings: Mutex<UpstreamSettings>,
+    by_addr: Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Upstreams {
+    /// An empty registry.
+    pub fn new(settings: UpstreamSettings, metrics: Arc<Metrics>) -> Upstreams {
+        Upstreams {
+            settings: Mutex::new(settings),
+            by_addr: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Upstream>>> {
+        self.by_addr.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The upstream for `addr`, created on first sight.
+    pub fn resolve(&self, addr: SocketAddr) -> Arc<Upstream> {
+        let settings = *self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        self.map()
+            .entry(addr)
+            .or_insert_with(|| Arc::new(Upstream::new(addr, &settings, &self.metrics)))
+            .clone()
+    }
+
+    /// Forget upstreams no map refers to (in-flight requests keep theirs alive).
+    pub fn retain(&self, keep: &HashSet<SocketAddr>) {
+        self.map().retain(|a, _| keep.contains(a));
+    }
+
+    /// Apply new settings; upstreams made under the old ones are replaced.
+    pub fn reconfigure(&self, settings: UpstreamSettings) -> bool {
+        let mut current = self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        if *current == settings {
+            return false;
+        }
+        *current = settings;
+        self.map().clear();
+        true
+    }
+
+    /// Every upstream, sorted by address.
+    pub fn all(&self) -> Vec<Arc<Upstream>> {
+        let mut v: Vec<_> = self.map().values().cloned().collect();
+        v.sort_by_key(|u| u.addr);
+        v
+    }
+
+    /// Drop expired idle connections everywhere.
+    pub fn evict_idle(&self) {
+        for u in self.all() {
+            u.pool.evict_expired();
+        }
+    }
+}

@@ -1,0 +1,714 @@
+//! Shared test support: upstream servers that record every request and can
+//! misbehave on demand, proxies started in-process or as the real binary,
+//! and a small HTTP client.
+//!
+//! Everything binds 127.0.0.1:0 so tests run in parallel, and every wait is a
+//! bounded poll of a condition, never a fixed sleep.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+// ---------------------------------------------------------------------------
+// Upstreams
+// ---------------------------------------------------------------------------
+
+/// What a test upstream does with the next requests.
+#[derive(Clone, Debug)]
+pub enum Behavior {
+    /// 200 with the node's name as the body.
+    Ok,
+    /// This status, the node's name as the body.
+    Status(u16),
+    /// This status, these headers, this body.
+    Respond {
+        status: u16,
+        headers: Vec<(&'static str, &'static str)>,
+        body: &'static str,
+    },
+    /// Read the request head, then reset the connection (RST) without answering.
+    Reset,
+    /// Answer 200 with a declared 1 MiB body, send a little of it, then reset.
+    ResetMidBody,
+    /// Read the request and never answer.
+    Hang,
+    /// Answer 200, then send `bytes` bytes one at a time, `every` apart.
+    Drip { bytes: usize, every: Duration },
+    /// Write two responses' worth of bytes for one request: a framing error
+    /// waiting for whoever reuses the connection.
+    ExtraBytes,
+}
+
+/// One request as it reached an upstream.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub version: http::Version,
+    pub headers: HeaderMap,
+    pub body_len: u64,
+    pub body_complete: bool,
+    pub body_prefix: Vec<u8>,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+struct UpstreamState {
+    name: String,
+    behavior: Mutex<Behavior>,
+    /// Behaviours for the next requests, one each, before `behavior` applies again.
+    script: Mutex<std::collections::VecDeque<Behavior>>,
+    log: Mutex<Vec<Recorded>>,
+    /// Counts requests as they arrive, before their bodies are read.
+    arrivals: AtomicU64,
+    connections: Mutex<Vec<AbortHandle>>,
+    restart: Notify,
+    refusing: Mutex<bool>,
+    accepted: AtomicU64,
+}
+
+/// A recording HTTP/1.1 upstream on 127.0.0.1.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    state: Arc<UpstreamState>,
+    task: AbortHandle,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+        for c in self.state.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+impl Upstream {
+    /// A well-behaved upstream named `name`.
+    pub async fn start(name: &str) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(UpstreamState {
+            name: name.to_owned(),
+            behavior: Mutex::new(Behavior::Ok),
+            script: Mutex::new(std::collections::VecDeque::new()),
+            log: Mutex::new(Vec::new()),
+            arrivals: AtomicU64::new(0),
+            connections: Mutex::new(Vec::new()),
+            restart: Notify::new(),
+            refusing: Mutex::new(false),
+            accepted: AtomicU64::new(0),
+        });
+        let task = tokio::spawn(accept_loop(listener, addr, state.clone())).abort_handle();
+        Upstream { addr, state, task }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    pub fn set(&self, b: Behavior) {
+        *self.state.behavior.lock().unwrap() = b;
+    }
+
+    /// Use `bs` for the next requests, one each, then the standing behaviour again.
+    pub fn script(&self, bs: Vec<Behavior>) {
+        *self.state.script.lock().unwrap() = bs.into();
+    }
+
+    /// Stop listening and drop every connection: connects are refused.
+    pub fn refuse(&self) {
+        *self.state.refusing.lock().unwrap() = true;
+        self.state.restart.notify_one();
+        self.kill_connections();
+    }
+
+    /// Listen again on the same port.
+    pub fn resume(&self) {
+        *self.state.refusing.lock().unwrap() = false;
+        self.state.restart.notify_one();
+    }
+
+    /// Drop every open connection (a crash, as the proxy sees it).
+    pub fn kill_connections(&self) {
+        for c in self.state.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Every request received so far.
+    pub fn log(&self) -> Vec<Recorded> {
+        self.state.log.lock().unwrap().clone()
+    }
+
+    pub fn requests(&self) -> usize {
+        self.state.log.lock().unwrap().len()
+    }
+
+    /// Requests whose head arrived, including ones still reading their body.
+    pub fn arrivals(&self) -> u64 {
+        self.state.arrivals.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections_accepted(&self) -> u64 {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn clear_log(&self) {
+        self.state.log.lock().unwrap().clear();
+    }
+
+    /// Writes (non-read methods) that reached this node.
+    pub fn writes(&self) -> Vec<Recorded> {
+        self.log()
+            .into_iter()
+            .filter(|r| !matches!(r.method.as_str(), "GET" | "HEAD" | "OPTIONS"))
+            .collect()
+    }
+}
+
+async fn accept_loop(mut listener: TcpListener, addr: SocketAddr, state: Arc<UpstreamState>) {
+    loop {
+        if *state.refusing.lock().unwrap() {
+            drop(listener);
+            loop {
+                state.restart.notified().await;
+                if !*state.refusing.lock().unwrap() {
+                    break;
+                }
+            }
+            listener = loop {
+                match TcpListener::bind(addr).await {
+                    Ok(l) => break l,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            };
+            continue;
+        }
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = state.restart.notified() => continue,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        state.accepted.fetch_add(1, Ordering::SeqCst);
+        let std_stream = stream.into_std().unwrap();
+        let control = std_stream.try_clone().unwrap();
+        let stream = tokio::net::TcpStream::from_std(std_stream).unwrap();
+        let control = Arc::new(Mutex::new(Some(control)));
+        let st = state.clone();
+        let handle = tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let st = st.clone();
+                let control = control.clone();
+                async move { respond(st, control, req).await }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+        let mut conns = state.connections.lock().unwrap();
+        conns.retain(|c| !c.is_finished());
+        conns.push(handle.abort_handle());
+    }
+}
+
+fn reset_now(control: &Mutex<Option<std::net::TcpStream>>) {
+    if let Some(s) = control.lock().unwrap().take() {
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    }
+}
+
+async fn respond(
+    st: Arc<UpstreamState>,
+    control: Arc<Mutex<Option<std::net::TcpStream>>>,
+    req: Request<Incoming>,
+) -> Result<Response<BoxBody>, std::io::Error> {
+    st.arrivals.fetch_add(1, Ordering::SeqCst);
+    let scripted = st.script.lock().unwrap().pop_front();
+    let behavior = scripted.unwrap_or_else(|| st.behavior.lock().unwrap().clone());
+    let (parts, mut body) = req.into_parts();
+    let mut body_len = 0u64;
+    let mut body_complete = true;
+    let mut prefix = Vec::new();
+    if !matches!(behavior, Behavior::Reset) {
+        loop {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Some(d) = f.data_ref() {
+                        body_len += d.len() as u64;
+                        if prefix.len() < 256 {
+                            prefix.extend_from_slice(&d[..d.len().min(256 - prefix.len())]);
+                        }
+                    }
+                }
+                Some(Err(_)) => {
+                    body_complete = false;
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+    st.log.lock().unwrap().push(Recorded {
+        method: parts.method,
+        uri: parts.uri,
+        version: parts.version,
+        headers: parts.headers,
+        body_len,
+        body_complete,
+        body_prefix: prefix,
+    });
+    let name = Bytes::from(st.name.clone());
+    let full = |status: u16, body: Bytes| {
+        Response::builder()
+            .status(status)
+            .header("x-upstream", st.name.as_str())
+            .body(Full::new(body).map_err(|e: Infallible| match e {}).boxed())
+            .unwrap()
+    };
+    match behavior {
+        Behavior::Ok => Ok(full(200, name)),
+        Behavior::Status(s) => Ok(full(s, name)),
+        Behavior::Respond {
+            status,
+            headers,
+            body,
+        } => {
+            let mut r = full(status, Bytes::from_static(body.as_bytes()));
+            for (k, v) in headers {
+                r.headers_mut().append(k, v.parse().unwrap());
+            }
+            Ok(r)
+        }
+        Behavior::Reset => {
+            reset_now(&control);
+            Err(std::io::Error::other("reset"))
+        }
+        Behavior::ResetMidBody => {
+            let control = control.clone();
+            let stream = async_stream(move |tx| async move {
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"partial-")))).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                reset_now(&control);
+                let _ = tx.send(Err(std::io::Error::other("reset mid-body"))).await;
+            });
+            Ok(Response::builder()
+                .status(200)
+                .header("content-length", "1048576")
+                .body(stream)
+                .unwrap())
+        }
+        Behavior::Hang => {
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        Behavior::Drip { bytes, every } => {
+            let stream = async_stream(move |tx| async move {
+                for _ in 0..bytes {
+                    if tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            });
+            Ok(Response::builder().status(200).body(stream).unwrap())
+        }
+        Behavior::ExtraBytes => {
+            let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok\
+HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!";
+            if let Some(s) = control.lock().unwrap().as_ref() {
+                use std::io::Write;
+                let mut s = s;
+                let _ = s.write_all(raw);
+            }
+            // Never let hyper write its own response on this connection.
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+    }
+}
+
+/// A body fed by a spawned producer.
+fn async_stream<F, Fut>(produce: F) -> BoxBody
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(produce(tx));
+    StreamBody::new(ChannelStream(rx)).boxed()
+}
+
+struct ChannelStream(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>);
+
+impl futures_core::Stream for ChannelStream {
+    type Item = Result<Frame<Bytes>, std::io::Error>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Topologies
+// ---------------------------------------------------------------------------
+
+/// A map splitting the ring evenly over `partitions` (primary, replicas).
+pub fn topology(epoch: u64, partitions: &[(SocketAddr, Vec<SocketAddr>)]) -> String {
+    let n = partitions.len() as u64;
+    let span = (1u64 << 32) / n;
+    let parts: Vec<_> = partitions
+        .iter()
+        .enumerate()
+        .map(|(i, (primary, replicas))| {
+            let start = span * i as u64;
+            let end = if i as u64 == n - 1 { u32::MAX as u64 } else { start + span - 1 };
+            serde_json::json!({
+                "partitionIndex": i,
+                "primaryNodeIp": primary.to_string(),
+                "replicaNodeIps": replicas.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "hashRangeStart": format!("{start:08x}"),
+                "hashRangeEnd": format!("{end:08x}"),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "clusterEpoch": epoch,
+        "masterNodeId": "test-coordinator",
+        "partitionCount": partitions.len(),
+        "partitions": parts,
+    })
+    .to_string()
+}
+
+// ---------------------------------------------------------------------------
+// Proxies
+// ---------------------------------------------------------------------------
+
+/// A proxy running inside the test process.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub running: Option<shardgate::proxy::RunningProxy>,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestProxy {
+    /// Start with `topology_json` and extra TOML appended to a loopback base config.
+    pub async fn start(topology_json: &str, extra_toml: &str) -> TestProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let topo = dir.path().join("topology.json");
+        std::fs::write(&topo, topology_json).unwrap();
+        let text = base_config(&topo, extra_toml);
+        let config = shardgate::config::ProxyConfig::from_toml(
+            &text,
+            "test.toml",
+            &Default::default(),
+        )
+        .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let running = shardgate::proxy::start(config).await.unwrap();
+        TestProxy {
+            addr: running.addr,
+            admin: running.admin_addr,
+            running: Some(running),
+            dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn topology_path(&self) -> PathBuf {
+        self.dir.path().join("topology.json")
+    }
+
+    pub fn proxy(&self) -> &Arc<shardgate::proxy::Proxy> {
+        &self.running.as_ref().unwrap().proxy
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+/// A loopback config: ephemeral ports, the given topology file, then `extra`.
+pub fn base_config(topology: &Path, extra: &str) -> String {
+    let mut text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
+         [topology]\nsources = [{:?}]\n",
+        topology.display().to_string()
+    );
+    // Later sections in `extra` may repeat a table; merge by re-parsing.
+    if !extra.is_empty() {
+        let mut base: toml::Table = text.parse().unwrap();
+        let add: toml::Table = extra.parse().unwrap();
+        for (k, v) in add {
+            match (base.get_mut(&k), v) {
+                (Some(toml::Value::Table(b)), toml::Value::Table(a)) => b.extend(a),
+                (_, v) => {
+                    base.insert(k, v);
+                }
+            }
+        }
+        text = toml::to_string(&base).unwrap();
+    }
+    text
+}
+
+/// The real `shardgate` binary, started with `args`.
+pub struct BinProxy {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_shardgate"))
+}
+
+impl BinProxy {
+    /// Spawn `shardgate proxy <args>` and wait for its listening line.
+    pub async fn spawn(args: &[&str]) -> BinProxy {
+        let mut cmd = tokio::process::Command::new(binary());
+        cmd.arg("proxy").args(args);
+        BinProxy::spawn_cmd(cmd).await
+    }
+
+    pub async fn spawn_cmd(mut cmd: tokio::process::Command) -> BinProxy {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let l = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut l = l.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("proxy did not announce its ports in time")
+            .unwrap()
+            .unwrap_or_else(|| panic!("proxy exited early: {}", log.lock().unwrap()));
+        // "shardgate proxy listening on ADDR admin ADDR"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let addr = words[4].parse().unwrap();
+        let admin = words[6].parse().unwrap();
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        BinProxy {
+            child,
+            addr,
+            admin,
+            stderr: log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().unwrap() as i32
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Peak resident memory so far, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client
+// ---------------------------------------------------------------------------
+
+/// A pooled HTTP/1.1 test client.
+pub fn client() -> Client<HttpConnector, BoxBody> {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build_http()
+}
+
+/// An HTTP/2 prior-knowledge test client.
+pub fn h2_client() -> Client<HttpConnector, BoxBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub fn empty() -> BoxBody {
+    Full::new(Bytes::new()).map_err(|e: Infallible| match e {}).boxed()
+}
+
+pub fn full(b: impl Into<Bytes>) -> BoxBody {
+    Full::new(b.into()).map_err(|e: Infallible| match e {}).boxed()
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Assert this is a proxy error with the SPEC shape and `code`.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status.as_u16(), status, "{}", self.text());
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        assert_eq!(self.header("x-shardgate-error"), Some(code));
+        let v = self.json();
+        assert_eq!(v["error"], code);
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(v.get("partition").is_some(), "partition field present");
+        if status == 503 {
+            assert!(self.header("retry-after").is_some(), "503 carries Retry-After");
+        }
+    }
+}
+
+pub async fn send(client: &Client<HttpConnector, BoxBody>, req: Request<BoxBody>) -> Answer {
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// GET `url` with an `x-shard-key` header.
+pub async fn get_key(client: &Client<HttpConnector, BoxBody>, url: &str, key: &str) -> Answer {
+    send(
+        client,
+        Request::get(url).header("x-shard-key", key).body(empty()).unwrap(),
+    )
+    .await
+}
+
+/// A request with a key header.
+pub fn keyed(method: &str, url: &str, key: &str, body: impl Into<Bytes>) -> Request<BoxBody> {
+    Request::builder()
+        .method(method)
+        .uri(url)
+        .header("x-shard-key", key)
+        .body(full(body))
+        .unwrap()
+}
+
+/// GET a path on an admin listener.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> Answer {
+    send(
+        &client(),
+        Request::get(format!("http://{admin}{path}")).body(empty()).unwrap(),
+    )
+    .await
+}
+
+/// Poll `cond` every few milliseconds until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Raw bytes over a fresh TCP connection; returns everything read until close or `within`.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], within: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
+    out
+}
+
+/// A key whose hash lands in partition `index` of an even `n`-way split.
+pub fn key_for_partition(index: usize, n: usize) -> String {
+    let span = (1u64 << 32) / n as u64;
+    (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            let pos = u64::from(shardgate::topology::key_position(k.as_bytes()));
+            let p = ((pos / span) as usize).min(n - 1);
+            p == index
+        })
+        .unwrap()
+}

@@ -53,6 +53,8 @@ pub enum Behavior {
     Hang,
     /// Answer 200, then send `bytes` bytes one at a time, `every` apart.
     Drip { bytes: usize, every: Duration },
+    /// Answer 200 with `bytes` bytes streamed in 64 KiB chunks.
+    Stream { bytes: u64 },
     /// Write two responses' worth of bytes for one request: a framing error
     /// waiting for whoever reuses the connection.
     ExtraBytes,
@@ -337,6 +339,24 @@ async fn respond(
             });
             Ok(Response::builder().status(200).body(stream).unwrap())
         }
+        Behavior::Stream { bytes } => {
+            let stream = async_stream(move |tx| async move {
+                let chunk = Bytes::from(vec![b'z'; 64 * 1024]);
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(chunk.len() as u64) as usize;
+                    if tx.send(Ok(Frame::data(chunk.slice(..n)))).await.is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                }
+            });
+            Ok(Response::builder()
+                .status(200)
+                .header("content-length", bytes.to_string())
+                .body(stream)
+                .unwrap())
+        }
         Behavior::ExtraBytes => {
             let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok\
 HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!";
@@ -405,6 +425,37 @@ pub fn topology(epoch: u64, partitions: &[(SocketAddr, Vec<SocketAddr>)]) -> Str
         "partitions": parts,
     })
     .to_string()
+}
+
+/// The SPEC §2 example map (epoch 10294).
+pub const SPEC_EXAMPLE: &str = include_str!("../fixtures/spec_example.json");
+
+/// One broken variant of a valid map per validation rule of SPEC §2:
+/// (rule, map text, a fragment the error message must contain).
+pub fn invalid_maps(valid: &str) -> Vec<(&'static str, String, &'static str)> {
+    let base: serde_json::Value = serde_json::from_str(valid).unwrap();
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = base.clone();
+        f(&mut v);
+        v.to_string()
+    };
+    vec![
+        ("count mismatch", edit(&|v| v["partitionCount"] = 4.into()), "partitionCount is 4 but 3 partitions are listed"),
+        ("duplicate index", edit(&|v| v["partitions"][2]["partitionIndex"] = 1.into()), "partition 1: partitionIndex is used by more than one partition"),
+        ("gap", edit(&|v| v["partitions"][1]["hashRangeStart"] = "55555557".into()), "partition 1: range starts at 55555557, leaving 55555556..55555556 uncovered"),
+        ("overlap", edit(&|v| v["partitions"][1]["hashRangeStart"] = "55555550".into()), "partition 1: range 55555550..aaaaaaaa overlaps partition 0"),
+        ("does not start at zero", edit(&|v| v["partitions"][0]["hashRangeStart"] = "00000010".into()), "partition 0: range starts at 00000010, leaving 00000000..0000000f uncovered"),
+        ("does not reach ffffffff", edit(&|v| v["partitions"][2]["hashRangeEnd"] = "fffffff0".into()), "partition 2: the last range ends at fffffff0, leaving fffffff1..ffffffff uncovered"),
+        ("bound not 8 hex digits", edit(&|v| v["partitions"][1]["hashRangeEnd"] = "aaaaaaa".into()), "partition 1: hashRangeEnd \"aaaaaaa\" is not 8 hex digits"),
+        ("inverted range", edit(&|v| v["partitions"][1]["hashRangeEnd"] = "55555555".into()), "partition 1: hashRangeStart 55555556 is above hashRangeEnd 55555555"),
+        ("missing primary", edit(&|v| v["partitions"][0]["primaryNodeIp"] = "".into()), "partition 0: primaryNodeIp: address is empty"),
+        ("unparseable primary", edit(&|v| v["partitions"][2]["primaryNodeIp"] = "db-3.internal".into()), "partition 2: primaryNodeIp: \"db-3.internal\" is not an IP address"),
+        ("unparseable replica", edit(&|v| v["partitions"][0]["replicaNodeIps"][1] = "10.0.1.999".into()), "partition 0: replicaNodeIps[1]"),
+        ("node listed twice", edit(&|v| v["partitions"][1]["replicaNodeIps"] = serde_json::json!(["10.0.2.5"])), "partition 1: node 10.0.2.5 is listed more than once"),
+        ("no partitions", edit(&|v| { v["partitions"] = serde_json::json!([]); v["partitionCount"] = 0.into(); }), "no partitions"),
+        ("required field missing", edit(&|v| { v.as_object_mut().unwrap().remove("clusterEpoch"); }), "missing field `clusterEpoch`"),
+        ("not JSON", "{\"clusterEpoch\": ".to_owned(), "not a topology document"),
+    ]
 }
 
 // ---------------------------------------------------------------------------

@@ -1,0 +1,166 @@
+//! The binary's commands: `route`, `check-config`, exit codes, and the golden
+//! key → hash → partition table.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::process::Command;
+use support::*;
+
+fn shardgate(args: &[&str]) -> std::process::Output {
+    Command::new(binary()).args(args).output().unwrap()
+}
+
+/// Pinned routing for the SPEC's example map. Changing the hash, the bit
+/// selection or range semantics breaks every deployed cluster's data
+/// placement; this table must never change.
+const GOLDEN: &[(&str, u32, u32, &str)] = &[
+    ("a", 0xe6c6_32b6, 2, "10.0.3.5"),
+    ("user:1", 0x3b57_7afd, 0, "10.0.1.5"),
+    ("user:42", 0x9fc1_e605, 1, "10.0.2.5"),
+    ("order-9000", 0xdc29_2709, 2, "10.0.3.5"),
+    ("ключ", 0x9a13_7c08, 1, "10.0.2.5"),
+    ("tenant/acme/42", 0x08a2_7a2f, 0, "10.0.1.5"),
+    ("0123456789abcdef0123456789abcdef", 0x0112_1d5b, 0, "10.0.1.5"),
+];
+
+#[test]
+fn golden_keys_hash_and_route_exactly_as_pinned() {
+    let map = shardgate::topology::ShardMap::from_json(SPEC_EXAMPLE.as_bytes()).unwrap();
+    for &(key, hash, partition, primary) in GOLDEN {
+        assert_eq!(shardgate::topology::key_position(key.as_bytes()), hash, "{key}");
+        // An independent XXH3 implementation agrees.
+        assert_eq!((twox_hash::XxHash3_64::oneshot(key.as_bytes()) >> 32) as u32, hash, "{key}");
+        let p = map.partition_for(hash);
+        assert_eq!((p.index, p.primary.to_string().as_str()), (partition, primary), "{key}");
+    }
+    // A 300-byte key exercises XXH3's long-input path.
+    let long = "x".repeat(300);
+    assert_eq!(shardgate::topology::key_position(long.as_bytes()), 0xa5d1_b460);
+    assert_eq!(map.partition_for(0xa5d1_b460).index, 1);
+}
+
+#[test]
+fn route_prints_key_hash_partition_and_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("map.json");
+    std::fs::write(&path, SPEC_EXAMPLE).unwrap();
+    let keys: Vec<&str> = GOLDEN.iter().map(|g| g.0).collect();
+    let mut args = vec!["route", "--topology", path.to_str().unwrap()];
+    args.extend(&keys);
+    let out = shardgate(&args);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), GOLDEN.len());
+    for (line, &(key, hash, partition, primary)) in lines.iter().zip(GOLDEN) {
+        assert_eq!(*line, format!("{key}\t{hash:08x}\t{partition}\t{primary}"));
+    }
+}
+
+#[test]
+fn check_config_refuses_every_invalid_map_rule_with_a_named_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for (rule, text, fragment) in invalid_maps(SPEC_EXAMPLE) {
+        let path = dir.path().join("map.json");
+        std::fs::write(&path, text).unwrap();
+        let out = shardgate(&["check-config", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{rule}: {stderr}");
+        assert!(stderr.contains(fragment), "{rule}: {stderr:?} lacks {fragment:?}");
+    }
+}
+
+#[test]
+fn check_config_accepts_every_shipped_config_file() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let shipped: Vec<_> = std::fs::read_dir(format!("{root}/config"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(shipped.len() >= 2);
+    for path in shipped {
+        let out = Command::new(binary())
+            .current_dir(root)
+            .args(["check-config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+    }
+}
+
+#[test]
+fn the_shipped_proxy_config_states_the_real_defaults() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/config/shardgate.toml")).unwrap();
+    let shipped =
+        shardgate::config::ProxyConfig::from_toml(&text, "shardgate.toml", &Default::default()).unwrap();
+    let defaults = shardgate::config::ProxyConfig::from_toml(
+        "[topology]\nsources = [\"config/topology.json\"]\n",
+        "defaults",
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(shipped, defaults, "config/shardgate.toml disagrees with the built-in defaults");
+}
+
+#[test]
+fn check_config_lists_every_config_problem_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"nowhere\"\n[timeouts]\nconnect = \"0s\"\n[retry]\nmax_attempt = 3\n",
+    )
+    .unwrap();
+    let out = shardgate(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.toml:6:1: retry.max_attempt: unknown key"), "{stderr}");
+    // Unknown keys stop the semantic checks only after every unknown key is listed;
+    // fix them and the rest are listed together.
+    std::fs::write(&path, "[server]\nlisten = \"nowhere\"\n[timeouts]\nconnect = \"0s\"\n").unwrap();
+    let out = shardgate(&["check-config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.toml:2:1: server.listen"), "{stderr}");
+    assert!(stderr.contains("bad.toml:4:1: timeouts.connect: must be above zero"), "{stderr}");
+    assert!(stderr.contains("topology.sources: no shard map source"), "{stderr}");
+}
+
+#[test]
+fn the_proxy_exits_1_on_invalid_config_and_2_when_its_port_is_taken() {
+    let out = shardgate(&["proxy", "--listen", "not-an-address", "--topology", "x.json"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("map.json");
+    std::fs::write(&map, SPEC_EXAMPLE).unwrap();
+    let out = shardgate(&[
+        "proxy",
+        "--listen",
+        &addr,
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--topology",
+        map.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+
+    // An invalid map at start-up is the operator's input: exit 1.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{}").unwrap();
+    let out = shardgate(&["proxy", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--topology", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -1,0 +1,290 @@
+//! The real `shardgate proxy` binary: signals, reloads, memory and resource
+//! exhaustion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use support::*;
+
+/// Replace `path` atomically, as operators (and config management) should.
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn metric(admin: std::net::SocketAddr, line_prefix: &str) -> f64 {
+    let text = admin_get(admin, "/metrics").await.text();
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn start_binary(map: &str, dir: &Path, extra_args: &[&str]) -> BinProxy {
+    let path = dir.join("map.json");
+    write_atomically(&path, map);
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--topology",
+        path.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra_args);
+    BinProxy::spawn(&args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_swap_under_concurrent_load_fails_zero_requests() {
+    let old = [Upstream::start("old-0").await, Upstream::start("old-1").await];
+    let new = [Upstream::start("new-0").await, Upstream::start("new-1").await];
+    let dir = tempfile::tempdir().unwrap();
+    let map_v1 = topology(1, &old.iter().map(|u| (u.addr, vec![])).collect::<Vec<_>>());
+    let map_v2 = topology(2, &new.iter().map(|u| (u.addr, vec![])).collect::<Vec<_>>());
+    let proxy = start_binary(&map_v1, dir.path(), &[]).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let served_by_new = Arc::new(AtomicU64::new(0));
+    let url = Arc::new(format!("http://{}/kv/x", proxy.addr));
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let (stop, failures, new_count, url) = (stop.clone(), failures.clone(), served_by_new.clone(), url.clone());
+        workers.spawn(async move {
+            let c = client();
+            let mut n = 0u64;
+            // Bounded in count and in time.
+            while !stop.load(Ordering::Relaxed) && n < 20_000 {
+                let key = format!("w{w}-{n}");
+                let a = get_key(&c, &url, &key).await;
+                if a.status != 200 {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                if a.text().starts_with("new") {
+                    new_count.fetch_add(1, Ordering::Relaxed);
+                }
+                n += 1;
+            }
+            n
+        });
+    }
+    eventually(Duration::from_secs(10), "load is flowing", || async {
+        old.iter().map(|u| u.requests()).sum::<usize>() > 200
+    })
+    .await;
+    write_atomically(&dir.path().join("map.json"), &map_v2);
+    proxy.signal("HUP");
+    eventually(Duration::from_secs(10), "the new map serves", || async {
+        served_by_new.load(Ordering::Relaxed) > 500
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    while let Some(n) = workers.join_next().await {
+        total += n.unwrap();
+    }
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "of {total} requests");
+    // After the swap the new nodes see the new epoch, and the old nodes nothing more.
+    let old_after = old.iter().map(|u| u.requests()).sum::<usize>();
+    for _ in 0..20 {
+        get_key(&client(), &url, "after").await;
+    }
+    assert_eq!(old.iter().map(|u| u.requests()).sum::<usize>(), old_after);
+    for u in &new {
+        assert!(u.log().iter().all(|r| r.header("x-cluster-epoch") == Some("2")));
+    }
+}
+
+#[tokio::test]
+async fn sighup_refuses_every_invalid_map_and_keeps_the_old_one() {
+    let primary = Upstream::start("p").await;
+    let dir = tempfile::tempdir().unwrap();
+    // The SPEC example with every node pointed at our upstream keeps the
+    // example's shape (and so every broken variant's message) intact.
+    let example: serde_json::Value = serde_json::from_str(SPEC_EXAMPLE).unwrap();
+    let mut valid = example.clone();
+    for (i, p) in valid["partitions"].as_array_mut().unwrap().iter_mut().enumerate() {
+        p["primaryNodeIp"] = primary.addr.to_string().into();
+        p["replicaNodeIps"] = serde_json::json!([format!("127.0.0.{}:9", i + 2)]);
+    }
+    let proxy = start_binary(&valid.to_string(), dir.path(), &[]).await;
+    let map_path = dir.path().join("map.json");
+    let url = format!("http://{}/kv/x", proxy.addr);
+    assert_eq!(get_key(&client(), &url, "k").await.status, 200);
+
+    let rejected = r#"shardgate_topology_updates_total{result="rejected_invalid"}"#;
+    for (n, (rule, text, fragment)) in invalid_maps(SPEC_EXAMPLE).into_iter().enumerate() {
+        write_atomically(&map_path, &text);
+        proxy.signal("HUP");
+        eventually(Duration::from_secs(10), rule, || async {
+            metric(proxy.admin, rejected).await >= (n + 1) as f64
+        })
+        .await;
+        let status = admin_get(proxy.admin, "/admin/topology").await.json();
+        assert_eq!(status["epoch"], 10294, "{rule}: the old map stays in force");
+        let err = status["last_error"]["message"].as_str().unwrap();
+        assert!(err.contains(fragment), "{rule}: {err}");
+        assert_eq!(get_key(&client(), &url, "k").await.status, 200, "{rule}: still routing");
+    }
+    assert!(proxy.stderr().contains("refused map"));
+}
+
+#[tokio::test]
+async fn sighup_refuses_an_older_epoch_and_applies_a_newer_one() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_binary(&topology(5, &[(a.addr, vec![])]), dir.path(), &[]).await;
+    let url = format!("http://{}/kv/x", proxy.addr);
+    let path = dir.path().join("map.json");
+
+    write_atomically(&path, &topology(4, &[(b.addr, vec![])]));
+    proxy.signal("HUP");
+    let stale = r#"shardgate_topology_updates_total{result="rejected_stale"}"#;
+    eventually(Duration::from_secs(10), "stale map refused", || async { metric(proxy.admin, stale).await >= 1.0 }).await;
+    assert_eq!(get_key(&client(), &url, "k").await.text(), "a");
+
+    write_atomically(&path, &topology(5, &[(b.addr, vec![])]));
+    proxy.signal("HUP");
+    let unchanged = r#"shardgate_topology_updates_total{result="unchanged"}"#;
+    eventually(Duration::from_secs(10), "equal epoch is a no-op", || async { metric(proxy.admin, unchanged).await >= 1.0 }).await;
+    assert_eq!(get_key(&client(), &url, "k").await.text(), "a");
+
+    write_atomically(&path, &topology(6, &[(b.addr, vec![])]));
+    proxy.signal("HUP");
+    eventually(Duration::from_secs(10), "newer map applied", || async {
+        metric(proxy.admin, "shardgate_topology_epoch").await == 6.0
+    })
+    .await;
+    assert_eq!(get_key(&client(), &url, "k").await.text(), "b");
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let up = Upstream::start("slow").await;
+    up.set(Behavior::Drip { bytes: 20, every: Duration::from_millis(50) });
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = start_binary(&topology(1, &[(up.addr, vec![])]), dir.path(), &[]).await;
+    let url = format!("http://{}/kv/x", proxy.addr);
+    let in_flight = tokio::spawn(async move { get_key(&client(), &url, "k").await });
+    eventually(Duration::from_secs(5), "request reached the upstream", || async { up.arrivals() == 1 }).await;
+    proxy.signal("TERM");
+    let answer = in_flight.await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body.len(), 20, "the in-flight response completed");
+    let status = tokio::time::timeout(Duration::from_secs(10), proxy.child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mib_body_streams_both_ways_with_bounded_proxy_memory() {
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let up = Upstream::start("sink").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, "[limits]\nmax_body_bytes = 1073741824\n[timeouts]\noverall = \"120s\"\nper_try = \"120s\"\n").unwrap();
+    let proxy = start_binary(
+        &topology(1, &[(up.addr, vec![])]),
+        dir.path(),
+        &["--config", config.to_str().unwrap()],
+    )
+    .await;
+    let url = format!("http://{}/kv/x", proxy.addr);
+
+    // Upload: a generated stream, never held whole by anyone.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let chunk = bytes::Bytes::from(vec![b'u'; 256 * 1024]);
+        let mut sent = 0;
+        while sent < SIZE {
+            if tx.send(Ok(hyper::body::Frame::data(chunk.clone()))).await.is_err() {
+                return;
+            }
+            sent += chunk.len() as u64;
+        }
+    });
+    use http_body_util::BodyExt;
+    let body = http_body_util::StreamBody::new(ReceiverStream(rx)).boxed();
+    let req = http::Request::post(&url)
+        .header("x-shard-key", "k")
+        .header("content-length", SIZE.to_string())
+        .body(body)
+        .unwrap();
+    let a = send(&client(), req).await;
+    assert_eq!(a.status, 200);
+    let seen = up.log().pop().unwrap();
+    assert_eq!(seen.body_len, SIZE);
+    assert!(seen.body_complete);
+
+    // Download.
+    up.set(Behavior::Stream { bytes: SIZE });
+    let resp = client().request(keyed("GET", &url, "k", "")).await.unwrap();
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame.unwrap().data_ref() {
+            got += d.len() as u64;
+        }
+    }
+    assert_eq!(got, SIZE);
+
+    let peak = proxy.peak_rss_kib();
+    eprintln!("proxy peak RSS: {peak} KiB");
+    assert!(peak < 64 * 1024, "proxy peak RSS {peak} KiB for 2 x 100 MiB streamed");
+}
+
+struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
+impl<T> futures_core::Stream for ReceiverStream<T> {
+    type Item = T;
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+#[tokio::test]
+async fn the_accept_loop_survives_running_out_of_file_descriptors() {
+    let up = Upstream::start("p").await;
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("map.json");
+    write_atomically(&map, &topology(1, &[(up.addr, vec![])]));
+    let mut cmd = tokio::process::Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!(
+            "ulimit -n 48 && exec {} proxy --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --topology {}",
+            binary().display(),
+            map.display()
+        ));
+    let proxy = BinProxy::spawn_cmd(cmd).await;
+    let url = format!("http://{}/kv/x", proxy.addr);
+    assert_eq!(get_key(&client(), &url, "k").await.status, 200);
+
+    // Hold far more connections than the proxy has descriptors for.
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        if let Ok(s) = tokio::net::TcpStream::connect(proxy.addr).await {
+            held.push(s);
+        }
+    }
+    eventually(Duration::from_secs(10), "the proxy runs out of descriptors", || async {
+        proxy.stderr().contains("accept failed")
+    })
+    .await;
+    drop(held);
+    // Once descriptors free up, it serves again without a restart.
+    eventually(Duration::from_secs(10), "serving again", || async {
+        let c = client();
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), c.request(keyed("GET", &url, "k", ""))).await,
+            Ok(Ok(r)) if r.status() == 200
+        )
+    })
+    .await;
+}

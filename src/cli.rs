@@ -101,7 +101,9 @@ pub fn route(args: &RouteArgs, out: &mut impl Write) -> Result<(), InputError> {
 
 /// `shardgate check-config`: validate and summarise, or list every problem.
 pub fn check_config(path: &Path) -> Result<String, InputError> {
-    let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let is_json = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
     if is_json {
         let map = crate::proxy::read_topology_file(path)?;
         return Ok(summarise_map(path, &map));
@@ -127,7 +129,8 @@ pub fn check_config(path: &Path) -> Result<String, InputError> {
 }
 
 fn summarise_map(path: &Path, map: &ShardMap) -> String {
-    let nodes: std::collections::HashSet<_> = map.partitions().iter().flat_map(|p| p.nodes()).collect();
+    let nodes: std::collections::HashSet<_> =
+        map.partitions().iter().flat_map(|p| p.nodes()).collect();
     format!(
         "{}: valid topology: epoch {}, {} partition(s), {} node(s), master {}",
         path.display(),

@@ -208,7 +208,10 @@ impl<'a> TomlDoc<'a> {
 fn location_of(text: &str, offset: usize) -> Location {
     let before = &text.as_bytes()[..offset.min(text.len())];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1);
     Location {
         line,
         column: offset - line_start + 1,
@@ -236,7 +239,11 @@ mod tests {
         let _: A = doc.section("b", &mut issues);
         doc.reject_unknown_sections(&["a", "b"], &mut issues);
         let err = issues.finish("f.toml", ()).unwrap_err();
-        let lines: Vec<_> = err.issues.iter().map(|i| i.location.map(|l| l.line)).collect();
+        let lines: Vec<_> = err
+            .issues
+            .iter()
+            .map(|i| i.location.map(|l| l.line))
+            .collect();
         assert_eq!(lines, [Some(2), Some(6), Some(7), Some(8)], "{err}");
         let text = err.to_string();
         assert!(text.contains("f.toml:6:1: b.bogus: unknown key"), "{text}");

@@ -550,7 +550,10 @@ impl ProxyFile {
 
 impl ProxyConfig {
     /// Load `path` (or defaults when `None`), apply flags, validate everything.
-    pub fn load(path: Option<&std::path::Path>, o: &ProxyOverrides) -> Result<ProxyConfig, ConfigErrors> {
+    pub fn load(
+        path: Option<&std::path::Path>,
+        o: &ProxyOverrides,
+    ) -> Result<ProxyConfig, ConfigErrors> {
         let Some(path) = path else {
             let mut file = ProxyFile::default();
             file.apply(o);
@@ -569,7 +572,11 @@ impl ProxyConfig {
     }
 
     /// Parse and validate config text; `name` labels errors.
-    pub fn from_toml(text: &str, name: &str, o: &ProxyOverrides) -> Result<ProxyConfig, ConfigErrors> {
+    pub fn from_toml(
+        text: &str,
+        name: &str,
+        o: &ProxyOverrides,
+    ) -> Result<ProxyConfig, ConfigErrors> {
         let doc = TomlDoc::parse(text, name)?;
         let mut issues = Issues::new(Some(&doc));
         let mut file = ProxyFile::from_doc(&doc, &mut issues);
@@ -589,7 +596,11 @@ impl ProxyConfig {
     ) -> Result<ProxyConfig, ConfigErrors> {
         let mut issues = Issues::new(doc);
         let flag_or = |flag: &str, given: bool, key: &str| {
-            if given { flag.to_owned() } else { key.to_owned() }
+            if given {
+                flag.to_owned()
+            } else {
+                key.to_owned()
+            }
         };
 
         let listen = parse_addr(
@@ -599,7 +610,11 @@ impl ProxyConfig {
         );
         let admin_listen = parse_addr(
             &f.server.admin_listen,
-            &flag_or("--admin-listen", o.admin_listen.is_some(), "server.admin_listen"),
+            &flag_or(
+                "--admin-listen",
+                o.admin_listen.is_some(),
+                "server.admin_listen",
+            ),
             &mut issues,
         );
         if f.server.shutdown_grace.is_zero() {
@@ -649,7 +664,8 @@ impl ProxyConfig {
         };
         let log = validate_log(&f.log, &mut issues);
 
-        let (Some(listen), Some(admin_listen), Some(routing)) = (listen, admin_listen, routing) else {
+        let (Some(listen), Some(admin_listen), Some(routing)) = (listen, admin_listen, routing)
+        else {
             return Err(issues.into_errors(name));
         };
         if listen == admin_listen && listen.port() != 0 {
@@ -685,7 +701,10 @@ fn parse_addr(s: &str, key: &str, issues: &mut Issues<'_>) -> Option<SocketAddr>
     match s.parse::<SocketAddr>() {
         Ok(a) => Some(a),
         Err(_) => {
-            issues.push(key, format!("{s:?} is not an address like 127.0.0.1:8080 or [::1]:8080"));
+            issues.push(
+                key,
+                format!("{s:?} is not an address like 127.0.0.1:8080 or [::1]:8080"),
+            );
             None
         }
     }
@@ -699,7 +718,9 @@ fn parse_topology_source(s: &str) -> Result<TopologySource, String> {
         }
         Ok(TopologySource::Coordinator(uri))
     } else if s.contains("://") {
-        Err(format!("{s:?}: only http:// and https:// coordinator URLs, or file paths"))
+        Err(format!(
+            "{s:?}: only http:// and https:// coordinator URLs, or file paths"
+        ))
     } else if s.is_empty() {
         Err("empty topology source".into())
     } else {
@@ -822,7 +843,10 @@ fn check_statuses(key: &str, codes: &[u16], issues: &mut Issues<'_>) -> StatusSe
 
 fn validate_retry(r: &RetrySection, issues: &mut Issues<'_>) -> (RetryPolicy, BudgetConfig) {
     if r.max_attempts == 0 {
-        issues.push("retry.max_attempts", "must be at least 1 (1 disables retries)");
+        issues.push(
+            "retry.max_attempts",
+            "must be at least 1 (1 disables retries)",
+        );
     }
     if r.base_delay > r.max_delay {
         issues.push("retry.base_delay", "must not exceed retry.max_delay");
@@ -860,7 +884,10 @@ fn validate_retry(r: &RetrySection, issues: &mut Issues<'_>) -> (RetryPolicy, Bu
 
 fn validate_breaker(b: &BreakerSection, issues: &mut Issues<'_>) -> BreakerPolicy {
     if b.failure_ratio <= 0.0 || b.failure_ratio.is_nan() {
-        issues.push("breaker.failure_ratio", "must be above 0 (above 1 disables it)");
+        issues.push(
+            "breaker.failure_ratio",
+            "must be above 0 (above 1 disables it)",
+        );
     }
     if b.window < Duration::from_secs(1) {
         issues.push("breaker.window", "must be at least 1s");
@@ -914,7 +941,10 @@ fn validate_log(l: &LogSection, issues: &mut Issues<'_>) -> LogConfig {
         }
     };
     if tracing_subscriber::EnvFilter::try_new(&l.level).is_err() {
-        issues.push("log.level", format!("{:?} is not a level or filter", l.level));
+        issues.push(
+            "log.level",
+            format!("{:?} is not a level or filter", l.level),
+        );
     }
     if !(0.0..=1.0).contains(&l.access_log_sample) {
         issues.push("log.access_log_sample", "must be between 0 and 1");
@@ -941,7 +971,10 @@ mod tests {
         let c = load(MIN).unwrap();
         assert_eq!(c.server.admin_listen, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(c.runtime.routing.keys.sources().len(), 3);
-        assert_eq!(c.runtime.routing.read_preference, ReadPreference::PrimaryPreferred);
+        assert_eq!(
+            c.runtime.routing.read_preference,
+            ReadPreference::PrimaryPreferred
+        );
         assert_eq!(c.runtime.retry.max_attempts, 3);
         assert_eq!(c.runtime.retry.buffer_limit, 64 * 1024);
         assert_eq!(c.runtime.budget.ratio, 0.2);
@@ -957,7 +990,10 @@ mod tests {
         };
         let c = ProxyConfig::from_toml(MIN, "t.toml", &o).unwrap();
         assert_eq!(c.server.listen.port(), 0);
-        assert_eq!(c.topology_sources, vec![TopologySource::File("other.json".into())]);
+        assert_eq!(
+            c.topology_sources,
+            vec![TopologySource::File("other.json".into())]
+        );
     }
 
     #[test]
@@ -1002,19 +1038,25 @@ key_sources = [{ header = "x-k", query = "k" }]
 
     #[test]
     fn unknown_keys_and_bad_types_are_errors() {
-        let err = load("[limits]\nmax_body = 1\n[timeouts]\nconnect = 5\n[nonsense]\n").unwrap_err();
+        let err =
+            load("[limits]\nmax_body = 1\n[timeouts]\nconnect = 5\n[nonsense]\n").unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("t.toml:2:1: limits.max_body: unknown key"), "{text}");
+        assert!(
+            text.contains("t.toml:2:1: limits.max_body: unknown key"),
+            "{text}"
+        );
         assert!(text.contains("timeouts"), "{text}");
         assert!(text.contains("nonsense: unknown section"), "{text}");
     }
 
     #[test]
     fn file_and_coordinator_sources_do_not_mix() {
-        let err = load("[topology]\nsources = [\"a.json\", \"http://127.0.0.1:7400\"]\n").unwrap_err();
+        let err =
+            load("[topology]\nsources = [\"a.json\", \"http://127.0.0.1:7400\"]\n").unwrap_err();
         assert!(err.to_string().contains("not a mix"));
-        let c = load("[topology]\nsources = [\"http://127.0.0.1:7400\", \"http://127.0.0.2:7400\"]\n")
-            .unwrap();
+        let c =
+            load("[topology]\nsources = [\"http://127.0.0.1:7400\", \"http://127.0.0.2:7400\"]\n")
+                .unwrap();
         assert_eq!(c.topology_sources.len(), 2);
     }
 }

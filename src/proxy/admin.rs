@@ -14,10 +14,16 @@ use tokio_util::sync::CancellationToken;
 
 /// Serve the admin endpoints until `shutdown`.
 pub(super) async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: CancellationToken) {
-    serve_http1(listener, 64, shutdown, Duration::from_secs(2), move |req, _peer| {
-        let proxy = proxy.clone();
-        async move { route(&proxy, &req) }
-    })
+    serve_http1(
+        listener,
+        64,
+        shutdown,
+        Duration::from_secs(2),
+        move |req, _peer| {
+            let proxy = proxy.clone();
+            async move { route(&proxy, &req) }
+        },
+    )
     .await;
 }
 
@@ -52,7 +58,11 @@ fn route(proxy: &Proxy, req: &Request<Incoming>) -> Response<ProxyBody> {
         }
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => match proxy.table() {
-            Some(t) => respond(StatusCode::OK, "text/plain", format!("ready epoch={}\n", t.epoch())),
+            Some(t) => respond(
+                StatusCode::OK,
+                "text/plain",
+                format!("ready epoch={}\n", t.epoch()),
+            ),
             None => respond(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",

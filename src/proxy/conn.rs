@@ -151,18 +151,27 @@ impl<S> TimedIo<S> {
     }
 
     /// Poll the connection deadline; `Err` once it has passed.
+    ///
+    /// The timer is re-armed lazily: a deadline that moves later (every new
+    /// request on a keep-alive connection) leaves the armed timer alone, and a
+    /// timer that fires early is simply re-armed. Only a deadline moving
+    /// earlier touches the timer wheel at once.
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if self.armed != self.deadline {
+        if self.armed > self.deadline {
             self.timer.as_mut().reset(self.deadline);
             self.armed = self.deadline;
         }
-        match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(timed_out(match self.phase {
-                Phase::Head => "client did not send a complete request head in time",
-                _ => "client connection idle too long",
-            })),
-            Poll::Pending => Ok(()),
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= self.deadline {
+                return Err(timed_out(match self.phase {
+                    Phase::Head => "client did not send a complete request head in time",
+                    _ => "client connection idle too long",
+                }));
+            }
+            self.timer.as_mut().reset(self.deadline);
+            self.armed = self.deadline;
         }
+        Ok(())
     }
 }
 
@@ -216,7 +225,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
 }
 
 impl<S: AsyncWrite + Unpin> TimedIo<S> {
-    fn track_write<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    fn track_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
         match r {
             Poll::Pending => {
                 let limit = self.timeouts.idle;
@@ -237,7 +250,11 @@ impl<S: AsyncWrite + Unpin> TimedIo<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         this.track_write(cx, r)

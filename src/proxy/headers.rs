@@ -23,7 +23,10 @@ const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and RFC 2616 §13.5.1); never forwarded.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// `Expect` is not hop-by-hop, but hyper answered any `100-continue` itself
+/// when it read the body, so forwarding it would ask the upstream twice.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    EXPECT,
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -60,10 +63,7 @@ impl ClientInfo {
 
 /// Size of the request line plus headers, as the client framed them (HTTP/1 terms).
 fn head_bytes<B>(req: &Request<B>) -> usize {
-    let target = req
-        .uri()
-        .path_and_query()
-        .map_or(1, |pq| pq.as_str().len());
+    let target = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
     let line = req.method().as_str().len() + target + 12;
     req.headers()
         .iter()
@@ -100,7 +100,9 @@ pub fn check_inbound<B>(
         let valid = Authority::try_from(h.as_bytes())
             .is_ok_and(|a| !a.as_str().contains('@') && !a.host().is_empty());
         if !valid {
-            return Err(ProxyError::BadRequest("the Host header is not a valid host[:port]"));
+            return Err(ProxyError::BadRequest(
+                "the Host header is not a valid host[:port]",
+            ));
         }
     }
     match (req.uri().authority(), header) {
@@ -112,9 +114,9 @@ pub fn check_inbound<B>(
         )),
         (_, Some(h)) => Ok(Some(h.clone())),
         (Some(a), None) => Ok(HeaderValue::from_str(a.as_str()).ok()),
-        (None, None) if req.version() == Version::HTTP_11 => {
-            Err(ProxyError::BadRequest("HTTP/1.1 request without a Host header"))
-        }
+        (None, None) if req.version() == Version::HTTP_11 => Err(ProxyError::BadRequest(
+            "HTTP/1.1 request without a Host header",
+        )),
         (None, None) => Ok(None),
     }
 }
@@ -123,6 +125,11 @@ pub fn check_inbound<B>(
 ///
 /// `Host` is never removed this way: the upstream must get exactly one.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass of cheap name comparisons saves a
+    // hash lookup per hop-by-hop name.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -151,8 +158,6 @@ pub fn to_upstream(
 ) -> TraceContext {
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
-    // hyper answered any `Expect: 100-continue` itself when it read the body.
-    headers.remove(EXPECT);
 
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         let pq = parts
@@ -164,9 +169,12 @@ pub fn to_upstream(
     }
     parts.version = Version::HTTP_11;
 
-    if let Some(host) = &host {
-        headers.insert(HOST, host.clone());
-        headers.insert(XF_HOST, host.clone());
+    if let Some(host) = host {
+        // HTTP/1 clients already sent exactly this Host; HTTP/2 ones sent :authority.
+        if headers.get(HOST) != Some(&host) {
+            headers.insert(HOST, host.clone());
+        }
+        headers.insert(XF_HOST, host);
     }
     append_forwarded_for(headers, &client.forwarded_for);
     headers.insert(
@@ -214,9 +222,11 @@ pub fn to_downstream(headers: &mut HeaderMap, partition: &HeaderValue, upstream:
         Some(u) => {
             headers.insert(UPSTREAM_HEADER, u);
         }
-        None => {
+        // An upstream must not be able to claim to be someone else.
+        None if headers.contains_key(UPSTREAM_HEADER) => {
             headers.remove(UPSTREAM_HEADER);
         }
+        None => {}
     }
 }
 
@@ -224,26 +234,43 @@ pub fn to_downstream(headers: &mut HeaderMap, partition: &HeaderValue, upstream:
 mod tests {
     use super::*;
 
-    fn request(build: impl FnOnce(http::request::Builder) -> http::request::Builder) -> Request<()> {
+    fn request(
+        build: impl FnOnce(http::request::Builder) -> http::request::Builder,
+    ) -> Request<()> {
         build(Request::builder()).body(()).unwrap()
     }
 
     #[test]
     fn host_rules() {
         let ok = request(|b| b.uri("/x").header("host", "shop.example:8080"));
-        assert_eq!(check_inbound(&ok, 16384).unwrap().unwrap(), "shop.example:8080");
+        assert_eq!(
+            check_inbound(&ok, 16384).unwrap().unwrap(),
+            "shop.example:8080"
+        );
 
         let dup = request(|b| b.uri("/x").header("host", "a").header("host", "b"));
-        assert!(matches!(check_inbound(&dup, 16384), Err(ProxyError::BadRequest(_))));
+        assert!(matches!(
+            check_inbound(&dup, 16384),
+            Err(ProxyError::BadRequest(_))
+        ));
 
         let disagree = request(|b| b.uri("http://a.example/x").header("host", "b.example"));
-        assert!(matches!(check_inbound(&disagree, 16384), Err(ProxyError::BadRequest(_))));
+        assert!(matches!(
+            check_inbound(&disagree, 16384),
+            Err(ProxyError::BadRequest(_))
+        ));
 
         let userinfo = request(|b| b.uri("/x").header("host", "user@a.example"));
-        assert!(matches!(check_inbound(&userinfo, 16384), Err(ProxyError::BadRequest(_))));
+        assert!(matches!(
+            check_inbound(&userinfo, 16384),
+            Err(ProxyError::BadRequest(_))
+        ));
 
         let missing = request(|b| b.uri("/x"));
-        assert!(matches!(check_inbound(&missing, 16384), Err(ProxyError::BadRequest(_))));
+        assert!(matches!(
+            check_inbound(&missing, 16384),
+            Err(ProxyError::BadRequest(_))
+        ));
 
         let h10 = request(|b| b.uri("/x").version(Version::HTTP_10));
         assert_eq!(check_inbound(&h10, 16384).unwrap(), None);
@@ -254,15 +281,26 @@ mod tests {
 
     #[test]
     fn expect_other_than_continue_is_refused() {
-        let r = request(|b| b.uri("/x").header("host", "a").header("expect", "100-Continue"));
+        let r = request(|b| {
+            b.uri("/x")
+                .header("host", "a")
+                .header("expect", "100-Continue")
+        });
         assert!(check_inbound(&r, 16384).is_ok());
         let r = request(|b| b.uri("/x").header("host", "a").header("expect", "magic"));
-        assert!(matches!(check_inbound(&r, 16384), Err(ProxyError::ExpectationFailed)));
+        assert!(matches!(
+            check_inbound(&r, 16384),
+            Err(ProxyError::ExpectationFailed)
+        ));
     }
 
     #[test]
     fn oversized_heads_are_refused() {
-        let r = request(|b| b.uri("/x").header("host", "a").header("x-big", "v".repeat(2000)));
+        let r = request(|b| {
+            b.uri("/x")
+                .header("host", "a")
+                .header("x-big", "v".repeat(2000))
+        });
         assert!(matches!(
             check_inbound(&r, 1024),
             Err(ProxyError::HeadersTooLarge { limit: 1024 })

@@ -86,7 +86,8 @@ impl ProxyMetrics {
             shed_upstream: shed("upstream_inflight"),
             shed_breaker: shed("breaker_open"),
             breaker_fail_open: r.counter(names::BREAKER_FAIL_OPEN, &[]),
-            updates: MapUpdate::LABELS.map(|l| r.counter(names::TOPOLOGY_UPDATES, &[("result", l)])),
+            updates: MapUpdate::LABELS
+                .map(|l| r.counter(names::TOPOLOGY_UPDATES, &[("result", l)])),
             epoch: r.gauge(names::TOPOLOGY_EPOCH, &[]),
             age: r.gauge(names::TOPOLOGY_AGE, &[]),
             inflight: r.gauge(names::INFLIGHT, &[]),
@@ -264,7 +265,8 @@ impl Proxy {
     fn refresh_gauges(&self) {
         let m = &self.metrics;
         m.inflight.set(self.admission.inflight() as f64);
-        m.connections.set(self.connections.load(std::sync::atomic::Ordering::Relaxed) as f64);
+        m.connections
+            .set(self.connections.load(std::sync::atomic::Ordering::Relaxed) as f64);
         if let Some(at) = self.status().confirmed_at {
             m.age.set(at.elapsed().as_secs_f64());
         }
@@ -419,7 +421,11 @@ async fn housekeeping(proxy: Arc<Proxy>, shutdown: CancellationToken) {
 impl RunningProxy {
     /// Re-read the config file (if any) and the topology file; an invalid
     /// config or map is refused whole and the old state kept.
-    pub fn reload(&mut self, config_path: Option<&Path>, overrides: &ProxyOverrides) -> Result<(), ReloadError> {
+    pub fn reload(
+        &mut self,
+        config_path: Option<&Path>,
+        overrides: &ProxyOverrides,
+    ) -> Result<(), ReloadError> {
         if let Some(path) = config_path {
             let new = ProxyConfig::load(Some(path), overrides)?;
             if new.server != self.config.server {

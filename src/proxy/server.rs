@@ -41,6 +41,7 @@ pub(super) async fn serve(
         // TimedIo enforces header-read and idle deadlines; hyper's own timer
         // would conflate the two.
         .header_read_timeout(None)
+        .writev(false)
         .keep_alive(true)
         .max_buf_size(limits.max_header_bytes.max(8192) * 4);
     builder
@@ -74,10 +75,7 @@ pub(super) async fn serve(
             });
             let io = TokioIo::new(TimedIo::new(stream, activity, timeouts));
             let p = proxy.clone();
-            let svc = hyper::service::service_fn(move |req| {
-                let answer = p.clone().handle(req, client.clone());
-                async move { Ok::<_, std::convert::Infallible>(answer.await) }
-            });
+            let svc = hyper::service::service_fn(move |req| p.clone().handle(req, client.clone()));
             let conn = builder.serve_connection(io, svc).into_owned();
             let watched = graceful.watch(conn);
             let proxy = proxy.clone();

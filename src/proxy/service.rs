@@ -8,15 +8,15 @@
 //! 5. **attempt loop** — breakers, retries, backoff, budget and deadlines;
 //! 6. **response** — the upstream's, streamed back, or a SPEC JSON error.
 
+use super::Proxy;
 use super::body::ProxyBody;
 use super::conn::{ConnActivity, Tracked};
 use super::error::ProxyError;
 use super::headers::{self, ClientInfo};
-use super::Proxy;
 use crate::config::{AllOpen, RoutingConfig, RuntimeConfig};
 use crate::resilience::{Permit, Reach, is_idempotent};
 use crate::routing::{
-    KeyError, Plan, ReadPreference, RequestClass, RetryReason, Role, RouteTable, RoutePartition,
+    KeyError, Plan, ReadPreference, RequestClass, RetryReason, Role, RoutePartition, RouteTable,
     ServedBy,
 };
 use crate::telemetry::{TraceContext, TraceId};
@@ -29,6 +29,8 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 use rand::RngExt;
+use std::convert::Infallible;
+use std::pin::pin;
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -110,12 +112,12 @@ impl Head {
 }
 
 impl Proxy {
-    /// Answer one client request.
+    /// Answer one client request. Never fails: every error becomes a response.
     pub(super) async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         client: Arc<ClientConn>,
-    ) -> Response<Tracked<ProxyBody>> {
+    ) -> Result<Response<Tracked<ProxyBody>>, Infallible> {
         let mut x = Exchange {
             started: Instant::now(),
             class: RequestClass::of(req.method()),
@@ -137,14 +139,15 @@ impl Proxy {
             x.error = Some(e.code());
             let resp = e.into_response();
             self.observe(&x, resp.status(), &self.runtime.load());
-            return resp.map(|b| Tracked::new(b, None));
+            return Ok(resp.map(|b| Tracked::new(b, None)));
         };
         let cfg = self.runtime.load_full();
         let table = self.routes.load_full();
-        let resp = match self
-            .forward(req, &cfg, table.as_deref(), &client.info, &mut x)
-            .await
-        {
+        let forwarded = {
+            let forward = pin!(self.forward(req, &cfg, table.as_deref(), &client.info, &mut x));
+            forward.await
+        };
+        let resp = match forwarded {
             Ok(resp) => resp,
             Err(e) => {
                 x.error = Some(e.code());
@@ -153,7 +156,7 @@ impl Proxy {
             }
         };
         self.observe(&x, resp.status(), &cfg);
-        resp.map(|b| Tracked::new(b, Some(ticket)))
+        Ok(resp.map(|b| Tracked::new(b, Some(ticket))))
     }
 
     /// Steps 2–6 for an admitted request.
@@ -189,10 +192,20 @@ impl Proxy {
             table.epoch_header(),
         ));
         let deadline = x.started + cfg.timeouts.overall;
-        // 5. attempt loop
-        let delivered = self
-            .attempt_loop(Request::from_parts(parts, body), &plan, partition, cfg, deadline, x)
-            .await?;
+        // 5. attempt loop. Pinned in place and awaited through the pin: a
+        // directly awaited async call is laid out twice in the enclosing
+        // future, and hyper moves the outermost future for every request.
+        let delivered = {
+            let attempts = pin!(self.attempt_loop(
+                Request::from_parts(parts, body),
+                &plan,
+                partition,
+                cfg,
+                deadline,
+                x,
+            ));
+            attempts.await?
+        };
         // 6. response
         x.served_by = delivered.role.into();
         x.upstream = Some(delivered.guard.upstream().label().clone());
@@ -227,7 +240,7 @@ impl Proxy {
         let head = (idempotent && policy.max_attempts > 1).then(|| Head::of(&req));
         let replayer = head.as_ref().and_then(|_| req.body().replayer());
         let budget = self.budget.load();
-        budget.deposit();
+        budget.deposit(x.started);
 
         let mut pending = Some(req);
         let mut cursor = 0usize;
@@ -251,9 +264,13 @@ impl Proxy {
 
             let sent_at = Instant::now();
             let try_deadline = deadline.min(sent_at + cfg.timeouts.per_try);
-            let failure = match tokio::time::timeout_at(try_deadline, upstream.send(req)).await {
+            let attempt = pin!(tokio::time::timeout_at(try_deadline, upstream.send(req)));
+            let failure = match attempt.await {
                 Ok(Ok((resp, conn))) => {
-                    upstream.latency().observe(sent_at.elapsed());
+                    let answered_at = Instant::now();
+                    upstream
+                        .latency()
+                        .observe(answered_at - sent_at, answered_at);
                     let status = resp.status();
                     let delivered = Delivered {
                         resp,
@@ -263,28 +280,38 @@ impl Proxy {
                     };
                     if status == StatusCode::SWITCHING_PROTOCOLS {
                         // Upgrades are never forwarded, so a 101 is a confused upstream.
-                        settle(upstream, permit, AttemptOutcome::SendError);
+                        settle(upstream, permit, AttemptOutcome::SendError, answered_at);
                         Failure::Broken("unexpected 101 Switching Protocols".into())
                     } else if cfg.breaker.failure_statuses.contains(status) {
-                        settle(upstream, permit, AttemptOutcome::FailureStatus);
+                        settle(upstream, permit, AttemptOutcome::FailureStatus, answered_at);
                         if idempotent && policy.retry_statuses.contains(status) {
                             Failure::Status(delivered)
                         } else {
                             return Ok(delivered);
                         }
                     } else {
-                        settle(upstream, permit, AttemptOutcome::Ok);
+                        settle(upstream, permit, AttemptOutcome::Ok, answered_at);
                         return Ok(delivered);
                     }
                 }
                 Ok(Err(SendError::Connect { req, error })) => {
                     pending = Some(req);
-                    settle(upstream, permit, AttemptOutcome::ConnectError);
+                    settle(
+                        upstream,
+                        permit,
+                        AttemptOutcome::ConnectError,
+                        Instant::now(),
+                    );
                     Failure::NotSent(error.to_string())
                 }
                 Ok(Err(SendError::NotSent { req, error })) => {
                     pending = Some(req);
-                    settle(upstream, permit, AttemptOutcome::ConnectError);
+                    settle(
+                        upstream,
+                        permit,
+                        AttemptOutcome::ConnectError,
+                        Instant::now(),
+                    );
                     Failure::NotSent(error.to_string())
                 }
                 Ok(Err(SendError::Failed(error))) => {
@@ -293,18 +320,19 @@ impl Proxy {
                         drop(permit);
                         return Err(e);
                     }
-                    settle(upstream, permit, AttemptOutcome::SendError);
+                    settle(upstream, permit, AttemptOutcome::SendError, Instant::now());
                     Failure::Broken(error.to_string())
                 }
                 Err(_elapsed) => {
-                    settle(upstream, permit, AttemptOutcome::Timeout);
+                    settle(upstream, permit, AttemptOutcome::Timeout, Instant::now());
                     Failure::Timeout
                 }
             };
             let label = upstream.label().clone();
 
             // Whether to try again, where, and after how long.
-            let resendable = pending.is_some() || replayer.as_ref().is_some_and(Replayer::can_replay);
+            let resendable =
+                pending.is_some() || replayer.as_ref().is_some_and(Replayer::can_replay);
             let allowed = x.attempts < policy.max_attempts
                 && (failure.reach() == Reach::NotSent || idempotent)
                 && resendable
@@ -448,11 +476,11 @@ impl Proxy {
 }
 
 /// Settle a breaker permit and count the attempt.
-fn settle(upstream: &Upstream, permit: Permit<'_>, outcome: AttemptOutcome) {
+fn settle(upstream: &Upstream, permit: Permit<'_>, outcome: AttemptOutcome, at: Instant) {
     upstream.count_attempt(outcome);
     match outcome {
-        AttemptOutcome::Ok => permit.success(),
-        _ => permit.failure(),
+        AttemptOutcome::Ok => permit.success(at),
+        _ => permit.failure(at),
     }
 }
 
@@ -499,7 +527,9 @@ fn client_side(error: &hyper::Error) -> Option<ProxyError> {
     while let Some(e) = source {
         if let Some(b) = e.downcast_ref::<BodyError>() {
             return match b {
-                BodyError::TooLarge { limit } => Some(ProxyError::PayloadTooLarge { limit: *limit }),
+                BodyError::TooLarge { limit } => {
+                    Some(ProxyError::PayloadTooLarge { limit: *limit })
+                }
                 BodyError::Client(c) => Some(ProxyError::ClientBodyFailed(c.to_string())),
                 _ => None,
             };
@@ -532,7 +562,10 @@ fn route<'t>(
 }
 
 /// The request's read preference: its header if allowed and present, else the default.
-fn read_preference(headers: &HeaderMap, routing: &RoutingConfig) -> Result<ReadPreference, ProxyError> {
+fn read_preference(
+    headers: &HeaderMap,
+    routing: &RoutingConfig,
+) -> Result<ReadPreference, ProxyError> {
     match routing
         .read_preference_header
         .as_ref()
@@ -545,7 +578,11 @@ fn read_preference(headers: &HeaderMap, routing: &RoutingConfig) -> Result<ReadP
 }
 
 /// How the body travels: empty, streamed once, or kept for replay.
-fn request_body(method: &Method, body: Incoming, cfg: &RuntimeConfig) -> Result<RequestBody, ProxyError> {
+fn request_body(
+    method: &Method,
+    body: Incoming,
+    cfg: &RuntimeConfig,
+) -> Result<RequestBody, ProxyError> {
     let max = cfg.limits.max_body_bytes;
     if body.size_hint().lower() > max {
         return Err(ProxyError::PayloadTooLarge { limit: max });

@@ -120,7 +120,10 @@ mod tests {
     fn ceiling_doubles_then_caps() {
         let b = backoff(Jitter::None);
         let got: Vec<_> = (0..6).map(|a| b.ceiling(a)).collect();
-        assert_eq!(got, [10 * MS, 20 * MS, 40 * MS, 80 * MS, 100 * MS, 100 * MS]);
+        assert_eq!(
+            got,
+            [10 * MS, 20 * MS, 40 * MS, 80 * MS, 100 * MS, 100 * MS]
+        );
         assert_eq!(b.ceiling(200), 100 * MS, "huge attempts must not overflow");
     }
 

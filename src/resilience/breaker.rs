@@ -102,16 +102,16 @@ pub struct Permit<'a> {
 }
 
 impl Permit<'_> {
-    /// The upstream answered acceptably.
-    pub fn success(mut self) {
+    /// The upstream answered acceptably (at `at`, a time the caller already read).
+    pub fn success(mut self, at: Instant) {
         self.settled = true;
-        self.breaker.on_success(self.probe);
+        self.breaker.on_success(self.probe, at);
     }
 
     /// The upstream failed (connect error, reset, timeout, failure status).
-    pub fn failure(mut self) {
+    pub fn failure(mut self, at: Instant) {
         self.settled = true;
-        self.breaker.on_failure(self.probe);
+        self.breaker.on_failure(self.probe, at);
     }
 
     /// Whether this permit is a half-open probe.
@@ -197,7 +197,7 @@ impl Breaker {
 
     /// A failure seen outside a permit, e.g. a reset while streaming a body.
     pub fn record_failure(&self) {
-        self.on_failure(false);
+        self.on_failure(false, Instant::now());
     }
 
     fn permit(&self, probe: bool) -> Permit<'_> {
@@ -213,7 +213,7 @@ impl Breaker {
         self.observer.transition(to);
     }
 
-    fn on_success(&self, probe: bool) {
+    fn on_success(&self, probe: bool, at: Instant) {
         if probe {
             let mut inner = self.lock();
             inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
@@ -230,11 +230,11 @@ impl Breaker {
             self.consecutive.store(0, Ordering::Relaxed);
         }
         if self.cfg.failure_ratio <= 1.0 {
-            self.window.add(Counter::A);
+            self.window.add(Counter::A, at);
         }
     }
 
-    fn on_failure(&self, probe: bool) {
+    fn on_failure(&self, probe: bool, at: Instant) {
         if probe {
             let mut inner = self.lock();
             inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
@@ -248,9 +248,9 @@ impl Breaker {
         }
         let run = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
         if self.cfg.failure_ratio <= 1.0 {
-            self.window.add(Counter::B);
+            self.window.add(Counter::B, at);
         }
-        if self.should_trip(run) {
+        if self.should_trip(run, at) {
             let mut inner = self.lock();
             if self.state() == BreakerState::Closed {
                 self.open(&mut inner);
@@ -258,14 +258,14 @@ impl Breaker {
         }
     }
 
-    fn should_trip(&self, run: u32) -> bool {
+    fn should_trip(&self, run: u32, at: Instant) -> bool {
         if self.cfg.consecutive_failures > 0 && run >= self.cfg.consecutive_failures {
             return true;
         }
         if self.cfg.failure_ratio > 1.0 {
             return false;
         }
-        let (ok, failed) = self.window.totals();
+        let (ok, failed) = self.window.totals(at);
         let total = ok + failed;
         total >= u64::from(self.cfg.min_requests.max(1))
             && failed as f64 >= self.cfg.failure_ratio * total as f64
@@ -281,11 +281,10 @@ impl Breaker {
         } else {
             inner.trips.saturating_add(1)
         };
-        let jittered = self.cfg.cool_down.delay(
-            inner.trips - 1,
-            inner.last_delay,
-            &mut rand::rng(),
-        );
+        let jittered =
+            self.cfg
+                .cool_down
+                .delay(inner.trips - 1, inner.last_delay, &mut rand::rng());
         let delay = jittered.max(self.cfg.cool_down.base);
         inner.last_delay = Some(delay);
         inner.open_until = now + delay;
@@ -336,7 +335,7 @@ mod tests {
 
     fn fail(b: &Breaker, n: usize) {
         for _ in 0..n {
-            b.try_acquire().expect("admitted").failure();
+            b.try_acquire().expect("admitted").failure(Instant::now());
         }
     }
 
@@ -345,7 +344,7 @@ mod tests {
         let b = Breaker::new(config(), Box::new(()));
         fail(&b, 4);
         assert_eq!(b.state(), BreakerState::Closed);
-        b.try_acquire().unwrap().success();
+        b.try_acquire().unwrap().success(Instant::now());
         fail(&b, 4);
         assert_eq!(b.state(), BreakerState::Closed, "a success resets the run");
         fail(&b, 1);
@@ -363,10 +362,18 @@ mod tests {
         // Alternate: never 5 in a row, but half of all requests fail.
         for i in 0..19 {
             let p = b.try_acquire().unwrap();
-            if i % 2 == 0 { p.failure() } else { p.success() }
+            if i % 2 == 0 {
+                p.failure(Instant::now())
+            } else {
+                p.success(Instant::now())
+            }
         }
-        assert_eq!(b.state(), BreakerState::Closed, "19 requests is below the volume");
-        b.try_acquire().unwrap().failure();
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "19 requests is below the volume"
+        );
+        b.try_acquire().unwrap().failure(Instant::now());
         assert_eq!(b.state(), BreakerState::Open);
     }
 
@@ -382,10 +389,14 @@ mod tests {
         assert!(b.try_acquire().is_none(), "only two probes at once");
         drop(p2);
         let p3 = b.try_acquire().expect("a dropped probe frees its slot");
-        p1.success();
+        p1.success(Instant::now());
         assert_eq!(b.state(), BreakerState::Closed);
-        p3.failure();
-        assert_eq!(b.state(), BreakerState::Closed, "late probe outcomes are ignored once closed");
+        p3.failure(Instant::now());
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "late probe outcomes are ignored once closed"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -397,17 +408,20 @@ mod tests {
             fail(&b, 5);
             let until = b.open_until().expect("open");
             let open_for = until - Instant::now();
-            assert!(open_for >= 5 * SEC, "{open_for:?} is below the minimum open time");
+            assert!(
+                open_for >= 5 * SEC,
+                "{open_for:?} is below the minimum open time"
+            );
             opened_for.push(open_for);
             // Still refused one tick before the cool-down ends.
             tokio::time::advance(open_for - Duration::from_millis(1)).await;
             assert!(b.try_acquire().is_none());
             tokio::time::advance(Duration::from_millis(1)).await;
-            b.try_acquire().expect("probe").failure();
+            b.try_acquire().expect("probe").failure(Instant::now());
             assert_eq!(b.state(), BreakerState::Open);
             let until = b.open_until().unwrap();
             tokio::time::advance(until - Instant::now()).await;
-            b.try_acquire().expect("probe").success();
+            b.try_acquire().expect("probe").success(Instant::now());
         }
         assert!(opened_for[4] > opened_for[0] * 2, "{opened_for:?}");
         assert!(opened_for.iter().all(|d| *d <= 60 * SEC));
@@ -424,7 +438,7 @@ mod tests {
             fail(&b, 5);
             let until = b.open_until().unwrap();
             tokio::time::advance(until - Instant::now()).await;
-            b.try_acquire().unwrap().success();
+            b.try_acquire().unwrap().success(Instant::now());
         }
         tokio::time::advance(200 * SEC).await;
         fail(&b, 5);

@@ -5,6 +5,7 @@
 
 use super::window::{Counter, RollingWindow};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Budget parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -33,18 +34,19 @@ impl RetryBudget {
         }
     }
 
-    /// Count one original request (a deposit).
-    pub fn deposit(&self) {
-        self.window.add(Counter::A);
+    /// Count one original request (a deposit) arriving at `at`.
+    pub fn deposit(&self, at: Instant) {
+        self.window.add(Counter::A, at);
     }
 
     /// Reserve one retry now, when it is decided (before any backoff), or refuse.
     pub fn try_withdraw(&self) -> bool {
-        let (requests, retries) = self.window.totals();
+        let now = Instant::now();
+        let (requests, retries) = self.window.totals(now);
         let floor = u64::from(self.cfg.min_per_second) * u64::from(self.window.seconds());
         let allowed = (self.cfg.ratio * requests as f64) as u64 + floor;
         if retries < allowed {
-            self.window.add(Counter::B);
+            self.window.add(Counter::B, now);
             true
         } else {
             false
@@ -68,7 +70,7 @@ mod tests {
     async fn retries_are_capped_at_the_ratio_of_requests() {
         let b = budget(0);
         for _ in 0..100 {
-            b.deposit();
+            b.deposit(Instant::now());
         }
         let granted = (0..100).filter(|_| b.try_withdraw()).count();
         assert_eq!(granted, 20);
@@ -88,7 +90,7 @@ mod tests {
     async fn a_reservation_counts_immediately_even_if_the_retry_is_still_waiting() {
         let b = budget(0);
         for _ in 0..10 {
-            b.deposit();
+            b.deposit(Instant::now());
         }
         // Retries decided back to back, all still "in backoff": 20% of 10 is two,
         // and the third is refused because the first two already count.

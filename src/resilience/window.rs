@@ -50,13 +50,13 @@ impl RollingWindow {
         self.slots.len() as u32
     }
 
-    fn now_second(&self) -> u64 {
-        Instant::now().saturating_duration_since(self.origin).as_secs()
+    fn second_of(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_secs()
     }
 
-    /// Count one event now.
-    pub fn add(&self, counter: Counter) {
-        let now = self.now_second();
+    /// Count one event at `at` (callers pass a time they already read).
+    pub fn add(&self, counter: Counter, at: Instant) {
+        let now = self.second_of(at);
         let slot = &self.slots[(now % self.slots.len() as u64) as usize];
         let seen = slot.second.load(Relaxed);
         if seen != now
@@ -77,9 +77,9 @@ impl RollingWindow {
         };
     }
 
-    /// The sums of both counters over the window ending now.
-    pub fn totals(&self) -> (u64, u64) {
-        let now = self.now_second();
+    /// The sums of both counters over the window ending at `at`.
+    pub fn totals(&self, at: Instant) -> (u64, u64) {
+        let now = self.second_of(at);
         let len = self.slots.len() as u64;
         self.slots
             .iter()
@@ -88,7 +88,10 @@ impl RollingWindow {
                 sec != u64::MAX && sec <= now && now - sec < len
             })
             .fold((0, 0), |(a, b), s| {
-                (a + u64::from(s.a.load(Relaxed)), b + u64::from(s.b.load(Relaxed)))
+                (
+                    a + u64::from(s.a.load(Relaxed)),
+                    b + u64::from(s.b.load(Relaxed)),
+                )
             })
     }
 
@@ -108,18 +111,23 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn counts_expire_after_the_window() {
         let w = RollingWindow::new(3);
-        w.add(Counter::A);
-        w.add(Counter::B);
-        w.add(Counter::B);
-        assert_eq!(w.totals(), (1, 2));
+        let now = Instant::now;
+        w.add(Counter::A, now());
+        w.add(Counter::B, now());
+        w.add(Counter::B, now());
+        assert_eq!(w.totals(now()), (1, 2));
         tokio::time::advance(Duration::from_secs(2)).await;
-        w.add(Counter::A);
-        assert_eq!(w.totals(), (2, 2));
+        w.add(Counter::A, now());
+        assert_eq!(w.totals(now()), (2, 2));
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(w.totals(), (1, 0), "the first second has left the window");
+        assert_eq!(
+            w.totals(now()),
+            (1, 0),
+            "the first second has left the window"
+        );
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(w.totals(), (0, 0));
-        w.add(Counter::A);
-        assert_eq!(w.totals(), (1, 0), "a reused slot starts from zero");
+        assert_eq!(w.totals(now()), (0, 0));
+        w.add(Counter::A, now());
+        assert_eq!(w.totals(now()), (1, 0), "a reused slot starts from zero");
     }
 }

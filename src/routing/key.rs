@@ -313,8 +313,14 @@ mod tests {
             extract("/kv/a%2", None),
             Err(KeyError::Invalid { .. })
         ));
-        assert!(matches!(extract("/x?key=", None), Err(KeyError::Invalid { .. })));
-        assert!(matches!(extract("/x", Some("")), Err(KeyError::Invalid { .. })));
+        assert!(matches!(
+            extract("/x?key=", None),
+            Err(KeyError::Invalid { .. })
+        ));
+        assert!(matches!(
+            extract("/x", Some("")),
+            Err(KeyError::Invalid { .. })
+        ));
 
         let uri: Uri = "/x".parse().unwrap();
         let mut headers = HeaderMap::new();

@@ -53,7 +53,11 @@ mod tests {
         }
         // TRACE is idempotent but not a read: it must never reach a replica.
         for m in ["POST", "PUT", "DELETE", "PATCH", "TRACE", "FOO"] {
-            assert_eq!(RequestClass::of(&m.parse().unwrap()), RequestClass::Write, "{m}");
+            assert_eq!(
+                RequestClass::of(&m.parse().unwrap()),
+                RequestClass::Write,
+                "{m}"
+            );
         }
     }
 }

@@ -195,7 +195,11 @@ impl RoutePartition {
         if n == 0 {
             return;
         }
-        let start = if n == 1 { 0 } else { rand::rng().random_range(0..n) };
+        let start = if n == 1 {
+            0
+        } else {
+            rand::rng().random_range(0..n)
+        };
         for i in 0..n {
             out.push((&self.replicas[(start + i) % n], Role::Replica));
         }
@@ -312,7 +316,10 @@ impl RouteTable {
 
     /// The partition with index `index`, if the map has it.
     pub fn partition_by_index(&self, index: u32) -> Option<&RoutePartition> {
-        let at = self.by_index.binary_search_by_key(&index, |(i, _)| *i).ok()?;
+        let at = self
+            .by_index
+            .binary_search_by_key(&index, |(i, _)| *i)
+            .ok()?;
         Some(&self.partitions[self.by_index[at].1])
     }
 

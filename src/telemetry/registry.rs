@@ -95,21 +95,51 @@ impl Metrics {
         );
         c(UPSTREAM_ATTEMPTS, "Attempts sent to upstreams, by outcome.");
         c(RETRIES, "Retries made, by partition and reason.");
-        c(RETRY_BUDGET_EXHAUSTED, "Retries refused because the retry budget was spent.");
-        g(BREAKER_STATE, "Circuit breaker state: 0 closed, 1 half-open, 2 open.");
-        c(BREAKER_FAIL_OPEN, "Requests sent despite open breakers because every node was open.");
-        c(BREAKER_TRANSITIONS, "Circuit breaker transitions, by target state.");
+        c(
+            RETRY_BUDGET_EXHAUSTED,
+            "Retries refused because the retry budget was spent.",
+        );
+        g(
+            BREAKER_STATE,
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+        );
+        c(
+            BREAKER_FAIL_OPEN,
+            "Requests sent despite open breakers because every node was open.",
+        );
+        c(
+            BREAKER_TRANSITIONS,
+            "Circuit breaker transitions, by target state.",
+        );
         g(TOPOLOGY_EPOCH, "Cluster epoch of the shard map in force.");
         c(TOPOLOGY_UPDATES, "Shard map updates, by result.");
-        g(TOPOLOGY_AGE, "Seconds since the shard map in force was confirmed.");
+        g(
+            TOPOLOGY_AGE,
+            "Seconds since the shard map in force was confirmed.",
+        );
         g(INFLIGHT, "Requests being proxied.");
         g(DOWNSTREAM_CONNECTIONS, "Client connections open.");
-        c(LOAD_SHED, "Requests or connections refused to protect the proxy, by reason.");
-        g(COORDINATOR_NODES, "Nodes known to the coordinator, by status.");
-        g(COORDINATOR_IS_LEADER, "1 when this coordinator leads the cluster.");
+        c(
+            LOAD_SHED,
+            "Requests or connections refused to protect the proxy, by reason.",
+        );
+        g(
+            COORDINATOR_NODES,
+            "Nodes known to the coordinator, by status.",
+        );
+        g(
+            COORDINATOR_IS_LEADER,
+            "1 when this coordinator leads the cluster.",
+        );
         c(COORDINATOR_HEARTBEATS, "Heartbeats received, by result.");
-        c(COORDINATOR_FAILOVERS, "Primary failovers performed, by partition.");
-        g(COORDINATOR_CLOCK_SKEW, "Node clock minus coordinator clock, in seconds.");
+        c(
+            COORDINATOR_FAILOVERS,
+            "Primary failovers performed, by partition.",
+        );
+        g(
+            COORDINATOR_CLOCK_SKEW,
+            "Node clock minus coordinator clock, in seconds.",
+        );
     }
 
     fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {

@@ -161,7 +161,9 @@ pub enum TopologyError {
         gap_end: u32,
     },
     /// The ranges stop short of `ffffffff`.
-    #[error("partition {index}: the last range ends at {end:08x}, leaving {gap_start:08x}..ffffffff uncovered")]
+    #[error(
+        "partition {index}: the last range ends at {end:08x}, leaving {gap_start:08x}..ffffffff uncovered"
+    )]
     ShortEnd {
         /// The partition with the highest range.
         index: u32,
@@ -492,7 +494,10 @@ mod tests {
     #[test]
     fn unknown_fields_are_ignored_and_hex_case_does_not_matter() {
         let text = SPEC_EXAMPLE
-            .replace("\"masterNodeId\"", "\"futureField\": [1,2], \"masterNodeId\"")
+            .replace(
+                "\"masterNodeId\"",
+                "\"futureField\": [1,2], \"masterNodeId\"",
+            )
             .replace("aaaaaaab", "AAAAAAAB");
         assert!(ShardMap::from_json(text.as_bytes()).is_ok());
     }
@@ -576,9 +581,10 @@ mod tests {
         let mut d = doc();
         d.partitions[0].hash_range_end = "ffffffff".into();
         let errs = errors_of(&d);
-        assert!(errs
-            .iter()
-            .all(|e| matches!(e, TopologyError::Overlap { other: 0, .. })));
+        assert!(
+            errs.iter()
+                .all(|e| matches!(e, TopologyError::Overlap { other: 0, .. }))
+        );
         assert_eq!(errs.len(), 2);
     }
 

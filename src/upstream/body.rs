@@ -360,6 +360,10 @@ impl Body for UpstreamBody {
         if this.finished {
             return Poll::Ready(None);
         }
+        // The upstream connection's IO runs in whichever task reads its body.
+        if let Some(conn) = this.conn.as_mut() {
+            let _ = conn.poll_drive(cx);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if this.inner.is_end_stream() {

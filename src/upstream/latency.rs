@@ -4,21 +4,21 @@
 //! one pulls it down gradually. A node that turns slow is avoided immediately
 //! and trusted again only as it proves itself.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// Decay constant: how quickly old observations are forgotten.
 const DECAY: Duration = Duration::from_secs(10);
 
-struct State {
-    estimate_ns: f64,
-    at: Instant,
-}
-
 /// A latency estimate, fed with response times.
+///
+/// Two relaxed atomics rather than a lock: concurrent updates may lose one
+/// observation, which an estimate tolerates, and the request path never waits.
 pub struct PeakEwma {
-    state: Mutex<State>,
+    origin: Instant,
+    estimate_ns: AtomicU64,
+    at_ns: AtomicU64,
 }
 
 impl Default for PeakEwma {
@@ -31,32 +31,31 @@ impl PeakEwma {
     /// An estimate starting at `initial` (optimistic, so new nodes get tried).
     pub fn new(initial: Duration) -> PeakEwma {
         PeakEwma {
-            state: Mutex::new(State {
-                estimate_ns: initial.as_nanos() as f64,
-                at: Instant::now(),
-            }),
+            origin: Instant::now(),
+            estimate_ns: AtomicU64::new(initial.as_nanos() as u64),
+            at_ns: AtomicU64::new(0),
         }
     }
 
-    /// Feed one observed latency.
-    pub fn observe(&self, rtt: Duration) {
-        let now = Instant::now();
+    /// Feed one latency observed at `now`.
+    pub fn observe(&self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if rtt > s.estimate_ns {
-            s.estimate_ns = rtt;
+        let now_ns = now.saturating_duration_since(self.origin).as_nanos() as u64;
+        let estimate = self.estimate_ns.load(Relaxed) as f64;
+        let next = if rtt > estimate {
+            rtt
         } else {
-            let elapsed = now.saturating_duration_since(s.at).as_nanos() as f64;
+            let elapsed = now_ns.saturating_sub(self.at_ns.load(Relaxed)) as f64;
             let w = (-elapsed / DECAY.as_nanos() as f64).exp();
-            s.estimate_ns = s.estimate_ns * w + rtt * (1.0 - w);
-        }
-        s.at = now;
+            estimate * w + rtt * (1.0 - w)
+        };
+        self.estimate_ns.store(next as u64, Relaxed);
+        self.at_ns.store(now_ns, Relaxed);
     }
 
     /// The current estimate.
     pub fn estimate(&self) -> Duration {
-        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        Duration::from_nanos(s.estimate_ns as u64)
+        Duration::from_nanos(self.estimate_ns.load(Relaxed))
     }
 }
 
@@ -69,14 +68,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn peaks_jump_up_and_decay_down() {
         let e = PeakEwma::new(MS);
-        e.observe(100 * MS);
+        e.observe(100 * MS, Instant::now());
         assert_eq!(e.estimate(), 100 * MS, "a slower sample takes over at once");
         tokio::time::advance(Duration::from_secs(1)).await;
-        e.observe(MS);
+        e.observe(MS, Instant::now());
         let after_1s = e.estimate();
         assert!(after_1s < 100 * MS && after_1s > 50 * MS, "{after_1s:?}");
         tokio::time::advance(Duration::from_secs(60)).await;
-        e.observe(MS);
+        e.observe(MS, Instant::now());
         assert!(e.estimate() < 2 * MS, "{:?}", e.estimate());
     }
 }

@@ -132,7 +132,12 @@ impl Upstream {
         let l = &*label;
         let breaker_metrics = BreakerMetrics {
             state: metrics.gauge(names::BREAKER_STATE, &[("upstream", l)]),
-            to: [BreakerState::Closed, BreakerState::HalfOpen, BreakerState::Open].map(|s| {
+            to: [
+                BreakerState::Closed,
+                BreakerState::HalfOpen,
+                BreakerState::Open,
+            ]
+            .map(|s| {
                 metrics.counter(
                     names::BREAKER_TRANSITIONS,
                     &[("upstream", l), ("to", s.as_str())],
@@ -202,8 +207,9 @@ impl Upstream {
         Some(guard)
     }
 
-    /// Send `req` on a pooled connection; a stale pooled connection is
-    /// replaced transparently because nothing was written to it.
+    /// Send `req` on a pooled connection and drive it until the response
+    /// head arrives; a stale pooled connection is replaced transparently
+    /// because nothing was written to it.
     pub async fn send(
         &self,
         mut req: Request<RequestBody>,
@@ -213,7 +219,14 @@ impl Upstream {
                 Ok(c) => c,
                 Err(error) => return Err(SendError::Connect { req, error }),
             };
-            match conn.sender.try_send_request(req).await {
+            let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+            let result = std::future::poll_fn(|cx| {
+                // The connection's IO runs here, in the request's own task.
+                let _ = conn.poll_drive(cx);
+                response.as_mut().poll(cx)
+            })
+            .await;
+            match result {
                 Ok(resp) => return Ok((resp, conn)),
                 Err(mut e) => match e.take_message() {
                     Some(back) if conn.is_reused() => req = back,

@@ -1,14 +1,20 @@
 //! Keep-alive connections to one upstream: a bounded LIFO idle list.
 //!
-//! A connection goes back to the list only after its response body ended
-//! cleanly (see `UpstreamBody`); any framing error, reset or early drop closes
-//! it instead, so a confused connection is never reused.
+//! A connection is driven by whichever request holds it — its IO runs inside
+//! the request's own task, not a task of its own — so a proxied exchange costs
+//! no task hops between the client side and the upstream side. It goes back to
+//! the idle list only after its response body ended cleanly (see
+//! `UpstreamBody`); any framing error, reset or early drop closes it instead,
+//! so a confused connection is never reused.
 
 use super::body::RequestBody;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -38,14 +44,14 @@ pub enum ConnectError {
     Handshake(#[from] hyper::Error),
 }
 
-struct Idle {
-    sender: http1::SendRequest<RequestBody>,
-    since: Instant,
-}
+type Driver = http1::Connection<TokioIo<TcpStream>, RequestBody>;
 
-/// A connection checked out of the pool for one request.
+/// One upstream connection: the handle requests are sent on, and the
+/// connection state machine that must be polled for any IO to happen.
 pub struct Conn {
     pub(super) sender: http1::SendRequest<RequestBody>,
+    driver: Pin<Box<Driver>>,
+    ended: bool,
     reused: bool,
 }
 
@@ -54,6 +60,41 @@ impl Conn {
     pub fn is_reused(&self) -> bool {
         self.reused
     }
+
+    /// Run the connection's IO; `Ready` once the connection has ended.
+    pub fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.ended {
+            return Poll::Ready(());
+        }
+        match self.driver.as_mut().poll(cx) {
+            Poll::Ready(result) => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+                self.ended = true;
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Drive until the connection can take a request; `false` if it ended.
+    pub async fn ready(&mut self) -> bool {
+        poll_fn(|cx| {
+            let ended = self.poll_drive(cx).is_ready();
+            match self.sender.poll_ready(cx) {
+                Poll::Ready(r) => Poll::Ready(r.is_ok()),
+                Poll::Pending if ended => Poll::Ready(false),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
 }
 
 /// The idle connections to one upstream.
@@ -82,24 +123,26 @@ impl Pool {
         self.lock().len()
     }
 
-    /// A ready connection: the most recently used idle one, or a new one.
+    /// A connection ready for a request: the most recently used idle one that
+    /// is still alive, or a new one.
     pub async fn checkout(&self) -> Result<Conn, ConnectError> {
         loop {
             let candidate = self.lock().pop();
-            let Some(mut idle) = candidate else { break };
-            if idle.sender.is_closed() || idle.since.elapsed() >= self.settings.idle_timeout {
+            let Some(Idle { mut conn, since }) = candidate else {
+                break;
+            };
+            if since.elapsed() >= self.settings.idle_timeout || conn.sender.is_closed() {
                 continue;
             }
-            // A connection returned the instant its body ended may not have
-            // been polled back to "ready" yet; waiting is a task hop, not I/O.
-            if idle.sender.is_ready() || idle.sender.ready().await.is_ok() {
-                return Ok(Conn {
-                    sender: idle.sender,
-                    reused: true,
-                });
+            // Nobody polled it while idle: this is where a peer's close is seen.
+            if conn.ready().await {
+                conn.reused = true;
+                return Ok(conn);
             }
         }
-        self.connect().await
+        // Boxed: connecting is the rare path, and its future would otherwise
+        // inflate every request's state machine.
+        Box::pin(self.connect()).await
     }
 
     async fn connect(&self) -> Result<Conn, ConnectError> {
@@ -108,31 +151,36 @@ impl Pool {
             .await
             .map_err(|_| ConnectError::Timeout(timeout))??;
         stream.set_nodelay(true)?;
-        let (sender, conn) = http1::Builder::new()
+        let (sender, driver) = http1::Builder::new()
+            .writev(false)
             .max_buf_size(1024 * 1024)
             .handshake(TokioIo::new(stream))
             .await?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(upstream = %addr, error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(Conn {
+        let mut conn = Conn {
             sender,
+            driver: Box::pin(driver),
+            ended: false,
             reused: false,
-        })
+        };
+        if conn.ready().await {
+            Ok(conn)
+        } else {
+            Err(ConnectError::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "connection closed during setup",
+            )))
+        }
     }
 
     /// Return a connection whose exchange finished cleanly.
     pub fn checkin(&self, conn: Conn) {
-        if conn.sender.is_closed() {
+        if conn.ended || conn.sender.is_closed() {
             return;
         }
         let mut idle = self.lock();
         if idle.len() < self.settings.max_idle {
             idle.push(Idle {
-                sender: conn.sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -142,6 +190,6 @@ impl Pool {
     pub fn evict_expired(&self) {
         let timeout = self.settings.idle_timeout;
         self.lock()
-            .retain(|i| !i.sender.is_closed() && i.since.elapsed() < timeout);
+            .retain(|i| !i.conn.sender.is_closed() && i.since.elapsed() < timeout);
     }
 }

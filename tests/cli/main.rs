@@ -22,22 +22,42 @@ const GOLDEN: &[(&str, u32, u32, &str)] = &[
     ("order-9000", 0xdc29_2709, 2, "10.0.3.5"),
     ("ключ", 0x9a13_7c08, 1, "10.0.2.5"),
     ("tenant/acme/42", 0x08a2_7a2f, 0, "10.0.1.5"),
-    ("0123456789abcdef0123456789abcdef", 0x0112_1d5b, 0, "10.0.1.5"),
+    (
+        "0123456789abcdef0123456789abcdef",
+        0x0112_1d5b,
+        0,
+        "10.0.1.5",
+    ),
 ];
 
 #[test]
 fn golden_keys_hash_and_route_exactly_as_pinned() {
     let map = shardgate::topology::ShardMap::from_json(SPEC_EXAMPLE.as_bytes()).unwrap();
     for &(key, hash, partition, primary) in GOLDEN {
-        assert_eq!(shardgate::topology::key_position(key.as_bytes()), hash, "{key}");
+        assert_eq!(
+            shardgate::topology::key_position(key.as_bytes()),
+            hash,
+            "{key}"
+        );
         // An independent XXH3 implementation agrees.
-        assert_eq!((twox_hash::XxHash3_64::oneshot(key.as_bytes()) >> 32) as u32, hash, "{key}");
+        assert_eq!(
+            (twox_hash::XxHash3_64::oneshot(key.as_bytes()) >> 32) as u32,
+            hash,
+            "{key}"
+        );
         let p = map.partition_for(hash);
-        assert_eq!((p.index, p.primary.to_string().as_str()), (partition, primary), "{key}");
+        assert_eq!(
+            (p.index, p.primary.to_string().as_str()),
+            (partition, primary),
+            "{key}"
+        );
     }
     // A 300-byte key exercises XXH3's long-input path.
     let long = "x".repeat(300);
-    assert_eq!(shardgate::topology::key_position(long.as_bytes()), 0xa5d1_b460);
+    assert_eq!(
+        shardgate::topology::key_position(long.as_bytes()),
+        0xa5d1_b460
+    );
     assert_eq!(map.partition_for(0xa5d1_b460).index, 1);
 }
 
@@ -68,7 +88,10 @@ fn check_config_refuses_every_invalid_map_rule_with_a_named_error() {
         let out = shardgate(&["check-config", path.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{rule}: {stderr}");
-        assert!(stderr.contains(fragment), "{rule}: {stderr:?} lacks {fragment:?}");
+        assert!(
+            stderr.contains(fragment),
+            "{rule}: {stderr:?} lacks {fragment:?}"
+        );
     }
 }
 
@@ -101,14 +124,18 @@ fn the_shipped_proxy_config_states_the_real_defaults() {
     let root = env!("CARGO_MANIFEST_DIR");
     let text = std::fs::read_to_string(format!("{root}/config/shardgate.toml")).unwrap();
     let shipped =
-        shardgate::config::ProxyConfig::from_toml(&text, "shardgate.toml", &Default::default()).unwrap();
+        shardgate::config::ProxyConfig::from_toml(&text, "shardgate.toml", &Default::default())
+            .unwrap();
     let defaults = shardgate::config::ProxyConfig::from_toml(
         "[topology]\nsources = [\"config/topology.json\"]\n",
         "defaults",
         &Default::default(),
     )
     .unwrap();
-    assert_eq!(shipped, defaults, "config/shardgate.toml disagrees with the built-in defaults");
+    assert_eq!(
+        shipped, defaults,
+        "config/shardgate.toml disagrees with the built-in defaults"
+    );
 }
 
 #[test]
@@ -123,20 +150,39 @@ fn check_config_lists_every_config_problem_with_its_line() {
     let out = shardgate(&["check-config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("bad.toml:6:1: retry.max_attempt: unknown key"), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:6:1: retry.max_attempt: unknown key"),
+        "{stderr}"
+    );
     // Unknown keys stop the semantic checks only after every unknown key is listed;
     // fix them and the rest are listed together.
-    std::fs::write(&path, "[server]\nlisten = \"nowhere\"\n[timeouts]\nconnect = \"0s\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"nowhere\"\n[timeouts]\nconnect = \"0s\"\n",
+    )
+    .unwrap();
     let out = shardgate(&["check-config", path.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad.toml:2:1: server.listen"), "{stderr}");
-    assert!(stderr.contains("bad.toml:4:1: timeouts.connect: must be above zero"), "{stderr}");
-    assert!(stderr.contains("topology.sources: no shard map source"), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:4:1: timeouts.connect: must be above zero"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("topology.sources: no shard map source"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn the_proxy_exits_1_on_invalid_config_and_2_when_its_port_is_taken() {
-    let out = shardgate(&["proxy", "--listen", "not-an-address", "--topology", "x.json"]);
+    let out = shardgate(&[
+        "proxy",
+        "--listen",
+        "not-an-address",
+        "--topology",
+        "x.json",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
 
@@ -161,6 +207,14 @@ fn the_proxy_exits_1_on_invalid_config_and_2_when_its_port_is_taken() {
     // An invalid map at start-up is the operator's input: exit 1.
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, "{}").unwrap();
-    let out = shardgate(&["proxy", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--topology", bad.to_str().unwrap()]);
+    let out = shardgate(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--topology",
+        bad.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
 }

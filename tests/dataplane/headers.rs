@@ -38,17 +38,31 @@ async fn hop_by_hop_headers_never_cross_either_way() {
     let a = send(&client(), req).await;
     assert_eq!(a.status, 200);
     assert_eq!(a.text(), "hello");
-    for gone in ["x-upstream-private", "keep-alive", "proxy-authenticate", "upgrade"] {
+    for gone in [
+        "x-upstream-private",
+        "keep-alive",
+        "proxy-authenticate",
+        "upgrade",
+    ] {
         assert!(a.header(gone).is_none(), "{gone} reached the client");
     }
     assert_eq!(a.header("x-visible"), Some("yes"));
 
     let seen = up.log().pop().unwrap();
-    for gone in ["x-client-private", "keep-alive", "proxy-authorization", "te", "upgrade"] {
+    for gone in [
+        "x-client-private",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "upgrade",
+    ] {
         assert!(seen.header(gone).is_none(), "{gone} reached the upstream");
     }
     // hyper's client may add its own keep-alive framing, but never the client's tokens.
-    assert!(seen.header("connection").is_none_or(|c| !c.contains("x-client-private")));
+    assert!(
+        seen.header("connection")
+            .is_none_or(|c| !c.contains("x-client-private"))
+    );
     assert_eq!(seen.header("x-visible"), Some("yes"));
 }
 
@@ -66,15 +80,24 @@ async fn forwarding_and_tracing_headers_are_set() {
         .unwrap();
     let a = send(&client(), req).await;
     assert_eq!(a.header("x-shardgate-partition"), Some("0"));
-    assert!(a.header("x-shardgate-upstream").is_none(), "the upstream stays private");
+    assert!(
+        a.header("x-shardgate-upstream").is_none(),
+        "the upstream stays private"
+    );
     let seen = up.log().pop().unwrap();
-    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
     assert_eq!(seen.header("x-forwarded-host"), Some("shop.example"));
     assert_eq!(seen.header("host"), Some("shop.example"));
     assert_eq!(seen.header("x-cluster-epoch"), Some("7"));
     let tp = seen.header("traceparent").unwrap();
-    assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{tp}");
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{tp}"
+    );
     assert_ne!(tp, parent, "the proxy is a hop with its own span id");
     assert_eq!(seen.header("tracestate"), Some("vendor=1"));
 
@@ -147,10 +170,16 @@ async fn expect_continue_is_answered_by_the_proxy_and_not_forwarded() {
         .await
         .unwrap();
     let mut buf = vec![0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100 Continue"));
     s.write_all(b"hello").await.unwrap();
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
     let seen = up.log().pop().unwrap();
     assert!(seen.header("expect").is_none());
@@ -175,7 +204,11 @@ async fn an_upstream_connection_that_sent_extra_bytes_is_never_reused() {
     for _ in 0..5 {
         let next = get_key(&c, &proxy.url("/kv/a"), "a").await;
         assert_eq!(next.status, 200);
-        assert_eq!(next.text(), "primary", "a stale response leaked from a confused connection");
+        assert_eq!(
+            next.text(),
+            "primary",
+            "a stale response leaked from a confused connection"
+        );
     }
 }
 
@@ -186,5 +219,9 @@ async fn upstream_connections_are_pooled_not_opened_per_request() {
     for _ in 0..50 {
         assert_eq!(get_key(&c, &proxy.url("/kv/a"), "a").await.status, 200);
     }
-    assert!(up.connections_accepted() <= 2, "{} connections for 50 sequential requests", up.connections_accepted());
+    assert!(
+        up.connections_accepted() <= 2,
+        "{} connections for 50 sequential requests",
+        up.connections_accepted()
+    );
 }

@@ -13,16 +13,33 @@ async fn single(extra: &str) -> (Upstream, TestProxy) {
 async fn missing_and_invalid_keys_are_400s_with_the_spec_shape() {
     let (up, proxy) = single("[routing]\nmax_key_bytes = 8\n").await;
     let c = client();
-    send(&c, http::Request::get(proxy.url("/nothing")).body(empty()).unwrap())
-        .await
-        .assert_error(400, "missing_shard_key");
-    get_key(&c, &proxy.url("/x"), "123456789").await.assert_error(400, "invalid_shard_key");
-    send(&c, http::Request::get(proxy.url("/kv/%zz")).body(empty()).unwrap())
+    send(
+        &c,
+        http::Request::get(proxy.url("/nothing"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await
+    .assert_error(400, "missing_shard_key");
+    get_key(&c, &proxy.url("/x"), "123456789")
         .await
         .assert_error(400, "invalid_shard_key");
-    send(&c, http::Request::get(proxy.url("/x?key=a&key=b")).body(empty()).unwrap())
-        .await
-        .assert_error(400, "invalid_shard_key");
+    send(
+        &c,
+        http::Request::get(proxy.url("/kv/%zz"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await
+    .assert_error(400, "invalid_shard_key");
+    send(
+        &c,
+        http::Request::get(proxy.url("/x?key=a&key=b"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await
+    .assert_error(400, "invalid_shard_key");
     assert_eq!(up.requests(), 0);
 }
 
@@ -33,7 +50,9 @@ async fn oversized_headers_are_431() {
         .header("x-big", "v".repeat(4000))
         .body(empty())
         .unwrap();
-    send(&client(), req).await.assert_error(431, "request_header_too_large");
+    send(&client(), req)
+        .await
+        .assert_error(431, "request_header_too_large");
     assert_eq!(up.requests(), 0);
 }
 
@@ -41,10 +60,17 @@ async fn oversized_headers_are_431() {
 async fn oversized_bodies_are_413_declared_or_streamed() {
     let (up, proxy) = single("[limits]\nmax_body_bytes = 1000\n").await;
     let c = client();
-    send(&c, keyed("POST", &proxy.url("/kv/a"), "a", vec![b'x'; 2000]))
-        .await
-        .assert_error(413, "payload_too_large");
-    assert_eq!(up.arrivals(), 0, "a declared oversize body is refused before routing");
+    send(
+        &c,
+        keyed("POST", &proxy.url("/kv/a"), "a", vec![b'x'; 2000]),
+    )
+    .await
+    .assert_error(413, "payload_too_large");
+    assert_eq!(
+        up.arrivals(),
+        0,
+        "a declared oversize body is refused before routing"
+    );
 
     // Chunked: the limit is found while streaming.
     let out = raw_exchange(
@@ -59,15 +85,23 @@ async fn oversized_bodies_are_413_declared_or_streamed() {
     .await;
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
-    assert!(up.log().iter().all(|r| !r.body_complete || r.body_len <= 1000));
+    assert!(
+        up.log()
+            .iter()
+            .all(|r| !r.body_complete || r.body_len <= 1000)
+    );
 }
 
 #[tokio::test]
 async fn a_hanging_upstream_answers_504_at_the_per_try_timeout() {
-    let (up, proxy) = single("[timeouts]\nper_try = \"300ms\"\noverall = \"2s\"\n[retry]\nmax_attempts = 1\n").await;
+    let (up, proxy) =
+        single("[timeouts]\nper_try = \"300ms\"\noverall = \"2s\"\n[retry]\nmax_attempts = 1\n")
+            .await;
     up.set(Behavior::Hang);
     let started = std::time::Instant::now();
-    get_key(&client(), &proxy.url("/kv/a"), "a").await.assert_error(504, "upstream_timeout");
+    get_key(&client(), &proxy.url("/kv/a"), "a")
+        .await
+        .assert_error(504, "upstream_timeout");
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
@@ -86,7 +120,10 @@ async fn a_dripping_response_is_cut_at_the_overall_deadline() {
     use http_body_util::BodyExt;
     let started = std::time::Instant::now();
     let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect()).await;
-    assert!(matches!(body, Ok(Err(_))), "the stream must end in an error, not complete");
+    assert!(
+        matches!(body, Ok(Err(_))),
+        "the stream must end in an error, not complete"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
@@ -95,28 +132,41 @@ async fn a_slow_client_is_closed_at_the_header_read_timeout() {
     let (_up, proxy) = single("[limits]\nheader_read_timeout = \"300ms\"\n").await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET /kv/a HTTP/1.1\r\nhost: a\r\n").await.unwrap();
+    s.write_all(b"GET /kv/a HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     let mut buf = [0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
-    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "closed, not answered: {n:?}");
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "closed, not answered: {n:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout_not_the_header_timeout() {
-    let (_up, proxy) = single("[limits]\nheader_read_timeout = \"200ms\"\nidle_timeout = \"900ms\"\n").await;
+    let (_up, proxy) =
+        single("[limits]\nheader_read_timeout = \"200ms\"\nidle_timeout = \"900ms\"\n").await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET /kv/a HTTP/1.1\r\nhost: a\r\nx-shard-key: a\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /kv/a HTTP/1.1\r\nhost: a\r\nx-shard-key: a\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 4096];
     let n = s.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     let idle_from = std::time::Instant::now();
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap();
     assert!(matches!(n, Ok(0) | Err(_)));
     let idle = idle_from.elapsed();
-    assert!(idle >= Duration::from_millis(600), "closed after {idle:?}: the header timeout fired on an idle connection");
+    assert!(
+        idle >= Duration::from_millis(600),
+        "closed after {idle:?}: the header timeout fired on an idle connection"
+    );
 }
 
 #[tokio::test]
@@ -130,9 +180,16 @@ async fn requests_beyond_max_inflight_get_503_overloaded_at_once() {
             tokio::spawn(async move { client().request(keyed("GET", &u, "a", "")).await })
         })
         .collect();
-    eventually(Duration::from_secs(5), "two requests hang upstream", || async { up.arrivals() >= 2 }).await;
+    eventually(
+        Duration::from_secs(5),
+        "two requests hang upstream",
+        || async { up.arrivals() >= 2 },
+    )
+    .await;
     let started = std::time::Instant::now();
-    get_key(&client(), &url, "a").await.assert_error(503, "overloaded");
+    get_key(&client(), &url, "a")
+        .await
+        .assert_error(503, "overloaded");
     assert!(started.elapsed() < Duration::from_secs(1));
     for h in hung {
         h.abort();
@@ -146,14 +203,20 @@ async fn connections_beyond_max_connections_get_503_overloaded() {
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        s.write_all(b"GET /kv/a HTTP/1.1\r\nhost: a\r\nx-shard-key: a\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /kv/a HTTP/1.1\r\nhost: a\r\nx-shard-key: a\r\n\r\n")
+            .await
+            .unwrap();
         held.push(s);
     }
     // Both held connections are served before the third arrives.
-    eventually(Duration::from_secs(5), "two connections admitted", || async {
-        let m = admin_get(proxy.admin, "/metrics").await.text();
-        m.contains("shardgate_downstream_connections 2")
-    })
+    eventually(
+        Duration::from_secs(5),
+        "two connections admitted",
+        || async {
+            let m = admin_get(proxy.admin, "/metrics").await.text();
+            m.contains("shardgate_downstream_connections 2")
+        },
+    )
     .await;
     let out = raw_exchange(
         proxy.addr,
@@ -175,7 +238,10 @@ async fn no_map_means_503_no_topology_and_not_ready() {
         &Default::default(),
     )
     .unwrap();
-    let proxy = shardgate::proxy::Proxy::new(&config, std::sync::Arc::new(shardgate::telemetry::Metrics::new()));
+    let proxy = shardgate::proxy::Proxy::new(
+        &config,
+        std::sync::Arc::new(shardgate::telemetry::Metrics::new()),
+    );
     assert!(proxy.table().is_none());
     let err = shardgate::proxy::error::ProxyError::NoTopology.into_response();
     assert_eq!(err.status(), 503);

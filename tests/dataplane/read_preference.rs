@@ -46,7 +46,11 @@ async fn primary_preference_answers_primary_unavailable_when_primary_refuses() {
     let a = read(&c, Some("primary")).await;
     a.assert_error(503, "primary_unavailable");
     assert_eq!(a.json()["partition"], 0);
-    assert_eq!(c.replica.requests(), 0, "primary means the primary or an error");
+    assert_eq!(
+        c.replica.requests(),
+        0,
+        "primary means the primary or an error"
+    );
 }
 
 #[tokio::test]
@@ -57,7 +61,8 @@ async fn writes_answer_503_and_never_reach_a_replica_when_primary_refuses() {
     for method in ["POST", "PUT", "DELETE", "PATCH"] {
         for pref in ["primaryPreferred", "secondary", "nearest"] {
             let mut req = keyed(method, &c.proxy.url("/kv/item"), "item", "payload");
-            req.headers_mut().insert("x-read-preference", pref.parse().unwrap());
+            req.headers_mut()
+                .insert("x-read-preference", pref.parse().unwrap());
             let a = send(&client, req).await;
             a.assert_error(503, "primary_unavailable");
         }
@@ -69,7 +74,11 @@ async fn writes_answer_503_and_never_reach_a_replica_when_primary_refuses() {
 #[tokio::test]
 async fn writes_go_to_the_primary_whatever_the_read_preference() {
     let c = one_partition("[routing]\nread_preference = \"secondary\"\n").await;
-    let a = send(&client(), keyed("POST", &c.proxy.url("/kv/item"), "item", "v")).await;
+    let a = send(
+        &client(),
+        keyed("POST", &c.proxy.url("/kv/item"), "item", "v"),
+    )
+    .await;
     assert_eq!(a.text(), "primary");
     assert_eq!(c.primary.writes().len(), 1);
     assert!(c.replica.writes().is_empty());
@@ -81,7 +90,9 @@ async fn secondary_reads_use_replicas_only_and_secondary_preferred_falls_back() 
     assert_eq!(read(&c, Some("secondary")).await.text(), "replica");
     assert_eq!(read(&c, Some("secondaryPreferred")).await.text(), "replica");
     c.replica.refuse();
-    read(&c, Some("secondary")).await.assert_error(503, "no_healthy_upstream");
+    read(&c, Some("secondary"))
+        .await
+        .assert_error(503, "no_healthy_upstream");
     assert_eq!(read(&c, Some("secondaryPreferred")).await.text(), "primary");
 }
 
@@ -93,7 +104,9 @@ async fn secondary_read_of_a_partition_without_replicas_is_refused_at_once() {
         .header("x-read-preference", "secondary")
         .body(empty())
         .unwrap();
-    send(&client(), req).await.assert_error(503, "no_healthy_upstream");
+    send(&client(), req)
+        .await
+        .assert_error(503, "no_healthy_upstream");
     assert_eq!(primary.requests(), 0);
 }
 
@@ -114,11 +127,16 @@ async fn nearest_reads_are_served_by_either_node_and_survive_one_refusing() {
 #[tokio::test]
 async fn an_unknown_read_preference_is_a_400() {
     let c = one_partition("").await;
-    read(&c, Some("closest")).await.assert_error(400, "invalid_read_preference");
+    read(&c, Some("closest"))
+        .await
+        .assert_error(400, "invalid_read_preference");
 }
 
 #[tokio::test]
 async fn the_override_header_is_ignored_when_disabled() {
-    let c = one_partition("[routing]\nallow_read_preference_override = false\nread_preference = \"primary\"\n").await;
+    let c = one_partition(
+        "[routing]\nallow_read_preference_override = false\nread_preference = \"primary\"\n",
+    )
+    .await;
     assert_eq!(read(&c, Some("secondary")).await.text(), "primary");
 }

@@ -12,10 +12,18 @@ async fn single(extra: &str) -> (Upstream, TestProxy) {
 async fn a_post_hit_by_a_reset_is_sent_exactly_once_and_answers_502() {
     let (up, proxy) = single("").await;
     up.script(vec![Behavior::Reset]);
-    let a = send(&client(), keyed("POST", &proxy.url("/kv/a"), "a", "order-1")).await;
+    let a = send(
+        &client(),
+        keyed("POST", &proxy.url("/kv/a"), "a", "order-1"),
+    )
+    .await;
     a.assert_error(502, "upstream_failed");
     assert_eq!(a.json()["partition"], 0);
-    assert_eq!(up.arrivals(), 1, "a POST that reached the upstream is never replayed");
+    assert_eq!(
+        up.arrivals(),
+        1,
+        "a POST that reached the upstream is never replayed"
+    );
 }
 
 #[tokio::test]
@@ -32,7 +40,11 @@ async fn a_put_is_retried_with_its_whole_body_replayed() {
     let (up, proxy) = single("").await;
     up.script(vec![Behavior::Reset]);
     let body = "x".repeat(10_000);
-    let a = send(&client(), keyed("PUT", &proxy.url("/kv/a"), "a", body.clone())).await;
+    let a = send(
+        &client(),
+        keyed("PUT", &proxy.url("/kv/a"), "a", body.clone()),
+    )
+    .await;
     assert_eq!(a.status, 200);
     let log = up.log();
     let last = log.last().unwrap();
@@ -45,7 +57,11 @@ async fn a_put_is_retried_with_its_whole_body_replayed() {
 async fn a_put_larger_than_the_retry_buffer_is_not_retried() {
     let (up, proxy) = single("[retry]\nbuffer_bytes = 1024\n").await;
     up.script(vec![Behavior::Reset]);
-    let a = send(&client(), keyed("PUT", &proxy.url("/kv/a"), "a", "y".repeat(50_000))).await;
+    let a = send(
+        &client(),
+        keyed("PUT", &proxy.url("/kv/a"), "a", "y".repeat(50_000)),
+    )
+    .await;
     // hyper may read part of the body before the reset; either way one attempt only.
     a.assert_error(502, "upstream_failed");
     assert_eq!(up.arrivals(), 1);
@@ -57,7 +73,11 @@ async fn gets_answered_503_are_retried_up_to_max_attempts_then_passed_through() 
     up.set(Behavior::Status(503));
     let a = get_key(&client(), &proxy.url("/kv/a"), "a").await;
     assert_eq!(a.status, 503);
-    assert_eq!(a.text(), "primary", "the upstream's own answer is passed through");
+    assert_eq!(
+        a.text(),
+        "primary",
+        "the upstream's own answer is passed through"
+    );
     assert_eq!(a.header("x-shardgate-error"), None);
     assert_eq!(up.requests(), 3);
 }
@@ -73,7 +93,8 @@ async fn posts_answered_503_are_not_retried() {
 
 #[tokio::test]
 async fn retries_stop_at_max_attempts() {
-    let (up, proxy) = single("[retry]\nmax_attempts = 5\n[breaker]\nconsecutive_failures = 100\n").await;
+    let (up, proxy) =
+        single("[retry]\nmax_attempts = 5\n[breaker]\nconsecutive_failures = 100\n").await;
     up.set(Behavior::Reset);
     get_key(&client(), &proxy.url("/kv/a"), "a")
         .await

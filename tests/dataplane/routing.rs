@@ -37,7 +37,9 @@ async fn ten_thousand_keys_land_on_the_partition_owning_their_hash() {
     let client = client();
     let url = Arc::new(proxy.url("/item"));
 
-    let keys: Vec<String> = (0..10_000).map(|i| format!("user-{i}-{}", i * 7919)).collect();
+    let keys: Vec<String> = (0..10_000)
+        .map(|i| format!("user-{i}-{}", i * 7919))
+        .collect();
     let mut answered: HashMap<String, String> = HashMap::new();
     for chunk in keys.chunks(200) {
         let mut set = tokio::task::JoinSet::new();
@@ -46,7 +48,11 @@ async fn ten_thousand_keys_land_on_the_partition_owning_their_hash() {
             set.spawn(async move {
                 let a = get_key(&c, &u, &k).await;
                 assert_eq!(a.status, 200, "{}", a.text());
-                (k, a.text(), a.header("x-shardgate-partition").unwrap().to_owned())
+                (
+                    k,
+                    a.text(),
+                    a.header("x-shardgate-partition").unwrap().to_owned(),
+                )
             });
         }
         while let Some(r) = set.join_next().await {
@@ -62,7 +68,10 @@ async fn ten_thousand_keys_land_on_the_partition_owning_their_hash() {
     // Every upstream saw exactly its keys, and nothing else.
     for (i, u) in ups.iter().enumerate() {
         let seen = u.log().len();
-        let want = keys.iter().filter(|k| expected_partition(k, &bounds) == i).count();
+        let want = keys
+            .iter()
+            .filter(|k| expected_partition(k, &bounds) == i)
+            .count();
         assert_eq!(seen, want, "upstream p{i}");
     }
 }
@@ -76,8 +85,20 @@ async fn path_and_query_keys_route_like_the_header_key() {
     for key in ["alpha", "beta", "gamma", "delta", "a/b c"] {
         let by_header = get_key(&c, &proxy.url("/x"), key).await.text();
         let encoded = key.replace('/', "%2F").replace(' ', "%20");
-        let by_path = send(&c, http::Request::get(proxy.url(&format!("/kv/{encoded}"))).body(empty()).unwrap()).await;
-        let by_query = send(&c, http::Request::get(proxy.url(&format!("/x?key={encoded}"))).body(empty()).unwrap()).await;
+        let by_path = send(
+            &c,
+            http::Request::get(proxy.url(&format!("/kv/{encoded}")))
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+        let by_query = send(
+            &c,
+            http::Request::get(proxy.url(&format!("/x?key={encoded}")))
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
         assert_eq!(by_path.text(), by_header, "path key {key}");
         assert_eq!(by_query.text(), by_header, "query key {key}");
     }
@@ -88,7 +109,13 @@ async fn keyless_requests_go_to_the_configured_partition() {
     let ups = [Upstream::start("p0").await, Upstream::start("p1").await];
     let topo = topology(1, &ups.iter().map(|u| (u.addr, vec![])).collect::<Vec<_>>());
     let proxy = TestProxy::start(&topo, "[routing]\nkeyless_partition = 1\n").await;
-    let a = send(&client(), http::Request::get(proxy.url("/no-key")).body(empty()).unwrap()).await;
+    let a = send(
+        &client(),
+        http::Request::get(proxy.url("/no-key"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(a.status, 200);
     assert_eq!(a.text(), "p1");
     assert_eq!(a.header("x-shardgate-partition"), Some("1"));

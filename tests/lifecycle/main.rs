@@ -44,8 +44,14 @@ async fn start_binary(map: &str, dir: &Path, extra_args: &[&str]) -> BinProxy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sighup_swap_under_concurrent_load_fails_zero_requests() {
-    let old = [Upstream::start("old-0").await, Upstream::start("old-1").await];
-    let new = [Upstream::start("new-0").await, Upstream::start("new-1").await];
+    let old = [
+        Upstream::start("old-0").await,
+        Upstream::start("old-1").await,
+    ];
+    let new = [
+        Upstream::start("new-0").await,
+        Upstream::start("new-1").await,
+    ];
     let dir = tempfile::tempdir().unwrap();
     let map_v1 = topology(1, &old.iter().map(|u| (u.addr, vec![])).collect::<Vec<_>>());
     let map_v2 = topology(2, &new.iter().map(|u| (u.addr, vec![])).collect::<Vec<_>>());
@@ -57,7 +63,12 @@ async fn a_sighup_swap_under_concurrent_load_fails_zero_requests() {
     let url = Arc::new(format!("http://{}/kv/x", proxy.addr));
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..8 {
-        let (stop, failures, new_count, url) = (stop.clone(), failures.clone(), served_by_new.clone(), url.clone());
+        let (stop, failures, new_count, url) = (
+            stop.clone(),
+            failures.clone(),
+            served_by_new.clone(),
+            url.clone(),
+        );
         workers.spawn(async move {
             let c = client();
             let mut n = 0u64;
@@ -99,7 +110,11 @@ async fn a_sighup_swap_under_concurrent_load_fails_zero_requests() {
     }
     assert_eq!(old.iter().map(|u| u.requests()).sum::<usize>(), old_after);
     for u in &new {
-        assert!(u.log().iter().all(|r| r.header("x-cluster-epoch") == Some("2")));
+        assert!(
+            u.log()
+                .iter()
+                .all(|r| r.header("x-cluster-epoch") == Some("2"))
+        );
     }
 }
 
@@ -111,7 +126,12 @@ async fn sighup_refuses_every_invalid_map_and_keeps_the_old_one() {
     // example's shape (and so every broken variant's message) intact.
     let example: serde_json::Value = serde_json::from_str(SPEC_EXAMPLE).unwrap();
     let mut valid = example.clone();
-    for (i, p) in valid["partitions"].as_array_mut().unwrap().iter_mut().enumerate() {
+    for (i, p) in valid["partitions"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .enumerate()
+    {
         p["primaryNodeIp"] = primary.addr.to_string().into();
         p["replicaNodeIps"] = serde_json::json!([format!("127.0.0.{}:9", i + 2)]);
     }
@@ -132,7 +152,11 @@ async fn sighup_refuses_every_invalid_map_and_keeps_the_old_one() {
         assert_eq!(status["epoch"], 10294, "{rule}: the old map stays in force");
         let err = status["last_error"]["message"].as_str().unwrap();
         assert!(err.contains(fragment), "{rule}: {err}");
-        assert_eq!(get_key(&client(), &url, "k").await.status, 200, "{rule}: still routing");
+        assert_eq!(
+            get_key(&client(), &url, "k").await.status,
+            200,
+            "{rule}: still routing"
+        );
     }
     assert!(proxy.stderr().contains("refused map"));
 }
@@ -149,13 +173,21 @@ async fn sighup_refuses_an_older_epoch_and_applies_a_newer_one() {
     write_atomically(&path, &topology(4, &[(b.addr, vec![])]));
     proxy.signal("HUP");
     let stale = r#"shardgate_topology_updates_total{result="rejected_stale"}"#;
-    eventually(Duration::from_secs(10), "stale map refused", || async { metric(proxy.admin, stale).await >= 1.0 }).await;
+    eventually(Duration::from_secs(10), "stale map refused", || async {
+        metric(proxy.admin, stale).await >= 1.0
+    })
+    .await;
     assert_eq!(get_key(&client(), &url, "k").await.text(), "a");
 
     write_atomically(&path, &topology(5, &[(b.addr, vec![])]));
     proxy.signal("HUP");
     let unchanged = r#"shardgate_topology_updates_total{result="unchanged"}"#;
-    eventually(Duration::from_secs(10), "equal epoch is a no-op", || async { metric(proxy.admin, unchanged).await >= 1.0 }).await;
+    eventually(
+        Duration::from_secs(10),
+        "equal epoch is a no-op",
+        || async { metric(proxy.admin, unchanged).await >= 1.0 },
+    )
+    .await;
     assert_eq!(get_key(&client(), &url, "k").await.text(), "a");
 
     write_atomically(&path, &topology(6, &[(b.addr, vec![])]));
@@ -170,17 +202,28 @@ async fn sighup_refuses_an_older_epoch_and_applies_a_newer_one() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let up = Upstream::start("slow").await;
-    up.set(Behavior::Drip { bytes: 20, every: Duration::from_millis(50) });
+    up.set(Behavior::Drip {
+        bytes: 20,
+        every: Duration::from_millis(50),
+    });
     let dir = tempfile::tempdir().unwrap();
     let mut proxy = start_binary(&topology(1, &[(up.addr, vec![])]), dir.path(), &[]).await;
     let url = format!("http://{}/kv/x", proxy.addr);
     let in_flight = tokio::spawn(async move { get_key(&client(), &url, "k").await });
-    eventually(Duration::from_secs(5), "request reached the upstream", || async { up.arrivals() == 1 }).await;
+    eventually(
+        Duration::from_secs(5),
+        "request reached the upstream",
+        || async { up.arrivals() == 1 },
+    )
+    .await;
     proxy.signal("TERM");
     let answer = in_flight.await.unwrap();
     assert_eq!(answer.status, 200);
     assert_eq!(answer.body.len(), 20, "the in-flight response completed");
-    let status = tokio::time::timeout(Duration::from_secs(10), proxy.child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), proxy.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(0));
 }
 
@@ -200,12 +243,17 @@ async fn a_100_mib_body_streams_both_ways_with_bounded_proxy_memory() {
     let url = format!("http://{}/kv/x", proxy.addr);
 
     // Upload: a generated stream, never held whole by anyone.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>(4);
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>(4);
     tokio::spawn(async move {
         let chunk = bytes::Bytes::from(vec![b'u'; 256 * 1024]);
         let mut sent = 0;
         while sent < SIZE {
-            if tx.send(Ok(hyper::body::Frame::data(chunk.clone()))).await.is_err() {
+            if tx
+                .send(Ok(hyper::body::Frame::data(chunk.clone())))
+                .await
+                .is_err()
+            {
                 return;
             }
             sent += chunk.len() as u64;
@@ -238,13 +286,19 @@ async fn a_100_mib_body_streams_both_ways_with_bounded_proxy_memory() {
 
     let peak = proxy.peak_rss_kib();
     eprintln!("proxy peak RSS: {peak} KiB");
-    assert!(peak < 64 * 1024, "proxy peak RSS {peak} KiB for 2 x 100 MiB streamed");
+    assert!(
+        peak < 64 * 1024,
+        "proxy peak RSS {peak} KiB for 2 x 100 MiB streamed"
+    );
 }
 
 struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
 impl<T> futures_core::Stream for ReceiverStream<T> {
     type Item = T;
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<T>> {
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
         self.0.poll_recv(cx)
     }
 }
@@ -273,9 +327,11 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
             held.push(s);
         }
     }
-    eventually(Duration::from_secs(10), "the proxy runs out of descriptors", || async {
-        proxy.stderr().contains("accept failed")
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the proxy runs out of descriptors",
+        || async { proxy.stderr().contains("accept failed") },
+    )
     .await;
     drop(held);
     // Once descriptors free up, it serves again without a restart.

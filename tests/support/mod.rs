@@ -313,7 +313,9 @@ async fn respond(
         Behavior::ResetMidBody => {
             let control = control.clone();
             let stream = async_stream(move |tx| async move {
-                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"partial-")))).await;
+                let _ = tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"partial-"))))
+                    .await;
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 reset_now(&control);
                 let _ = tx.send(Err(std::io::Error::other("reset mid-body"))).await;
@@ -331,7 +333,11 @@ async fn respond(
         Behavior::Drip { bytes, every } => {
             let stream = async_stream(move |tx| async move {
                 for _ in 0..bytes {
-                    if tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).await.is_err() {
+                    if tx
+                        .send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     tokio::time::sleep(every).await;
@@ -408,7 +414,11 @@ pub fn topology(epoch: u64, partitions: &[(SocketAddr, Vec<SocketAddr>)]) -> Str
         .enumerate()
         .map(|(i, (primary, replicas))| {
             let start = span * i as u64;
-            let end = if i as u64 == n - 1 { u32::MAX as u64 } else { start + span - 1 };
+            let end = if i as u64 == n - 1 {
+                u32::MAX as u64
+            } else {
+                start + span - 1
+            };
             serde_json::json!({
                 "partitionIndex": i,
                 "primaryNodeIp": primary.to_string(),
@@ -440,21 +450,86 @@ pub fn invalid_maps(valid: &str) -> Vec<(&'static str, String, &'static str)> {
         v.to_string()
     };
     vec![
-        ("count mismatch", edit(&|v| v["partitionCount"] = 4.into()), "partitionCount is 4 but 3 partitions are listed"),
-        ("duplicate index", edit(&|v| v["partitions"][2]["partitionIndex"] = 1.into()), "partition 1: partitionIndex is used by more than one partition"),
-        ("gap", edit(&|v| v["partitions"][1]["hashRangeStart"] = "55555557".into()), "partition 1: range starts at 55555557, leaving 55555556..55555556 uncovered"),
-        ("overlap", edit(&|v| v["partitions"][1]["hashRangeStart"] = "55555550".into()), "partition 1: range 55555550..aaaaaaaa overlaps partition 0"),
-        ("does not start at zero", edit(&|v| v["partitions"][0]["hashRangeStart"] = "00000010".into()), "partition 0: range starts at 00000010, leaving 00000000..0000000f uncovered"),
-        ("does not reach ffffffff", edit(&|v| v["partitions"][2]["hashRangeEnd"] = "fffffff0".into()), "partition 2: the last range ends at fffffff0, leaving fffffff1..ffffffff uncovered"),
-        ("bound not 8 hex digits", edit(&|v| v["partitions"][1]["hashRangeEnd"] = "aaaaaaa".into()), "partition 1: hashRangeEnd \"aaaaaaa\" is not 8 hex digits"),
-        ("inverted range", edit(&|v| v["partitions"][1]["hashRangeEnd"] = "55555555".into()), "partition 1: hashRangeStart 55555556 is above hashRangeEnd 55555555"),
-        ("missing primary", edit(&|v| v["partitions"][0]["primaryNodeIp"] = "".into()), "partition 0: primaryNodeIp: address is empty"),
-        ("unparseable primary", edit(&|v| v["partitions"][2]["primaryNodeIp"] = "db-3.internal".into()), "partition 2: primaryNodeIp: \"db-3.internal\" is not an IP address"),
-        ("unparseable replica", edit(&|v| v["partitions"][0]["replicaNodeIps"][1] = "10.0.1.999".into()), "partition 0: replicaNodeIps[1]"),
-        ("node listed twice", edit(&|v| v["partitions"][1]["replicaNodeIps"] = serde_json::json!(["10.0.2.5"])), "partition 1: node 10.0.2.5 is listed more than once"),
-        ("no partitions", edit(&|v| { v["partitions"] = serde_json::json!([]); v["partitionCount"] = 0.into(); }), "no partitions"),
-        ("required field missing", edit(&|v| { v.as_object_mut().unwrap().remove("clusterEpoch"); }), "missing field `clusterEpoch`"),
-        ("not JSON", "{\"clusterEpoch\": ".to_owned(), "not a topology document"),
+        (
+            "count mismatch",
+            edit(&|v| v["partitionCount"] = 4.into()),
+            "partitionCount is 4 but 3 partitions are listed",
+        ),
+        (
+            "duplicate index",
+            edit(&|v| v["partitions"][2]["partitionIndex"] = 1.into()),
+            "partition 1: partitionIndex is used by more than one partition",
+        ),
+        (
+            "gap",
+            edit(&|v| v["partitions"][1]["hashRangeStart"] = "55555557".into()),
+            "partition 1: range starts at 55555557, leaving 55555556..55555556 uncovered",
+        ),
+        (
+            "overlap",
+            edit(&|v| v["partitions"][1]["hashRangeStart"] = "55555550".into()),
+            "partition 1: range 55555550..aaaaaaaa overlaps partition 0",
+        ),
+        (
+            "does not start at zero",
+            edit(&|v| v["partitions"][0]["hashRangeStart"] = "00000010".into()),
+            "partition 0: range starts at 00000010, leaving 00000000..0000000f uncovered",
+        ),
+        (
+            "does not reach ffffffff",
+            edit(&|v| v["partitions"][2]["hashRangeEnd"] = "fffffff0".into()),
+            "partition 2: the last range ends at fffffff0, leaving fffffff1..ffffffff uncovered",
+        ),
+        (
+            "bound not 8 hex digits",
+            edit(&|v| v["partitions"][1]["hashRangeEnd"] = "aaaaaaa".into()),
+            "partition 1: hashRangeEnd \"aaaaaaa\" is not 8 hex digits",
+        ),
+        (
+            "inverted range",
+            edit(&|v| v["partitions"][1]["hashRangeEnd"] = "55555555".into()),
+            "partition 1: hashRangeStart 55555556 is above hashRangeEnd 55555555",
+        ),
+        (
+            "missing primary",
+            edit(&|v| v["partitions"][0]["primaryNodeIp"] = "".into()),
+            "partition 0: primaryNodeIp: address is empty",
+        ),
+        (
+            "unparseable primary",
+            edit(&|v| v["partitions"][2]["primaryNodeIp"] = "db-3.internal".into()),
+            "partition 2: primaryNodeIp: \"db-3.internal\" is not an IP address",
+        ),
+        (
+            "unparseable replica",
+            edit(&|v| v["partitions"][0]["replicaNodeIps"][1] = "10.0.1.999".into()),
+            "partition 0: replicaNodeIps[1]",
+        ),
+        (
+            "node listed twice",
+            edit(&|v| v["partitions"][1]["replicaNodeIps"] = serde_json::json!(["10.0.2.5"])),
+            "partition 1: node 10.0.2.5 is listed more than once",
+        ),
+        (
+            "no partitions",
+            edit(&|v| {
+                v["partitions"] = serde_json::json!([]);
+                v["partitionCount"] = 0.into();
+            }),
+            "no partitions",
+        ),
+        (
+            "required field missing",
+            edit(&|v| {
+                v.as_object_mut().unwrap().remove("clusterEpoch");
+            }),
+            "missing field `clusterEpoch`",
+        ),
+        (
+            "not JSON",
+            "{\"clusterEpoch\": ".to_owned(),
+            "not a topology document",
+        ),
     ]
 }
 
@@ -477,12 +552,9 @@ impl TestProxy {
         let topo = dir.path().join("topology.json");
         std::fs::write(&topo, topology_json).unwrap();
         let text = base_config(&topo, extra_toml);
-        let config = shardgate::config::ProxyConfig::from_toml(
-            &text,
-            "test.toml",
-            &Default::default(),
-        )
-        .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let config =
+            shardgate::config::ProxyConfig::from_toml(&text, "test.toml", &Default::default())
+                .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         let running = shardgate::proxy::start(config).await.unwrap();
         TestProxy {
             addr: running.addr,
@@ -639,11 +711,15 @@ pub fn h2_client() -> Client<HttpConnector, BoxBody> {
 }
 
 pub fn empty() -> BoxBody {
-    Full::new(Bytes::new()).map_err(|e: Infallible| match e {}).boxed()
+    Full::new(Bytes::new())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
 }
 
 pub fn full(b: impl Into<Bytes>) -> BoxBody {
-    Full::new(b.into()).map_err(|e: Infallible| match e {}).boxed()
+    Full::new(b.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
 }
 
 /// A response read whole.
@@ -678,7 +754,10 @@ impl Answer {
         assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
         assert!(v.get("partition").is_some(), "partition field present");
         if status == 503 {
-            assert!(self.header("retry-after").is_some(), "503 carries Retry-After");
+            assert!(
+                self.header("retry-after").is_some(),
+                "503 carries Retry-After"
+            );
         }
     }
 }
@@ -701,7 +780,10 @@ pub async fn send(client: &Client<HttpConnector, BoxBody>, req: Request<BoxBody>
 pub async fn get_key(client: &Client<HttpConnector, BoxBody>, url: &str, key: &str) -> Answer {
     send(
         client,
-        Request::get(url).header("x-shard-key", key).body(empty()).unwrap(),
+        Request::get(url)
+            .header("x-shard-key", key)
+            .body(empty())
+            .unwrap(),
     )
     .await
 }
@@ -720,7 +802,9 @@ pub fn keyed(method: &str, url: &str, key: &str, body: impl Into<Bytes>) -> Requ
 pub async fn admin_get(admin: SocketAddr, path: &str) -> Answer {
     send(
         &client(),
-        Request::get(format!("http://{admin}{path}")).body(empty()).unwrap(),
+        Request::get(format!("http://{admin}{path}"))
+            .body(empty())
+            .unwrap(),
     )
     .await
 }
@@ -736,7 +820,10 @@ where
         if cond().await {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

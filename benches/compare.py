@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""Side-by-side load comparison: shardgate vs nginx vs HAProxy, same job, same machine.
+
+The job: route each request by the hash of its `x-shard-key` header to one of
+three upstream ports, over pooled keep-alive connections, adding the usual
+forwarding headers. Every proxy is pinned to CPU 0 with one worker; wrk and
+the upstream (an nginx answering "ok") share CPU 1. Rounds are interleaved so
+drift on a shared machine hits all three alike; the table reports medians.
+
+CPU per request is the proxy's utime+stime (from /proc) divided by the
+requests wrk completed, so it does not depend on which side was the bottleneck.
+
+Usage: python3 benches/compare.py [--rounds 5] [--seconds 10] [--connections 64]
+       [--tls]   (issue 7: the same over TLS, once available)
+Needs: nginx, haproxy, wrk (apt-get install nginx haproxy wrk), a release build.
+Talks only to 127.0.0.1; stops everything it starts by PID.
+"""
+
+import argparse
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def cpu_seconds(pids):
+    """(user, system) CPU seconds of the processes, threads included."""
+    user = system = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            user += int(fields[11])
+            system += int(fields[12])
+        except FileNotFoundError:
+            pass
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def to_us(text):
+    m = re.match(r"([\d.]+)(us|ms|s|m|h)$", text)
+    if not m:
+        raise RuntimeError(f"unparseable wrk latency {text!r}")
+    v, unit = float(m.group(1)), m.group(2)
+    return v * {"us": 1, "ms": 1e3, "s": 1e6, "m": 6e7, "h": 3.6e9}[unit]
+
+
+class Proc:
+    def __init__(self, name, argv, work, cpu=None):
+        self.name = name
+        if cpu is not None:
+            argv = ["taskset", "-c", str(cpu)] + argv
+        self.log = open(os.path.join(work, f"{name}.log"), "w")
+        self.p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.log)
+
+    def pids(self):
+        return [self.p.pid] + children(self.p.pid)
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(5)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+def nginx_conf(work, name, body):
+    path = os.path.join(work, f"{name}.conf")
+    with open(path, "w") as f:
+        f.write(f"""
+worker_processes 1;
+daemon off;
+master_process off;
+pid {work}/{name}.pid;
+error_log {work}/{name}.err warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {work}/{name}-body;
+  proxy_temp_path {work}/{name}-proxy;
+  fastcgi_temp_path {work}/{name}-fcgi;
+  uwsgi_temp_path {work}/{name}-uwsgi;
+  scgi_temp_path {work}/{name}-scgi;
+  keepalive_requests 10000000;
+  {body}
+}}
+""")
+    return path
+
+
+def run_wrk(port, seconds, connections):
+    out = subprocess.run(
+        ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+         "-H", "x-shard-key: user:42", f"http://127.0.0.1:{port}/kv/user:42"],
+        capture_output=True, text=True, timeout=seconds + 30,
+    ).stdout
+    reqs = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    dist = out.split("Latency Distribution", 1)[1]
+    p50 = to_us(re.search(r"^\s*50%\s+(\S+)", dist, re.M).group(1))
+    p99 = to_us(re.search(r"^\s*99%\s+(\S+)", dist, re.M).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    if non2xx or errors:
+        raise RuntimeError(f"failures during run:\n{out}")
+    return reqs, rps, p50, p99
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/shardgate"))
+    ap.add_argument("--only", nargs="*", default=None, help="measure only these proxies (dev iteration)")
+    args = ap.parse_args()
+    if not os.path.exists(args.binary):
+        sys.exit(f"{args.binary} missing: run cargo build --release first")
+
+    work = tempfile.mkdtemp(prefix="shardgate-compare-")
+    ups = [free_port() for _ in range(3)]
+    ports = {"nginx": free_port(), "haproxy": free_port(), "shardgate": free_port()}
+    admin = free_port()
+    procs = []
+    try:
+        listen = "\n".join(f"listen 127.0.0.1:{p};" for p in ups)
+        up_conf = nginx_conf(work, "upstream", f"""
+  server {{ {listen} location / {{ return 200 "ok\\n"; }} }}""")
+        procs.append(Proc("upstream", ["nginx", "-c", up_conf, "-p", work], work, cpu=1))
+
+        servers = "\n".join(f"server 127.0.0.1:{p};" for p in ups)
+        ng_conf = nginx_conf(work, "nginx", f"""
+  upstream shards {{ hash $http_x_shard_key consistent; {servers} keepalive 64; keepalive_requests 10000000; }}
+  server {{
+    listen 127.0.0.1:{ports['nginx']};
+    location / {{
+      proxy_pass http://shards;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+    }}
+  }}""")
+        procs.append(Proc("nginx", ["nginx", "-c", ng_conf, "-p", work], work, cpu=0))
+
+        hap = os.path.join(work, "haproxy.cfg")
+        with open(hap, "w") as f:
+            f.write(f"""
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  option forwardfor
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{ports['haproxy']}
+  http-request set-header X-Forwarded-Proto http
+  default_backend shards
+backend shards
+  balance hdr(x-shard-key)
+  hash-type consistent
+""" + "".join(f"  server s{i} 127.0.0.1:{p}\n" for i, p in enumerate(ups)))
+        procs.append(Proc("haproxy", ["haproxy", "-f", hap], work, cpu=0))
+
+        topo = os.path.join(work, "topology.json")
+        with open(topo, "w") as f:
+            f.write('{"clusterEpoch":1,"masterNodeId":"bench","partitionCount":3,"partitions":['
+                    f'{{"partitionIndex":0,"primaryNodeIp":"127.0.0.1:{ups[0]}","replicaNodeIps":[],"hashRangeStart":"00000000","hashRangeEnd":"55555555"}},'
+                    f'{{"partitionIndex":1,"primaryNodeIp":"127.0.0.1:{ups[1]}","replicaNodeIps":[],"hashRangeStart":"55555556","hashRangeEnd":"aaaaaaaa"}},'
+                    f'{{"partitionIndex":2,"primaryNodeIp":"127.0.0.1:{ups[2]}","replicaNodeIps":[],"hashRangeStart":"aaaaaaab","hashRangeEnd":"ffffffff"}}]}}')
+        sg_conf = os.path.join(work, "shardgate.toml")
+        with open(sg_conf, "w") as f:
+            f.write(f"""
+[server]
+listen = "127.0.0.1:{ports['shardgate']}"
+admin_listen = "127.0.0.1:{admin}"
+workers = 1
+[topology]
+sources = ["{topo}"]
+[log]
+level = "warn"
+access_log_sample = 0.0
+{os.environ.get("SHARDGATE_BENCH_EXTRA", "")}
+""")
+        procs.append(Proc("shardgate", [args.binary, "proxy", "--config", sg_conf], work, cpu=0))
+        for p in list(ports.values()) + ups:
+            wait_port(p)
+
+        if args.only:
+            ports = {n: p for n, p in ports.items() if n in args.only}
+        by_name = {p.name: p for p in procs}
+        results = {n: [] for n in ports}
+        for name, port in ports.items():  # warm up pools and caches
+            run_wrk(port, 2, args.connections)
+        for r in range(args.rounds):
+            for name, port in ports.items():
+                pids = by_name[name].pids()
+                u0, s0 = cpu_seconds(pids)
+                reqs, rps, p50, p99 = run_wrk(port, args.seconds, args.connections)
+                u1, s1 = cpu_seconds(pids)
+                user_us = (u1 - u0) * 1e6 / reqs
+                sys_us = (s1 - s0) * 1e6 / reqs
+                results[name].append((rps, p50, p99, user_us + sys_us, user_us, sys_us))
+                print(f"round {r + 1} {name:9} {rps:10.0f} req/s  p50 {p50:7.0f}us  p99 {p99:7.0f}us  "
+                      f"cpu {user_us + sys_us:5.1f}us/req (user {user_us:4.1f}, sys {sys_us:4.1f})",
+                      file=sys.stderr)
+
+        med = {n: [statistics.median(col) for col in zip(*rows)] for n, rows in results.items()}
+        peers = [med[n][3] for n in ("nginx", "haproxy") if n in med]
+        best_cpu = min(peers) if peers else 1.0
+        print(f"\n{args.rounds} interleaved rounds of {args.seconds}s, {args.connections} connections, "
+              "proxy pinned to CPU 0 (1 worker), wrk + upstream on CPU 1; medians\n")
+        print("| proxy | req/s | p50 | p99 | CPU µs/req | user | sys | CPU vs best peer |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for n in [n for n in ["nginx", "haproxy", "shardgate"] if n in med]:
+            rps, p50, p99, cpu, user, system = med[n]
+            print(f"| {n} | {rps:,.0f} | {p50:.0f} µs | {p99:.0f} µs | {cpu:.1f} | {user:.1f} | {system:.1f} "
+                  f"| {cpu / best_cpu:.2f}× |")
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+if __name__ == "__main__":
+    main()

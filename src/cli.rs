@@ -23,8 +23,116 @@ pub enum Command {
     Proxy(ProxyArgs),
     /// Print, per key: key, hash (8 hex digits), partition index, primary.
     Route(RouteArgs),
-    /// Validate a proxy config or a topology file.
+    /// Validate a proxy config, a coordinator config or a topology file.
     CheckConfig(CheckArgs),
+    /// Run the control plane.
+    Coordinator(CoordinatorArgs),
+    /// Run the heartbeat sidecar beside a shard node.
+    Agent(AgentArgs),
+}
+
+/// `shardgate coordinator` flags; each overrides the config file.
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// Config file (TOML); built-in defaults when absent.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// HTTP API listen address.
+    #[arg(long)]
+    pub http_listen: Option<String>,
+    /// gRPC listen address.
+    #[arg(long)]
+    pub grpc_listen: Option<String>,
+    /// Map to start from when the store is empty.
+    #[arg(long)]
+    pub topology: Option<String>,
+    /// `file:PATH` or `postgres://...`.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Seconds of silence before a node is DEAD.
+    #[arg(long)]
+    pub heartbeat_timeout: Option<f64>,
+    /// Seconds between liveness sweeps.
+    #[arg(long)]
+    pub sweep_interval: Option<f64>,
+}
+
+impl CoordinatorArgs {
+    /// The flags as config overrides.
+    pub fn overrides(&self) -> crate::config::CoordinatorOverrides {
+        crate::config::CoordinatorOverrides {
+            http_listen: self.http_listen.clone(),
+            grpc_listen: self.grpc_listen.clone(),
+            topology: self.topology.clone(),
+            store: self.store.clone(),
+            heartbeat_timeout: self.heartbeat_timeout,
+            sweep_interval: self.sweep_interval,
+        }
+    }
+}
+
+/// `shardgate agent` flags.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Coordinator gRPC address (`host:port` or `http://host:port`).
+    #[arg(long)]
+    pub coordinator: String,
+    /// This node's stable name.
+    #[arg(long)]
+    pub node_id: String,
+    /// This node's address as the map writes it (`ip` or `ip:port`).
+    #[arg(long)]
+    pub ip: String,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 5.0)]
+    pub interval: f64,
+    /// Local health check URL; heartbeats pause while it does not answer 2xx.
+    #[arg(long)]
+    pub check_url: Option<String>,
+    /// Heartbeat bearer token, if the coordinator requires one.
+    #[arg(long, env = "SHARDGATE_HEARTBEAT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl AgentArgs {
+    /// Validate into an agent config.
+    pub fn config(&self) -> Result<crate::agent::AgentConfig, InputError> {
+        let ip = self
+            .ip
+            .parse()
+            .map_err(|e| InputError::Other(format!("--ip {:?}: {e}", self.ip)))?;
+        if self.node_id.trim().is_empty() {
+            return Err(InputError::Other("--node-id must not be empty".into()));
+        }
+        if !(self.interval.is_finite() && self.interval > 0.0 && self.interval <= 3600.0) {
+            return Err(InputError::Other(
+                "--interval must be seconds between 0 and 3600".into(),
+            ));
+        }
+        let check_url = match &self.check_url {
+            Some(u) => {
+                let uri: http::Uri = u
+                    .parse()
+                    .map_err(|e| InputError::Other(format!("--check-url {u:?}: {e}")))?;
+                if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                    return Err(InputError::Other(format!(
+                        "--check-url {u:?}: must be an http:// URL"
+                    )));
+                }
+                Some(uri)
+            }
+            None => None,
+        };
+        Ok(crate::agent::AgentConfig {
+            coordinator: crate::agent::coordinator_uri(&self.coordinator)
+                .map_err(|e| InputError::Other(e.to_string()))?,
+            node_id: self.node_id.clone(),
+            ip,
+            interval: std::time::Duration::from_secs_f64(self.interval),
+            check_url,
+            token: self.token.clone().filter(|t| !t.is_empty()),
+        })
+    }
 }
 
 /// `shardgate proxy` flags; each overrides the config file.
@@ -81,7 +189,7 @@ pub enum InputError {
     Config(#[from] ConfigErrors),
     /// A topology file broke rules.
     #[error("{0}")]
-    Topology(#[from] crate::proxy::TopologyFileError),
+    Topology(#[from] crate::topology::TopologyFileError),
     /// Anything else about the input.
     #[error("{0}")]
     Other(String),
@@ -89,7 +197,7 @@ pub enum InputError {
 
 /// `shardgate route`: where each key goes under a topology file.
 pub fn route(args: &RouteArgs, out: &mut impl Write) -> Result<(), InputError> {
-    let map = crate::proxy::read_topology_file(&args.topology)?;
+    let map = crate::topology::read_topology_file(&args.topology)?;
     for key in &args.keys {
         let pos = key_position(key.as_bytes());
         let p = map.partition_for(pos);
@@ -105,14 +213,21 @@ pub fn check_config(path: &Path) -> Result<String, InputError> {
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
     if is_json {
-        let map = crate::proxy::read_topology_file(path)?;
+        let map = crate::topology::read_topology_file(path)?;
         return Ok(summarise_map(path, &map));
     }
     let text = std::fs::read_to_string(path)
         .map_err(|e| InputError::Other(format!("{}: cannot read: {e}", path.display())))?;
     let name = path.display().to_string();
     // Reject syntax errors before guessing the file's kind.
-    TomlDoc::parse(&text, &name)?;
+    let doc = TomlDoc::parse(&text, &name)?;
+    if doc.has("coordinator") {
+        let c = crate::config::CoordinatorConfig::from_toml(&text, &name, &Default::default())?;
+        return Ok(format!(
+            "{name}: valid coordinator config: id {}, http {}, grpc {}, store {:?}",
+            c.id, c.http_listen, c.grpc_listen, c.store
+        ));
+    }
     let config = ProxyConfig::from_toml(&text, &name, &ProxyOverrides::default())?;
     Ok(format!(
         "{name}: valid proxy config: listen {}, admin {}, {} key source(s), topology from {}",

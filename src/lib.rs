@@ -2,11 +2,16 @@
 //!
 //! Layout: `topology` (the shard map, shared by both planes) sits at the
 //! bottom. The data plane is `proxy`, built from `routing`, `upstream`,
-//! `resilience` and `telemetry`. `config` turns files into typed values;
-//! `server` holds the accept loops every listener shares.
+//! `resilience` and `telemetry`; the control plane is `coordinator` (with its
+//! heartbeat sidecar `agent` and the generated `proto`). Neither plane imports
+//! the other. `config` turns files into typed values; `server` holds the
+//! accept loops every listener shares.
 
+pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod coordinator;
+pub mod proto;
 pub mod proxy;
 pub mod resilience;
 pub mod routing;

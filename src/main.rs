@@ -30,6 +30,80 @@ fn main() -> ExitCode {
             Err(e) => finish::<()>(Err(e)),
         },
         Command::Proxy(args) => run_proxy(&args),
+        Command::Coordinator(args) => run_coordinator(&args),
+        Command::Agent(args) => run_agent(&args),
+    }
+}
+
+fn run_coordinator(args: &cli::CoordinatorArgs) -> ExitCode {
+    let config =
+        match shardgate::config::CoordinatorConfig::load(args.config.as_deref(), &args.overrides())
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(INVALID);
+            }
+        };
+    shardgate::telemetry::init_logging(&config.log_level, config.log_format);
+    let rt = match runtime(0) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::from(RUNTIME);
+        }
+    };
+    let result = rt.block_on(shardgate::coordinator::run(config, |http, grpc| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "shardgate coordinator listening on http {http} grpc {grpc}"
+        );
+        let _ = out.flush();
+    }));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shardgate coordinator: {e}");
+            ExitCode::from(if e.is_input_error() { INVALID } else { RUNTIME })
+        }
+    }
+}
+
+fn run_agent(args: &cli::AgentArgs) -> ExitCode {
+    let config = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(INVALID);
+        }
+    };
+    shardgate::telemetry::init_logging("info", shardgate::config::LogFormat::Text);
+    let rt = match runtime(1) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::from(RUNTIME);
+        }
+    };
+    let exit = rt.block_on(async {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let (Ok(mut t), Ok(mut i)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+            }
+            s.cancel();
+        });
+        shardgate::agent::run(config, stop).await
+    });
+    match exit {
+        shardgate::agent::AgentExit::Stopped => ExitCode::SUCCESS,
+        shardgate::agent::AgentExit::Terminated => ExitCode::from(shardgate::agent::TERMINATED),
     }
 }
 

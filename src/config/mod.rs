@@ -1,9 +1,11 @@
 //! Configuration: plain serde data with documented defaults, validated once at
 //! load into typed values, so the hot path never parses a string.
 
+mod coordinator;
 mod load;
 mod proxy;
 
+pub use coordinator::{CoordinatorConfig, CoordinatorOverrides, StoreUrl};
 pub use load::{ConfigErrors, ConfigIssue, Issues, Location, TomlDoc};
 pub use proxy::{
     AllOpen, BreakerPolicy, Limits, LogConfig, LogFormat, PoolConfig, ProxyConfig, ProxyFile,

@@ -931,21 +931,23 @@ fn validate_breaker(b: &BreakerSection, issues: &mut Issues<'_>) -> BreakerPolic
     }
 }
 
-fn validate_log(l: &LogSection, issues: &mut Issues<'_>) -> LogConfig {
-    let format = match l.format.as_str() {
+/// Check `[log] level` and `format` (shared by every command's config).
+pub(super) fn parse_log(level: &str, format: &str, issues: &mut Issues<'_>) -> LogFormat {
+    if tracing_subscriber::EnvFilter::try_new(level).is_err() {
+        issues.push("log.level", format!("{level:?} is not a level or filter"));
+    }
+    match format {
         "text" => LogFormat::Text,
         "json" => LogFormat::Json,
         other => {
             issues.push("log.format", format!("{other:?}: expected text or json"));
             LogFormat::Text
         }
-    };
-    if tracing_subscriber::EnvFilter::try_new(&l.level).is_err() {
-        issues.push(
-            "log.level",
-            format!("{:?} is not a level or filter", l.level),
-        );
     }
+}
+
+fn validate_log(l: &LogSection, issues: &mut Issues<'_>) -> LogConfig {
+    let format = parse_log(&l.level, &l.format, issues);
     if !(0.0..=1.0).contains(&l.access_log_sample) {
         issues.push("log.access_log_sample", "must be between 0 and 1");
     }

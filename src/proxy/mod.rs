@@ -17,7 +17,7 @@ use crate::config::{ConfigErrors, ProxyConfig, ProxyOverrides, RuntimeConfig, To
 use crate::resilience::RetryBudget;
 use crate::routing::{MapOrigin, PartitionMetrics, RouteTable};
 use crate::telemetry::{Metrics, names};
-use crate::topology::{Fence, InvalidTopology, ShardMap};
+use crate::topology::{Fence, ShardMap, TopologyFileError, read_topology_file};
 use crate::upstream::{PoolSettings, UpstreamSettings, Upstreams};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use conn::Admission;
@@ -271,39 +271,6 @@ impl Proxy {
             m.age.set(at.elapsed().as_secs_f64());
         }
     }
-}
-
-/// A topology file that could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum TopologyFileError {
-    /// Not readable.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// Readable but invalid.
-    #[error("{path}: {source}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// Every broken rule.
-        source: InvalidTopology,
-    },
-}
-
-/// Read and validate a topology file.
-pub fn read_topology_file(path: &Path) -> Result<ShardMap, TopologyFileError> {
-    let bytes = std::fs::read(path).map_err(|source| TopologyFileError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    ShardMap::from_json(&bytes).map_err(|source| TopologyFileError::Invalid {
-        path: path.to_owned(),
-        source,
-    })
 }
 
 /// Why the proxy could not start.

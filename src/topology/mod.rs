@@ -11,6 +11,7 @@ pub use node::{NodeAddr, NodeAddrError};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 /// The topology document exactly as it travels over HTTP and sits in files.
 ///
@@ -451,6 +452,39 @@ fn check_coverage(ranges: &mut [(HashRange, u32)], errors: &mut Vec<TopologyErro
             gap_start,
         });
     }
+}
+
+/// A topology file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyFileError {
+    /// Not readable.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Readable but invalid.
+    #[error("{path}: {source}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every broken rule.
+        source: InvalidTopology,
+    },
+}
+
+/// Read and validate a topology file.
+pub fn read_topology_file(path: &Path) -> Result<ShardMap, TopologyFileError> {
+    let bytes = std::fs::read(path).map_err(|source| TopologyFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    ShardMap::from_json(&bytes).map_err(|source| TopologyFileError::Invalid {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]

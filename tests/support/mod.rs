@@ -692,6 +692,197 @@ impl BinProxy {
     }
 }
 
+/// A process started from the real binary whose stderr is collected.
+pub struct BinProcess {
+    pub child: tokio::process::Child,
+    pub stderr: Arc<Mutex<String>>,
+    pub first_line: String,
+}
+
+impl BinProcess {
+    /// Spawn `shardgate <args>`; with `wait_for_line`, wait for its first stdout line.
+    pub async fn spawn(args: &[&str], wait_for_line: bool) -> BinProcess {
+        let mut cmd = tokio::process::Command::new(binary());
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let l = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut l = l.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut lines = BufReader::new(stdout).lines();
+        let first_line = if wait_for_line {
+            tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .expect("no readiness line in time")
+                .unwrap()
+                .unwrap_or_else(|| panic!("{args:?} exited early: {}", log.lock().unwrap()))
+        } else {
+            String::new()
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        BinProcess {
+            child,
+            stderr: log,
+            first_line,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().unwrap() as i32
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Kill (SIGKILL) and reap.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("process did not exit in time")
+            .unwrap()
+            .code()
+    }
+}
+
+/// `shardgate coordinator` from the real binary.
+pub struct BinCoordinator {
+    pub proc: BinProcess,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+}
+
+impl BinCoordinator {
+    pub async fn spawn(args: &[&str]) -> BinCoordinator {
+        let mut all = vec!["coordinator"];
+        for flag in ["--http-listen", "--grpc-listen"] {
+            if !args.contains(&flag) {
+                all.extend([flag, "127.0.0.1:0"]);
+            }
+        }
+        all.extend_from_slice(args);
+        let proc = BinProcess::spawn(&all, true).await;
+        // "shardgate coordinator listening on http ADDR grpc ADDR"
+        let w: Vec<&str> = proc.first_line.split_whitespace().collect();
+        let http = w[5].parse().unwrap();
+        let grpc = w[7].parse().unwrap();
+        BinCoordinator { proc, http, grpc }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let a = send(
+            &client(),
+            Request::get(self.url(path)).body(empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{path}: {}", a.text());
+        a.json()
+    }
+
+    pub async fn epoch(&self) -> u64 {
+        self.get_json("/v1/cluster/topology").await["clusterEpoch"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// The node's entry in /v1/cluster/nodes.
+    pub async fn node(&self, id: &str) -> Option<serde_json::Value> {
+        let v = self.get_json("/v1/cluster/nodes").await;
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id)
+            .cloned()
+    }
+
+    pub async fn grpc_client(
+        &self,
+    ) -> shardgate::proto::cluster_discovery_service_client::ClusterDiscoveryServiceClient<
+        tonic::transport::Channel,
+    > {
+        shardgate::proto::cluster_discovery_service_client::ClusterDiscoveryServiceClient::connect(
+            format!("http://{}", self.grpc),
+        )
+        .await
+        .unwrap()
+    }
+}
+
+/// Now, Unix milliseconds.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A heartbeat request as an agent would send it.
+pub fn heartbeat_req(id: &str, ip: &str, ts: i64) -> shardgate::proto::HeartbeatRequest {
+    shardgate::proto::HeartbeatRequest {
+        node_id: id.into(),
+        ip_address: ip.into(),
+        epoch_timestamp_ms: ts,
+        resource_status: Some(shardgate::proto::ResourceUsage {
+            cpu_percent: 10.0,
+            free_memory_bytes: 1 << 30,
+            active_connections: 3,
+        }),
+    }
+}
+
+/// Spawn `shardgate agent` for a node.
+pub async fn spawn_agent(
+    grpc: SocketAddr,
+    id: &str,
+    ip: &str,
+    interval: &str,
+    extra: &[&str],
+) -> BinProcess {
+    let grpc = grpc.to_string();
+    let mut args = vec![
+        "agent",
+        "--coordinator",
+        &grpc,
+        "--node-id",
+        id,
+        "--ip",
+        ip,
+        "--interval",
+        interval,
+    ];
+    args.extend_from_slice(extra);
+    BinProcess::spawn(&args, false).await
+}
+
 // ---------------------------------------------------------------------------
 // Client
 // ---------------------------------------------------------------------------

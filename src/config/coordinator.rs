@@ -1,0 +1,344 @@
+//! `shardgate coordinator` configuration.
+
+use super::load::{ConfigErrors, ConfigIssue, Issues, TomlDoc};
+use super::proxy::{LogFormat, parse_log};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `[coordinator]`: identity, listeners, timing and the store.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct CoordinatorSection {
+    /// This coordinator's id; maps it serves name it as `masterNodeId` while it leads.
+    pub id: String,
+    /// HTTP API: topology, nodes, metrics.
+    pub http_listen: String,
+    /// gRPC: heartbeats and grpc.health.v1.
+    pub grpc_listen: String,
+    /// Map to start from when the store holds none yet.
+    pub topology: Option<String>,
+    /// `file:PATH` (default) or `postgres://user@host/db`.
+    pub store: String,
+    /// A node silent this long is DEAD.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// How often the leader looks for dead nodes.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Clock skew beyond this makes a node DEGRADED.
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+    /// After a failover, the partition is left alone this long (no ping-pong).
+    #[serde(with = "humantime_serde")]
+    pub failover_hold_down: Duration,
+    /// Longest a `waitForEpochAbove` watch is held open.
+    #[serde(with = "humantime_serde")]
+    pub watch_timeout: Duration,
+    /// Heartbeats one node may send per second before RESOURCE_EXHAUSTED.
+    pub max_heartbeats_per_second: u32,
+    /// Bearer token required by PUT /v1/cluster/topology; empty refuses every change.
+    pub admin_token: String,
+    /// Bearer token agents must send with heartbeats; empty accepts any.
+    pub heartbeat_token: String,
+    /// Heartbeat history older than this is pruned (PostgreSQL store).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_retention: Duration,
+}
+
+impl Default for CoordinatorSection {
+    fn default() -> Self {
+        CoordinatorSection {
+            id: "coordinator-1".into(),
+            http_listen: "127.0.0.1:7400".into(),
+            grpc_listen: "127.0.0.1:7401".into(),
+            topology: None,
+            store: "file:shardgate-state.json".into(),
+            heartbeat_timeout: Duration::from_secs(15),
+            sweep_interval: Duration::from_secs(5),
+            max_clock_skew: Duration::from_millis(100),
+            failover_hold_down: Duration::from_secs(30),
+            watch_timeout: Duration::from_secs(30),
+            max_heartbeats_per_second: 10,
+            admin_token: String::new(),
+            heartbeat_token: String::new(),
+            heartbeat_retention: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// `[log]` for the coordinator.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct CoordinatorLogSection {
+    /// Level or filter; `RUST_LOG` wins.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for CoordinatorLogSection {
+    fn default() -> Self {
+        CoordinatorLogSection {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// Command-line flags that override the file.
+#[derive(Clone, Debug, Default)]
+pub struct CoordinatorOverrides {
+    /// `--http-listen`
+    pub http_listen: Option<String>,
+    /// `--grpc-listen`
+    pub grpc_listen: Option<String>,
+    /// `--topology`
+    pub topology: Option<String>,
+    /// `--store`
+    pub store: Option<String>,
+    /// `--heartbeat-timeout` (seconds)
+    pub heartbeat_timeout: Option<f64>,
+    /// `--sweep-interval` (seconds)
+    pub sweep_interval: Option<f64>,
+}
+
+/// Where the coordinator keeps its state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// A local JSON state file, written atomically.
+    File(PathBuf),
+    /// A PostgreSQL connection string.
+    Postgres(String),
+}
+
+/// A validated coordinator configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoordinatorConfig {
+    /// Coordinator id.
+    pub id: String,
+    /// HTTP listener.
+    pub http_listen: SocketAddr,
+    /// gRPC listener.
+    pub grpc_listen: SocketAddr,
+    /// Initial map file.
+    pub topology: Option<PathBuf>,
+    /// The store.
+    pub store: StoreUrl,
+    /// Silence before DEAD.
+    pub heartbeat_timeout: Duration,
+    /// Sweep period.
+    pub sweep_interval: Duration,
+    /// Skew before DEGRADED.
+    pub max_clock_skew: Duration,
+    /// Failover hold-down.
+    pub failover_hold_down: Duration,
+    /// Watch limit.
+    pub watch_timeout: Duration,
+    /// Per-node heartbeat rate.
+    pub max_heartbeats_per_second: u32,
+    /// PUT token (empty: changes refused).
+    pub admin_token: String,
+    /// Heartbeat token (empty: none required).
+    pub heartbeat_token: String,
+    /// Heartbeat history retention.
+    pub heartbeat_retention: Duration,
+    /// Log level or filter.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+fn secs(v: f64, key: &str, issues: &mut Issues<'_>) -> Option<Duration> {
+    if v.is_finite() && v > 0.0 && v < 86_400.0 {
+        Some(Duration::from_secs_f64(v))
+    } else {
+        issues.push(key, "must be a number of seconds above 0");
+        None
+    }
+}
+
+impl CoordinatorConfig {
+    /// Load `path` (or defaults), apply flags, validate everything.
+    pub fn load(
+        path: Option<&std::path::Path>,
+        o: &CoordinatorOverrides,
+    ) -> Result<Self, ConfigErrors> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| ConfigErrors {
+                source_name: p.display().to_string(),
+                issues: vec![ConfigIssue {
+                    location: None,
+                    key: String::new(),
+                    message: format!("cannot read: {e}"),
+                }],
+            })?,
+            None => String::new(),
+        };
+        let name = path.map_or_else(|| "flags".to_owned(), |p| p.display().to_string());
+        Self::from_toml(&text, &name, o)
+    }
+
+    /// Parse and validate config text.
+    pub fn from_toml(
+        text: &str,
+        name: &str,
+        o: &CoordinatorOverrides,
+    ) -> Result<Self, ConfigErrors> {
+        let doc = TomlDoc::parse(text, name)?;
+        let mut issues = Issues::new(Some(&doc));
+        doc.reject_unknown_sections(&["coordinator", "log"], &mut issues);
+        let mut c: CoordinatorSection = doc.section("coordinator", &mut issues);
+        let log: CoordinatorLogSection = doc.section("log", &mut issues);
+        if !issues.is_empty() {
+            return Err(issues.into_errors(name));
+        }
+        let flag = |given: bool, flag: &str, key: &str| {
+            if given {
+                flag.to_owned()
+            } else {
+                key.to_owned()
+            }
+        };
+        if let Some(v) = &o.http_listen {
+            c.http_listen = v.clone();
+        }
+        if let Some(v) = &o.grpc_listen {
+            c.grpc_listen = v.clone();
+        }
+        if let Some(v) = &o.topology {
+            c.topology = Some(v.clone());
+        }
+        if let Some(v) = &o.store {
+            c.store = v.clone();
+        }
+        if let Some(v) = o.heartbeat_timeout {
+            if let Some(d) = secs(v, "--heartbeat-timeout", &mut issues) {
+                c.heartbeat_timeout = d;
+            }
+        }
+        if let Some(v) = o.sweep_interval {
+            if let Some(d) = secs(v, "--sweep-interval", &mut issues) {
+                c.sweep_interval = d;
+            }
+        }
+
+        let addr = |s: &str, key: String, issues: &mut Issues<'_>| match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                issues.push(key, format!("{s:?} is not an address like 127.0.0.1:7400"));
+                None
+            }
+        };
+        let http_listen = addr(
+            &c.http_listen,
+            flag(
+                o.http_listen.is_some(),
+                "--http-listen",
+                "coordinator.http_listen",
+            ),
+            &mut issues,
+        );
+        let grpc_listen = addr(
+            &c.grpc_listen,
+            flag(
+                o.grpc_listen.is_some(),
+                "--grpc-listen",
+                "coordinator.grpc_listen",
+            ),
+            &mut issues,
+        );
+        let store_key = flag(o.store.is_some(), "--store", "coordinator.store");
+        let store = if let Some(path) = c.store.strip_prefix("file:") {
+            if path.is_empty() {
+                issues.push(store_key, "file: needs a path");
+            }
+            StoreUrl::File(PathBuf::from(path))
+        } else if c.store.starts_with("postgres://") || c.store.starts_with("postgresql://") {
+            StoreUrl::Postgres(c.store.clone())
+        } else {
+            issues.push(
+                store_key,
+                format!("{:?}: expected file:PATH or postgres://...", c.store),
+            );
+            StoreUrl::File(PathBuf::new())
+        };
+        if c.id.trim().is_empty() {
+            issues.push("coordinator.id", "must not be empty");
+        }
+        for (key, d) in [
+            ("coordinator.heartbeat_timeout", c.heartbeat_timeout),
+            ("coordinator.sweep_interval", c.sweep_interval),
+            ("coordinator.max_clock_skew", c.max_clock_skew),
+            ("coordinator.watch_timeout", c.watch_timeout),
+        ] {
+            if d.is_zero() {
+                issues.push(key, "must be above zero");
+            }
+        }
+        if c.max_heartbeats_per_second == 0 {
+            issues.push(
+                "coordinator.max_heartbeats_per_second",
+                "must be at least 1",
+            );
+        }
+        let log_format = parse_log(&log.level, &log.format, &mut issues);
+        let (Some(http_listen), Some(grpc_listen)) = (http_listen, grpc_listen) else {
+            return Err(issues.into_errors(name));
+        };
+        let config = CoordinatorConfig {
+            id: c.id,
+            http_listen,
+            grpc_listen,
+            topology: c.topology.map(PathBuf::from),
+            store,
+            heartbeat_timeout: c.heartbeat_timeout,
+            sweep_interval: c.sweep_interval,
+            max_clock_skew: c.max_clock_skew,
+            failover_hold_down: c.failover_hold_down,
+            watch_timeout: c.watch_timeout,
+            max_heartbeats_per_second: c.max_heartbeats_per_second,
+            admin_token: c.admin_token,
+            heartbeat_token: c.heartbeat_token,
+            heartbeat_retention: c.heartbeat_retention,
+            log_level: log.level,
+            log_format,
+        };
+        issues.finish(name, config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_flags_override() {
+        let o = CoordinatorOverrides {
+            store: Some("postgres://u@127.0.0.1/db".into()),
+            heartbeat_timeout: Some(2.5),
+            ..Default::default()
+        };
+        let c = CoordinatorConfig::from_toml("", "t", &o).unwrap();
+        assert_eq!(
+            c.store,
+            StoreUrl::Postgres("postgres://u@127.0.0.1/db".into())
+        );
+        assert_eq!(c.heartbeat_timeout, Duration::from_millis(2500));
+        assert_eq!(c.grpc_listen.port(), 7401);
+    }
+
+    #[test]
+    fn problems_are_listed_with_keys() {
+        let err = CoordinatorConfig::from_toml(
+            "[coordinator]\nstore = \"redis://x\"\nsweep_interval = \"0s\"\n",
+            "c.toml",
+            &Default::default(),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("coordinator.store"), "{text}");
+        assert!(text.contains("coordinator.sweep_interval"), "{text}");
+    }
+}

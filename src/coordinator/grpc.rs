@@ -1,0 +1,213 @@
+//! The gRPC listener: `ClusterDiscoveryService.ReportHeartbeat` and
+//! `grpc.health.v1.Health`.
+
+use super::state::{Command, Heartbeat, Usage};
+use super::store::Store;
+use super::{Coordinator, unix_ms};
+use crate::proto::cluster_discovery_service_server::{
+    ClusterDiscoveryService, ClusterDiscoveryServiceServer,
+};
+use crate::proto::heartbeat_response::Command as WireCommand;
+use crate::proto::{HeartbeatRequest, HeartbeatResponse};
+use crate::topology::NodeAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// Largest heartbeat accepted; a real one is under 200 bytes.
+const MAX_MESSAGE: usize = 16 * 1024;
+/// Heartbeat timestamps further than this from the coordinator's clock are refused.
+const MAX_TIMESTAMP_OFFSET_MS: i64 = 24 * 60 * 60 * 1000;
+/// Longest node id accepted.
+const MAX_NODE_ID: usize = 128;
+/// Longest address accepted (the schema's `ip_address VARCHAR(45)`).
+const MAX_ADDRESS: usize = 45;
+
+/// Check every field of a heartbeat; nothing changes for a refused one.
+pub fn validate(req: &HeartbeatRequest, now_ms: i64) -> Result<Heartbeat, Status> {
+    let id = req.node_id.as_str();
+    if id.trim().is_empty() {
+        return Err(Status::invalid_argument("node_id is empty"));
+    }
+    if id.len() > MAX_NODE_ID || id.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "node_id must be at most {MAX_NODE_ID} bytes of printable text"
+        )));
+    }
+    if req.ip_address.len() > MAX_ADDRESS {
+        return Err(Status::invalid_argument("ip_address is too long"));
+    }
+    let addr: NodeAddr = req
+        .ip_address
+        .parse()
+        .map_err(|e| Status::invalid_argument(format!("ip_address: {e}")))?;
+    if (req.epoch_timestamp_ms - now_ms).abs() > MAX_TIMESTAMP_OFFSET_MS {
+        return Err(Status::invalid_argument(
+            "epoch_timestamp_ms is more than a day away from the coordinator's clock",
+        ));
+    }
+    let usage = req
+        .resource_status
+        .as_ref()
+        .map_or(Ok(Usage::default()), |r| {
+            if !r.cpu_percent.is_finite() || !(0.0..=100.0).contains(&r.cpu_percent) {
+                return Err(Status::invalid_argument(
+                    "cpu_percent must be between 0 and 100",
+                ));
+            }
+            if r.free_memory_bytes < 0 || r.active_connections < 0 {
+                return Err(Status::invalid_argument(
+                    "resource figures must not be negative",
+                ));
+            }
+            Ok(Usage {
+                cpu_percent: r.cpu_percent,
+                free_memory_bytes: r.free_memory_bytes,
+                active_connections: r.active_connections,
+            })
+        })?;
+    Ok(Heartbeat {
+        node_id: id.to_owned(),
+        addr,
+        node_time_ms: req.epoch_timestamp_ms,
+        usage,
+    })
+}
+
+struct Service<S: Store> {
+    coordinator: Arc<Coordinator<S>>,
+}
+
+impl<S: Store> Service<S> {
+    fn authorised(&self, req: &Request<HeartbeatRequest>) -> bool {
+        let token = &self.coordinator.cfg.heartbeat_token;
+        if token.is_empty() {
+            return true;
+        }
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        bool::from(given.as_bytes().ct_eq(token.as_bytes()))
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> ClusterDiscoveryService for Service<S> {
+    async fn report_heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let c = &self.coordinator;
+        if !self.authorised(&request) {
+            c.metrics.heartbeat("unauthenticated");
+            return Err(Status::unauthenticated("missing or wrong heartbeat token"));
+        }
+        let hb = match validate(request.get_ref(), unix_ms()) {
+            Ok(hb) => hb,
+            Err(status) => {
+                c.metrics.heartbeat("invalid");
+                return Err(status);
+            }
+        };
+        if !c.limiter.allow(&hb.node_id) {
+            c.metrics.heartbeat("rate_limited");
+            return Err(Status::resource_exhausted(
+                "heartbeats from this node arrive far faster than its interval",
+            ));
+        }
+        let command = match c.heartbeat(hb).await {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                c.metrics.heartbeat("store_error");
+                tracing::error!("heartbeat not recorded: {e}");
+                return Err(Status::unavailable(
+                    "the coordinator's store is unavailable",
+                ));
+            }
+        };
+        c.metrics.heartbeat("ok");
+        let recommended = match command {
+            Command::Continue => WireCommand::Continue,
+            Command::Rebalance => WireCommand::Rebalance,
+            Command::Terminate => WireCommand::Terminate,
+        };
+        Ok(Response::new(HeartbeatResponse {
+            recommended_command: recommended as i32,
+            sync_epoch_timestamp_ms: unix_ms(),
+        }))
+    }
+}
+
+/// Serve heartbeats and health until `shutdown`.
+pub(super) async fn serve<S: Store>(
+    coordinator: Arc<Coordinator<S>>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ClusterDiscoveryServiceServer<Service<S>>>()
+        .await;
+    let service = ClusterDiscoveryServiceServer::new(Service { coordinator })
+        .max_decoding_message_size(MAX_MESSAGE);
+    let result = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(64)
+        .max_concurrent_streams(128)
+        .timeout(Duration::from_secs(10))
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown.cancelled_owned(),
+        )
+        .await;
+    if let Err(e) = result {
+        tracing::error!("gRPC server stopped: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::ResourceUsage;
+
+    fn req(id: &str, ip: &str, ts: i64) -> HeartbeatRequest {
+        HeartbeatRequest {
+            node_id: id.into(),
+            ip_address: ip.into(),
+            epoch_timestamp_ms: ts,
+            resource_status: Some(ResourceUsage {
+                cpu_percent: 12.5,
+                free_memory_bytes: 1 << 30,
+                active_connections: 7,
+            }),
+        }
+    }
+
+    #[test]
+    fn malformed_heartbeats_are_invalid_argument() {
+        let now = 1_700_000_000_000;
+        assert!(validate(&req("n1", "10.0.0.1:80", now), now).is_ok());
+        for bad in [
+            req("", "10.0.0.1:80", now),
+            req("  ", "10.0.0.1:80", now),
+            req("n\u{7}", "10.0.0.1:80", now),
+            req("n1", "not-an-ip", now),
+            req("n1", "", now),
+            req("n1", "10.0.0.1:80", now + 25 * 3600 * 1000),
+            req("n1", "10.0.0.1:80", 0),
+        ] {
+            let e = validate(&bad, now).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+        let mut neg = req("n1", "10.0.0.1:80", now);
+        neg.resource_status.as_mut().unwrap().cpu_percent = f64::NAN;
+        assert!(validate(&neg, now).is_err());
+    }
+}

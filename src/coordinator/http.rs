@@ -1,0 +1,295 @@
+//! The coordinator's HTTP API (SPEC §4): the map, with ETag and a long-poll
+//! watch; the nodes; operator map changes; health and metrics.
+
+use super::store::{Commit, Store};
+use super::{Coordinator, NodeStatus};
+use crate::server::serve_http1;
+use crate::topology::TopologyDoc;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Largest map an operator may PUT.
+const MAX_MAP_BYTES: usize = 4 * 1024 * 1024;
+
+type Body = Full<Bytes>;
+
+/// Serve the API until `shutdown`; watches end promptly on shutdown.
+pub(super) async fn serve<S: Store>(
+    c: Arc<Coordinator<S>>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) {
+    let stop = shutdown.clone();
+    serve_http1(
+        listener,
+        1024,
+        shutdown,
+        Duration::from_secs(2),
+        move |req, _| {
+            let c = c.clone();
+            let stop = stop.clone();
+            async move { route(&c, req, &stop).await }
+        },
+    )
+    .await;
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    respond(status, "application/json", v.to_string())
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(status, &json!({ "error": code, "message": message }))
+}
+
+async fn route<S: Store>(
+    c: &Coordinator<S>,
+    req: Request<Incoming>,
+    stop: &CancellationToken,
+) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/v1/cluster/topology") => topology(c, &req, stop).await,
+        (&Method::PUT, "/v1/cluster/topology") => put_topology(c, req).await,
+        (&Method::GET, "/v1/cluster/nodes") => nodes(c),
+        (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/metrics") => {
+            c.refresh_gauges();
+            respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                c.metrics.registry.render(),
+            )
+        }
+        (_, "/v1/cluster/topology" | "/v1/cluster/nodes" | "/healthz" | "/metrics") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed here",
+        ),
+        _ => error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+    }
+}
+
+/// The map's ETag: every change to the map raises the epoch, so it names the version.
+fn etag(epoch: u64) -> HeaderValue {
+    HeaderValue::try_from(format!("\"{epoch}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
+}
+
+fn wait_above(query: Option<&str>) -> Result<Option<u64>, ()> {
+    let Some(q) = query else { return Ok(None) };
+    for pair in q.split('&') {
+        if let Some(v) = pair.strip_prefix("waitForEpochAbove=") {
+            return v.parse().map(Some).map_err(|_| ());
+        }
+    }
+    Ok(None)
+}
+
+/// GET the map. With `waitForEpochAbove=N` the answer is held until the
+/// epoch passes N or the watch timeout ends (then the current map is sent).
+async fn topology<S: Store>(
+    c: &Coordinator<S>,
+    req: &Request<Incoming>,
+    stop: &CancellationToken,
+) -> Response<Body> {
+    let Ok(wait) = wait_above(req.uri().query()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "waitForEpochAbove must be a whole number",
+        );
+    };
+    if let Some(n) = wait {
+        let mut rx = c.epoch.subscribe();
+        let waited = tokio::time::timeout(c.cfg.watch_timeout, async {
+            tokio::select! {
+                r = rx.wait_for(|e| *e > n) => r.is_ok(),
+                () = stop.cancelled() => false,
+            }
+        });
+        let _ = waited.await;
+    }
+    let (doc, epoch) = {
+        let st = c.lock();
+        (st.doc(), st.epoch())
+    };
+    let tag = etag(epoch);
+    if req.headers().get(IF_NONE_MATCH).is_some_and(|v| v == tag) {
+        let mut r = respond(StatusCode::NOT_MODIFIED, "application/json", Bytes::new());
+        r.headers_mut().insert(ETAG, tag);
+        return r;
+    }
+    let mut r = respond(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_vec(&doc).unwrap_or_default(),
+    );
+    r.headers_mut().insert(ETAG, tag);
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+fn nodes<S: Store>(c: &Coordinator<S>) -> Response<Body> {
+    let st = c.lock();
+    let now_ms = super::unix_ms();
+    let nodes: Vec<_> = st
+        .nodes()
+        .map(|n| {
+            let a = st.assignment_of(&n.addr);
+            json!({
+                "id": n.id,
+                "ip": n.addr.to_string(),
+                "role": a.role(),
+                "partition": a.partition,
+                "partitionRole": match (a.partition, a.primary) {
+                    (None, _) => "none",
+                    (Some(_), true) => "primary",
+                    (Some(_), false) => "replica",
+                },
+                "status": n.status.as_str(),
+                "fenced": st.is_fenced(&n.addr),
+                "cpuPercent": n.usage.cpu_percent,
+                "freeMemoryBytes": n.usage.free_memory_bytes,
+                "activeConnections": n.usage.active_connections,
+                "lastHeartbeatUnixMs": n.last_seen_unix_ms,
+                "lastHeartbeatAgeSeconds": n.last_seen.map(|t| t.elapsed().as_secs_f64()),
+                "clockSkewMs": n.skew_ms,
+            })
+        })
+        .collect();
+    let status_of = |addr: &crate::topology::NodeAddr| {
+        st.nodes()
+            .filter(|n| n.addr == *addr)
+            .max_by_key(|n| n.last_seen)
+            .map_or("UNKNOWN", |n| n.status.as_str())
+    };
+    let partitions: Vec<_> = st
+        .map()
+        .partitions()
+        .iter()
+        .map(|p| {
+            let statuses: Vec<&str> = p.nodes().map(status_of).collect();
+            let health = if statuses[0] != NodeStatus::Dead.as_str() && statuses[0] != "UNKNOWN" {
+                "ok"
+            } else if statuses.iter().any(|s| *s == "ACTIVE" || *s == "DEGRADED") {
+                "primary_down"
+            } else {
+                "unavailable"
+            };
+            json!({
+                "partitionIndex": p.index,
+                "primary": p.primary.to_string(),
+                "primaryStatus": statuses[0],
+                "replicas": p.replicas.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "health": health,
+            })
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({ "epoch": st.epoch(), "nowUnixMs": now_ms, "nodes": nodes, "partitions": partitions }),
+    )
+}
+
+fn bearer_ok(expected: &str, given: Option<&HeaderValue>) -> bool {
+    if expected.is_empty() {
+        return false;
+    }
+    let given = given
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+}
+
+/// PUT a new map: bearer token, validated like any map, epoch raised.
+async fn put_topology<S: Store>(c: &Coordinator<S>, req: Request<Incoming>) -> Response<Body> {
+    if !bearer_ok(&c.cfg.admin_token, req.headers().get(AUTHORIZATION)) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "changing the map needs the operator bearer token",
+        );
+        r.headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let body = match Limited::new(req.into_body(), MAX_MAP_BYTES).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, "bad_request", &e.to_string()),
+    };
+    let doc: TopologyDoc = match serde_json::from_slice(&body) {
+        Ok(d) => d,
+        Err(e) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({ "error": "invalid_topology", "message": "not a topology document", "errors": [e.to_string()] }),
+            );
+        }
+    };
+    let (before, snapshot) = {
+        let mut st = c.lock();
+        let before = st.epoch();
+        let mut candidate = st.clone();
+        if let Err(e) = candidate.replace_map(doc) {
+            let errors: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({ "error": "invalid_topology", "message": e.to_string(), "errors": errors }),
+            );
+        }
+        let snapshot = candidate.persisted();
+        *st = candidate;
+        (before, snapshot)
+    };
+    match c.store.commit(Some(before), &snapshot).await {
+        Ok(Commit::Won) => {
+            let epoch = snapshot.map.cluster_epoch;
+            tracing::info!(epoch, "operator replaced the map");
+            c.publish(epoch);
+            let mut r = json_response(
+                StatusCode::OK,
+                &serde_json::to_value(&snapshot.map).unwrap_or_default(),
+            );
+            r.headers_mut().insert(ETAG, etag(epoch));
+            r
+        }
+        Ok(Commit::Lost) => {
+            let _ = c.reload().await;
+            error(
+                StatusCode::CONFLICT,
+                "conflict",
+                "the map changed meanwhile; read it again and retry",
+            )
+        }
+        Err(e) => {
+            let _ = c.reload().await;
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                &e.to_string(),
+            )
+        }
+    }
+}

@@ -1,0 +1,514 @@
+//! `shardgate coordinator`: the control plane (SPEC §4).
+//!
+//! Heartbeats arrive over gRPC (`grpc`), the map is served over HTTP (`http`),
+//! the rules live in `state` and persistence in `store`. This module wires
+//! them: start-up from the store, the leader's sweep, followers' refresh.
+
+mod grpc;
+mod http;
+mod limiter;
+pub mod state;
+pub mod store;
+
+use crate::config::{CoordinatorConfig, StoreUrl};
+use crate::telemetry::{Lazy, Metrics, names};
+use limiter::RateLimiter;
+use metrics::{Counter, Gauge};
+use state::{ClusterState, Command, Heartbeat, NodeStatus, Rules, SweepReport};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use store::{Commit, FileStore, PgStore, Store, StoreError};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Why the coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound (exit 2).
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store failed (exit 2).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No map to start from (exit 1).
+    #[error("the store holds no cluster state and no --topology was given to start from")]
+    NoTopology,
+    /// The initial or stored map is unusable (exit 1).
+    #[error("{0}")]
+    Topology(String),
+}
+
+impl StartError {
+    /// Whether the cause is the operator's input (exit 1).
+    pub fn is_input_error(&self) -> bool {
+        matches!(self, StartError::NoTopology | StartError::Topology(_))
+    }
+}
+
+/// Coordinator metric handles.
+struct CoordinatorMetrics {
+    registry: Arc<Metrics>,
+    nodes: [Gauge; 3],
+    leader: Gauge,
+    heartbeats: HashMap<&'static str, Counter>,
+    failovers: Mutex<HashMap<u32, Counter>>,
+    skew: Mutex<HashMap<String, Lazy<Gauge>>>,
+}
+
+/// Heartbeat results as `shardgate_coordinator_heartbeats_total` labels them.
+const HEARTBEAT_RESULTS: [&str; 5] = [
+    "ok",
+    "invalid",
+    "rate_limited",
+    "unauthenticated",
+    "store_error",
+];
+
+impl CoordinatorMetrics {
+    fn new(registry: Arc<Metrics>) -> CoordinatorMetrics {
+        let r = &registry;
+        CoordinatorMetrics {
+            nodes: [NodeStatus::Active, NodeStatus::Degraded, NodeStatus::Dead]
+                .map(|s| r.gauge(names::COORDINATOR_NODES, &[("status", s.as_str())])),
+            leader: r.gauge(names::COORDINATOR_IS_LEADER, &[]),
+            heartbeats: HEARTBEAT_RESULTS
+                .iter()
+                .map(|res| {
+                    (
+                        *res,
+                        r.counter(names::COORDINATOR_HEARTBEATS, &[("result", res)]),
+                    )
+                })
+                .collect(),
+            failovers: Mutex::new(HashMap::new()),
+            skew: Mutex::new(HashMap::new()),
+            registry,
+        }
+    }
+
+    fn heartbeat(&self, result: &'static str) {
+        if let Some(c) = self.heartbeats.get(result) {
+            c.increment(1);
+        }
+    }
+}
+
+/// The coordinator's shared state.
+pub struct Coordinator<S: Store> {
+    cfg: CoordinatorConfig,
+    store: S,
+    state: Mutex<ClusterState>,
+    epoch: watch::Sender<u64>,
+    leading: AtomicBool,
+    limiter: RateLimiter,
+    metrics: CoordinatorMetrics,
+}
+
+/// Unix time in milliseconds, the coordinator's wall clock.
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl<S: Store> Coordinator<S> {
+    /// Load state from `store` (or initialise it from the configured map).
+    pub async fn open(cfg: CoordinatorConfig, store: S) -> Result<Arc<Self>, StartError> {
+        let now = Instant::now();
+        let state = match store.load().await? {
+            Some(p) => ClusterState::restore(&p, &cfg.id, now)
+                .map_err(|e| StartError::Topology(format!("stored map: {e}")))?,
+            None => {
+                let path = cfg.topology.as_ref().ok_or(StartError::NoTopology)?;
+                let map = crate::topology::read_topology_file(path)
+                    .map_err(|e| StartError::Topology(e.to_string()))?;
+                let state = ClusterState::new(map, &cfg.id, now);
+                match store.commit(None, &state.persisted()).await? {
+                    Commit::Won => state,
+                    // Another coordinator initialised the shared store first.
+                    Commit::Lost => {
+                        let p = store.load().await?.ok_or(StartError::NoTopology)?;
+                        ClusterState::restore(&p, &cfg.id, now)
+                            .map_err(|e| StartError::Topology(format!("stored map: {e}")))?
+                    }
+                }
+            }
+        };
+        let (epoch, _) = watch::channel(state.epoch());
+        let registry = Arc::new(Metrics::new());
+        Ok(Arc::new(Coordinator {
+            limiter: RateLimiter::new(cfg.max_heartbeats_per_second),
+            metrics: CoordinatorMetrics::new(registry),
+            leading: AtomicBool::new(false),
+            state: Mutex::new(state),
+            epoch,
+            store,
+            cfg,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ClusterState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn rules(&self) -> Rules {
+        Rules {
+            heartbeat_timeout: self.cfg.heartbeat_timeout,
+            max_clock_skew: self.cfg.max_clock_skew,
+            failover_hold_down: self.cfg.failover_hold_down,
+        }
+    }
+
+    /// The epoch in force.
+    pub fn epoch(&self) -> u64 {
+        self.lock().epoch()
+    }
+
+    /// Whether this coordinator currently leads.
+    pub fn is_leader(&self) -> bool {
+        self.leading.load(Ordering::SeqCst)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    fn publish(&self, epoch: u64) {
+        self.epoch.send_if_modified(|e| {
+            let newer = epoch > *e;
+            if newer {
+                *e = epoch;
+            }
+            newer
+        });
+    }
+
+    /// Handle one validated heartbeat; the command to send back.
+    pub async fn heartbeat(&self, hb: Heartbeat) -> Result<Command, StoreError> {
+        let started = Instant::now();
+        let now_ms = unix_ms();
+        let rules = self.rules();
+        let (mut command, persist, status, skew_ms, assignment, snapshot) = {
+            let mut st = self.lock();
+            let (command, persist) = st.heartbeat(&hb, started, now_ms, &rules);
+            let node = st.nodes().find(|n| n.id == hb.node_id);
+            let status = node.map_or(NodeStatus::Active, |n| n.status);
+            let skew_ms = node.map_or(0, |n| n.skew_ms);
+            let assignment = st.assignment_of(&hb.addr);
+            let snapshot = persist.then(|| st.persisted());
+            (command, persist, status, skew_ms, assignment, snapshot)
+        };
+        self.store
+            .record_heartbeat(&hb, status, skew_ms, started.elapsed())
+            .await?;
+        if command == Command::Rebalance && !self.store.claim_told(&hb.node_id, assignment).await? {
+            // Another coordinator already told this node.
+            command = Command::Continue;
+        }
+        if let (true, Some(snapshot)) = (persist, snapshot) {
+            self.store.save_nodes(&snapshot).await?;
+        }
+        self.set_skew(&hb.node_id, skew_ms);
+        Ok(command)
+    }
+
+    fn set_skew(&self, node: &str, skew_ms: i64) {
+        let mut skew = self.metrics.skew.lock().unwrap_or_else(|e| e.into_inner());
+        let lazy = skew.entry(node.to_owned()).or_default();
+        lazy.get(|| {
+            self.metrics
+                .registry
+                .gauge(names::COORDINATOR_CLOCK_SKEW, &[("node", node)])
+        })
+        .set(skew_ms as f64 / 1000.0);
+    }
+
+    /// One round of the leader's duties: take the lead if free, refresh from
+    /// a shared store, mark the dead, promote replicas, persist and announce.
+    pub async fn sweep_once(&self) -> Result<Option<SweepReport>, StoreError> {
+        let leading = self.store.lead().await?;
+        self.leading.store(leading, Ordering::SeqCst);
+        self.metrics.leader.set(if leading { 1.0 } else { 0.0 });
+        if self.store.is_shared() {
+            self.refresh().await?;
+        }
+        if !leading {
+            return Ok(None);
+        }
+        let lags: HashMap<_, _> = self.store.replication_lag().await?.into_iter().collect();
+        let (report, before, snapshot) = {
+            let mut st = self.lock();
+            st.set_leader(&self.cfg.id);
+            let before = st.epoch();
+            let report = st.sweep(Instant::now(), &self.rules(), &|a| lags.get(a).copied());
+            let snapshot = (!report.promotions.is_empty()).then(|| st.persisted());
+            (report, before, snapshot)
+        };
+        if !report.newly_dead.is_empty() {
+            tracing::warn!(nodes = ?report.newly_dead, "nodes went silent: DEAD");
+            self.store.mark_dead(&report.newly_dead).await?;
+        }
+        for p in &report.unavailable {
+            tracing::error!(
+                partition = p,
+                "every node of the partition is dead; kept in the map"
+            );
+        }
+        if let Some(snapshot) = snapshot {
+            match self.store.commit(Some(before), &snapshot).await? {
+                Commit::Won => {
+                    for p in &report.promotions {
+                        tracing::warn!(partition = p.partition, from = %p.from, to = %p.to, epoch = p.epoch, "primary failed over");
+                        let mut f = self
+                            .metrics
+                            .failovers
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        f.entry(p.partition)
+                            .or_insert_with(|| {
+                                self.metrics.registry.counter(
+                                    names::COORDINATOR_FAILOVERS,
+                                    &[("partition", &p.partition.to_string())],
+                                )
+                            })
+                            .increment(1);
+                    }
+                    self.publish(snapshot.map.cluster_epoch);
+                }
+                Commit::Lost => {
+                    // A newer leader changed the map first: ours was decided on
+                    // stale state and is discarded.
+                    tracing::warn!("promotion lost the epoch compare-and-set; reloading");
+                    self.reload().await?;
+                }
+            }
+        }
+        self.refresh_gauges();
+        Ok(Some(report))
+    }
+
+    /// Replace in-memory state with the store's (after a lost race).
+    async fn reload(&self) -> Result<(), StoreError> {
+        if let Some(p) = self.store.load().await? {
+            let restored = ClusterState::restore(&p, &p.map.master_node_id, Instant::now());
+            if let Ok(mut fresh) = restored {
+                let mut st = self.lock();
+                // Keep what this coordinator heard directly.
+                for n in st.nodes() {
+                    if let Some(seen) = n.last_seen {
+                        fresh.merge_remote(
+                            &n.id,
+                            n.addr,
+                            seen.elapsed(),
+                            n.usage,
+                            n.skew_ms,
+                            Instant::now(),
+                        );
+                    }
+                }
+                *st = fresh;
+                let epoch = st.epoch();
+                drop(st);
+                self.publish(epoch);
+            }
+        }
+        Ok(())
+    }
+
+    /// Follow a shared store: adopt a newer map and every coordinator's heartbeats.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let remote = self.store.remote_nodes().await?;
+        let persisted = self.store.load().await?;
+        let now = Instant::now();
+        let mut st = self.lock();
+        for n in remote {
+            st.merge_remote(&n.id, n.addr, n.age, n.usage, n.skew_ms, now);
+        }
+        if let Some(p) = persisted {
+            match st.adopt(&p) {
+                Ok(true) => {
+                    st.set_leader(&p.map.master_node_id);
+                    let epoch = st.epoch();
+                    drop(st);
+                    self.publish(epoch);
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!("shared store holds an invalid map, ignored: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn refresh_gauges(&self) {
+        let counts = self.lock().status_counts();
+        for (i, (_, n)) in counts.iter().enumerate() {
+            self.metrics.nodes[i].set(*n as f64);
+        }
+        self.metrics
+            .leader
+            .set(if self.is_leader() { 1.0 } else { 0.0 });
+    }
+}
+
+/// A started coordinator.
+pub struct RunningCoordinator<S: Store> {
+    /// Shared state.
+    pub coordinator: Arc<Coordinator<S>>,
+    /// HTTP address bound.
+    pub http_addr: SocketAddr,
+    /// gRPC address bound.
+    pub grpc_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl<S: Store> RunningCoordinator<S> {
+    /// Stop serving and wait for the tasks to end.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Bind the listeners, open the store and start every task.
+pub async fn start<S: Store>(
+    cfg: CoordinatorConfig,
+    store: S,
+) -> Result<RunningCoordinator<S>, StartError> {
+    let http = bind(cfg.http_listen).await?;
+    let grpc_listener = bind(cfg.grpc_listen).await?;
+    let local = |l: &TcpListener, addr| {
+        l.local_addr()
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let http_addr = local(&http, cfg.http_listen)?;
+    let grpc_addr = local(&grpc_listener, cfg.grpc_listen)?;
+    let coordinator = Coordinator::open(cfg, store).await?;
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(http::serve(
+        coordinator.clone(),
+        http,
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(grpc::serve(
+        coordinator.clone(),
+        grpc_listener,
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(sweeper(coordinator.clone(), shutdown.clone())));
+    if coordinator.store.is_shared() {
+        tasks.push(tokio::spawn(follower(
+            coordinator.clone(),
+            shutdown.clone(),
+        )));
+    }
+    tracing::info!(%http_addr, %grpc_addr, epoch = coordinator.epoch(), "coordinator listening");
+    Ok(RunningCoordinator {
+        coordinator,
+        http_addr,
+        grpc_addr,
+        shutdown,
+        tasks,
+    })
+}
+
+/// The leader's loop; every coordinator runs it and only the leader acts.
+async fn sweeper<S: Store>(c: Arc<Coordinator<S>>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(c.cfg.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_prune = Instant::now();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match c.sweep_once().await {
+            Ok(Some(_)) if last_prune.elapsed() > Duration::from_secs(60) => {
+                last_prune = Instant::now();
+                match c.store.prune(c.cfg.heartbeat_retention).await {
+                    Ok(n) if n > 0 => tracing::debug!(rows = n, "pruned heartbeat history"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("pruning heartbeat history failed: {e}"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                c.leading.store(false, Ordering::SeqCst);
+                tracing::error!("sweep failed: {e}");
+            }
+        }
+    }
+}
+
+/// Followers of a shared store pick up the leader's changes quickly, so
+/// watches held open on any coordinator wake within a fraction of a second.
+async fn follower<S: Store>(c: Arc<Coordinator<S>>, shutdown: CancellationToken) {
+    let period = c.cfg.sweep_interval.min(Duration::from_millis(250));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !c.is_leader() {
+            if let Err(e) = c.refresh().await {
+                tracing::warn!("refresh from the shared store failed: {e}");
+            }
+        }
+    }
+}
+
+/// Open the configured store and run until SIGTERM/SIGINT.
+pub async fn run(
+    cfg: CoordinatorConfig,
+    ready: impl FnOnce(SocketAddr, SocketAddr),
+) -> Result<(), StartError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return Err(StartError::Topology(
+            "cannot install signal handlers".into(),
+        ));
+    };
+    match cfg.store.clone() {
+        StoreUrl::File(path) => {
+            let running = start(cfg, FileStore::new(path)).await?;
+            ready(running.http_addr, running.grpc_addr);
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            running.shutdown().await;
+        }
+        StoreUrl::Postgres(url) => {
+            let store = PgStore::connect(&url, &cfg.id).await?;
+            let running = start(cfg, store).await?;
+            ready(running.http_addr, running.grpc_addr);
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            running.coordinator.store().resign().await;
+            running.shutdown().await;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! Where the coordinator's state lives: one interface, two stores.
+//!
+//! - `FileStore`: a local JSON state file, written atomically; one coordinator.
+//! - `PgStore`: PostgreSQL with the SPEC §4 schema; several coordinators share
+//!   it, one leads (advisory lock), promotions are compare-and-set on the epoch.
+
+mod file;
+mod postgres;
+
+pub use file::FileStore;
+pub use postgres::{PgStore, migrations};
+
+use super::state::{Assignment, Heartbeat, NodeStatus, Persisted, Usage};
+use crate::topology::NodeAddr;
+use std::future::Future;
+use std::time::Duration;
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Reading or writing the state file failed.
+    #[error("state file {path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The state file is not valid state.
+    #[error("state file {path} is corrupt: {reason}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// PostgreSQL refused or failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// Data in PostgreSQL breaks an invariant.
+    #[error("postgres data: {0}")]
+    Data(String),
+}
+
+/// Whether a compare-and-set commit won.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Commit {
+    /// Written.
+    Won,
+    /// Someone else changed the epoch first; nothing was written.
+    Lost,
+}
+
+/// A heartbeat as another coordinator recorded it (shared stores only).
+#[derive(Clone, Debug)]
+pub struct RemoteNode {
+    /// Stable name.
+    pub id: String,
+    /// Address.
+    pub addr: NodeAddr,
+    /// Time since its last heartbeat, by the store's clock.
+    pub age: Duration,
+    /// Last usage.
+    pub usage: Usage,
+    /// Last clock skew, ms.
+    pub skew_ms: i64,
+}
+
+/// What every store does.
+pub trait Store: Send + Sync + 'static {
+    /// The persisted state, or `None` if the store is empty.
+    fn load(&self) -> impl Future<Output = Result<Option<Persisted>, StoreError>> + Send;
+
+    /// Write `state` if the epoch in the store is still `expected` (`None`:
+    /// the store must be empty). Promotions and operator maps go through here.
+    fn commit(
+        &self,
+        expected: Option<u64>,
+        state: &Persisted,
+    ) -> impl Future<Output = Result<Commit, StoreError>> + Send;
+
+    /// Persist node registrations and what nodes were told (no epoch change).
+    fn save_nodes(&self, state: &Persisted) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Record one heartbeat (history, usage, liveness).
+    fn record_heartbeat(
+        &self,
+        hb: &Heartbeat,
+        status: NodeStatus,
+        skew_ms: i64,
+        handling: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Record nodes the leader's sweep found DEAD.
+    fn mark_dead(&self, ids: &[String]) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Atomically note that `node` is being told `assignment`; `true` only for
+    /// the one caller that changed it, so REBALANCE goes out exactly once even
+    /// when several coordinators share the store.
+    fn claim_told(
+        &self,
+        node: &str,
+        assignment: Assignment,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Become or stay the leader; `false` while another coordinator leads.
+    fn lead(&self) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Heartbeats recorded by every coordinator (shared stores), for the leader's sweep.
+    fn remote_nodes(&self) -> impl Future<Output = Result<Vec<RemoteNode>, StoreError>> + Send;
+
+    /// Replication lag per address, where known.
+    fn replication_lag(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(NodeAddr, u64)>, StoreError>> + Send;
+
+    /// Drop heartbeat history older than `retention`.
+    fn prune(&self, retention: Duration) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Whether several coordinators may share this store.
+    fn is_shared(&self) -> bool;
+}

@@ -1,0 +1,463 @@
+//! PostgreSQL store: several coordinators share one database.
+//!
+//! - Migrations are versioned files applied at start-up, serialised by an
+//!   advisory lock so coordinators starting together do not race.
+//! - One coordinator leads: the one holding a session advisory lock on its own
+//!   connection. If it dies, the server drops the lock and another takes it.
+//! - Every map change is one transaction that compares and sets the epoch, so
+//!   a stale leader's promotion loses and two primaries can never be written.
+
+use super::{Commit, RemoteNode, Store, StoreError};
+use crate::coordinator::state::{Assignment, Heartbeat, NodeStatus, Persisted, PersistedNode};
+use crate::topology::{NodeAddr, PartitionDoc, TopologyDoc};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls};
+
+/// The versioned migrations, in order.
+pub fn migrations() -> &'static [(i32, &'static str, &'static str)] {
+    &[
+        (
+            1,
+            "spec_schema",
+            include_str!("../../../migrations/0001_spec_schema.sql"),
+        ),
+        (
+            2,
+            "shardgate_state",
+            include_str!("../../../migrations/0002_shardgate_state.sql"),
+        ),
+    ]
+}
+
+/// Advisory lock key serialising migrations.
+const MIGRATE_KEY: i64 = 0x5348_4152_4447_0001;
+/// Advisory lock key held by the leading coordinator.
+const LEADER_KEY: i64 = 0x5348_4152_4447_0002;
+
+async fn connect(url: &str) -> Result<Client, StoreError> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "postgres connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// A coordinator's handle on the shared database.
+pub struct PgStore {
+    url: String,
+    client: Client,
+    /// Holds the leader lock for as long as it is open.
+    leader_conn: Mutex<Option<Client>>,
+    leading: AtomicBool,
+    leader_id: String,
+}
+
+impl PgStore {
+    /// Connect and bring the schema up to date.
+    pub async fn connect(url: &str, leader_id: &str) -> Result<PgStore, StoreError> {
+        let mut client = connect(url).await?;
+        migrate(&mut client).await?;
+        Ok(PgStore {
+            url: url.to_owned(),
+            client,
+            leader_conn: Mutex::new(None),
+            leading: AtomicBool::new(false),
+            leader_id: leader_id.to_owned(),
+        })
+    }
+
+    /// Give up leadership now (tests, orderly shutdown).
+    pub async fn resign(&self) {
+        *self.leader_conn.lock().await = None;
+        self.leading.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Apply every migration not yet applied, each in its own transaction.
+pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version INT PRIMARY KEY, name TEXT NOT NULL,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT NOW())",
+        )
+        .await?;
+    for &(version, name, sql) in migrations() {
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_KEY])
+            .await?;
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[&version],
+            )
+            .await?
+            .is_some();
+        if !done {
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                &[&version, &name],
+            )
+            .await?;
+            tracing::info!(version, name, "applied migration");
+        }
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+fn addr(s: &str) -> Result<NodeAddr, StoreError> {
+    s.parse()
+        .map_err(|e| StoreError::Data(format!("bad address {s:?} in cluster_nodes: {e}")))
+}
+
+impl Store for PgStore {
+    async fn load(&self) -> Result<Option<Persisted>, StoreError> {
+        let Some(state) = self
+            .client
+            .query_opt(
+                "SELECT cluster_epoch, master_node_id FROM cluster_state",
+                &[],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let epoch: i64 = state.get(0);
+        let master: String = state.get(1);
+        let rows = self
+            .client
+            .query(
+                "SELECT dp.partition_index, pn.ip_address,
+                        ARRAY(SELECT cn.ip_address FROM unnest(dp.replica_node_ids) WITH ORDINALITY AS r(id, ord)
+                              JOIN cluster_nodes cn ON cn.node_id = r.id ORDER BY r.ord)::text[],
+                        dp.hash_range_start, dp.hash_range_end
+                   FROM data_partitions dp JOIN cluster_nodes pn ON pn.node_id = dp.primary_node_id
+                  ORDER BY dp.partition_index",
+                &[],
+            )
+            .await?;
+        let partitions: Vec<PartitionDoc> = rows
+            .iter()
+            .map(|r| PartitionDoc {
+                partition_index: r.get::<_, i32>(0) as u32,
+                primary_node_ip: r.get(1),
+                replica_node_ips: r.get(2),
+                hash_range_start: r.get(3),
+                hash_range_end: r.get(4),
+            })
+            .collect();
+        let nodes = self
+            .client
+            .query(
+                "SELECT node_name, ip_address, told_partition, told_primary, fenced FROM cluster_nodes",
+                &[],
+            )
+            .await?;
+        let mut fenced = BTreeSet::new();
+        let mut persisted_nodes = Vec::new();
+        for r in &nodes {
+            let ip: String = r.get(1);
+            if r.get::<_, bool>(4) {
+                fenced.insert(ip.clone());
+            }
+            if let Some(id) = r.get::<_, Option<String>>(0) {
+                let told = r.get::<_, Option<bool>>(3).map(|primary| Assignment {
+                    partition: r.get::<_, Option<i32>>(2).map(|p| p as u32),
+                    primary,
+                });
+                persisted_nodes.push(PersistedNode { id, addr: ip, told });
+            }
+        }
+        Ok(Some(Persisted {
+            map: TopologyDoc {
+                cluster_epoch: epoch as u64,
+                master_node_id: master,
+                partition_count: partitions.len() as u32,
+                partitions,
+            },
+            fenced,
+            nodes: persisted_nodes,
+        }))
+    }
+
+    async fn commit(&self, expected: Option<u64>, state: &Persisted) -> Result<Commit, StoreError> {
+        // A dedicated connection: a transaction must not interleave with other
+        // statements on the shared client.
+        let mut client = connect(&self.url).await?;
+        let tx = client.transaction().await?;
+        let current: Option<i64> = tx
+            .query_opt("SELECT cluster_epoch FROM cluster_state FOR UPDATE", &[])
+            .await?
+            .map(|r| r.get(0));
+        if current.map(|e| e as u64) != expected {
+            tx.rollback().await?;
+            return Ok(Commit::Lost);
+        }
+        if current.is_none() {
+            // Two coordinators initialising an empty database: the row's
+            // primary key lets exactly one insert win.
+            let inserted = tx
+                .execute(
+                    "INSERT INTO cluster_state (cluster_epoch, master_node_id) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING",
+                    &[&(state.map.cluster_epoch as i64), &self.leader_id],
+                )
+                .await?;
+            if inserted == 0 {
+                tx.rollback().await?;
+                return Ok(Commit::Lost);
+            }
+        }
+        let map = &state.map;
+        let addresses: Vec<String> = map
+            .partitions
+            .iter()
+            .flat_map(|p| {
+                std::iter::once(p.primary_node_ip.clone()).chain(p.replica_node_ips.iter().cloned())
+            })
+            .collect();
+        tx.execute(
+            "INSERT INTO cluster_nodes (ip_address, memory_free_bytes)
+             SELECT a, 0 FROM unnest($1::text[]) AS a ON CONFLICT (ip_address) DO NOTHING",
+            &[&addresses],
+        )
+        .await?;
+        let primaries: Vec<String> = map
+            .partitions
+            .iter()
+            .map(|p| p.primary_node_ip.clone())
+            .collect();
+        tx.execute(
+            "UPDATE cluster_nodes SET node_role = CASE WHEN ip_address = ANY($1) THEN 'MASTER' ELSE 'WORKER' END
+              WHERE node_role <> 'ARBITER'",
+            &[&primaries],
+        )
+        .await?;
+        let fenced: Vec<String> = state.fenced.iter().cloned().collect();
+        tx.execute(
+            "UPDATE cluster_nodes SET fenced = (ip_address = ANY($1))",
+            &[&fenced],
+        )
+        .await?;
+        let indexes: Vec<i32> = map
+            .partitions
+            .iter()
+            .map(|p| p.partition_index as i32)
+            .collect();
+        tx.execute(
+            "DELETE FROM data_partitions WHERE NOT (partition_index = ANY($1))",
+            &[&indexes],
+        )
+        .await?;
+        for p in &map.partitions {
+            tx.execute(
+                "INSERT INTO data_partitions (partition_index, primary_node_id, replica_node_ids, hash_range_start, hash_range_end)
+                 VALUES ($1, (SELECT node_id FROM cluster_nodes WHERE ip_address = $2),
+                         ARRAY(SELECT cn.node_id FROM unnest($3::text[]) WITH ORDINALITY AS r(ip, ord)
+                               JOIN cluster_nodes cn ON cn.ip_address = r.ip ORDER BY r.ord),
+                         $4, $5)
+                 ON CONFLICT (partition_index) DO UPDATE SET
+                   primary_node_id = EXCLUDED.primary_node_id, replica_node_ids = EXCLUDED.replica_node_ids,
+                   hash_range_start = EXCLUDED.hash_range_start, hash_range_end = EXCLUDED.hash_range_end",
+                &[
+                    &(p.partition_index as i32),
+                    &p.primary_node_ip,
+                    &p.replica_node_ips,
+                    &p.hash_range_start,
+                    &p.hash_range_end,
+                ],
+            )
+            .await?;
+        }
+        tx.execute(
+            "UPDATE cluster_state SET cluster_epoch = $1, master_node_id = $2, updated_at = NOW()",
+            &[&(map.cluster_epoch as i64), &self.leader_id],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Commit::Won)
+    }
+
+    async fn save_nodes(&self, state: &Persisted) -> Result<(), StoreError> {
+        // Registrations arrive with heartbeats; what remains is a first
+        // contact's assignment, written only where none was recorded.
+        for n in &state.nodes {
+            if let Some(told) = n.told {
+                self.client
+                    .execute(
+                        "UPDATE cluster_nodes SET told_partition = $2, told_primary = $3
+                          WHERE ip_address = $1 AND told_primary IS NULL",
+                        &[&n.addr, &told.partition.map(|p| p as i32), &told.primary],
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn record_heartbeat(
+        &self,
+        hb: &Heartbeat,
+        status: NodeStatus,
+        skew_ms: i64,
+        handling: Duration,
+    ) -> Result<(), StoreError> {
+        let ip = hb.addr.to_string();
+        let load = serde_json::json!({
+            "cpuPercent": hb.usage.cpu_percent,
+            "freeMemoryBytes": hb.usage.free_memory_bytes,
+            "activeConnections": hb.usage.active_connections,
+            "nodeTimeMs": hb.node_time_ms,
+        });
+        let cpu = hb.usage.cpu_percent.clamp(0.0, 999.99);
+        // Three statements, one round trip: the name moves with the node if it
+        // changed address, the address row is upserted, history is appended.
+        self.client
+            .execute(
+                "WITH released AS (
+                     UPDATE cluster_nodes SET node_name = NULL WHERE node_name = $1 AND ip_address <> $2
+                 ), up AS (
+                     INSERT INTO cluster_nodes (ip_address, node_name, node_status, cpu_utilization,
+                                                memory_free_bytes, active_connections, clock_skew_ms, last_heartbeat_at)
+                     VALUES ($2, $1, $3, $4::float8::numeric(5,2), $5, $6, $7, NOW())
+                     ON CONFLICT (ip_address) DO UPDATE SET
+                       node_name = EXCLUDED.node_name, node_status = EXCLUDED.node_status,
+                       cpu_utilization = EXCLUDED.cpu_utilization, memory_free_bytes = EXCLUDED.memory_free_bytes,
+                       active_connections = EXCLUDED.active_connections, clock_skew_ms = EXCLUDED.clock_skew_ms,
+                       last_heartbeat_at = NOW()
+                     RETURNING node_id)
+                 INSERT INTO node_heartbeats (node_id, response_time_ms, system_load_status)
+                 SELECT node_id, $8, $9 FROM up",
+                &[
+                    &hb.node_id,
+                    &ip,
+                    &status.as_str(),
+                    &cpu,
+                    &hb.usage.free_memory_bytes,
+                    &hb.usage.active_connections,
+                    &skew_ms,
+                    &(handling.as_millis().min(i32::MAX as u128) as i32),
+                    &load,
+                ],
+            )
+            .await
+            .map_err(|e| {
+                // A concurrent rename of the same node may collide on node_name;
+                // the next heartbeat repairs it.
+                tracing::debug!(error = %e, "heartbeat upsert failed");
+                e
+            })?;
+        Ok(())
+    }
+
+    async fn claim_told(&self, node: &str, a: Assignment) -> Result<bool, StoreError> {
+        let partition = a.partition.map(|p| p as i32);
+        let changed = self
+            .client
+            .execute(
+                "UPDATE cluster_nodes SET told_partition = $2, told_primary = $3
+                  WHERE node_name = $1 AND told_primary IS NOT NULL
+                    AND (told_primary IS DISTINCT FROM $3 OR told_partition IS DISTINCT FROM $2)",
+                &[&node, &partition, &a.primary],
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn lead(&self) -> Result<bool, StoreError> {
+        let mut conn = self.leader_conn.lock().await;
+        if let Some(c) = conn.as_ref() {
+            if !c.is_closed() && c.simple_query("SELECT 1").await.is_ok() {
+                return Ok(self.leading.load(Ordering::SeqCst));
+            }
+            *conn = None;
+            self.leading.store(false, Ordering::SeqCst);
+        }
+        let c = match conn.take() {
+            Some(c) => c,
+            None => connect(&self.url).await?,
+        };
+        let got: bool = c
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_KEY])
+            .await?
+            .get(0);
+        self.leading.store(got, Ordering::SeqCst);
+        if got {
+            *conn = Some(c);
+        }
+        Ok(got)
+    }
+
+    async fn remote_nodes(&self) -> Result<Vec<RemoteNode>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT node_name, ip_address, EXTRACT(EPOCH FROM (NOW() - last_heartbeat_at))::float8,
+                        cpu_utilization::float8, memory_free_bytes, active_connections, clock_skew_ms
+                   FROM cluster_nodes WHERE node_name IS NOT NULL",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RemoteNode {
+                    id: r.get(0),
+                    addr: addr(r.get(1))?,
+                    age: Duration::from_secs_f64(r.get::<_, f64>(2).max(0.0)),
+                    usage: crate::coordinator::state::Usage {
+                        cpu_percent: r.get(3),
+                        free_memory_bytes: r.get(4),
+                        active_connections: r.get(5),
+                    },
+                    skew_ms: r.get(6),
+                })
+            })
+            .collect()
+    }
+
+    async fn replication_lag(&self) -> Result<Vec<(NodeAddr, u64)>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT DISTINCT ON (rl.target_node_id) cn.ip_address, rl.replication_lag_bytes
+                   FROM replication_logs rl JOIN cluster_nodes cn ON cn.node_id = rl.target_node_id
+                  ORDER BY rl.target_node_id, rl.updated_at DESC",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((addr(r.get(0))?, r.get::<_, i64>(1).max(0) as u64)))
+            .collect()
+    }
+
+    async fn prune(&self, retention: Duration) -> Result<u64, StoreError> {
+        Ok(self
+            .client
+            .execute(
+                "DELETE FROM node_heartbeats WHERE created_at < NOW() - make_interval(secs => $1)",
+                &[&retention.as_secs_f64()],
+            )
+            .await?)
+    }
+
+    async fn mark_dead(&self, ids: &[String]) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                "UPDATE cluster_nodes SET node_status = 'DEAD' WHERE node_name = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        Ok(())
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+}

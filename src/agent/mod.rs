@@ -149,10 +149,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> AgentExit {
                     active_connections: s.active_connections,
                 }),
             });
-            if let Some(t) = &cfg.token {
-                if let Ok(v) = format!("Bearer {t}").parse() {
-                    req.metadata_mut().insert("authorization", v);
-                }
+            if let Some(t) = &cfg.token
+                && let Ok(v) = format!("Bearer {t}").parse()
+            {
+                req.metadata_mut().insert("authorization", v);
             }
             match client.report_heartbeat(req).await {
                 Ok(resp) => {
@@ -173,7 +173,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> AgentExit {
                             return AgentExit::Terminated;
                         }
                         Err(_) => {
-                            tracing::warn!(command = resp.recommended_command, "unknown command")
+                            tracing::warn!(command = resp.recommended_command, "unknown command");
                         }
                     }
                 }

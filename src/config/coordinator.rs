@@ -213,15 +213,15 @@ impl CoordinatorConfig {
         if let Some(v) = &o.store {
             c.store = v.clone();
         }
-        if let Some(v) = o.heartbeat_timeout {
-            if let Some(d) = secs(v, "--heartbeat-timeout", &mut issues) {
-                c.heartbeat_timeout = d;
-            }
+        if let Some(v) = o.heartbeat_timeout
+            && let Some(d) = secs(v, "--heartbeat-timeout", &mut issues)
+        {
+            c.heartbeat_timeout = d;
         }
-        if let Some(v) = o.sweep_interval {
-            if let Some(d) = secs(v, "--sweep-interval", &mut issues) {
-                c.sweep_interval = d;
-            }
+        if let Some(v) = o.sweep_interval
+            && let Some(d) = secs(v, "--sweep-interval", &mut issues)
+        {
+            c.sweep_interval = d;
         }
 
         let addr = |s: &str, key: String, issues: &mut Issues<'_>| match s.parse::<SocketAddr>() {

@@ -472,10 +472,10 @@ async fn follower<S: Store>(c: Arc<Coordinator<S>>, shutdown: CancellationToken)
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if !c.is_leader() {
-            if let Err(e) = c.refresh().await {
-                tracing::warn!("refresh from the shared store failed: {e}");
-            }
+        if !c.is_leader()
+            && let Err(e) = c.refresh().await
+        {
+            tracing::warn!("refresh from the shared store failed: {e}");
         }
     }
 }

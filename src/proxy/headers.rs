@@ -86,10 +86,10 @@ pub fn check_inbound<B>(
     if req.method() == Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed(Method::CONNECT));
     }
-    if let Some(expect) = req.headers().get(EXPECT) {
-        if !expect.as_bytes().eq_ignore_ascii_case(b"100-continue") {
-            return Err(ProxyError::ExpectationFailed);
-        }
+    if let Some(expect) = req.headers().get(EXPECT)
+        && !expect.as_bytes().eq_ignore_ascii_case(b"100-continue")
+    {
+        return Err(ProxyError::ExpectationFailed);
     }
     let mut hosts = req.headers().get_all(HOST).iter();
     let header = hosts.next();

@@ -247,17 +247,15 @@ impl Proxy {
         self.admission.set_max(rt.limits.max_inflight);
         let rebuilt = self.upstreams.reconfigure(upstream_settings(&rt));
         self.runtime.store(rt);
-        if rebuilt {
-            if let Some(t) = self.table() {
-                let table = RouteTable::build(
-                    t.map().clone(),
-                    &self.upstreams,
-                    self.default_port,
-                    &self.metrics.registry,
-                    t.origin().clone(),
-                );
-                self.routes.store(Some(Arc::new(table)));
-            }
+        if rebuilt && let Some(t) = self.table() {
+            let table = RouteTable::build(
+                t.map().clone(),
+                &self.upstreams,
+                self.default_port,
+                &self.metrics.registry,
+                t.origin().clone(),
+            );
+            self.routes.store(Some(Arc::new(table)));
         }
     }
 
@@ -346,19 +344,16 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     }
 
     let shutdown = CancellationToken::new();
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(server::serve(
-        proxy.clone(),
-        listener,
-        config.server.clone(),
-        shutdown.clone(),
-    )));
-    tasks.push(tokio::spawn(admin::serve(
-        proxy.clone(),
-        admin,
-        shutdown.clone(),
-    )));
-    tasks.push(tokio::spawn(housekeeping(proxy.clone(), shutdown.clone())));
+    let tasks = vec![
+        tokio::spawn(server::serve(
+            proxy.clone(),
+            listener,
+            config.server.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(admin::serve(proxy.clone(), admin, shutdown.clone())),
+        tokio::spawn(housekeeping(proxy.clone(), shutdown.clone())),
+    ];
     tracing::info!(%addr, %admin_addr, "proxy listening");
     Ok(RunningProxy {
         proxy,

@@ -363,9 +363,9 @@ mod tests {
         for i in 0..19 {
             let p = b.try_acquire().unwrap();
             if i % 2 == 0 {
-                p.failure(Instant::now())
+                p.failure(Instant::now());
             } else {
-                p.success(Instant::now())
+                p.success(Instant::now());
             }
         }
         assert_eq!(

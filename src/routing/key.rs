@@ -168,10 +168,7 @@ impl KeyExtractor {
         for source in &self.sources {
             let found = match source {
                 KeySource::Header(name) => header_key(headers, name),
-                KeySource::Path(t) => match t.raw_key(uri.path()) {
-                    Some(raw) => Some(decode(raw)),
-                    None => None,
-                },
+                KeySource::Path(t) => t.raw_key(uri.path()).map(decode),
                 KeySource::Query(param) => query_key(uri.query(), param),
             };
             let Some(found) = found else { continue };

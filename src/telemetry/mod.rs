@@ -17,10 +17,10 @@ pub fn init_logging(level: &str, format: LogFormat) {
     let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_owned());
     let mut filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     for quiet in ["hyper", "h2", "tower", "tonic", "rustls", "tokio_postgres"] {
-        if !directives.contains(quiet) {
-            if let Ok(d) = format!("{quiet}=warn").parse() {
-                filter = filter.add_directive(d);
-            }
+        if !directives.contains(quiet)
+            && let Ok(d) = format!("{quiet}=warn").parse()
+        {
+            filter = filter.add_directive(d);
         }
     }
     let builder = tracing_subscriber::fmt()

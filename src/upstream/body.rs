@@ -125,7 +125,7 @@ impl RequestBody {
             Kind::Stream { .. } => None,
             Kind::Replay(h) => Some(Replayer::Shared {
                 shared: h.shared.clone(),
-                size_hint: h.size_hint.clone(),
+                size_hint: h.size_hint,
             }),
         }
     }
@@ -175,7 +175,7 @@ impl Replayer {
                         generation: st.generation,
                         pos: 0,
                         trailers_sent: false,
-                        size_hint: size_hint.clone(),
+                        size_hint: *size_hint,
                     }),
                 })
             }
@@ -294,7 +294,7 @@ impl Body for RequestBody {
         match &self.kind {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Stream { inner, .. } => inner.size_hint(),
-            Kind::Replay(h) => h.size_hint.clone(),
+            Kind::Replay(h) => h.size_hint,
         }
     }
 }

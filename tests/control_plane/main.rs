@@ -32,13 +32,8 @@ const NODES: [(&str, &str); 4] = [
 
 struct Cluster {
     coordinator: BinCoordinator,
-    dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn state_file(&self) -> String {
-        format!("file:{}", self.dir.path().join("state.json").display())
-    }
+    /// Holds the state file and map for the cluster's lifetime.
+    _dir: tempfile::TempDir,
 }
 
 async fn coordinator_in(dir: &Path, extra: &[&str]) -> BinCoordinator {
@@ -75,7 +70,10 @@ async fn coordinator_in(dir: &Path, extra: &[&str]) -> BinCoordinator {
 async fn cluster() -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = coordinator_in(dir.path(), &[]).await;
-    Cluster { coordinator, dir }
+    Cluster {
+        coordinator,
+        _dir: dir,
+    }
 }
 
 async fn beat(c: &BinCoordinator, id: &str, ip: &str) -> Result<Command, tonic::Status> {

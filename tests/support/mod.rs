@@ -884,6 +884,43 @@ pub async fn spawn_agent(
 }
 
 // ---------------------------------------------------------------------------
+// PostgreSQL
+// ---------------------------------------------------------------------------
+
+/// A fresh, empty database on the throwaway server `scripts/test` started.
+pub async fn pg_database() -> String {
+    let admin = std::env::var("SHARDGATE_TEST_PG").expect(
+        "SHARDGATE_TEST_PG is not set: run scripts/test, which starts a throwaway PostgreSQL",
+    );
+    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .expect("cannot reach the test PostgreSQL");
+    tokio::spawn(conn);
+    static N: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        "t_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        unix_ms() % 1_000_000
+    );
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let base = admin.rsplit_once('/').unwrap().0;
+    format!("{base}/{name}")
+}
+
+/// A connected client for `url`.
+pub async fn pg_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+// ---------------------------------------------------------------------------
 // Client
 // ---------------------------------------------------------------------------
 

@@ -1,0 +1,397 @@
+//! The PostgreSQL store against a real server (started by scripts/test):
+//! schema, heartbeats, leadership, compare-and-set promotions, pruning.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use shardgate::coordinator::state::{ClusterState, Persisted};
+use shardgate::coordinator::store::{Commit, PgStore, Store};
+use shardgate::proto::heartbeat_response::Command;
+use shardgate::topology::ShardMap;
+use std::time::Duration;
+use support::*;
+
+fn map_json(epoch: u64) -> String {
+    serde_json::json!({
+        "clusterEpoch": epoch, "masterNodeId": "x", "partitionCount": 2,
+        "partitions": [
+            {"partitionIndex": 0, "primaryNodeIp": "127.0.0.10:9000", "replicaNodeIps": ["127.0.0.11:9000"],
+             "hashRangeStart": "00000000", "hashRangeEnd": "7fffffff"},
+            {"partitionIndex": 1, "primaryNodeIp": "127.0.0.20:9000", "replicaNodeIps": ["127.0.0.21:9000"],
+             "hashRangeStart": "80000000", "hashRangeEnd": "ffffffff"}
+        ]
+    })
+    .to_string()
+}
+
+fn initial(epoch: u64) -> Persisted {
+    let map = ShardMap::from_json(map_json(epoch).as_bytes()).unwrap();
+    ClusterState::new(map, "coord", tokio::time::Instant::now()).persisted()
+}
+
+#[tokio::test]
+async fn migrations_create_the_spec_schema_and_are_idempotent() {
+    let url = pg_database().await;
+    let _first = PgStore::connect(&url, "a").await.unwrap();
+    let _second = PgStore::connect(&url, "b").await.unwrap(); // applies nothing twice
+    let c = pg_client(&url).await;
+    for table in [
+        "cluster_nodes",
+        "node_heartbeats",
+        "replication_logs",
+        "data_partitions",
+        "cluster_state",
+    ] {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = $1",
+                &[&table],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "{table}");
+    }
+    for index in [
+        "idx_nodes_status",
+        "idx_heartbeats_lookup",
+        "idx_replication_status",
+        "idx_partitions_range",
+    ] {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = $1",
+                &[&index],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "{index}");
+    }
+    // The SPEC's columns, with their types.
+    let cols: Vec<(String, String)> = c
+        .query(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'cluster_nodes'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (col, ty) in [
+        ("node_id", "uuid"),
+        ("ip_address", "character varying"),
+        ("node_role", "character varying"),
+        ("node_status", "character varying"),
+        ("cpu_utilization", "numeric"),
+        ("memory_free_bytes", "bigint"),
+        ("last_heartbeat_at", "timestamp with time zone"),
+        ("created_at", "timestamp with time zone"),
+    ] {
+        assert!(
+            cols.contains(&(col.into(), ty.into())),
+            "cluster_nodes.{col} {ty}: {cols:?}"
+        );
+    }
+    let versions: Vec<i32> = c
+        .query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, [1, 2]);
+}
+
+async fn pg_coordinator(
+    url: &str,
+    dir: &std::path::Path,
+    id: &str,
+    extra: &[&str],
+) -> BinCoordinator {
+    let topo = dir.join("map.json");
+    std::fs::write(&topo, map_json(10)).unwrap();
+    let config = dir.join(format!("{id}.toml"));
+    std::fs::write(
+        &config,
+        format!("[coordinator]\nid = \"{id}\"\nfailover_hold_down = \"1s\"\n"),
+    )
+    .unwrap();
+    let mut args = vec![
+        "--config",
+        config.to_str().unwrap(),
+        "--topology",
+        topo.to_str().unwrap(),
+        "--store",
+        url,
+        "--heartbeat-timeout",
+        "1",
+        "--sweep-interval",
+        "0.1",
+    ];
+    args.extend_from_slice(extra);
+    BinCoordinator::spawn(&args).await
+}
+
+async fn is_leader(c: &BinCoordinator) -> bool {
+    let m = send(
+        &client(),
+        http::Request::get(c.url("/metrics")).body(empty()).unwrap(),
+    )
+    .await
+    .text();
+    m.lines().any(|l| l == "shardgate_coordinator_is_leader 1")
+}
+
+#[tokio::test]
+async fn heartbeats_land_in_cluster_nodes_and_node_heartbeats_and_the_map_is_mirrored() {
+    let url = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let coord = pg_coordinator(&url, dir.path(), "coord-a", &[]).await;
+    let mut grpc = coord.grpc_client().await;
+    for _ in 0..3 {
+        let r = grpc
+            .report_heartbeat(heartbeat_req("p0-primary", "127.0.0.10:9000", unix_ms()))
+            .await
+            .unwrap();
+        assert_eq!(r.into_inner().recommended_command, Command::Continue as i32);
+    }
+    let c = pg_client(&url).await;
+    let row = c
+        .query_one(
+            "SELECT node_name, node_status, node_role, cpu_utilization::float8, memory_free_bytes,
+                    (SELECT count(*) FROM node_heartbeats h WHERE h.node_id = n.node_id)
+               FROM cluster_nodes n WHERE ip_address = '127.0.0.10:9000'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, Option<String>>(0).as_deref(),
+        Some("p0-primary")
+    );
+    assert_eq!(row.get::<_, String>(1), "ACTIVE");
+    assert_eq!(row.get::<_, String>(2), "MASTER");
+    assert_eq!(row.get::<_, f64>(3), 10.0);
+    assert_eq!(row.get::<_, i64>(4), 1 << 30);
+    assert_eq!(
+        row.get::<_, i64>(5),
+        3,
+        "every heartbeat appended to the history"
+    );
+    let load: serde_json::Value = c
+        .query_one(
+            "SELECT system_load_status FROM node_heartbeats LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(load["activeConnections"], 3);
+    // data_partitions mirrors the map.
+    let parts: Vec<(i32, String)> = c
+        .query(
+            "SELECT dp.partition_index, n.ip_address FROM data_partitions dp
+               JOIN cluster_nodes n ON n.node_id = dp.primary_node_id ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        parts,
+        [(0, "127.0.0.10:9000".into()), (1, "127.0.0.20:9000".into())]
+    );
+}
+
+#[tokio::test]
+async fn two_coordinators_have_one_leader_and_hand_over_without_a_double_promotion() {
+    let url = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = pg_coordinator(&url, dir.path(), "coord-a", &[]).await;
+    let b = pg_coordinator(&url, dir.path(), "coord-b", &[]).await;
+    eventually(Duration::from_secs(10), "a leader is chosen", || async {
+        is_leader(&a).await || is_leader(&b).await
+    })
+    .await;
+    // Exactly one leads, every time we look.
+    for _ in 0..10 {
+        let (la, lb) = (is_leader(&a).await, is_leader(&b).await);
+        assert!(la != lb, "leaders: a={la} b={lb}");
+    }
+    let (leader, follower) = if is_leader(&a).await { (a, b) } else { (b, a) };
+
+    // Agents heartbeat to the follower; the leader sees them through the store.
+    let mut agents = Vec::new();
+    for (id, ip) in [
+        ("p0-replica", "127.0.0.11:9000"),
+        ("p1-primary", "127.0.0.20:9000"),
+        ("p1-replica", "127.0.0.21:9000"),
+    ] {
+        agents.push(spawn_agent(follower.grpc, id, ip, "0.2", &[]).await);
+    }
+    // p0's primary never heartbeats: after the grace, the leader promotes its replica.
+    eventually(Duration::from_secs(15), "p0 failed over", || async {
+        follower.epoch().await == 11
+    })
+    .await;
+    assert_eq!(leader.epoch().await, 11);
+    let m = follower.get_json("/v1/cluster/topology").await;
+    assert_eq!(m["partitions"][0]["primaryNodeIp"], "127.0.0.11:9000");
+    let master = m["masterNodeId"].as_str().unwrap();
+    assert!(
+        master == "coord-a" || master == "coord-b",
+        "masterNodeId names the leader: {master}"
+    );
+
+    // The leader dies; the follower takes over, and does not promote again.
+    leader.proc.kill().await;
+    eventually(Duration::from_secs(15), "the follower leads", || async {
+        is_leader(&follower).await
+    })
+    .await;
+    // A few sweeps under the new leader.
+    let c = pg_client(&url).await;
+    let before: i64 = c
+        .query_one("SELECT cluster_epoch FROM cluster_state", &[])
+        .await
+        .unwrap()
+        .get(0);
+    eventually(Duration::from_secs(5), "new leader has swept", || async {
+        let m = send(
+            &client(),
+            http::Request::get(follower.url("/metrics"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .text();
+        m.contains("shardgate_coordinator_is_leader 1")
+    })
+    .await;
+    let p1_epoch = follower.epoch().await;
+    assert_eq!(p1_epoch, 11);
+    assert_eq!(before, 11, "exactly one promotion across the handover");
+    // One primary per partition in the table, and the old primary fenced.
+    let primaries: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT primary_node_id) FROM data_partitions",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(primaries, 2);
+    let fenced: bool = c
+        .query_one(
+            "SELECT fenced FROM cluster_nodes WHERE ip_address = '127.0.0.10:9000'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(fenced);
+    // The promoted node was told REBALANCE exactly once across both coordinators.
+    eventually(
+        Duration::from_secs(5),
+        "promoted agent heard REBALANCE",
+        || async { agents[0].stderr().contains("REBALANCE") },
+    )
+    .await;
+    assert_eq!(agents[0].stderr().matches("says REBALANCE").count(), 1);
+}
+
+#[tokio::test]
+async fn a_stale_leaders_promotion_loses_the_compare_and_set() {
+    let url = pg_database().await;
+    let a = PgStore::connect(&url, "coord-a").await.unwrap();
+    let b = PgStore::connect(&url, "coord-b").await.unwrap();
+    assert_eq!(a.commit(None, &initial(10)).await.unwrap(), Commit::Won);
+    assert_eq!(
+        b.commit(None, &initial(10)).await.unwrap(),
+        Commit::Lost,
+        "only one initialises"
+    );
+
+    // Both decide a promotion from epoch 10 — a stale leader and the new one.
+    let mut from_a = b.load().await.unwrap().unwrap();
+    from_a.map.cluster_epoch = 11;
+    from_a.map.partitions[0].primary_node_ip = "127.0.0.11:9000".into();
+    from_a.map.partitions[0].replica_node_ips = vec![];
+    let mut from_b = from_a.clone();
+    from_b.map.partitions[1].primary_node_ip = "127.0.0.21:9000".into();
+    from_b.map.partitions[1].replica_node_ips = vec![];
+    from_b.map.partitions[0] = initial(10).map.partitions[0].clone();
+
+    assert_eq!(b.commit(Some(10), &from_b).await.unwrap(), Commit::Won);
+    assert_eq!(a.commit(Some(10), &from_a).await.unwrap(), Commit::Lost);
+    let stored = a.load().await.unwrap().unwrap();
+    assert_eq!(stored.map.cluster_epoch, 11);
+    assert_eq!(
+        stored.map.partitions[0].primary_node_ip, "127.0.0.10:9000",
+        "the stale promotion left no trace"
+    );
+    assert_eq!(stored.map.partitions[1].primary_node_ip, "127.0.0.21:9000");
+}
+
+#[tokio::test]
+async fn exactly_one_store_holds_the_leader_lock_until_it_lets_go() {
+    let url = pg_database().await;
+    let a = PgStore::connect(&url, "a").await.unwrap();
+    let b = PgStore::connect(&url, "b").await.unwrap();
+    assert!(a.lead().await.unwrap());
+    assert!(!b.lead().await.unwrap());
+    assert!(a.lead().await.unwrap(), "the leader keeps leading");
+    a.resign().await;
+    eventually(Duration::from_secs(5), "b takes over", || async {
+        b.lead().await.unwrap()
+    })
+    .await;
+    assert!(!a.lead().await.unwrap());
+}
+
+#[tokio::test]
+async fn heartbeat_history_is_pruned_by_age() {
+    let url = pg_database().await;
+    let store = PgStore::connect(&url, "a").await.unwrap();
+    store.commit(None, &initial(1)).await.unwrap();
+    let hb = shardgate::coordinator::state::Heartbeat {
+        node_id: "n".into(),
+        addr: "127.0.0.10:9000".parse().unwrap(),
+        node_time_ms: unix_ms(),
+        usage: Default::default(),
+    };
+    for _ in 0..5 {
+        store
+            .record_heartbeat(
+                &hb,
+                shardgate::coordinator::state::NodeStatus::Active,
+                0,
+                Duration::ZERO,
+            )
+            .await
+            .unwrap();
+    }
+    let c = pg_client(&url).await;
+    c.execute(
+        "UPDATE node_heartbeats SET created_at = NOW() - interval '2 hours'
+          WHERE heartbeat_id IN (SELECT heartbeat_id FROM node_heartbeats ORDER BY heartbeat_id LIMIT 3)",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(store.prune(Duration::from_secs(3600)).await.unwrap(), 3);
+    let left: i64 = c
+        .query_one("SELECT count(*) FROM node_heartbeats", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 2);
+}

@@ -29,6 +29,42 @@ pub enum Command {
     Coordinator(CoordinatorArgs),
     /// Run the heartbeat sidecar beside a shard node.
     Agent(AgentArgs),
+    /// Run a whole cluster on loopback and print what to try.
+    Demo(DemoArgs),
+    /// One demo key-value node and its agent (started by `demo`).
+    #[command(hide = true)]
+    DemoNode(DemoNodeArgs),
+}
+
+/// `shardgate demo` flags.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Proxy listen address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Proxy admin listen address.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub admin_listen: std::net::SocketAddr,
+    /// Coordinator HTTP listen address.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    pub coordinator_http: std::net::SocketAddr,
+    /// Coordinator gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    pub coordinator_grpc: std::net::SocketAddr,
+}
+
+/// `shardgate demo-node` flags.
+#[derive(Debug, Args)]
+pub struct DemoNodeArgs {
+    /// Node id.
+    #[arg(long)]
+    pub id: String,
+    /// Listen address (also the node's address in the map).
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
+    /// Coordinator gRPC address.
+    #[arg(long)]
+    pub coordinator: String,
 }
 
 /// `shardgate coordinator` flags; each overrides the config file.

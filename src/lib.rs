@@ -8,9 +8,11 @@
 //! accept loops every listener shares.
 
 pub mod agent;
+pub mod atomic_file;
 pub mod cli;
 pub mod config;
 pub mod coordinator;
+pub mod demo;
 pub mod proto;
 pub mod proxy;
 pub mod resilience;

@@ -32,6 +32,57 @@ fn main() -> ExitCode {
         Command::Proxy(args) => run_proxy(&args),
         Command::Coordinator(args) => run_coordinator(&args),
         Command::Agent(args) => run_agent(&args),
+        Command::Demo(args) => run_demo(&args),
+        Command::DemoNode(args) => run_demo_node(&args),
+    }
+}
+
+fn run_demo(args: &cli::DemoArgs) -> ExitCode {
+    shardgate::telemetry::init_logging("warn", shardgate::config::LogFormat::Text);
+    let rt = match runtime(0) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::from(RUNTIME);
+        }
+    };
+    let cfg = shardgate::demo::DemoConfig {
+        proxy: args.listen,
+        admin: args.admin_listen,
+        coordinator_http: args.coordinator_http,
+        coordinator_grpc: args.coordinator_grpc,
+    };
+    match rt.block_on(shardgate::demo::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shardgate demo: {e}");
+            eprintln!(
+                "(ports taken? choose others with --listen, --admin-listen, --coordinator-http, --coordinator-grpc)"
+            );
+            ExitCode::from(RUNTIME)
+        }
+    }
+}
+
+fn run_demo_node(args: &cli::DemoNodeArgs) -> ExitCode {
+    shardgate::telemetry::init_logging("info", shardgate::config::LogFormat::Text);
+    let rt = match runtime(1) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::from(RUNTIME);
+        }
+    };
+    match rt.block_on(shardgate::demo::run_node(
+        &args.id,
+        args.listen,
+        &args.coordinator,
+    )) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shardgate demo-node: {e}");
+            ExitCode::from(RUNTIME)
+        }
     }
 }
 

@@ -8,6 +8,7 @@ mod proxy;
 pub use coordinator::{CoordinatorConfig, CoordinatorOverrides, StoreUrl};
 pub use load::{ConfigErrors, ConfigIssue, Issues, Location, TomlDoc};
 pub use proxy::{
-    AllOpen, BreakerPolicy, Limits, LogConfig, LogFormat, PoolConfig, ProxyConfig, ProxyFile,
-    ProxyOverrides, RoutingConfig, RuntimeConfig, ServerConfig, Timeouts, TopologySource,
+    AllOpen, BreakerPolicy, FailoverBuffer, Limits, LogConfig, LogFormat, PoolConfig, ProxyConfig,
+    ProxyFile, ProxyOverrides, RoutingConfig, RuntimeConfig, ServerConfig, Timeouts,
+    TopologySource, WatchConfig,
 };

@@ -52,6 +52,27 @@ pub struct TopologySection {
     pub sources: Vec<String>,
     /// Port used for node addresses the map writes without one.
     pub default_upstream_port: u16,
+    /// How long a watch (`waitForEpochAbove`) may be held open by the coordinator.
+    #[serde(with = "humantime_serde")]
+    pub watch_timeout: Duration,
+    /// Polling period when a coordinator offers no watch, before jitter.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Timeout of one plain fetch (not a watch).
+    #[serde(with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// Largest map accepted from a coordinator, in bytes.
+    pub max_map_bytes: usize,
+    /// Where the last valid map from a coordinator is saved; loaded at start-up
+    /// when no coordinator answers. Empty: no cache.
+    pub cache_file: String,
+    /// How long start-up waits for a coordinator before using the cache.
+    #[serde(with = "humantime_serde")]
+    pub startup_wait: Duration,
+    /// Writes answer `503 topology_stale` once the map in force is older than
+    /// this (reads continue). "0s": never.
+    #[serde(with = "humantime_serde")]
+    pub max_staleness: Duration,
 }
 
 impl Default for TopologySection {
@@ -59,6 +80,36 @@ impl Default for TopologySection {
         TopologySection {
             sources: Vec::new(),
             default_upstream_port: 80,
+            watch_timeout: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            fetch_timeout: Duration::from_secs(5),
+            max_map_bytes: 16 * 1024 * 1024,
+            cache_file: String::new(),
+            startup_wait: Duration::from_secs(5),
+            max_staleness: Duration::ZERO,
+        }
+    }
+}
+
+/// `[failover_buffer]`: hold writes while a partition has no reachable primary.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct FailoverBufferSection {
+    /// Off by default: such writes fail at once with `primary_unavailable`.
+    pub enabled: bool,
+    /// Longest a write is held waiting for a new map.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Writes held at once; more fail at once.
+    pub max_requests: usize,
+}
+
+impl Default for FailoverBufferSection {
+    fn default() -> Self {
+        FailoverBufferSection {
+            enabled: false,
+            max_wait: Duration::from_secs(5),
+            max_requests: 1000,
         }
     }
 }
@@ -329,12 +380,23 @@ pub struct ProxyFile {
     pub breaker: BreakerSection,
     /// `[upstream]`
     pub upstream: UpstreamSection,
+    /// `[failover_buffer]`
+    pub failover_buffer: FailoverBufferSection,
     /// `[log]`
     pub log: LogSection,
 }
 
 const SECTIONS: &[&str] = &[
-    "server", "topology", "routing", "limits", "timeouts", "retry", "breaker", "upstream", "log",
+    "server",
+    "topology",
+    "routing",
+    "limits",
+    "timeouts",
+    "retry",
+    "breaker",
+    "upstream",
+    "failover_buffer",
+    "log",
 ];
 
 /// Command-line flags that override the file.
@@ -481,6 +543,32 @@ pub struct LogConfig {
     pub access_log_sample: f64,
 }
 
+/// How the proxy follows coordinators.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchConfig {
+    /// Watch hold time requested.
+    pub watch_timeout: Duration,
+    /// Polling period without a watch.
+    pub poll_interval: Duration,
+    /// Plain fetch timeout.
+    pub fetch_timeout: Duration,
+    /// Map size cap.
+    pub max_map_bytes: usize,
+    /// Cache file, if any.
+    pub cache_file: Option<PathBuf>,
+    /// Start-up wait before using the cache.
+    pub startup_wait: Duration,
+}
+
+/// Failover buffering, when enabled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailoverBuffer {
+    /// Longest hold.
+    pub max_wait: Duration,
+    /// Concurrent holds.
+    pub max_requests: usize,
+}
+
 /// Everything the request path reads; swapped as a whole on reload.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RuntimeConfig {
@@ -500,6 +588,10 @@ pub struct RuntimeConfig {
     pub pool: PoolConfig,
     /// Access-log sampling.
     pub access_log_sample: f64,
+    /// Writes refused beyond this map age, if set.
+    pub max_staleness: Option<Duration>,
+    /// Failover buffering, if enabled.
+    pub failover_buffer: Option<FailoverBuffer>,
 }
 
 /// A validated proxy configuration.
@@ -511,6 +603,8 @@ pub struct ProxyConfig {
     pub topology_sources: Vec<TopologySource>,
     /// Port for node addresses without one.
     pub default_upstream_port: u16,
+    /// Following coordinators.
+    pub watch: WatchConfig,
     /// Logging.
     pub log: LogConfig,
     /// The request path's settings.
@@ -530,6 +624,7 @@ impl ProxyFile {
             retry: doc.section("retry", issues),
             breaker: doc.section("breaker", issues),
             upstream: doc.section("upstream", issues),
+            failover_buffer: doc.section("failover_buffer", issues),
             log: doc.section("log", issues),
         }
     }
@@ -648,6 +743,25 @@ impl ProxyConfig {
         if f.topology.default_upstream_port == 0 {
             issues.push("topology.default_upstream_port", "must be a port above 0");
         }
+        for (key, d) in [
+            ("topology.watch_timeout", f.topology.watch_timeout),
+            ("topology.poll_interval", f.topology.poll_interval),
+            ("topology.fetch_timeout", f.topology.fetch_timeout),
+        ] {
+            if d.is_zero() {
+                issues.push(key, "must be above zero");
+            }
+        }
+        if f.topology.max_map_bytes < 1024 {
+            issues.push("topology.max_map_bytes", "must be at least 1024");
+        }
+        let fb = &f.failover_buffer;
+        if fb.enabled && (fb.max_wait.is_zero() || fb.max_requests == 0) {
+            issues.push(
+                "failover_buffer.max_wait",
+                "an enabled buffer needs max_wait and max_requests above zero",
+            );
+        }
 
         let routing = validate_routing(&f.routing, &mut issues);
         let limits = validate_limits(&f.limits, &mut issues);
@@ -690,7 +804,22 @@ impl ProxyConfig {
                 breaker,
                 pool,
                 access_log_sample: log.access_log_sample,
+                max_staleness: (!f.topology.max_staleness.is_zero())
+                    .then_some(f.topology.max_staleness),
+                failover_buffer: fb.enabled.then_some(FailoverBuffer {
+                    max_wait: fb.max_wait,
+                    max_requests: fb.max_requests,
+                }),
             }),
+            watch: WatchConfig {
+                watch_timeout: f.topology.watch_timeout,
+                poll_interval: f.topology.poll_interval,
+                fetch_timeout: f.topology.fetch_timeout,
+                max_map_bytes: f.topology.max_map_bytes,
+                cache_file: (!f.topology.cache_file.is_empty())
+                    .then(|| PathBuf::from(&f.topology.cache_file)),
+                startup_wait: f.topology.startup_wait,
+            },
             log,
         };
         issues.finish(name, config)
@@ -711,7 +840,11 @@ fn parse_addr(s: &str, key: &str, issues: &mut Issues<'_>) -> Option<SocketAddr>
 }
 
 fn parse_topology_source(s: &str) -> Result<TopologySource, String> {
-    if s.starts_with("http://") || s.starts_with("https://") {
+    if s.starts_with("https://") {
+        Err(format!(
+            "{s:?}: https coordinator URLs are not supported by this build; use http://"
+        ))
+    } else if s.starts_with("http://") {
         let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
         if uri.authority().is_none() {
             return Err(format!("{s:?} has no host"));

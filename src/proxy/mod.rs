@@ -12,6 +12,7 @@ pub mod error;
 pub mod headers;
 mod server;
 mod service;
+mod watch;
 
 use crate::config::{ConfigErrors, ProxyConfig, ProxyOverrides, RuntimeConfig, TopologySource};
 use crate::resilience::RetryBudget;
@@ -25,7 +26,7 @@ use metrics::{Counter, Gauge};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -118,6 +119,15 @@ pub struct Proxy {
     connections: AtomicUsize,
     default_port: u16,
     status: Mutex<MapStatus>,
+    /// The epoch in force (0 before any map), for requests waiting on a newer one.
+    epoch_tx: tokio::sync::watch::Sender<u64>,
+    /// Wakes the coordinator watcher for an immediate fetch.
+    refresh: tokio::sync::Notify,
+    /// When the map in force was last confirmed, ms since `born` (lock-free age).
+    confirmed_ms: AtomicU64,
+    born: Instant,
+    /// Writes held while their partition has no primary (failover buffering).
+    held: Arc<tokio::sync::Semaphore>,
 }
 
 fn upstream_settings(rt: &RuntimeConfig) -> UpstreamSettings {
@@ -144,8 +154,48 @@ impl Proxy {
             default_port: config.default_upstream_port,
             routes: ArcSwapOption::empty(),
             status: Mutex::new(MapStatus::default()),
+            epoch_tx: tokio::sync::watch::channel(0).0,
+            refresh: tokio::sync::Notify::new(),
+            confirmed_ms: AtomicU64::new(0),
+            born: Instant::now(),
+            held: Arc::new(tokio::sync::Semaphore::new(
+                rt.failover_buffer.map_or(0, |b| b.max_requests),
+            )),
             runtime: ArcSwap::new(rt),
         })
+    }
+
+    /// Note that the source confirmed the map in force is current.
+    pub fn confirm(&self) {
+        let now = Instant::now();
+        self.status().confirmed_at = Some(now);
+        self.confirmed_ms.store(
+            now.saturating_duration_since(self.born).as_millis() as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// How long ago the map in force was confirmed by its source.
+    pub fn map_age(&self) -> Duration {
+        let confirmed = Duration::from_millis(self.confirmed_ms.load(Ordering::Relaxed));
+        Instant::now()
+            .saturating_duration_since(self.born)
+            .saturating_sub(confirmed)
+    }
+
+    /// Ask the coordinator watcher to fetch the map now.
+    pub fn request_refresh(&self) {
+        self.refresh.notify_one();
+    }
+
+    /// Wait until a map newer than `epoch` is in force, or `until` passes.
+    pub async fn newer_table(&self, epoch: u64, until: Instant) -> Option<Arc<RouteTable>> {
+        let mut rx = self.epoch_tx.subscribe();
+        let newer = tokio::time::timeout_at(until, rx.wait_for(|e| *e > epoch)).await;
+        match newer {
+            Ok(Ok(_)) => self.table(),
+            _ => None,
+        }
     }
 
     fn status(&self) -> MutexGuard<'_, MapStatus> {
@@ -189,12 +239,15 @@ impl Proxy {
                 );
                 self.routes.store(Some(Arc::new(table)));
                 self.metrics.epoch.set(epoch as f64);
-                status.confirmed_at = Some(Instant::now());
+                drop(status);
+                self.confirm();
+                self.epoch_tx.send_replace(epoch);
                 tracing::info!(epoch, previous = ?current, source, "shard map applied");
                 MapUpdate::Applied
             }
             Fence::Unchanged => {
-                status.confirmed_at = Some(Instant::now());
+                drop(status);
+                self.confirm();
                 MapUpdate::Unchanged
             }
             Fence::Stale => {
@@ -241,6 +294,15 @@ impl Proxy {
     /// their own settings changed.
     pub fn apply_runtime(&self, rt: Arc<RuntimeConfig>) {
         let old = self.runtime.load_full();
+        if old.failover_buffer != rt.failover_buffer {
+            let want = rt.failover_buffer.map_or(0, |b| b.max_requests);
+            let have = old.failover_buffer.map_or(0, |b| b.max_requests);
+            if want > have {
+                self.held.add_permits(want - have);
+            } else {
+                self.held.forget_permits(have - want);
+            }
+        }
         if old.budget != rt.budget {
             self.budget.store(Arc::new(RetryBudget::new(rt.budget)));
         }
@@ -288,9 +350,6 @@ pub enum StartError {
     /// Signal handlers could not be installed (exit 2).
     #[error("cannot install signal handlers")]
     Signals,
-    /// A source kind this build cannot use yet (exit 1).
-    #[error("topology source {0} is not supported by this build")]
-    Unsupported(String),
 }
 
 impl StartError {
@@ -332,19 +391,49 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         source,
     })?;
     let proxy = Proxy::new(&config, Arc::new(Metrics::new()));
+    let shutdown = CancellationToken::new();
+    let coordinators: Vec<http::Uri> = config
+        .topology_sources
+        .iter()
+        .filter_map(|s| match s {
+            TopologySource::Coordinator(u) => Some(u.clone()),
+            TopologySource::File(_) => None,
+        })
+        .collect();
     for source in &config.topology_sources {
-        match source {
-            TopologySource::File(path) => {
-                proxy.load_topology_file(path)?;
-            }
-            TopologySource::Coordinator(uri) => {
-                return Err(StartError::Unsupported(uri.to_string()));
+        if let TopologySource::File(path) = source {
+            proxy.load_topology_file(path)?;
+        }
+    }
+    let mut tasks = Vec::new();
+    if !coordinators.is_empty() {
+        tasks.push(tokio::spawn(watch::follow(
+            proxy.clone(),
+            coordinators,
+            config.watch.clone(),
+            shutdown.clone(),
+        )));
+        let until = Instant::now() + config.watch.startup_wait;
+        if proxy.newer_table(0, until).await.is_none() {
+            match &config.watch.cache_file {
+                Some(cache) if cache.exists() => match read_topology_file(cache) {
+                    Ok(map) => {
+                        tracing::warn!(cache = %cache.display(), epoch = map.epoch(),
+                            "no coordinator answered; serving the cached map");
+                        proxy.offer(map, &format!("cache {}", cache.display()));
+                    }
+                    Err(e) => {
+                        tracing::error!("no coordinator answered and the cache is unusable: {e}");
+                    }
+                },
+                _ => {
+                    tracing::warn!("no coordinator answered yet; requests get 503 until one does");
+                }
             }
         }
     }
 
-    let shutdown = CancellationToken::new();
-    let tasks = vec![
+    tasks.extend([
         tokio::spawn(server::serve(
             proxy.clone(),
             listener,
@@ -353,7 +442,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         )),
         tokio::spawn(admin::serve(proxy.clone(), admin, shutdown.clone())),
         tokio::spawn(housekeeping(proxy.clone(), shutdown.clone())),
-    ];
+    ]);
     tracing::info!(%addr, %admin_addr, "proxy listening");
     Ok(RunningProxy {
         proxy,

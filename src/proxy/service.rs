@@ -76,12 +76,64 @@ enum Failure {
 }
 
 impl Failure {
+    fn kind(&self) -> &str {
+        match self {
+            Failure::NotSent(e) | Failure::Broken(e) => e,
+            Failure::Timeout => "timeout",
+            Failure::Status(_) => "retryable status",
+        }
+    }
+
     fn reach(&self) -> Reach {
         match self {
             Failure::NotSent(_) => Reach::NotSent,
             _ => Reach::MaybeSent,
         }
     }
+}
+
+/// An attempt loop that ended without a response to pass on; a request
+/// nothing of which was sent comes back so it can be placed again.
+struct Undelivered {
+    error: ProxyError,
+    unsent: Option<Request<RequestBody>>,
+}
+
+impl From<ProxyError> for Undelivered {
+    fn from(error: ProxyError) -> Self {
+        Undelivered {
+            error,
+            unsent: None,
+        }
+    }
+}
+
+/// How long a read that met a 421 may wait for the newer map.
+const MISDIRECTED_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The epoch a `421 Misdirected Request` names, when it is newer than ours.
+fn misdirected(d: &Delivered, ours: u64) -> Option<u64> {
+    if d.resp.status() != StatusCode::MISDIRECTED_REQUEST {
+        return None;
+    }
+    let theirs: u64 = d
+        .resp
+        .headers()
+        .get(headers::EPOCH_HEADER)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    (theirs > ours).then_some(theirs)
+}
+
+/// Where a request belongs, kept so it can be placed again under a newer map.
+#[derive(Clone, Copy, Debug)]
+enum Placement {
+    /// The key's ring position.
+    Position(u32),
+    /// A fixed partition (keyless requests, when configured).
+    Index(u32),
 }
 
 /// The parts of a request head needed to send it again after the original
@@ -93,11 +145,11 @@ struct Head {
 }
 
 impl Head {
-    fn of<B>(req: &Request<B>) -> Head {
+    fn of(parts: &http::request::Parts) -> Head {
         Head {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            headers: req.headers().clone(),
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
         }
     }
 
@@ -144,7 +196,7 @@ impl Proxy {
         let cfg = self.runtime.load_full();
         let table = self.routes.load_full();
         let forwarded = {
-            let forward = pin!(self.forward(req, &cfg, table.as_deref(), &client.info, &mut x));
+            let forward = pin!(self.forward(req, &cfg, table, &client.info, &mut x));
             forward.await
         };
         let resp = match forwarded {
@@ -164,25 +216,25 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         cfg: &RuntimeConfig,
-        table: Option<&RouteTable>,
+        table: Option<Arc<RouteTable>>,
         client: &ClientInfo,
         x: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // 2. key: refuse anything ambiguous before reading a key out of it.
         let host = headers::check_inbound(&req, cfg.limits.max_header_bytes)?;
-        let table = table.ok_or(ProxyError::NoTopology)?;
-        // 3. partition
-        let partition = route(&req, &cfg.routing, table)?;
-        x.partition = Some((partition.index, partition.metrics.clone()));
-        // 4. upstream choice
-        let pref = read_preference(req.headers(), &cfg.routing)?;
-        let plan = partition.plan(x.class, pref);
-        if plan.candidates.is_empty() {
-            return Err(ProxyError::NoHealthyUpstream {
-                partition: partition.index,
-                cause: format!("read preference {pref} needs a replica and the partition has none"),
-            });
+        let mut table = table.ok_or(ProxyError::NoTopology)?;
+        let placement = placement(&req, &cfg.routing)?;
+        if x.class == RequestClass::Write
+            && let Some(max) = cfg.max_staleness
+        {
+            let age = self.map_age();
+            if age > max {
+                return Err(ProxyError::TopologyStale {
+                    age_secs: age.as_secs(),
+                });
+            }
         }
+        let pref = read_preference(req.headers(), &cfg.routing)?;
         let (mut parts, body) = req.into_parts();
         let body = request_body(&parts.method, body, cfg)?;
         x.trace = Some(headers::to_upstream(
@@ -192,21 +244,114 @@ impl Proxy {
             table.epoch_header(),
         ));
         let deadline = x.started + cfg.timeouts.overall;
-        // 5. attempt loop. Pinned in place and awaited through the pin: a
-        // directly awaited async call is laid out twice in the enclosing
-        // future, and hyper moves the outermost future for every request.
-        let delivered = {
-            let attempts = pin!(self.attempt_loop(
-                Request::from_parts(parts, body),
-                &plan,
-                partition,
-                cfg,
-                deadline,
-                x,
-            ));
-            attempts.await?
-        };
-        // 6. response
+        // Only requests that may be sent again after reaching an upstream keep
+        // a copy of their head; everything else gets its request back unsent.
+        let head =
+            (is_idempotent(&parts.method) && cfg.retry.max_attempts > 1).then(|| Head::of(&parts));
+        let replayer = head.as_ref().and_then(|_| body.replayer());
+        let mut req = Request::from_parts(parts, body);
+        // At most one second placement per request: after a 421 from a node
+        // that knows a newer map, or after holding a write through a failover.
+        let mut replaced = false;
+        loop {
+            let next = {
+                // 3. partition
+                let partition = place(&table, placement)?;
+                x.partition = Some((partition.index, partition.metrics.clone()));
+                // 4. upstream choice
+                let plan = partition.plan(x.class, pref);
+                if plan.candidates.is_empty() {
+                    return Err(ProxyError::NoHealthyUpstream {
+                        partition: partition.index,
+                        cause: format!(
+                            "read preference {pref} needs a replica and the partition has none"
+                        ),
+                    });
+                }
+                // 5. attempt loop. Pinned in place and awaited through the pin: a
+                // directly awaited async call is laid out twice in the enclosing
+                // future, and hyper moves the outermost future for every request.
+                let outcome = {
+                    let attempts = pin!(self.attempt_loop(
+                        req,
+                        &plan,
+                        partition,
+                        cfg,
+                        deadline,
+                        head.as_ref(),
+                        replayer.as_ref(),
+                        x,
+                    ));
+                    attempts.await
+                };
+                match outcome {
+                    Ok(delivered) => {
+                        let Some(newer) = misdirected(&delivered, table.epoch()) else {
+                            return Ok(self.respond(delivered, partition, cfg, deadline, x));
+                        };
+                        // A node that knows a newer map refused: fetch it now, and
+                        // send a read once more under it.
+                        self.request_refresh();
+                        let again = (!replaced && x.class == RequestClass::Read)
+                            .then(|| Some(head.as_ref()?.with_body(replayer.as_ref()?.next()?)))
+                            .flatten();
+                        let Some(again) = again else {
+                            return Ok(self.respond(delivered, partition, cfg, deadline, x));
+                        };
+                        let until = deadline.min(Instant::now() + MISDIRECTED_WAIT);
+                        match self.newer_table(newer.saturating_sub(1), until).await {
+                            Some(t) => (t, again),
+                            None => return Ok(self.respond(delivered, partition, cfg, deadline, x)),
+                        }
+                    }
+                    Err(Undelivered {
+                        error: error @ ProxyError::PrimaryUnavailable { .. },
+                        unsent,
+                    }) if !replaced
+                        && x.class == RequestClass::Write
+                        && cfg.failover_buffer.is_some() =>
+                    {
+                        // Failover buffering: a write that can be sent again —
+                        // nothing of it was sent, or it is idempotent and kept —
+                        // waits for the new primary instead of failing. A
+                        // non-idempotent write that may have reached the old
+                        // primary has no kept copy and is never sent twice.
+                        let Some(buffer) = cfg.failover_buffer else {
+                            return Err(error);
+                        };
+                        let again = unsent
+                            .or_else(|| Some(head.as_ref()?.with_body(replayer.as_ref()?.next()?)));
+                        let Some(unsent) = again else {
+                            return Err(error);
+                        };
+                        let Ok(_slot) = self.held.clone().try_acquire_owned() else {
+                            return Err(error);
+                        };
+                        let until = deadline.min(Instant::now() + buffer.max_wait);
+                        match self.newer_table(table.epoch(), until).await {
+                            Some(t) => (t, unsent),
+                            None => return Err(error),
+                        }
+                    }
+                    Err(u) => return Err(u.error),
+                }
+            };
+            (table, req) = next;
+            req.headers_mut()
+                .insert(headers::EPOCH_HEADER, table.epoch_header().clone());
+            replaced = true;
+        }
+    }
+
+    /// 6. The upstream's response, with the header rules applied, streamed back.
+    fn respond(
+        &self,
+        delivered: Delivered,
+        partition: &RoutePartition,
+        cfg: &RuntimeConfig,
+        deadline: Instant,
+        x: &mut Exchange,
+    ) -> Response<ProxyBody> {
         x.served_by = delivered.role.into();
         x.upstream = Some(delivered.guard.upstream().label().clone());
         let (mut parts, incoming) = delivered.resp.into_parts();
@@ -218,12 +363,13 @@ impl Proxy {
             .then(|| &**delivered.guard.upstream().label());
         headers::to_downstream(&mut parts.headers, &partition.index_header, exposed);
         let body = UpstreamBody::new(incoming, delivered.guard, delivered.conn, deadline);
-        Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+        Response::from_parts(parts, ProxyBody::Upstream(body))
     }
 
     /// Try the plan's nodes until one answers acceptably or the rules of
     /// SPEC §3 say stop: retry only idempotent requests or requests nothing
     /// of which was sent, within attempts, budget and deadline.
+    #[allow(clippy::too_many_arguments)]
     async fn attempt_loop(
         &self,
         req: Request<RequestBody>,
@@ -231,14 +377,12 @@ impl Proxy {
         partition: &RoutePartition,
         cfg: &RuntimeConfig,
         deadline: Instant,
+        head: Option<&Head>,
+        replayer: Option<&Replayer>,
         x: &mut Exchange,
-    ) -> Result<Delivered, ProxyError> {
+    ) -> Result<Delivered, Undelivered> {
         let policy = &cfg.retry;
         let idempotent = is_idempotent(req.method());
-        // Only requests that may be re-sent after reaching an upstream need a
-        // copy of their head; everything else gets its request back unsent.
-        let head = (idempotent && policy.max_attempts > 1).then(|| Head::of(&req));
-        let replayer = head.as_ref().and_then(|_| req.body().replayer());
         let budget = self.budget.load();
         budget.deposit(x.started);
 
@@ -250,24 +394,40 @@ impl Proxy {
         loop {
             // Which node: the first from the cursor whose breaker and in-flight limit admit us.
             let Some((slot, permit, guard)) = self.admit(plan, cursor, cfg) else {
-                return Err(self.refused(plan, partition, last, cfg));
+                if let Some((Failure::Status(kept), _)) = last {
+                    // The upstream's own retryable answer beats a proxy error.
+                    return Ok(kept);
+                }
+                return Err(Undelivered {
+                    error: self.refused(plan, partition, last.as_ref(), cfg),
+                    unsent: pending,
+                });
             };
             let (upstream, role) = plan.candidates[slot];
             let Some(req) = pending
                 .take()
-                .or_else(|| Some(head.as_ref()?.with_body(replayer.as_ref()?.next()?)))
+                .or_else(|| Some(head?.with_body(replayer?.next()?)))
             else {
-                return give_up(last, plan, partition);
+                tracing::debug!(
+                    head = head.is_some(),
+                    replayer = replayer.is_some(),
+                    replayable = replayer.is_some_and(Replayer::can_replay),
+                    "cannot send the request again"
+                );
+                return give_up(last, plan, partition).map_err(Undelivered::from);
             };
             tried |= 1u64 << slot.min(63);
             x.attempts += 1;
 
             let sent_at = Instant::now();
+            let trace = TraceId(x.trace.map_or(0, |t| t.trace_id));
+            tracing::debug!(attempt = x.attempts, upstream = %upstream.label(), %trace, "attempt");
             let try_deadline = deadline.min(sent_at + cfg.timeouts.per_try);
             let attempt = pin!(tokio::time::timeout_at(try_deadline, upstream.send(req)));
             let failure = match attempt.await {
                 Ok(Ok((resp, conn))) => {
                     let answered_at = Instant::now();
+                    tracing::debug!(%trace, status = resp.status().as_u16(), reused = conn.is_reused(), "answered");
                     upstream
                         .latency()
                         .observe(answered_at - sent_at, answered_at);
@@ -318,7 +478,7 @@ impl Proxy {
                     // The client's fault, not the upstream's: no breaker verdict, no retry.
                     if let Some(e) = client_side(&error) {
                         drop(permit);
-                        return Err(e);
+                        return Err(e.into());
                     }
                     settle(upstream, permit, AttemptOutcome::SendError, Instant::now());
                     Failure::Broken(error.to_string())
@@ -329,20 +489,25 @@ impl Proxy {
                 }
             };
             let label = upstream.label().clone();
+            tracing::debug!(attempt = x.attempts, upstream = %label, %trace, failure = ?failure.kind(), "attempt failed");
 
             // Whether to try again, where, and after how long.
-            let resendable =
-                pending.is_some() || replayer.as_ref().is_some_and(Replayer::can_replay);
+            let resendable = pending.is_some() || replayer.is_some_and(Replayer::can_replay);
             let allowed = x.attempts < policy.max_attempts
                 && (failure.reach() == Reach::NotSent || idempotent)
                 && resendable
                 && Instant::now() < deadline;
-            if !allowed {
-                return give_up(Some((failure, label)), plan, partition);
-            }
-            if !budget.try_withdraw() {
+            let budget_spent = allowed && !budget.try_withdraw();
+            if budget_spent {
                 self.metrics.budget_exhausted.increment(1);
-                return give_up(Some((failure, label)), plan, partition);
+            }
+            if !allowed || budget_spent {
+                return give_up(Some((failure, label)), plan, partition).map_err(|error| {
+                    Undelivered {
+                        error,
+                        unsent: pending,
+                    }
+                });
             }
             cursor = (slot + 1) % plan.candidates.len();
             // Moving to a node not yet tried is immediate; going back to one is spaced by backoff.
@@ -351,7 +516,12 @@ impl Proxy {
                     .backoff
                     .delay(x.attempts - 1, previous_delay, &mut rand::rng());
                 if Instant::now() + delay >= deadline {
-                    return give_up(Some((failure, label)), plan, partition);
+                    return give_up(Some((failure, label)), plan, partition).map_err(|error| {
+                        Undelivered {
+                            error,
+                            unsent: pending,
+                        }
+                    });
                 }
                 previous_delay = Some(delay);
                 partition.metrics.retry(RetryReason::Retry);
@@ -401,37 +571,34 @@ impl Proxy {
         None
     }
 
-    /// Every node the request may use refused it without a network attempt.
+    /// Every node the request may use refused it (breakers open, in-flight
+    /// limits) before this attempt could be made.
     fn refused(
         &self,
         plan: &Plan<'_>,
         partition: &RoutePartition,
-        last: Option<(Failure, Arc<str>)>,
+        last: Option<&(Failure, Arc<str>)>,
         cfg: &RuntimeConfig,
     ) -> ProxyError {
-        if last.is_some() {
-            return match give_up(last, plan, partition) {
-                Err(e) => e,
-                // give_up only delivers a kept response; here none was kept.
-                Ok(_) => ProxyError::NoHealthyUpstream {
-                    partition: partition.index,
-                    cause: "every node refused".into(),
-                },
-            };
-        }
         let full = cfg.limits.max_inflight_per_upstream != 0
             && plan
                 .candidates
                 .iter()
                 .any(|(u, _)| u.inflight() >= cfg.limits.max_inflight_per_upstream);
-        if full {
+        if full && last.is_none() {
             return ProxyError::Overloaded {
                 reason: "upstream in-flight limit reached",
                 partition: Some(partition.index),
             };
         }
         self.metrics.shed_breaker.increment(1);
-        let cause = "circuit breaker open".to_owned();
+        // Earlier attempts may have failed on their own; what matters now is
+        // that no node may be tried: the partition has no reachable primary
+        // (or no healthy node), which is what failover buffering waits out.
+        let cause = match last {
+            Some((f, upstream)) => format!("circuit breaker open after {upstream}: {}", f.kind()),
+            None => "circuit breaker open".to_owned(),
+        };
         if plan.primary_only {
             ProxyError::PrimaryUnavailable {
                 partition: partition.index,
@@ -441,7 +608,7 @@ impl Proxy {
         } else {
             ProxyError::NoHealthyUpstream {
                 partition: partition.index,
-                cause: format!("every node's {cause}"),
+                cause: format!("every node refused: {cause}"),
             }
         }
     }
@@ -539,25 +706,29 @@ fn client_side(error: &hyper::Error) -> Option<ProxyError> {
     None
 }
 
-/// Step 3: the partition that owns the request's key.
-fn route<'t>(
-    req: &Request<Incoming>,
-    routing: &RoutingConfig,
-    table: &'t RouteTable,
-) -> Result<&'t RoutePartition, ProxyError> {
+/// Step 2: where the request's key places it.
+fn placement(req: &Request<Incoming>, routing: &RoutingConfig) -> Result<Placement, ProxyError> {
     match routing.keys.extract(req.uri(), req.headers()) {
-        Ok(key) => Ok(table.partition_for(key_position(&key))),
+        Ok(key) => Ok(Placement::Position(key_position(&key))),
         Err(KeyError::Missing(looked)) => match routing.keyless_partition {
-            Some(i) => table.partition_by_index(i).ok_or_else(|| {
-                ProxyError::MissingShardKey(format!(
-                    "no shard key, and the keyless partition {i} is not in the map"
-                ))
-            }),
+            Some(i) => Ok(Placement::Index(i)),
             None => Err(ProxyError::MissingShardKey(format!(
                 "no shard key found (looked in {looked})"
             ))),
         },
         Err(e @ KeyError::Invalid { .. }) => Err(ProxyError::InvalidShardKey(e.to_string())),
+    }
+}
+
+/// Step 3: the partition of `table` the placement names.
+fn place(table: &RouteTable, placement: Placement) -> Result<&RoutePartition, ProxyError> {
+    match placement {
+        Placement::Position(pos) => Ok(table.partition_for(pos)),
+        Placement::Index(i) => table.partition_by_index(i).ok_or_else(|| {
+            ProxyError::MissingShardKey(format!(
+                "no shard key, and the keyless partition {i} is not in the map"
+            ))
+        }),
     }
 }
 

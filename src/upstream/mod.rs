@@ -219,6 +219,7 @@ impl Upstream {
                 Ok(c) => c,
                 Err(error) => return Err(SendError::Connect { req, error }),
             };
+            tracing::trace!(upstream = %self.label, reused = conn.is_reused(), "connection checked out");
             let mut response = std::pin::pin!(conn.sender.try_send_request(req));
             let result = std::future::poll_fn(|cx| {
                 // The connection's IO runs here, in the request's own task.
@@ -226,6 +227,7 @@ impl Upstream {
                 response.as_mut().poll(cx)
             })
             .await;
+            tracing::trace!(upstream = %self.label, ok = result.is_ok(), "exchange resolved");
             match result {
                 Ok(resp) => return Ok((resp, conn)),
                 Err(mut e) => match e.take_message() {

@@ -50,8 +50,11 @@ type Driver = http1::Connection<TokioIo<TcpStream>, RequestBody>;
 /// connection state machine that must be polled for any IO to happen.
 pub struct Conn {
     pub(super) sender: http1::SendRequest<RequestBody>,
-    driver: Pin<Box<Driver>>,
-    ended: bool,
+    /// `None` once the connection ended. It must be dropped then: hyper fails
+    /// (or hands back, unsent) the requests still queued to a connection only
+    /// when its state machine is dropped, so keeping a finished one would
+    /// leave such a request waiting forever.
+    driver: Option<Pin<Box<Driver>>>,
     reused: bool,
 }
 
@@ -63,19 +66,24 @@ impl Conn {
 
     /// Run the connection's IO; `Ready` once the connection has ended.
     pub fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.ended {
+        let Some(driver) = self.driver.as_mut() else {
             return Poll::Ready(());
-        }
-        match self.driver.as_mut().poll(cx) {
+        };
+        match driver.as_mut().poll(cx) {
             Poll::Ready(result) => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "upstream connection ended with an error");
                 }
-                self.ended = true;
+                self.driver = None;
                 Poll::Ready(())
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    /// Whether the connection has ended.
+    fn ended(&self) -> bool {
+        self.driver.is_none()
     }
 
     /// Drive until the connection can take a request; `false` if it ended.
@@ -135,10 +143,12 @@ impl Pool {
                 continue;
             }
             // Nobody polled it while idle: this is where a peer's close is seen.
+            tracing::trace!(upstream = %self.addr, "checking an idle connection");
             if conn.ready().await {
                 conn.reused = true;
                 return Ok(conn);
             }
+            tracing::trace!(upstream = %self.addr, "idle connection was closed");
         }
         // Boxed: connecting is the rare path, and its future would otherwise
         // inflate every request's state machine.
@@ -146,6 +156,7 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<Conn, ConnectError> {
+        tracing::trace!(upstream = %self.addr, "connecting");
         let timeout = self.settings.connect_timeout;
         let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
             .await
@@ -158,8 +169,7 @@ impl Pool {
             .await?;
         let mut conn = Conn {
             sender,
-            driver: Box::pin(driver),
-            ended: false,
+            driver: Some(Box::pin(driver)),
             reused: false,
         };
         if conn.ready().await {
@@ -174,7 +184,7 @@ impl Pool {
 
     /// Return a connection whose exchange finished cleanly.
     pub fn checkin(&self, conn: Conn) {
-        if conn.ended || conn.sender.is_closed() {
+        if conn.ended() || conn.sender.is_closed() {
             return;
         }
         let mut idle = self.lock();

@@ -18,15 +18,6 @@ fn write_atomically(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-async fn metric(admin: std::net::SocketAddr, line_prefix: &str) -> f64 {
-    let text = admin_get(admin, "/metrics").await.text();
-    text.lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 async fn start_binary(map: &str, dir: &Path, extra_args: &[&str]) -> BinProxy {
     let path = dir.join("map.json");
     write_atomically(&path, map);

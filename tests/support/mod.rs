@@ -197,6 +197,12 @@ async fn accept_loop(mut listener: TcpListener, addr: SocketAddr, state: Arc<Ups
     loop {
         if *state.refusing.lock().unwrap() {
             drop(listener);
+            // A connection accepted while refuse() ran would outlive it: kill
+            // again now that nothing more can be accepted, as a dying process
+            // closes every socket it has.
+            for c in state.connections.lock().unwrap().drain(..) {
+                c.abort();
+            }
             loop {
                 state.restart.notified().await;
                 if !*state.refusing.lock().unwrap() {
@@ -696,6 +702,8 @@ impl BinProxy {
 pub struct BinProcess {
     pub child: tokio::process::Child,
     pub stderr: Arc<Mutex<String>>,
+    /// Everything printed to stdout after the first line.
+    pub stdout: Arc<Mutex<String>>,
     pub first_line: String,
 }
 
@@ -730,10 +738,19 @@ impl BinProcess {
         } else {
             String::new()
         };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let out = Arc::new(Mutex::new(String::new()));
+        let o = out.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut o = o.lock().unwrap();
+                o.push_str(&line);
+                o.push('\n');
+            }
+        });
         BinProcess {
             child,
             stderr: log,
+            stdout: out,
             first_line,
         }
     }
@@ -881,6 +898,115 @@ pub async fn spawn_agent(
     ];
     args.extend_from_slice(extra);
     BinProcess::spawn(&args, false).await
+}
+
+/// A coordinator stand-in that serves whatever map a test sets, so the
+/// proxy's watcher can be driven exactly. A watch (`waitForEpochAbove=N`) is
+/// answered at once when the map's epoch is above N, else when the test
+/// publishes a map (whatever its epoch: a coordinator gone wrong) or after 30 s.
+pub struct FakeCoordinator {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<(String, u64)>>,
+    published: tokio::sync::watch::Sender<u64>,
+    pub requests: Arc<AtomicU64>,
+    task: AbortHandle,
+}
+
+impl Drop for FakeCoordinator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeCoordinator {
+    pub async fn start(map: &str) -> FakeCoordinator {
+        FakeCoordinator::with_watch_hold(map, Duration::from_secs(30)).await
+    }
+
+    /// Watches are held at most `hold`, then answered with the current map.
+    pub async fn with_watch_hold(map: &str, hold: Duration) -> FakeCoordinator {
+        let epoch = epoch_of(map);
+        let state = Arc::new(Mutex::new((map.to_owned(), epoch)));
+        let (published, _) = tokio::sync::watch::channel(epoch);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicU64::new(0));
+        let (st, tx, n) = (state.clone(), published.clone(), requests.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (st, tx, n) = (st.clone(), tx.clone(), n.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (st, tx, n) = (st.clone(), tx.clone(), n.clone());
+                        async move {
+                            n.fetch_add(1, Ordering::SeqCst);
+                            let wait = req.uri().query().and_then(|q| {
+                                q.strip_prefix("waitForEpochAbove=")
+                                    .and_then(|v| v.parse::<u64>().ok())
+                            });
+                            if let Some(above) = wait {
+                                let mut rx = tx.subscribe();
+                                let current = st.lock().unwrap().1;
+                                if current <= above {
+                                    let _ = tokio::time::timeout(hold, rx.changed()).await;
+                                }
+                            }
+                            let body = st.lock().unwrap().0.clone();
+                            Ok::<_, Infallible>(Response::new(full(body)))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        })
+        .abort_handle();
+        FakeCoordinator {
+            addr,
+            state,
+            published,
+            requests,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Serve `map` and answer every waiting watch with it.
+    pub fn publish(&self, map: &str) {
+        let epoch = epoch_of(map);
+        *self.state.lock().unwrap() = (map.to_owned(), epoch);
+        self.published.send_modify(|generation| *generation += 1);
+    }
+
+    /// Serve `map` to plain fetches only; watches keep waiting.
+    pub fn set_silently(&self, map: &str) {
+        let epoch = epoch_of(map);
+        *self.state.lock().unwrap() = (map.to_owned(), epoch);
+    }
+}
+
+fn epoch_of(map: &str) -> u64 {
+    serde_json::from_str::<serde_json::Value>(map)
+        .ok()
+        .and_then(|v| v["clusterEpoch"].as_u64())
+        .unwrap_or(0)
+}
+
+/// The value of an unlabelled or fully written metric line on an admin listener.
+pub async fn metric(admin: SocketAddr, line_prefix: &str) -> f64 {
+    let text = admin_get(admin, "/metrics").await.text();
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 // ---------------------------------------------------------------------------

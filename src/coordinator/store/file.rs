@@ -1,12 +1,9 @@
-//! The default store: one JSON file, replaced atomically (write, fsync,
-//! rename, fsync the directory), so a crash leaves the old state or the new,
-//! never half of either.
+//! The default store: one JSON file, replaced atomically (see `atomic_file`).
 
 use super::{Commit, RemoteNode, Store, StoreError};
 use crate::coordinator::state::{Assignment, Heartbeat, NodeStatus, Persisted};
 use crate::topology::NodeAddr;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// A state file owned by one coordinator.
@@ -39,27 +36,11 @@ impl FileStore {
         })?;
         let _one_at_a_time = self.write.lock().await;
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
+        tokio::task::spawn_blocking(move || crate::atomic_file::write(&path, &bytes))
             .await
             .map_err(|e| self.err(std::io::Error::other(e)))?
             .map_err(|e| self.err(e))
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 impl Store for FileStore {

@@ -1,0 +1,340 @@
+//! `shardgate demo`: a whole cluster on loopback for a newcomer.
+//!
+//! A coordinator (state file in a temporary directory), three partitions of
+//! the built-in key-value node (primary + replica each, every node its own
+//! process with its agent), and a proxy following the coordinator. It prints
+//! what to try, including how to kill a primary and watch the failover.
+//! Ctrl-C stops everything and removes the temporary directory.
+
+pub mod kv;
+
+use crate::agent::{AgentConfig, AgentExit};
+use crate::config::{CoordinatorConfig, CoordinatorOverrides, ProxyConfig, ProxyOverrides};
+use crate::coordinator::store::FileStore;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Where the demo listens.
+#[derive(Clone, Debug)]
+pub struct DemoConfig {
+    /// Proxy listener.
+    pub proxy: SocketAddr,
+    /// Proxy admin listener.
+    pub admin: SocketAddr,
+    /// Coordinator HTTP listener.
+    pub coordinator_http: SocketAddr,
+    /// Coordinator gRPC listener.
+    pub coordinator_grpc: SocketAddr,
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Setting up files or processes failed.
+    #[error("{0}")]
+    Setup(String),
+    /// The coordinator did not start.
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] crate::coordinator::StartError),
+    /// The proxy did not start.
+    #[error("proxy: {0}")]
+    Proxy(#[from] crate::proxy::StartError),
+}
+
+fn setup(e: impl std::fmt::Display) -> DemoError {
+    DemoError::Setup(e.to_string())
+}
+
+fn free_port() -> Result<u16, DemoError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(setup)?;
+    Ok(l.local_addr().map_err(setup)?.port())
+}
+
+struct Node {
+    id: String,
+    addr: SocketAddr,
+    child: Child,
+}
+
+/// Stops child processes by PID when dropped, whatever happened.
+struct Children(Vec<Node>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for n in &mut self.0 {
+            let _ = Command::new("kill").arg(n.child.id().to_string()).status();
+        }
+        for n in &mut self.0 {
+            let _ = n.child.wait();
+        }
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Three partitions over the six nodes, in (primary, replica) pairs.
+fn topology(nodes: &[(String, SocketAddr)]) -> serde_json::Value {
+    let ranges = [
+        ("00000000", "55555555"),
+        ("55555556", "aaaaaaaa"),
+        ("aaaaaaab", "ffffffff"),
+    ];
+    let partitions: Vec<_> = ranges
+        .iter()
+        .enumerate()
+        .map(|(i, (start, end))| {
+            serde_json::json!({
+                "partitionIndex": i,
+                "primaryNodeIp": nodes[2 * i].1.to_string(),
+                "replicaNodeIps": [nodes[2 * i + 1].1.to_string()],
+                "hashRangeStart": start,
+                "hashRangeEnd": end,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "clusterEpoch": 1,
+        "masterNodeId": "demo-coordinator",
+        "partitionCount": 3,
+        "partitions": partitions,
+    })
+}
+
+/// Run the demo until SIGINT/SIGTERM.
+pub async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return Err(setup("cannot install signal handlers"));
+    };
+    let dir = TempDir(std::env::temp_dir().join(format!("shardgate-demo-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).map_err(setup)?;
+    let exe = std::env::current_exe().map_err(setup)?;
+
+    let mut nodes = Vec::new();
+    for p in 0..3 {
+        for role in ["primary", "replica"] {
+            let id = format!("p{p}-{role}");
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            nodes.push((id, addr));
+        }
+    }
+    let map = topology(&nodes);
+    let map_path = dir.0.join("topology.json");
+    std::fs::write(&map_path, serde_json::to_vec_pretty(&map).map_err(setup)?).map_err(setup)?;
+    // The coordinator listens before the nodes start, so their agents find it.
+    let mut coordinator_cfg = coordinator_config(&cfg, &dir.0)?;
+    coordinator_cfg.topology = Some(map_path.clone());
+    let store = FileStore::new(dir.0.join("coordinator-state.json"));
+    let coordinator = crate::coordinator::start(coordinator_cfg, store).await?;
+
+    let mut children = Children(Vec::new());
+    for (id, addr) in &nodes {
+        let log = std::fs::File::create(dir.0.join(format!("{id}.log"))).map_err(setup)?;
+        let child = Command::new(&exe)
+            .args([
+                "demo-node",
+                "--id",
+                id,
+                "--listen",
+                &addr.to_string(),
+                "--coordinator",
+                &coordinator.grpc_addr.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(setup)?)
+            .stderr(log)
+            .spawn()
+            .map_err(setup)?;
+        children.0.push(Node {
+            id: id.clone(),
+            addr: *addr,
+            child,
+        });
+    }
+
+    // "Ready" means every node answers: wait (bounded) for their listeners.
+    for node in &children.0 {
+        let up = async {
+            while tokio::net::TcpStream::connect(node.addr).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(15), up)
+            .await
+            .is_err()
+        {
+            return Err(setup(format!(
+                "node {} did not start listening on {}; see {}/{}.log",
+                node.id,
+                node.addr,
+                dir.0.display(),
+                node.id
+            )));
+        }
+    }
+
+    let proxy_toml = format!(
+        "[server]\nlisten = \"{}\"\nadmin_listen = \"{}\"\n\
+         [topology]\nsources = [\"http://{}\"]\ncache_file = \"{}\"\n\
+         [failover_buffer]\nenabled = true\n[log]\nlevel = \"warn\"\n",
+        cfg.proxy,
+        cfg.admin,
+        coordinator.http_addr,
+        dir.0.join("proxy-map-cache.json").display()
+    );
+    let proxy_cfg =
+        ProxyConfig::from_toml(&proxy_toml, "demo", &ProxyOverrides::default()).map_err(setup)?;
+    let proxy = crate::proxy::start(proxy_cfg).await?;
+
+    print_instructions(&proxy, &coordinator, &children.0, &dir.0, &map_path);
+
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    eprintln!("\nstopping the demo...");
+    drop(children);
+    proxy.shutdown().await;
+    coordinator.shutdown().await;
+    Ok(())
+}
+
+fn coordinator_config(cfg: &DemoConfig, dir: &Path) -> Result<CoordinatorConfig, DemoError> {
+    // Short timeouts so a killed primary is replaced within a few seconds.
+    let text = "[coordinator]\nid = \"demo-coordinator\"\nheartbeat_timeout = \"3s\"\n\
+                sweep_interval = \"500ms\"\nfailover_hold_down = \"10s\"\nadmin_token = \"demo\"\n\
+                [log]\nlevel = \"warn\"\n";
+    let overrides = CoordinatorOverrides {
+        http_listen: Some(cfg.coordinator_http.to_string()),
+        grpc_listen: Some(cfg.coordinator_grpc.to_string()),
+        store: Some(format!(
+            "file:{}",
+            dir.join("coordinator-state.json").display()
+        )),
+        ..Default::default()
+    };
+    CoordinatorConfig::from_toml(text, "demo", &overrides).map_err(setup)
+}
+
+fn print_instructions<S: crate::coordinator::store::Store>(
+    proxy: &crate::proxy::RunningProxy,
+    coordinator: &crate::coordinator::RunningCoordinator<S>,
+    nodes: &[Node],
+    dir: &Path,
+    map: &Path,
+) {
+    let p = proxy.addr;
+    let a = proxy.admin_addr;
+    let c = coordinator.http_addr;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "shardgate demo ready proxy={p} admin={a} coordinator={c}"
+    );
+    let _ = writeln!(out, "\nA sharded key-value cluster is running on loopback:");
+    let _ = writeln!(out, "  proxy        http://{p}   (admin http://{a})");
+    let _ = writeln!(
+        out,
+        "  coordinator  http://{c}   (gRPC {})",
+        coordinator.grpc_addr
+    );
+    for pair in nodes.chunks(2) {
+        let part = &pair[0].id[..2];
+        let _ = writeln!(
+            out,
+            "  partition {}  primary {} pid {}   replica {} pid {}",
+            &part[1..],
+            pair[0].addr,
+            pair[0].child.id(),
+            pair[1].addr,
+            pair[1].child.id()
+        );
+    }
+    let _ = writeln!(out, "\nTry it:");
+    let _ = writeln!(out, "  curl -X PUT --data hello http://{p}/kv/user:42");
+    let _ = writeln!(out, "  curl http://{p}/kv/user:42");
+    let _ = writeln!(
+        out,
+        "  curl -H 'x-read-preference: secondary' http://{p}/kv/user:42"
+    );
+    let _ = writeln!(
+        out,
+        "  shardgate route --topology {} user:42",
+        map.display()
+    );
+    let _ = writeln!(out, "  curl http://{c}/v1/cluster/nodes");
+    let _ = writeln!(out, "\nFail over a primary and watch the map change:");
+    let _ = writeln!(
+        out,
+        "  curl 'http://{c}/v1/cluster/topology?waitForEpochAbove=1' &   # waits for the new epoch"
+    );
+    let _ = writeln!(
+        out,
+        "  kill {}                                               # partition 0's primary",
+        nodes[0].child.id()
+    );
+    let _ = writeln!(
+        out,
+        "  curl http://{a}/admin/topology                # the proxy follows within a second"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -X PUT --data again http://{p}/kv/user:42   # writes go to the promoted replica"
+    );
+    let _ = writeln!(
+        out,
+        "\nNode logs: {}/*.log   Ctrl-C stops everything.",
+        dir.display()
+    );
+    let _ = out.flush();
+}
+
+/// `shardgate demo-node`: one key-value node and its agent in one process.
+pub async fn run_node(
+    id: &str,
+    listen: SocketAddr,
+    coordinator: &str,
+) -> Result<AgentExit, DemoError> {
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(setup)?;
+    let node = kv::KvNode::new(id);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(kv::serve(node.clone(), listener, shutdown.clone()));
+    let agent = AgentConfig {
+        coordinator: crate::agent::coordinator_uri(coordinator).map_err(setup)?,
+        node_id: id.to_owned(),
+        ip: listen.to_string().parse().map_err(setup)?,
+        interval: Duration::from_millis(500),
+        check_url: format!("http://{listen}/healthz").parse().ok(),
+        token: None,
+    };
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let (Ok(mut t), Ok(mut i)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+        }
+        stop.cancel();
+    });
+    let exit = crate::agent::run(agent, shutdown.clone()).await;
+    if exit == AgentExit::Terminated {
+        // Fenced: stop taking writes, keep answering reads until stopped.
+        node.fence();
+        shutdown.cancelled().await;
+    }
+    shutdown.cancel();
+    let _ = server.await;
+    Ok(exit)
+}

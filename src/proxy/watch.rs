@@ -1,0 +1,244 @@
+//! Following coordinators: the proxy's live shard map.
+//!
+//! A watch (`GET /v1/cluster/topology?waitForEpochAbove=N`) is held open on
+//! the first coordinator that answers, so a new epoch arrives as soon as it
+//! exists. A coordinator that offers no watch is polled with `If-None-Match`.
+//! Failures move on to the next coordinator with jittered backoff. Every map
+//! is validated and epoch-fenced by `Proxy::offer` exactly like a file map;
+//! the last one applied is saved to the cache file.
+
+use super::{MapUpdate, Proxy};
+use crate::config::WatchConfig;
+use crate::resilience::{Backoff, Jitter};
+use crate::topology::ShardMap;
+use bytes::Bytes;
+use http::header::{ETAG, HOST, IF_NONE_MATCH};
+use http::{HeaderValue, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use rand::RngExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// What one fetch produced.
+enum Fetched {
+    Map {
+        body: Bytes,
+        etag: Option<HeaderValue>,
+    },
+    NotModified,
+    Status(StatusCode),
+}
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("no answer in time")]
+    Timeout,
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("{0}")]
+    Http(String),
+}
+
+/// GET `uri` once, bounded in time and size.
+async fn fetch(
+    uri: &Uri,
+    etag: Option<&HeaderValue>,
+    timeout: Duration,
+    max_bytes: usize,
+) -> Result<Fetched, FetchError> {
+    let work = async {
+        let authority = uri
+            .authority()
+            .ok_or_else(|| FetchError::Http("URL has no host".into()))?;
+        let port = authority.port_u16().unwrap_or(80);
+        let stream = tokio::net::TcpStream::connect((authority.host(), port))
+            .await
+            .map_err(FetchError::Connect)?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| FetchError::Http(e.to_string()))?;
+        tokio::spawn(conn);
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut req = Request::get(path)
+            .header(HOST, authority.as_str())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| FetchError::Http(e.to_string()))?;
+        if let Some(tag) = etag {
+            req.headers_mut().insert(IF_NONE_MATCH, tag.clone());
+        }
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| FetchError::Http(e.to_string()))?;
+        match resp.status() {
+            StatusCode::NOT_MODIFIED => Ok(Fetched::NotModified),
+            StatusCode::OK => {
+                let etag = resp.headers().get(ETAG).cloned();
+                let body = Limited::new(resp.into_body(), max_bytes)
+                    .collect()
+                    .await
+                    .map_err(|e| FetchError::Http(format!("reading the map: {e}")))?
+                    .to_bytes();
+                Ok(Fetched::Map { body, etag })
+            }
+            other => Ok(Fetched::Status(other)),
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| FetchError::Timeout)?
+}
+
+fn topology_url(base: &Uri, wait_above: Option<u64>) -> Option<Uri> {
+    let base = base.to_string();
+    let base = base.trim_end_matches('/');
+    let url = match wait_above {
+        Some(e) => format!("{base}/v1/cluster/topology?waitForEpochAbove={e}"),
+        None => format!("{base}/v1/cluster/topology"),
+    };
+    url.parse().ok()
+}
+
+/// Follow `sources` until `shutdown`.
+pub(super) async fn follow(
+    proxy: Arc<Proxy>,
+    sources: Vec<Uri>,
+    cfg: WatchConfig,
+    shutdown: CancellationToken,
+) {
+    let backoff = Backoff {
+        base: Duration::from_millis(100),
+        max: cfg.poll_interval.max(Duration::from_secs(5)),
+        jitter: Jitter::Decorrelated,
+    };
+    let mut current = 0usize;
+    let mut failures = 0u32;
+    let mut last_delay = None;
+    let mut watch_supported = vec![true; sources.len()];
+    let mut etag: Option<HeaderValue> = None;
+    // Set when a refresh was asked for while no fetch was running.
+    let mut fetch_now = false;
+    loop {
+        let source = &sources[current];
+        let epoch = proxy.epoch();
+        // Watch only once there is an epoch to watch past; a refresh request
+        // (421 from an upstream) asks for the map now, not the next one.
+        let refresh = proxy.refresh.notified();
+        let watching = !fetch_now && watch_supported[current] && epoch.is_some();
+        fetch_now = false;
+        let Some(url) = topology_url(source, if watching { epoch } else { None }) else {
+            tracing::error!(%source, "coordinator URL unusable; skipping it");
+            current = (current + 1) % sources.len();
+            continue;
+        };
+        let timeout = if watching {
+            cfg.watch_timeout + cfg.fetch_timeout
+        } else {
+            cfg.fetch_timeout
+        };
+        let tag = if watching { None } else { etag.as_ref() };
+        let asked = tokio::time::Instant::now();
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = refresh => {
+                // Drop the watch and fetch again immediately.
+                let Some(now_url) = topology_url(source, None) else { continue };
+                fetch(&now_url, None, cfg.fetch_timeout, cfg.max_map_bytes).await
+            }
+            r = fetch(&url, tag, timeout, cfg.max_map_bytes) => r,
+        };
+        let source_name = format!("coordinator {source}");
+        let mut pause = None;
+        match result {
+            Ok(Fetched::Map {
+                body,
+                etag: new_tag,
+            }) => {
+                failures = 0;
+                last_delay = None;
+                match ShardMap::from_json(&body) {
+                    Ok(map) => {
+                        let doc = map.to_doc();
+                        let update = proxy.offer(map, &source_name);
+                        if update == MapUpdate::Applied {
+                            save_cache(&cfg, &doc).await;
+                        } else if watching && asked.elapsed() < Duration::from_secs(1) {
+                            // A watch answered at once with nothing newer: the
+                            // coordinator ignores watches. Do not spin on it.
+                            pause = Some(jittered(cfg.poll_interval));
+                        }
+                        etag = new_tag;
+                    }
+                    Err(e) => {
+                        proxy.refuse(MapUpdate::RejectedInvalid, &source_name, &e.to_string());
+                        pause = Some(cfg.poll_interval);
+                    }
+                }
+                if !watching {
+                    pause = Some(jittered(cfg.poll_interval));
+                }
+            }
+            Ok(Fetched::NotModified) => {
+                failures = 0;
+                proxy.confirm();
+                pause = Some(jittered(cfg.poll_interval));
+            }
+            Ok(Fetched::Status(StatusCode::BAD_REQUEST)) if watching => {
+                tracing::info!(%source, "coordinator offers no watch; polling it instead");
+                watch_supported[current] = false;
+            }
+            Ok(Fetched::Status(status)) => {
+                proxy.refuse(
+                    MapUpdate::FetchError,
+                    &source_name,
+                    &format!("answered {status}"),
+                );
+                pause = Some(next_backoff(&backoff, &mut failures, &mut last_delay));
+                current = (current + 1) % sources.len();
+            }
+            Err(e) => {
+                proxy.refuse(MapUpdate::FetchError, &source_name, &e.to_string());
+                pause = Some(next_backoff(&backoff, &mut failures, &mut last_delay));
+                current = (current + 1) % sources.len();
+            }
+        }
+        if let Some(p) = pause {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = proxy.refresh.notified() => fetch_now = true,
+                () = tokio::time::sleep(p) => {}
+            }
+        }
+    }
+}
+
+fn jittered(d: Duration) -> Duration {
+    // ±20%, so many proxies do not poll in lockstep.
+    d.mul_f64(rand::rng().random_range(0.8..1.2))
+}
+
+fn next_backoff(b: &Backoff, failures: &mut u32, last: &mut Option<Duration>) -> Duration {
+    let d = b.delay(*failures, *last, &mut rand::rng());
+    *failures = failures.saturating_add(1);
+    *last = Some(d);
+    d
+}
+
+async fn save_cache(cfg: &WatchConfig, doc: &crate::topology::TopologyDoc) {
+    let Some(path) = cfg.cache_file.clone() else {
+        return;
+    };
+    let Ok(bytes) = serde_json::to_vec_pretty(doc) else {
+        return;
+    };
+    let written =
+        tokio::task::spawn_blocking(move || crate::atomic_file::write(&path, &bytes)).await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("cannot save the map cache: {e}"),
+        Err(e) => tracing::warn!("cannot save the map cache: {e}"),
+    }
+}

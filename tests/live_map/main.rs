@@ -152,8 +152,8 @@ struct Tally {
 /// Mixed load on partition 0 (where the failover happens) and partition 1.
 fn mixed_load(
     proxy: std::net::SocketAddr,
-    stop: Arc<AtomicBool>,
-    tally: Arc<Tally>,
+    stop: &Arc<AtomicBool>,
+    tally: &Arc<Tally>,
 ) -> tokio::task::JoinSet<()> {
     let mut set = tokio::task::JoinSet::new();
     let keys: Vec<String> = (0..2).map(|p| key_for_partition(p, 2)).collect();

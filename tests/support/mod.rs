@@ -53,6 +53,8 @@ pub enum Behavior {
     Hang,
     /// Answer 200, then send `bytes` bytes one at a time, `every` apart.
     Drip { bytes: usize, every: Duration },
+    /// Answer 200 (the node's name) after waiting this long.
+    Slow(Duration),
     /// Answer 200 with `bytes` bytes streamed in 64 KiB chunks.
     Stream { bytes: u64 },
     /// Write two responses' worth of bytes for one request: a framing error
@@ -87,6 +89,8 @@ struct UpstreamState {
     /// Counts requests as they arrive, before their bodies are read.
     arrivals: AtomicU64,
     connections: Mutex<Vec<AbortHandle>>,
+    /// Requests abandoned before the upstream answered (the proxy hung up).
+    cancelled: AtomicU64,
     restart: Notify,
     refusing: Mutex<bool>,
     accepted: AtomicU64,
@@ -120,6 +124,7 @@ impl Upstream {
             log: Mutex::new(Vec::new()),
             arrivals: AtomicU64::new(0),
             connections: Mutex::new(Vec::new()),
+            cancelled: AtomicU64::new(0),
             restart: Notify::new(),
             refusing: Mutex::new(false),
             accepted: AtomicU64::new(0),
@@ -173,6 +178,11 @@ impl Upstream {
     /// Requests whose head arrived, including ones still reading their body.
     pub fn arrivals(&self) -> u64 {
         self.state.arrivals.load(Ordering::SeqCst)
+    }
+
+    /// Requests abandoned mid-way because the proxy closed the connection.
+    pub fn cancelled(&self) -> u64 {
+        self.state.cancelled.load(Ordering::SeqCst)
     }
 
     /// TCP connections accepted so far.
@@ -256,6 +266,27 @@ async fn respond(
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, std::io::Error> {
     st.arrivals.fetch_add(1, Ordering::SeqCst);
+    // Counts the request as cancelled if this future is dropped before answering.
+    struct Unanswered(Arc<UpstreamState>, bool);
+    impl Drop for Unanswered {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.cancelled.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+    let mut unanswered = Unanswered(st.clone(), false);
+    let answer = respond_inner(st.clone(), control, req).await;
+    unanswered.1 = true;
+    drop(unanswered);
+    answer
+}
+
+async fn respond_inner(
+    st: Arc<UpstreamState>,
+    control: Arc<Mutex<Option<std::net::TcpStream>>>,
+    req: Request<Incoming>,
+) -> Result<Response<BoxBody>, std::io::Error> {
     let scripted = st.script.lock().unwrap().pop_front();
     let behavior = scripted.unwrap_or_else(|| st.behavior.lock().unwrap().clone());
     let (parts, mut body) = req.into_parts();
@@ -300,6 +331,10 @@ async fn respond(
     };
     match behavior {
         Behavior::Ok => Ok(full(200, name)),
+        Behavior::Slow(wait) => {
+            tokio::time::sleep(wait).await;
+            Ok(full(200, name))
+        }
         Behavior::Status(s) => Ok(full(s, name)),
         Behavior::Respond {
             status,

@@ -148,14 +148,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Turn the client's request head into the one sent upstream; returns the
-/// trace context (continued or started).
+/// The request's place in a trace: its `traceparent` continued, or a new trace.
+/// Returns the context and whether the client's header was continued.
+pub fn trace_of(headers: &HeaderMap) -> (TraceContext, bool) {
+    TraceContext::continue_or_start(headers.get(TRACEPARENT))
+}
+
+/// Turn the client's request head into the one sent upstream, as a hop of
+/// `trace` (`continued`: the client's own trace, so its `tracestate` stays).
 pub fn to_upstream(
     parts: &mut request::Parts,
     host: Option<HeaderValue>,
     client: &ClientInfo,
     epoch: &HeaderValue,
-) -> TraceContext {
+    (trace, continued): (TraceContext, bool),
+) {
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
 
@@ -182,13 +189,11 @@ pub fn to_upstream(
         HeaderValue::from_static(if client.tls { "https" } else { "http" }),
     );
 
-    let (trace, continued) = TraceContext::continue_or_start(headers.get(TRACEPARENT));
     if !continued {
         headers.remove(TRACESTATE);
     }
     headers.insert(TRACEPARENT, trace.header());
     headers.insert(EPOCH_HEADER, epoch.clone());
-    trace
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
@@ -327,7 +332,14 @@ mod tests {
         let (mut parts, ()) = r.into_parts();
         let client = ClientInfo::new("10.9.8.7:5555".parse().unwrap(), false);
         let host = check_inbound(&Request::from_parts(parts.clone_head(), ()), 16384).unwrap();
-        to_upstream(&mut parts, host, &client, &HeaderValue::from_static("42"));
+        let trace = trace_of(&parts.headers);
+        to_upstream(
+            &mut parts,
+            host,
+            &client,
+            &HeaderValue::from_static("42"),
+            trace,
+        );
         let h = &parts.headers;
         for gone in [
             "connection",

@@ -51,7 +51,8 @@ struct Exchange {
     served_by: ServedBy,
     attempts: u32,
     upstream: Option<Arc<str>>,
-    trace: Option<TraceContext>,
+    /// The request's trace: the client's continued, or a new one.
+    trace: (TraceContext, bool),
     error: Option<&'static str>,
 }
 
@@ -178,7 +179,7 @@ impl Proxy {
             served_by: ServedBy::Proxy,
             attempts: 0,
             upstream: None,
-            trace: None,
+            trace: headers::trace_of(req.headers()),
             error: None,
         };
         // 1. accept
@@ -237,12 +238,7 @@ impl Proxy {
         let pref = read_preference(req.headers(), &cfg.routing)?;
         let (mut parts, body) = req.into_parts();
         let body = request_body(&parts.method, body, cfg)?;
-        x.trace = Some(headers::to_upstream(
-            &mut parts,
-            host,
-            client,
-            table.epoch_header(),
-        ));
+        headers::to_upstream(&mut parts, host, client, table.epoch_header(), x.trace);
         let deadline = x.started + cfg.timeouts.overall;
         // Only requests that may be sent again after reaching an upstream keep
         // a copy of their head; everything else gets its request back unsent.
@@ -420,7 +416,7 @@ impl Proxy {
             x.attempts += 1;
 
             let sent_at = Instant::now();
-            let trace = TraceId(x.trace.map_or(0, |t| t.trace_id));
+            let trace = TraceId(x.trace.0.trace_id);
             tracing::debug!(attempt = x.attempts, upstream = %upstream.label(), %trace, "attempt");
             let try_deadline = deadline.min(sent_at + cfg.timeouts.per_try);
             let attempt = pin!(tokio::time::timeout_at(try_deadline, upstream.send(req)));
@@ -635,7 +631,7 @@ impl Proxy {
                 attempts = x.attempts,
                 duration_ms = secs * 1000.0,
                 error = x.error,
-                trace_id = %x.trace.map_or(TraceId(0), |t| TraceId(t.trace_id)),
+                trace_id = %TraceId(x.trace.0.trace_id),
                 "request"
             );
         }

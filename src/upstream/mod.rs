@@ -9,7 +9,9 @@ pub use body::{BodyError, Replayer, RequestBody, UpstreamBody};
 pub use latency::PeakEwma;
 pub use pool::{Conn, ConnectError, Pool, PoolSettings};
 
-use crate::resilience::{Breaker, BreakerConfig, BreakerObserver, BreakerState};
+use crate::resilience::{
+    Breaker, BreakerConfig, BreakerObserver, BreakerState, Counter as WindowCounter, RollingWindow,
+};
 use crate::telemetry::{Metrics, names};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -76,6 +78,8 @@ pub struct Upstream {
     latency: PeakEwma,
     inflight: AtomicUsize,
     attempts: [Counter; 5],
+    /// Failed attempts over the last minute, for `/admin/upstreams`.
+    recent_failures: RollingWindow,
 }
 
 /// Why an attempt produced no response.
@@ -156,6 +160,7 @@ impl Upstream {
                     &[("upstream", l), ("outcome", o.as_str())],
                 )
             }),
+            recent_failures: RollingWindow::new(60),
             label,
         }
     }
@@ -193,6 +198,15 @@ impl Upstream {
     /// Count an attempt's outcome.
     pub fn count_attempt(&self, outcome: AttemptOutcome) {
         self.attempts[outcome as usize].increment(1);
+        if outcome != AttemptOutcome::Ok {
+            self.recent_failures
+                .add(WindowCounter::A, tokio::time::Instant::now());
+        }
+    }
+
+    /// Failed attempts over the last minute.
+    pub fn recent_failures(&self) -> u64 {
+        self.recent_failures.totals(tokio::time::Instant::now()).0
     }
 
     /// Reserve an in-flight slot, unless `limit` (0 = none) is reached.

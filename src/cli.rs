@@ -91,6 +91,12 @@ pub struct CoordinatorArgs {
     /// Seconds between liveness sweeps.
     #[arg(long)]
     pub sweep_interval: Option<f64>,
+    /// Serve both listeners over TLS with this certificate chain (PEM).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<String>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<String>,
 }
 
 impl CoordinatorArgs {
@@ -103,6 +109,8 @@ impl CoordinatorArgs {
             store: self.store.clone(),
             heartbeat_timeout: self.heartbeat_timeout,
             sweep_interval: self.sweep_interval,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
         }
     }
 }
@@ -128,6 +136,15 @@ pub struct AgentArgs {
     /// Heartbeat bearer token, if the coordinator requires one.
     #[arg(long, env = "SHARDGATE_HEARTBEAT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Verify an `https://` coordinator against this CA (PEM) instead of the system roots.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) to present to the coordinator (mTLS).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -159,14 +176,36 @@ impl AgentArgs {
             }
             None => None,
         };
+        let coordinator = crate::agent::coordinator_uri(&self.coordinator)
+            .map_err(|e| InputError::Other(e.to_string()))?;
+        let tls = crate::tls::ClientTls {
+            ca: self.tls_ca.clone(),
+            identity: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::CertFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
+        };
+        let https = coordinator.scheme_str() == Some("https");
+        if !https && (tls.ca.is_some() || tls.identity.is_some()) {
+            return Err(InputError::Other(
+                "--tls-ca/--tls-cert need an https:// --coordinator".into(),
+            ));
+        }
+        if https {
+            crate::tls::client_config(&tls, crate::tls::ALPN_H2)
+                .map_err(|e| InputError::Other(format!("coordinator TLS: {e}")))?;
+        }
         Ok(crate::agent::AgentConfig {
-            coordinator: crate::agent::coordinator_uri(&self.coordinator)
-                .map_err(|e| InputError::Other(e.to_string()))?,
+            coordinator,
+            tls,
             node_id: self.node_id.clone(),
             ip,
             interval: std::time::Duration::from_secs_f64(self.interval),
             check_url,
-            token: self.token.clone().filter(|t| !t.is_empty()),
+            token: self.token.clone().filter(|t| !t.is_empty()).map(Into::into),
         })
     }
 }
@@ -186,6 +225,12 @@ pub struct ProxyArgs {
     /// Topology file, or coordinator URLs (repeat or comma-separate).
     #[arg(long, num_args = 1.., value_delimiter = ',')]
     pub topology: Vec<String>,
+    /// Serve TLS with this certificate chain (PEM).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<String>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<String>,
 }
 
 impl ProxyArgs {
@@ -195,6 +240,8 @@ impl ProxyArgs {
             listen: self.listen.clone(),
             admin_listen: self.admin_listen.clone(),
             topology: self.topology.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
         }
     }
 }

@@ -19,5 +19,6 @@ pub mod resilience;
 pub mod routing;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
 pub mod upstream;

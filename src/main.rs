@@ -153,8 +153,12 @@ fn run_agent(args: &cli::AgentArgs) -> ExitCode {
         shardgate::agent::run(config, stop).await
     });
     match exit {
-        shardgate::agent::AgentExit::Stopped => ExitCode::SUCCESS,
-        shardgate::agent::AgentExit::Terminated => ExitCode::from(shardgate::agent::TERMINATED),
+        Ok(shardgate::agent::AgentExit::Stopped) => ExitCode::SUCCESS,
+        Ok(shardgate::agent::AgentExit::Terminated) => ExitCode::from(shardgate::agent::TERMINATED),
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Accept loops shared by every listener: a connection cap, survival when the
 //! process runs out of file descriptors, and graceful drain on shutdown.
 
+use crate::tls::Terminator;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 /// How long to pause accepting after a resource error (EMFILE, ENOBUFS...).
@@ -87,12 +89,14 @@ pub async fn accept_loop(
     }
 }
 
-/// Serve plain HTTP/1.1 with `handle` until `shutdown`, then drain for up to `grace`.
+/// Serve HTTP/1.1 (over TLS when `tls` is given) with `handle` until
+/// `shutdown`, then drain for up to `grace`.
 ///
 /// For small internal listeners (admin, coordinator HTTP): a fixed connection
 /// cap and header-read timeout, no HTTP/2.
 pub async fn serve_http1<F, Fut, B>(
     listener: TcpListener,
+    tls: Option<Arc<Terminator>>,
     max_connections: usize,
     shutdown: CancellationToken,
     grace: Duration,
@@ -121,11 +125,34 @@ pub async fn serve_http1<F, Fut, B>(
                 let f = handle(req, peer);
                 async move { Ok::<_, Infallible>(f.await) }
             });
-            let conn = builder.serve_connection(TokioIo::new(a.stream), svc);
-            let watched = graceful.watch(conn);
+            let builder = builder.clone();
+            let watcher = graceful.watcher();
+            let tls = tls.clone();
+            let shutdown = shutdown.clone();
             let permit = a.permit;
             tokio::spawn(async move {
-                let _ = watched.await;
+                match tls {
+                    None => {
+                        let _ = watcher
+                            .watch(builder.serve_connection(TokioIo::new(a.stream), svc))
+                            .await;
+                    }
+                    Some(tls) => {
+                        let accepted = tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            r = tls.accept(a.stream) => r,
+                        };
+                        match accepted {
+                            Ok(stream) => {
+                                let _ = watcher
+                                    .watch(builder.serve_connection(TokioIo::new(stream), svc))
+                                    .await;
+                            }
+                            // Dropping the stream closes it at once.
+                            Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        }
+                    }
+                }
                 drop(permit);
             });
         },
@@ -139,4 +166,43 @@ pub async fn serve_http1<F, Fut, B>(
 /// The executor hyper uses for HTTP/2 streams.
 pub fn executor() -> TokioExecutor {
     TokioExecutor::new()
+}
+
+/// TLS connections accepted on `listener`, for servers that take a stream of
+/// connections (tonic). Handshakes run concurrently, each within the
+/// terminator's deadline, so one slow client cannot hold up the others;
+/// failed handshakes are dropped here and never reach the server.
+pub fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<Terminator>,
+    max_handshakes: usize,
+    shutdown: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(max_handshakes.max(1));
+    tokio::spawn(async move {
+        let cap = Arc::new(Semaphore::new(max_handshakes));
+        accept_loop(
+            &listener,
+            &cap,
+            &shutdown,
+            |a| {
+                let tls = tls.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tls.accept(a.stream).await {
+                        Ok(stream) => {
+                            drop(a.permit);
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Err(e) => {
+                            tracing::debug!(peer = %a.peer, error = %e, "TLS handshake failed");
+                        }
+                    }
+                });
+            },
+            drop,
+        )
+        .await;
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

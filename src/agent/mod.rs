@@ -9,16 +9,18 @@ mod sysinfo;
 
 pub use sysinfo::{Sample, Sampler};
 
+use crate::config::Secret;
 use crate::proto::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
 use crate::proto::heartbeat_response::Command as WireCommand;
 use crate::proto::{HeartbeatRequest, ResourceUsage};
 use crate::resilience::{Backoff, Jitter};
+use crate::tls::ClientTls;
 use crate::topology::NodeAddr;
 use http::Uri;
 use http_body_util::Empty;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Exit code when the coordinator says TERMINATE.
 pub const TERMINATED: u8 = 3;
@@ -26,8 +28,10 @@ pub const TERMINATED: u8 = 3;
 /// Agent settings.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// Coordinator gRPC endpoint, `http://host:port`.
+    /// Coordinator gRPC endpoint, `http://host:port` or `https://host:port`.
     pub coordinator: Uri,
+    /// For an `https` coordinator: roots to verify it, identity to present.
+    pub tls: ClientTls,
     /// This node's stable name.
     pub node_id: String,
     /// This node's address, as the map writes it.
@@ -37,7 +41,7 @@ pub struct AgentConfig {
     /// Local health check; heartbeats pause while it fails.
     pub check_url: Option<Uri>,
     /// Bearer token for heartbeats, if the coordinator requires one.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 }
 
 /// Why the agent stopped.
@@ -55,6 +59,9 @@ pub enum AgentError {
     /// The coordinator address is unusable.
     #[error("coordinator address {0:?}: {1}")]
     Coordinator(String, String),
+    /// The TLS files for an `https` coordinator are unusable.
+    #[error("coordinator TLS: {0}")]
+    Tls(String),
 }
 
 /// Parse `host:port` or `http://host:port` into a gRPC endpoint URI.
@@ -106,11 +113,32 @@ async fn healthy(url: &Uri) -> bool {
     )
 }
 
+fn read(path: &std::path::Path) -> Result<Vec<u8>, AgentError> {
+    std::fs::read(path).map_err(|e| AgentError::Tls(format!("{}: {e}", path.display())))
+}
+
+/// tonic's TLS settings for an `https` coordinator.
+fn tls_config(spec: &ClientTls) -> Result<ClientTlsConfig, AgentError> {
+    let mut config = match &spec.ca {
+        Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?)),
+        None => ClientTlsConfig::new().with_native_roots(),
+    };
+    if let Some(id) = &spec.identity {
+        config = config.identity(Identity::from_pem(read(&id.cert)?, read(&id.key)?));
+    }
+    Ok(config.timeout(Duration::from_secs(5)))
+}
+
 /// Heartbeat until `shutdown` or TERMINATE.
-pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> AgentExit {
-    let endpoint = Endpoint::from(cfg.coordinator.clone())
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<AgentExit, AgentError> {
+    let mut endpoint = Endpoint::from(cfg.coordinator.clone())
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5));
+    if cfg.coordinator.scheme_str() == Some("https") {
+        endpoint = endpoint
+            .tls_config(tls_config(&cfg.tls)?)
+            .map_err(|e| AgentError::Tls(e.to_string()))?;
+    }
     let channel: Channel = endpoint.connect_lazy();
     let mut client = ClusterDiscoveryServiceClient::new(channel);
     let backoff = Backoff {
@@ -150,7 +178,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> AgentExit {
                 }),
             });
             if let Some(t) = &cfg.token
-                && let Ok(v) = format!("Bearer {t}").parse()
+                && let Ok(v) = format!("Bearer {}", t.expose()).parse()
             {
                 req.metadata_mut().insert("authorization", v);
             }
@@ -170,7 +198,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> AgentExit {
                                 node = %cfg.node_id,
                                 "coordinator says TERMINATE: this node was fenced or removed; stopping"
                             );
-                            return AgentExit::Terminated;
+                            return Ok(AgentExit::Terminated);
                         }
                         Err(_) => {
                             tracing::warn!(command = resp.recommended_command, "unknown command");
@@ -192,7 +220,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> AgentExit {
             }
         }
         tokio::select! {
-            () = shutdown.cancelled() => return AgentExit::Stopped,
+            () = shutdown.cancelled() => return Ok(AgentExit::Stopped),
             () = tokio::time::sleep(wait) => {}
         }
     }

@@ -2,6 +2,8 @@
 
 use super::load::{ConfigErrors, ConfigIssue, Issues, TomlDoc};
 use super::proxy::{LogFormat, parse_log};
+use super::secret::Secret;
+use crate::tls::{CertFiles, ServerTls};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +47,14 @@ pub struct CoordinatorSection {
     /// Heartbeat history older than this is pruned (PostgreSQL store).
     #[serde(with = "humantime_serde")]
     pub heartbeat_retention: Duration,
+    /// PEM certificate chain served on both listeners; empty: plain text.
+    pub tls_cert: String,
+    /// Its private key.
+    pub tls_key: String,
+    /// Require HTTP clients (proxies, operators) to present a certificate from this CA.
+    pub http_client_ca: String,
+    /// Require gRPC clients (agents) to present a certificate from this CA.
+    pub grpc_client_ca: String,
 }
 
 impl Default for CoordinatorSection {
@@ -64,6 +74,10 @@ impl Default for CoordinatorSection {
             admin_token: String::new(),
             heartbeat_token: String::new(),
             heartbeat_retention: Duration::from_secs(3600),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            http_client_ca: String::new(),
+            grpc_client_ca: String::new(),
         }
     }
 }
@@ -102,6 +116,10 @@ pub struct CoordinatorOverrides {
     pub heartbeat_timeout: Option<f64>,
     /// `--sweep-interval` (seconds)
     pub sweep_interval: Option<f64>,
+    /// `--tls-cert`
+    pub tls_cert: Option<String>,
+    /// `--tls-key`
+    pub tls_key: Option<String>,
 }
 
 /// Where the coordinator keeps its state.
@@ -139,11 +157,15 @@ pub struct CoordinatorConfig {
     /// Per-node heartbeat rate.
     pub max_heartbeats_per_second: u32,
     /// PUT token (empty: changes refused).
-    pub admin_token: String,
+    pub admin_token: Secret,
     /// Heartbeat token (empty: none required).
-    pub heartbeat_token: String,
+    pub heartbeat_token: Secret,
     /// Heartbeat history retention.
     pub heartbeat_retention: Duration,
+    /// TLS on the HTTP listener.
+    pub http_tls: Option<ServerTls>,
+    /// TLS on the gRPC listener.
+    pub grpc_tls: Option<ServerTls>,
     /// Log level or filter.
     pub log_level: String,
     /// Log format.
@@ -224,6 +246,14 @@ impl CoordinatorConfig {
             c.sweep_interval = d;
         }
 
+        if let Some(v) = &o.tls_cert {
+            c.tls_cert = v.clone();
+        }
+        if let Some(v) = &o.tls_key {
+            c.tls_key = v.clone();
+        }
+        let (http_tls, grpc_tls) = validate_tls(&c, &mut issues);
+
         let addr = |s: &str, key: String, issues: &mut Issues<'_>| match s.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
@@ -299,14 +329,75 @@ impl CoordinatorConfig {
             failover_hold_down: c.failover_hold_down,
             watch_timeout: c.watch_timeout,
             max_heartbeats_per_second: c.max_heartbeats_per_second,
-            admin_token: c.admin_token,
-            heartbeat_token: c.heartbeat_token,
+            admin_token: c.admin_token.into(),
+            heartbeat_token: c.heartbeat_token.into(),
             heartbeat_retention: c.heartbeat_retention,
+            http_tls,
+            grpc_tls,
             log_level: log.level,
             log_format,
         };
         issues.finish(name, config)
     }
+}
+
+/// TLS for each listener: one certificate, a client CA per listener.
+fn validate_tls(
+    c: &CoordinatorSection,
+    issues: &mut Issues<'_>,
+) -> (Option<ServerTls>, Option<ServerTls>) {
+    if c.tls_cert.is_empty() && c.tls_key.is_empty() {
+        for (key, ca) in [
+            ("coordinator.http_client_ca", &c.http_client_ca),
+            ("coordinator.grpc_client_ca", &c.grpc_client_ca),
+        ] {
+            if !ca.is_empty() {
+                issues.push(
+                    key,
+                    "client certificates need TLS: set tls_cert and tls_key",
+                );
+            }
+        }
+        return (None, None);
+    }
+    if c.tls_cert.is_empty() || c.tls_key.is_empty() {
+        issues.push(
+            "coordinator.tls_cert",
+            "give both tls_cert and tls_key (or --tls-cert and --tls-key)",
+        );
+        return (None, None);
+    }
+    let spec = |client_ca: &str, alpn: &[&[u8]], key: &str, issues: &mut Issues<'_>| {
+        let spec = ServerTls {
+            default: CertFiles {
+                cert: PathBuf::from(&c.tls_cert),
+                key: PathBuf::from(&c.tls_key),
+            },
+            sni: Vec::new(),
+            client_ca: (!client_ca.is_empty()).then(|| PathBuf::from(client_ca)),
+        };
+        match crate::tls::server_config(&spec, alpn) {
+            Ok(_) => Some(spec),
+            Err(e) => {
+                issues.push(key, e.to_string());
+                None
+            }
+        }
+    };
+    (
+        spec(
+            &c.http_client_ca,
+            crate::tls::ALPN_H1,
+            "coordinator.http_client_ca",
+            issues,
+        ),
+        spec(
+            &c.grpc_client_ca,
+            crate::tls::ALPN_H2,
+            "coordinator.grpc_client_ca",
+            issues,
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 mod coordinator;
 mod load;
 mod proxy;
+mod secret;
 
 pub use coordinator::{CoordinatorConfig, CoordinatorOverrides, StoreUrl};
 pub use load::{ConfigErrors, ConfigIssue, Issues, Location, TomlDoc};
@@ -12,3 +13,4 @@ pub use proxy::{
     ProxyFile, ProxyOverrides, RoutingConfig, RuntimeConfig, ServerConfig, Timeouts,
     TopologySource, WatchConfig,
 };
+pub use secret::Secret;

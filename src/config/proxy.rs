@@ -4,6 +4,7 @@
 use super::load::{ConfigErrors, Issues, TomlDoc};
 use crate::resilience::{Backoff, BreakerConfig, BudgetConfig, Jitter, RetryPolicy, StatusSet};
 use crate::routing::{KeyExtractor, KeySource, PathTemplate, ReadPreference};
+use crate::upstream::UpstreamTls;
 use http::HeaderName;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -30,6 +31,12 @@ pub struct ServerSection {
     pub shutdown_grace: Duration,
     /// Serve HTTP/2 (prior knowledge, or ALPN under TLS) as well as HTTP/1.1.
     pub http2: bool,
+    /// Serve the admin listener over TLS with this certificate (PEM); empty: plain.
+    pub admin_tls_cert: String,
+    /// The admin certificate's key (PEM).
+    pub admin_tls_key: String,
+    /// Require admin clients to present certificates signed by this CA.
+    pub admin_client_ca: String,
 }
 
 impl Default for ServerSection {
@@ -40,6 +47,50 @@ impl Default for ServerSection {
             workers: 0,
             shutdown_grace: Duration::from_secs(30),
             http2: true,
+            admin_tls_cert: String::new(),
+            admin_tls_key: String::new(),
+            admin_client_ca: String::new(),
+        }
+    }
+}
+
+/// One SNI entry of `[tls]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniDoc {
+    /// Server names (as clients send them in SNI) this certificate serves.
+    pub names: Vec<String>,
+    /// PEM certificate chain.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+}
+
+/// `[tls]`: TLS on the client-facing listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct TlsSection {
+    /// Default certificate chain (PEM); empty: plain HTTP.
+    pub cert: String,
+    /// Its private key (PEM).
+    pub key: String,
+    /// Further certificates chosen by SNI.
+    pub sni: Vec<SniDoc>,
+    /// Require client certificates signed by this CA (mTLS); empty: none asked.
+    pub client_ca: String,
+    /// A client must finish its handshake within this time.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert: String::new(),
+            key: String::new(),
+            sni: Vec::new(),
+            client_ca: String::new(),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -73,6 +124,12 @@ pub struct TopologySection {
     /// this (reads continue). "0s": never.
     #[serde(with = "humantime_serde")]
     pub max_staleness: Duration,
+    /// CA for https coordinators; empty: the system's roots.
+    pub tls_ca: String,
+    /// Client certificate for coordinators that require one (PEM).
+    pub tls_cert: String,
+    /// Its key (PEM).
+    pub tls_key: String,
 }
 
 impl Default for TopologySection {
@@ -87,6 +144,9 @@ impl Default for TopologySection {
             cache_file: String::new(),
             startup_wait: Duration::from_secs(5),
             max_staleness: Duration::ZERO,
+            tls_ca: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -328,6 +388,16 @@ pub struct UpstreamSection {
     /// How long an idle pooled connection is kept; keep it below the nodes' own keep-alive timeout.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
+    /// Speak TLS to shard nodes.
+    pub tls: bool,
+    /// CA the nodes' certificates must chain to; empty: the system's roots.
+    pub tls_ca: String,
+    /// Name to send in SNI and verify the certificate against; empty: the node's IP.
+    pub tls_server_name: String,
+    /// Client certificate for nodes that require one (PEM).
+    pub tls_cert: String,
+    /// Its key (PEM).
+    pub tls_key: String,
 }
 
 impl Default for UpstreamSection {
@@ -335,6 +405,11 @@ impl Default for UpstreamSection {
         UpstreamSection {
             pool_max_idle: 64,
             pool_idle_timeout: Duration::from_secs(30),
+            tls: false,
+            tls_ca: String::new(),
+            tls_server_name: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -366,6 +441,8 @@ impl Default for LogSection {
 pub struct ProxyFile {
     /// `[server]`
     pub server: ServerSection,
+    /// `[tls]`
+    pub tls: TlsSection,
     /// `[topology]`
     pub topology: TopologySection,
     /// `[routing]`
@@ -388,6 +465,7 @@ pub struct ProxyFile {
 
 const SECTIONS: &[&str] = &[
     "server",
+    "tls",
     "topology",
     "routing",
     "limits",
@@ -408,6 +486,10 @@ pub struct ProxyOverrides {
     pub admin_listen: Option<String>,
     /// `--topology` (replaces the file's sources when given)
     pub topology: Vec<String>,
+    /// `--tls-cert`
+    pub tls_cert: Option<String>,
+    /// `--tls-key`
+    pub tls_key: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -463,6 +545,12 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Serve HTTP/2 too.
     pub http2: bool,
+    /// TLS on the client-facing listener.
+    pub tls: Option<crate::tls::ServerTls>,
+    /// TLS handshake deadline.
+    pub tls_handshake_timeout: Duration,
+    /// TLS on the admin listener.
+    pub admin_tls: Option<crate::tls::ServerTls>,
 }
 
 /// Request routing settings.
@@ -511,7 +599,7 @@ pub struct Timeouts {
 }
 
 /// Upstream connection pooling.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolConfig {
     /// Idle connections kept per upstream.
     pub max_idle: usize,
@@ -519,6 +607,8 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
+    /// TLS to shard nodes, if enabled.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// Breaker settings plus what counts as a failure.
@@ -558,6 +648,8 @@ pub struct WatchConfig {
     pub cache_file: Option<PathBuf>,
     /// Start-up wait before using the cache.
     pub startup_wait: Duration,
+    /// TLS for https coordinator URLs.
+    pub client_tls: crate::tls::ClientTls,
 }
 
 /// Failover buffering, when enabled.
@@ -617,6 +709,7 @@ impl ProxyFile {
         doc.reject_unknown_sections(SECTIONS, issues);
         ProxyFile {
             server: doc.section("server", issues),
+            tls: doc.section("tls", issues),
             topology: doc.section("topology", issues),
             routing: doc.section("routing", issues),
             limits: doc.section("limits", issues),
@@ -639,6 +732,12 @@ impl ProxyFile {
         }
         if !o.topology.is_empty() {
             self.topology.sources = o.topology.clone();
+        }
+        if let Some(c) = &o.tls_cert {
+            self.tls.cert = c.clone();
+        }
+        if let Some(k) = &o.tls_key {
+            self.tls.key = k.clone();
         }
     }
 }
@@ -771,12 +870,50 @@ impl ProxyConfig {
         if f.upstream.pool_idle_timeout.is_zero() {
             issues.push("upstream.pool_idle_timeout", "must be above zero");
         }
+        let log = validate_log(&f.log, &mut issues);
+        let tls = validate_server_tls(&f.tls, &mut issues);
+        let admin_tls = admin_tls(&f.server, &mut issues);
+        // System roots are only needed (and only checked) when a coordinator is https.
+        let https = topology_sources.iter().any(
+            |s| matches!(s, TopologySource::Coordinator(u) if u.scheme_str() == Some("https")),
+        );
+        let topology_tls = if https {
+            client_tls_checked
+        } else {
+            client_tls
+        };
+        let client_tls = topology_tls(
+            &f.topology.tls_ca,
+            &f.topology.tls_cert,
+            &f.topology.tls_key,
+            "topology",
+            &mut issues,
+        );
+        let upstream_tls = f.upstream.tls.then(|| UpstreamTls {
+            client: client_tls_checked(
+                &f.upstream.tls_ca,
+                &f.upstream.tls_cert,
+                &f.upstream.tls_key,
+                "upstream",
+                &mut issues,
+            ),
+            server_name: (!f.upstream.tls_server_name.is_empty())
+                .then(|| f.upstream.tls_server_name.clone()),
+        });
+        if !f.upstream.tls_server_name.is_empty()
+            && let Err(e) = crate::tls::parse_server_name(&f.upstream.tls_server_name)
+        {
+            issues.push("upstream.tls_server_name", e.to_string());
+        }
+        if f.tls.handshake_timeout.is_zero() {
+            issues.push("tls.handshake_timeout", "must be above zero");
+        }
         let pool = PoolConfig {
             max_idle: f.upstream.pool_max_idle,
             idle_timeout: f.upstream.pool_idle_timeout,
             connect_timeout: timeouts.connect,
+            tls: upstream_tls,
         };
-        let log = validate_log(&f.log, &mut issues);
 
         let (Some(listen), Some(admin_listen), Some(routing)) = (listen, admin_listen, routing)
         else {
@@ -792,6 +929,9 @@ impl ProxyConfig {
                 workers: f.server.workers,
                 shutdown_grace: f.server.shutdown_grace,
                 http2: f.server.http2,
+                tls,
+                tls_handshake_timeout: f.tls.handshake_timeout,
+                admin_tls,
             },
             topology_sources,
             default_upstream_port: f.topology.default_upstream_port,
@@ -819,6 +959,7 @@ impl ProxyConfig {
                 cache_file: (!f.topology.cache_file.is_empty())
                     .then(|| PathBuf::from(&f.topology.cache_file)),
                 startup_wait: f.topology.startup_wait,
+                client_tls,
             },
             log,
         };
@@ -840,11 +981,7 @@ fn parse_addr(s: &str, key: &str, issues: &mut Issues<'_>) -> Option<SocketAddr>
 }
 
 fn parse_topology_source(s: &str) -> Result<TopologySource, String> {
-    if s.starts_with("https://") {
-        Err(format!(
-            "{s:?}: https coordinator URLs are not supported by this build; use http://"
-        ))
-    } else if s.starts_with("http://") {
+    if s.starts_with("http://") || s.starts_with("https://") {
         let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
         if uri.authority().is_none() {
             return Err(format!("{s:?} has no host"));
@@ -859,6 +996,115 @@ fn parse_topology_source(s: &str) -> Result<TopologySource, String> {
     } else {
         Ok(TopologySource::File(PathBuf::from(s)))
     }
+}
+
+/// Building the rustls configuration is the check: it reads every file and
+/// pairs each certificate with its key, exactly as serving would.
+fn validate_server_tls(t: &TlsSection, issues: &mut Issues<'_>) -> Option<crate::tls::ServerTls> {
+    if t.cert.is_empty() && t.key.is_empty() {
+        if !t.sni.is_empty() || !t.client_ca.is_empty() {
+            issues.push(
+                "tls.cert",
+                "SNI certificates and client_ca need a default cert and key",
+            );
+        }
+        return None;
+    }
+    if t.cert.is_empty() || t.key.is_empty() {
+        issues.push(
+            "tls.cert",
+            "give both cert and key (or --tls-cert and --tls-key)",
+        );
+        return None;
+    }
+    let spec = crate::tls::ServerTls {
+        default: crate::tls::CertFiles {
+            cert: PathBuf::from(&t.cert),
+            key: PathBuf::from(&t.key),
+        },
+        sni: t
+            .sni
+            .iter()
+            .map(|e| {
+                (
+                    e.names.clone(),
+                    crate::tls::CertFiles {
+                        cert: PathBuf::from(&e.cert),
+                        key: PathBuf::from(&e.key),
+                    },
+                )
+            })
+            .collect(),
+        client_ca: (!t.client_ca.is_empty()).then(|| PathBuf::from(&t.client_ca)),
+    };
+    match crate::tls::server_config(&spec, crate::tls::ALPN_H2_H1) {
+        Ok(_) => Some(spec),
+        Err(e) => {
+            issues.push("tls.cert", e.to_string());
+            None
+        }
+    }
+}
+
+fn admin_tls(s: &ServerSection, issues: &mut Issues<'_>) -> Option<crate::tls::ServerTls> {
+    if s.admin_tls_cert.is_empty() && s.admin_tls_key.is_empty() {
+        return None;
+    }
+    let spec = crate::tls::ServerTls {
+        default: crate::tls::CertFiles {
+            cert: PathBuf::from(&s.admin_tls_cert),
+            key: PathBuf::from(&s.admin_tls_key),
+        },
+        sni: Vec::new(),
+        client_ca: (!s.admin_client_ca.is_empty()).then(|| PathBuf::from(&s.admin_client_ca)),
+    };
+    match crate::tls::server_config(&spec, crate::tls::ALPN_H1) {
+        Ok(_) => Some(spec),
+        Err(e) => {
+            issues.push("server.admin_tls_cert", e.to_string());
+            None
+        }
+    }
+}
+
+fn client_tls(
+    ca: &str,
+    cert: &str,
+    key: &str,
+    section: &str,
+    issues: &mut Issues<'_>,
+) -> crate::tls::ClientTls {
+    crate::tls::ClientTls {
+        ca: (!ca.is_empty()).then(|| PathBuf::from(ca)),
+        identity: match (cert.is_empty(), key.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some(crate::tls::CertFiles {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+            }),
+            _ => {
+                issues.push(
+                    format!("{section}.tls_cert"),
+                    "give both tls_cert and tls_key",
+                );
+                None
+            }
+        },
+    }
+}
+
+fn client_tls_checked(
+    ca: &str,
+    cert: &str,
+    key: &str,
+    section: &str,
+    issues: &mut Issues<'_>,
+) -> crate::tls::ClientTls {
+    let spec = client_tls(ca, cert, key, section, issues);
+    if let Err(e) = crate::tls::client_config(&spec, crate::tls::ALPN_H1) {
+        issues.push(format!("{section}.tls_ca"), e.to_string());
+    }
+    spec
 }
 
 fn validate_routing(r: &RoutingSection, issues: &mut Issues<'_>) -> Option<RoutingConfig> {
@@ -1120,8 +1366,8 @@ mod tests {
     fn flags_override_the_file() {
         let o = ProxyOverrides {
             listen: Some("127.0.0.1:0".into()),
-            admin_listen: None,
             topology: vec!["other.json".into()],
+            ..Default::default()
         };
         let c = ProxyConfig::from_toml(MIN, "t.toml", &o).unwrap();
         assert_eq!(c.server.listen.port(), 0);
@@ -1129,6 +1375,31 @@ mod tests {
             c.topology_sources,
             vec![TopologySource::File("other.json".into())]
         );
+    }
+
+    #[test]
+    fn unusable_tls_files_are_config_errors_naming_the_key_and_file() {
+        let text = format!(
+            "{MIN}\n[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n\
+             [upstream]\ntls = true\ntls_ca = \"/nonexistent/ca.pem\"\ntls_server_name = \"bad name!\"\n"
+        );
+        let e = ProxyConfig::from_toml(&text, "t.toml", &ProxyOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tls.cert") && e.contains("/nonexistent/cert.pem"),
+            "{e}"
+        );
+        assert!(
+            e.contains("upstream.tls_ca") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+        assert!(e.contains("upstream.tls_server_name"), "{e}");
+        let half = format!("{MIN}\n[tls]\ncert = \"c.pem\"\n");
+        let e = ProxyConfig::from_toml(&half, "t.toml", &ProxyOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give both cert and key"), "{e}");
     }
 
     #[test]

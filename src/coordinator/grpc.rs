@@ -9,10 +9,11 @@ use crate::proto::cluster_discovery_service_server::{
 };
 use crate::proto::heartbeat_response::Command as WireCommand;
 use crate::proto::{HeartbeatRequest, HeartbeatResponse};
+use crate::server::tls_incoming;
+use crate::tls::Terminator;
 use crate::topology::NodeAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -87,13 +88,11 @@ impl<S: Store> Service<S> {
         if token.is_empty() {
             return true;
         }
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        bool::from(given.as_bytes().ct_eq(token.as_bytes()))
+        token.matches_bearer(
+            req.metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok()),
+        )
     }
 }
 
@@ -148,6 +147,7 @@ impl<S: Store> ClusterDiscoveryService for Service<S> {
 pub(super) async fn serve<S: Store>(
     coordinator: Arc<Coordinator<S>>,
     listener: TcpListener,
+    tls: Option<Arc<Terminator>>,
     shutdown: CancellationToken,
 ) {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -156,17 +156,30 @@ pub(super) async fn serve<S: Store>(
         .await;
     let service = ClusterDiscoveryServiceServer::new(Service { coordinator })
         .max_decoding_message_size(MAX_MESSAGE);
-    let result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(64)
         .max_concurrent_streams(128)
         .timeout(Duration::from_secs(10))
         .add_service(health_service)
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown.cancelled_owned(),
-        )
-        .await;
+        .add_service(service);
+    // TLS is terminated by our own acceptor rather than tonic's so both
+    // listeners share one policy: TLS 1.2+, handshake deadline, SIGHUP reload.
+    let result = match tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    shutdown.cancelled_owned(),
+                )
+                .await
+        }
+        Some(tls) => {
+            let incoming = tls_incoming(listener, tls, 256, shutdown.clone());
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await
+        }
+    };
     if let Err(e) = result {
         tracing::error!("gRPC server stopped: {e}");
     }

@@ -3,7 +3,9 @@
 
 use super::store::{Commit, Store};
 use super::{Coordinator, NodeStatus};
+use crate::config::Secret;
 use crate::server::serve_http1;
+use crate::tls::Terminator;
 use crate::topology::TopologyDoc;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
@@ -13,7 +15,6 @@ use hyper::body::Incoming;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -26,11 +27,13 @@ type Body = Full<Bytes>;
 pub(super) async fn serve<S: Store>(
     c: Arc<Coordinator<S>>,
     listener: TcpListener,
+    tls: Option<Arc<Terminator>>,
     shutdown: CancellationToken,
 ) {
     let stop = shutdown.clone();
     serve_http1(
         listener,
+        tls,
         1024,
         shutdown,
         Duration::from_secs(2),
@@ -212,15 +215,8 @@ fn nodes<S: Store>(c: &Coordinator<S>) -> Response<Body> {
     )
 }
 
-fn bearer_ok(expected: &str, given: Option<&HeaderValue>) -> bool {
-    if expected.is_empty() {
-        return false;
-    }
-    let given = given
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+fn bearer_ok(expected: &Secret, given: Option<&HeaderValue>) -> bool {
+    !expected.is_empty() && expected.matches_bearer(given.and_then(|v| v.to_str().ok()))
 }
 
 /// PUT a new map: bearer token, validated like any map, epoch raised.

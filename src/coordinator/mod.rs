@@ -12,6 +12,7 @@ pub mod store;
 
 use crate::config::{CoordinatorConfig, StoreUrl};
 use crate::telemetry::{Lazy, Metrics, names};
+use crate::tls::{ALPN_H1, ALPN_H2, ServerTls, Terminator, TlsError};
 use limiter::RateLimiter;
 use metrics::{Counter, Gauge};
 use state::{ClusterState, Command, Heartbeat, NodeStatus, Rules, SweepReport};
@@ -47,12 +48,18 @@ pub enum StartError {
     /// The initial or stored map is unusable (exit 1).
     #[error("{0}")]
     Topology(String),
+    /// A TLS certificate, key or CA is unusable (exit 1).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 impl StartError {
     /// Whether the cause is the operator's input (exit 1).
     pub fn is_input_error(&self) -> bool {
-        matches!(self, StartError::NoTopology | StartError::Topology(_))
+        matches!(
+            self,
+            StartError::NoTopology | StartError::Topology(_) | StartError::Tls(_)
+        )
     }
 }
 
@@ -370,11 +377,22 @@ pub struct RunningCoordinator<S: Store> {
     pub http_addr: SocketAddr,
     /// gRPC address bound.
     pub grpc_addr: SocketAddr,
+    /// TLS on the HTTP and gRPC listeners, if configured.
+    tls: Vec<Arc<Terminator>>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl<S: Store> RunningCoordinator<S> {
+    /// Re-read the TLS certificates (SIGHUP); new handshakes use them,
+    /// established connections are untouched. On error the old ones stay.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        for t in &self.tls {
+            t.reload(None)?;
+        }
+        Ok(())
+    }
+
     /// Stop serving and wait for the tasks to end.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
@@ -403,17 +421,26 @@ pub async fn start<S: Store>(
     };
     let http_addr = local(&http, cfg.http_listen)?;
     let grpc_addr = local(&grpc_listener, cfg.grpc_listen)?;
+    let terminator = |spec: &Option<ServerTls>, alpn| {
+        spec.as_ref()
+            .map(|t| Terminator::new(t, alpn, TLS_HANDSHAKE_TIMEOUT))
+            .transpose()
+    };
+    let http_tls = terminator(&cfg.http_tls, ALPN_H1)?;
+    let grpc_tls = terminator(&cfg.grpc_tls, ALPN_H2)?;
     let coordinator = Coordinator::open(cfg, store).await?;
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(http::serve(
         coordinator.clone(),
         http,
+        http_tls.clone(),
         shutdown.clone(),
     )));
     tasks.push(tokio::spawn(grpc::serve(
         coordinator.clone(),
         grpc_listener,
+        grpc_tls.clone(),
         shutdown.clone(),
     )));
     tasks.push(tokio::spawn(sweeper(coordinator.clone(), shutdown.clone())));
@@ -423,11 +450,14 @@ pub async fn start<S: Store>(
             shutdown.clone(),
         )));
     }
-    tracing::info!(%http_addr, %grpc_addr, epoch = coordinator.epoch(), "coordinator listening");
+    let tls: Vec<_> = http_tls.into_iter().chain(grpc_tls).collect();
+    tracing::info!(%http_addr, %grpc_addr, tls = !tls.is_empty(), epoch = coordinator.epoch(),
+        "coordinator listening");
     Ok(RunningCoordinator {
         coordinator,
         http_addr,
         grpc_addr,
+        tls,
         shutdown,
         tasks,
     })
@@ -480,16 +510,47 @@ async fn follower<S: Store>(c: Arc<Coordinator<S>>, shutdown: CancellationToken)
     }
 }
 
-/// Open the configured store and run until SIGTERM/SIGINT.
+/// Deadline for a client to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The process signals the coordinator acts on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Option<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some(Signals {
+            term: signal(SignalKind::terminate()).ok()?,
+            int: signal(SignalKind::interrupt()).ok()?,
+            hup: signal(SignalKind::hangup()).ok()?,
+        })
+    }
+
+    /// Reload TLS on SIGHUP; return on SIGTERM/SIGINT.
+    async fn serve_until_stopped<S: Store>(&mut self, running: &RunningCoordinator<S>) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => match running.reload_tls() {
+                    Ok(()) => tracing::info!("reloaded TLS certificates"),
+                    Err(e) => tracing::error!("TLS reload refused; keeping the certificates in force: {e}"),
+                },
+            }
+        }
+    }
+}
+
+/// Open the configured store and run until SIGTERM/SIGINT; SIGHUP reloads certificates.
 pub async fn run(
     cfg: CoordinatorConfig,
     ready: impl FnOnce(SocketAddr, SocketAddr),
 ) -> Result<(), StartError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let Some(mut signals) = Signals::install() else {
         return Err(StartError::Topology(
             "cannot install signal handlers".into(),
         ));
@@ -498,14 +559,14 @@ pub async fn run(
         StoreUrl::File(path) => {
             let running = start(cfg, FileStore::new(path)).await?;
             ready(running.http_addr, running.grpc_addr);
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            signals.serve_until_stopped(&running).await;
             running.shutdown().await;
         }
         StoreUrl::Postgres(url) => {
             let store = PgStore::connect(&url, &cfg.id).await?;
             let running = start(cfg, store).await?;
             ready(running.http_addr, running.grpc_addr);
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            signals.serve_until_stopped(&running).await;
             running.coordinator.store().resign().await;
             running.shutdown().await;
         }

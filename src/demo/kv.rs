@@ -164,6 +164,7 @@ impl KvNode {
 pub async fn serve(node: Arc<KvNode>, listener: TcpListener, shutdown: CancellationToken) {
     crate::server::serve_http1(
         listener,
+        None,
         4096,
         shutdown,
         std::time::Duration::from_secs(2),

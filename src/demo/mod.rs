@@ -316,6 +316,7 @@ pub async fn run_node(
         interval: Duration::from_millis(500),
         check_url: format!("http://{listen}/healthz").parse().ok(),
         token: None,
+        tls: Default::default(),
     };
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -328,7 +329,9 @@ pub async fn run_node(
         }
         stop.cancel();
     });
-    let exit = crate::agent::run(agent, shutdown.clone()).await;
+    let exit = crate::agent::run(agent, shutdown.clone())
+        .await
+        .map_err(setup)?;
     if exit == AgentExit::Terminated {
         // Fenced: stop taking writes, keep answering reads until stopped.
         node.fence();

@@ -3,6 +3,7 @@
 use super::Proxy;
 use super::body::ProxyBody;
 use crate::server::serve_http1;
+use crate::tls::Terminator;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -13,9 +14,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Serve the admin endpoints until `shutdown`.
-pub(super) async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: CancellationToken) {
+pub(super) async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    tls: Option<Arc<Terminator>>,
+    shutdown: CancellationToken,
+) {
     serve_http1(
         listener,
+        tls,
         64,
         shutdown,
         Duration::from_secs(2),

@@ -18,6 +18,7 @@ use crate::config::{ConfigErrors, ProxyConfig, ProxyOverrides, RuntimeConfig, To
 use crate::resilience::RetryBudget;
 use crate::routing::{MapOrigin, PartitionMetrics, RouteTable};
 use crate::telemetry::{Metrics, names};
+use crate::tls::{ALPN_H1, ALPN_H2_H1, Terminator, TlsError};
 use crate::topology::{Fence, ShardMap, TopologyFileError, read_topology_file};
 use crate::upstream::{PoolSettings, UpstreamSettings, Upstreams};
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -138,15 +139,16 @@ fn upstream_settings(rt: &RuntimeConfig) -> UpstreamSettings {
             connect_timeout: rt.pool.connect_timeout,
         },
         breaker: rt.breaker.breaker,
+        tls: rt.pool.tls.clone(),
     }
 }
 
 impl Proxy {
-    /// A proxy with no map yet.
-    pub fn new(config: &ProxyConfig, registry: Arc<Metrics>) -> Arc<Proxy> {
+    /// A proxy with no map yet; fails if the upstream TLS files are unusable.
+    pub fn new(config: &ProxyConfig, registry: Arc<Metrics>) -> Result<Arc<Proxy>, TlsError> {
         let rt = config.runtime.clone();
-        Arc::new(Proxy {
-            upstreams: Upstreams::new(upstream_settings(&rt), registry.clone()),
+        Ok(Arc::new(Proxy {
+            upstreams: Upstreams::new(upstream_settings(&rt), registry.clone())?,
             budget: ArcSwap::from_pointee(RetryBudget::new(rt.budget)),
             admission: Arc::new(Admission::new(rt.limits.max_inflight)),
             metrics: ProxyMetrics::new(registry),
@@ -162,7 +164,7 @@ impl Proxy {
                 rt.failover_buffer.map_or(0, |b| b.max_requests),
             )),
             runtime: ArcSwap::new(rt),
-        })
+        }))
     }
 
     /// Note that the source confirmed the map in force is current.
@@ -291,8 +293,10 @@ impl Proxy {
     }
 
     /// Swap in new runtime settings (SIGHUP); upstreams are rebuilt only when
-    /// their own settings changed.
-    pub fn apply_runtime(&self, rt: Arc<RuntimeConfig>) {
+    /// their own settings changed. Unusable upstream TLS files refuse the
+    /// whole change.
+    pub fn apply_runtime(&self, rt: Arc<RuntimeConfig>) -> Result<(), TlsError> {
+        let rebuilt = self.upstreams.reconfigure(upstream_settings(&rt))?;
         let old = self.runtime.load_full();
         if old.failover_buffer != rt.failover_buffer {
             let want = rt.failover_buffer.map_or(0, |b| b.max_requests);
@@ -307,7 +311,6 @@ impl Proxy {
             self.budget.store(Arc::new(RetryBudget::new(rt.budget)));
         }
         self.admission.set_max(rt.limits.max_inflight);
-        let rebuilt = self.upstreams.reconfigure(upstream_settings(&rt));
         self.runtime.store(rt);
         if rebuilt && let Some(t) = self.table() {
             let table = RouteTable::build(
@@ -319,6 +322,7 @@ impl Proxy {
             );
             self.routes.store(Some(Arc::new(table)));
         }
+        Ok(())
     }
 
     /// Refresh gauges that are sampled rather than updated per request.
@@ -347,6 +351,9 @@ pub enum StartError {
     /// The initial topology file is unusable (exit 1).
     #[error(transparent)]
     Topology(#[from] TopologyFileError),
+    /// A TLS certificate, key or CA is unusable (exit 1).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// Signal handlers could not be installed (exit 2).
     #[error("cannot install signal handlers")]
     Signals,
@@ -368,6 +375,9 @@ pub struct RunningProxy {
     /// The admin address actually bound.
     pub admin_addr: SocketAddr,
     config: ProxyConfig,
+    /// TLS on the client listener and the admin listener, if configured.
+    tls: Option<Arc<Terminator>>,
+    admin_tls: Option<Arc<Terminator>>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -390,7 +400,19 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         addr: config.server.admin_listen,
         source,
     })?;
-    let proxy = Proxy::new(&config, Arc::new(Metrics::new()));
+    let server = &config.server;
+    let client_alpn = if server.http2 { ALPN_H2_H1 } else { ALPN_H1 };
+    let tls = server
+        .tls
+        .as_ref()
+        .map(|t| Terminator::new(t, client_alpn, server.tls_handshake_timeout))
+        .transpose()?;
+    let admin_tls = server
+        .admin_tls
+        .as_ref()
+        .map(|t| Terminator::new(t, ALPN_H1, server.tls_handshake_timeout))
+        .transpose()?;
+    let proxy = Proxy::new(&config, Arc::new(Metrics::new()))?;
     let shutdown = CancellationToken::new();
     let coordinators: Vec<http::Uri> = config
         .topology_sources
@@ -438,17 +460,25 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             proxy.clone(),
             listener,
             config.server.clone(),
+            tls.clone(),
             shutdown.clone(),
         )),
-        tokio::spawn(admin::serve(proxy.clone(), admin, shutdown.clone())),
+        tokio::spawn(admin::serve(
+            proxy.clone(),
+            admin,
+            admin_tls.clone(),
+            shutdown.clone(),
+        )),
         tokio::spawn(housekeeping(proxy.clone(), shutdown.clone())),
     ]);
-    tracing::info!(%addr, %admin_addr, "proxy listening");
+    tracing::info!(%addr, %admin_addr, tls = tls.is_some(), "proxy listening");
     Ok(RunningProxy {
         proxy,
         addr,
         admin_addr,
         config,
+        tls,
+        admin_tls,
         shutdown,
         tasks,
     })
@@ -470,21 +500,49 @@ async fn housekeeping(proxy: Arc<Proxy>, shutdown: CancellationToken) {
 }
 
 impl RunningProxy {
-    /// Re-read the config file (if any) and the topology file; an invalid
-    /// config or map is refused whole and the old state kept.
+    /// Re-read the config file (if any), the TLS certificates and the
+    /// topology file; an invalid config, certificate or map is refused whole
+    /// and the old state kept. Established connections are untouched: new
+    /// certificates apply to new handshakes.
     pub fn reload(
         &mut self,
         config_path: Option<&Path>,
         overrides: &ProxyOverrides,
     ) -> Result<(), ReloadError> {
-        if let Some(path) = config_path {
-            let new = ProxyConfig::load(Some(path), overrides)?;
-            if new.server != self.config.server {
+        let new = match config_path {
+            Some(path) => Some(ProxyConfig::load(Some(path), overrides)?),
+            None => None,
+        };
+        let server = new.as_ref().map_or(&self.config.server, |n| &n.server);
+        // Certificates first: they are the part most likely to be refused, and
+        // nothing else may change if they are.
+        for (terminator, spec, what) in [
+            (&self.tls, &server.tls, "client listener"),
+            (&self.admin_tls, &server.admin_tls, "admin listener"),
+        ] {
+            match (terminator, spec) {
+                (Some(t), Some(spec)) => t.reload(Some(spec)).map_err(ReloadError::Tls)?,
+                (Some(_), None) | (None, Some(_)) => {
+                    tracing::warn!(
+                        "TLS on the {what} switched on or off; that takes effect on restart"
+                    );
+                }
+                (None, None) => {}
+            }
+        }
+        if let Some(new) = new {
+            if new.server.listen != self.config.server.listen
+                || new.server.admin_listen != self.config.server.admin_listen
+                || new.server.http2 != self.config.server.http2
+                || new.server.workers != self.config.server.workers
+            {
                 tracing::warn!("listener settings changed; they take effect on restart");
             }
-            self.proxy.apply_runtime(new.runtime.clone());
+            self.proxy.apply_runtime(new.runtime.clone())?;
             self.config.runtime = new.runtime;
             self.config.topology_sources = new.topology_sources;
+            self.config.server.tls = new.server.tls;
+            self.config.server.admin_tls = new.server.admin_tls;
         }
         for source in &self.config.topology_sources {
             if let TopologySource::File(path) = source {
@@ -509,6 +567,9 @@ pub enum ReloadError {
     /// The config file is invalid.
     #[error("config refused:\n{0}")]
     Config(#[from] ConfigErrors),
+    /// A TLS certificate, key or CA is unusable.
+    #[error("TLS refused: {0}")]
+    Tls(#[from] TlsError),
     /// The topology file is unusable.
     #[error("topology refused: {0}")]
     Topology(#[from] TopologyFileError),

@@ -1,4 +1,5 @@
-//! The client-facing listener: HTTP/1.1 and cleartext HTTP/2 on one port.
+//! The client-facing listener: HTTP/1.1 and HTTP/2 on one port, in clear
+//! text or over TLS (ALPN picks the protocol).
 
 use super::Proxy;
 use super::conn::{ConnActivity, ConnTimeouts, TimedIo};
@@ -6,13 +7,15 @@ use super::service::ClientConn;
 use crate::config::ServerConfig;
 use crate::proxy::headers::ClientInfo;
 use crate::server::{Accepted, accept_loop, executor};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use crate::tls::{HandshakeError, Terminator};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +29,7 @@ pub(super) async fn serve(
     proxy: Arc<Proxy>,
     listener: TcpListener,
     cfg: ServerConfig,
+    tls: Option<Arc<Terminator>>,
     shutdown: CancellationToken,
 ) {
     let rt = proxy.runtime.load_full();
@@ -55,6 +59,7 @@ pub(super) async fn serve(
         builder = builder.http1_only();
     }
 
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let cap = Arc::new(Semaphore::new(limits.max_connections));
     let responders = Arc::new(Semaphore::new(OVERLOAD_RESPONDERS));
@@ -68,21 +73,36 @@ pub(super) async fn serve(
              permit,
          }| {
             let _ = stream.set_nodelay(true);
-            let activity = ConnActivity::new(proxy.admission.clone());
-            let client = Arc::new(ClientConn {
-                info: ClientInfo::new(peer, false),
-                activity: activity.clone(),
-            });
-            let io = TokioIo::new(TimedIo::new(stream, activity, timeouts));
-            let p = proxy.clone();
-            let svc = hyper::service::service_fn(move |req| p.clone().handle(req, client.clone()));
-            let conn = builder.serve_connection(io, svc).into_owned();
-            let watched = graceful.watch(conn);
-            let proxy = proxy.clone();
+            let conn = Connection {
+                proxy: proxy.clone(),
+                builder: builder.clone(),
+                watcher: graceful.watcher(),
+                timeouts,
+                peer,
+            };
+            let tls = tls.clone();
+            let shutdown = shutdown.clone();
             proxy.connections.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
-                if let Err(e) = watched.await {
-                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                let proxy = conn.proxy.clone();
+                match tls {
+                    None => conn.serve(stream, false).await,
+                    Some(tls) => {
+                        let accepted = tokio::select! {
+                            () = shutdown.cancelled() => None,
+                            r = tls.accept(stream) => Some(r),
+                        };
+                        match accepted {
+                            Some(Ok(stream)) => conn.serve(stream, true).await,
+                            Some(Err(HandshakeError::PlainHttp(stream))) => {
+                                refuse(stream, PLAIN_HTTP).await;
+                            }
+                            Some(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            }
+                            None => {}
+                        }
+                    }
                 }
                 proxy.connections.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
@@ -92,7 +112,7 @@ pub(super) async fn serve(
             proxy.metrics.shed_connections.increment(1);
             if let Ok(slot) = responders.clone().try_acquire_owned() {
                 tokio::spawn(async move {
-                    refuse_overloaded(stream).await;
+                    refuse(stream, OVERLOADED).await;
                     drop(slot);
                 });
             }
@@ -108,18 +128,77 @@ pub(super) async fn serve(
     }
 }
 
-/// Answer a connection over the cap with `503 overloaded` without parsing it.
-async fn refuse_overloaded(mut stream: TcpStream) {
-    const BODY: &str = r#"{"error":"overloaded","message":"overloaded: too many client connections","partition":null}"#;
+/// Everything a client connection needs once it is past the cap (and TLS).
+struct Connection {
+    proxy: Arc<Proxy>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+    timeouts: ConnTimeouts,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    /// Serve HTTP on `stream` until the client leaves or shutdown drains it.
+    async fn serve<S>(self, stream: S, tls: bool)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = ConnActivity::new(self.proxy.admission.clone());
+        let client = Arc::new(ClientConn {
+            info: ClientInfo::new(self.peer, tls),
+            activity: activity.clone(),
+        });
+        let io = TokioIo::new(TimedIo::new(stream, activity, self.timeouts));
+        let proxy = self.proxy;
+        let svc = hyper::service::service_fn(move |req| proxy.clone().handle(req, client.clone()));
+        let conn = self.builder.serve_connection(io, svc);
+        if let Err(e) = self.watcher.watch(conn).await {
+            tracing::debug!(peer = %self.peer, error = %e, "client connection ended with an error");
+        }
+    }
+}
+
+/// A canned answer for a connection that is refused before HTTP parsing.
+struct Refusal {
+    status: &'static str,
+    code: &'static str,
+    message: &'static str,
+}
+
+const OVERLOADED: Refusal = Refusal {
+    status: "503 Service Unavailable",
+    code: "overloaded",
+    message: "overloaded: too many client connections",
+};
+
+const PLAIN_HTTP: Refusal = Refusal {
+    status: "400 Bad Request",
+    code: "bad_request",
+    message: "plain HTTP sent to a TLS port; use https",
+};
+
+/// Answer `stream` with `r` without parsing what it sent, then close.
+async fn refuse(mut stream: TcpStream, r: Refusal) {
+    let body = format!(
+        r#"{{"error":"{}","message":"{}","partition":null}}"#,
+        r.code, r.message
+    );
+    let retry = if r.code == OVERLOADED.code {
+        "retry-after: 1\r\n"
+    } else {
+        ""
+    };
     let head = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-         x-shardgate-error: overloaded\r\nretry-after: 1\r\nconnection: close\r\n\
+        "HTTP/1.1 {}\r\ncontent-type: application/json\r\n\
+         x-shardgate-error: {}\r\n{retry}connection: close\r\n\
          content-length: {}\r\n\r\n",
-        BODY.len()
+        r.status,
+        r.code,
+        body.len()
     );
     let write = async {
         stream.write_all(head.as_bytes()).await?;
-        stream.write_all(BODY.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
         stream.shutdown().await?;
         // Drain briefly so closing with unread input does not reset the
         // connection before the client reads the answer.

@@ -10,6 +10,7 @@
 use super::{MapUpdate, Proxy};
 use crate::config::WatchConfig;
 use crate::resilience::{Backoff, Jitter};
+use crate::tls::{ALPN_H1, ClientStream, Connector};
 use crate::topology::ShardMap;
 use bytes::Bytes;
 use http::header::{ETAG, HOST, IF_NONE_MATCH};
@@ -38,13 +39,16 @@ enum FetchError {
     Timeout,
     #[error("cannot connect: {0}")]
     Connect(std::io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
     #[error("{0}")]
     Http(String),
 }
 
-/// GET `uri` once, bounded in time and size.
+/// GET `uri` once, bounded in time and size; `https` URLs go through `tls`.
 async fn fetch(
     uri: &Uri,
+    tls: Option<&Connector>,
     etag: Option<&HeaderValue>,
     timeout: Duration,
     max_bytes: usize,
@@ -53,10 +57,21 @@ async fn fetch(
         let authority = uri
             .authority()
             .ok_or_else(|| FetchError::Http("URL has no host".into()))?;
-        let port = authority.port_u16().unwrap_or(80);
-        let stream = tokio::net::TcpStream::connect((authority.host(), port))
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tcp = tokio::net::TcpStream::connect((authority.host(), port))
             .await
             .map_err(FetchError::Connect)?;
+        let stream = match (https, tls) {
+            (false, _) => ClientStream::Plain(tcp),
+            (true, Some(tls)) => {
+                let peer = tcp.peer_addr().map_err(FetchError::Connect)?;
+                tls.connect(tcp, Some(authority.host()), peer.ip())
+                    .await
+                    .map_err(FetchError::Tls)?
+            }
+            (true, None) => return Err(FetchError::Http("no usable TLS settings".into())),
+        };
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| FetchError::Http(e.to_string()))?;
@@ -114,6 +129,20 @@ pub(super) async fn follow(
         max: cfg.poll_interval.max(Duration::from_secs(5)),
         jitter: Jitter::Decorrelated,
     };
+    let any_https = sources
+        .iter()
+        .any(|s| s.scheme() == Some(&http::uri::Scheme::HTTPS));
+    let tls = if any_https {
+        match Connector::new(&cfg.client_tls, ALPN_H1, None) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!("cannot reach https coordinators: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut current = 0usize;
     let mut failures = 0u32;
     let mut last_delay = None;
@@ -146,9 +175,9 @@ pub(super) async fn follow(
             () = refresh => {
                 // Drop the watch and fetch again immediately.
                 let Some(now_url) = topology_url(source, None) else { continue };
-                fetch(&now_url, None, cfg.fetch_timeout, cfg.max_map_bytes).await
+                fetch(&now_url, tls.as_deref(), None, cfg.fetch_timeout, cfg.max_map_bytes).await
             }
-            r = fetch(&url, tag, timeout, cfg.max_map_bytes) => r,
+            r = fetch(&url, tls.as_deref(), tag, timeout, cfg.max_map_bytes) => r,
         };
         let source_name = format!("coordinator {source}");
         let mut pause = None;

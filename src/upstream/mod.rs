@@ -13,6 +13,7 @@ use crate::resilience::{
     Breaker, BreakerConfig, BreakerObserver, BreakerState, Counter as WindowCounter, RollingWindow,
 };
 use crate::telemetry::{Metrics, names};
+use crate::tls::{ALPN_H1, ClientTls, Connector, TlsError};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use metrics::{Counter, Gauge};
@@ -131,7 +132,12 @@ impl Drop for InflightGuard {
 }
 
 impl Upstream {
-    fn new(addr: SocketAddr, settings: &UpstreamSettings, metrics: &Metrics) -> Upstream {
+    fn new(
+        addr: SocketAddr,
+        settings: &UpstreamSettings,
+        tls: Option<Arc<Connector>>,
+        metrics: &Metrics,
+    ) -> Upstream {
         let label: Arc<str> = addr.to_string().into();
         let l = &*label;
         let breaker_metrics = BreakerMetrics {
@@ -150,7 +156,7 @@ impl Upstream {
         };
         Upstream {
             addr,
-            pool: Pool::new(addr, settings.pool),
+            pool: Pool::new(addr, settings.pool, tls),
             breaker: Breaker::new(settings.breaker, Box::new(breaker_metrics)),
             latency: PeakEwma::default(),
             inflight: AtomicUsize::new(0),
@@ -260,30 +266,61 @@ impl Upstream {
 }
 
 /// Per-upstream settings; a change replaces every upstream.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct UpstreamSettings {
     /// Pooling.
     pub pool: PoolSettings,
     /// Breaker.
     pub breaker: BreakerConfig,
+    /// TLS to shard nodes, if enabled.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS to shard nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// Verification roots and client identity.
+    pub client: ClientTls,
+    /// Name their certificates must carry; `None`: each node's IP address.
+    pub server_name: Option<String>,
+}
+
+fn connector(settings: &UpstreamSettings) -> Result<Option<Arc<Connector>>, TlsError> {
+    settings
+        .tls
+        .as_ref()
+        .map(|t| Connector::new(&t.client, ALPN_H1, t.server_name.as_deref()))
+        .transpose()
+}
+
+struct Current {
+    settings: UpstreamSettings,
+    tls: Option<Arc<Connector>>,
 }
 
 /// Every upstream the maps in force refer to, one per address, so a breaker's
 /// state survives a map swap that keeps its node.
 pub struct Upstreams {
-    settings: Mutex<UpstreamSettings>,
+    current: Mutex<Current>,
     by_addr: Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
     metrics: Arc<Metrics>,
 }
 
 impl Upstreams {
-    /// An empty registry.
-    pub fn new(settings: UpstreamSettings, metrics: Arc<Metrics>) -> Upstreams {
-        Upstreams {
-            settings: Mutex::new(settings),
+    /// An empty registry; fails if the upstream TLS files are unusable.
+    pub fn new(settings: UpstreamSettings, metrics: Arc<Metrics>) -> Result<Upstreams, TlsError> {
+        Ok(Upstreams {
+            current: Mutex::new(Current {
+                tls: connector(&settings)?,
+                settings,
+            }),
             by_addr: Mutex::new(HashMap::new()),
             metrics,
-        }
+        })
+    }
+
+    fn current(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Upstream>>> {
@@ -292,10 +329,17 @@ impl Upstreams {
 
     /// The upstream for `addr`, created on first sight.
     pub fn resolve(&self, addr: SocketAddr) -> Arc<Upstream> {
-        let settings = *self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.current();
         self.map()
             .entry(addr)
-            .or_insert_with(|| Arc::new(Upstream::new(addr, &settings, &self.metrics)))
+            .or_insert_with(|| {
+                Arc::new(Upstream::new(
+                    addr,
+                    &current.settings,
+                    current.tls.clone(),
+                    &self.metrics,
+                ))
+            })
             .clone()
     }
 
@@ -304,15 +348,22 @@ impl Upstreams {
         self.map().retain(|a, _| keep.contains(a));
     }
 
-    /// Apply new settings; upstreams made under the old ones are replaced.
-    pub fn reconfigure(&self, settings: UpstreamSettings) -> bool {
-        let mut current = self.settings.lock().unwrap_or_else(|e| e.into_inner());
-        if *current == settings {
-            return false;
+    /// Apply new settings; upstreams made under the old ones are replaced
+    /// (`Ok(true)`). Unchanged settings still re-read the TLS files, so a
+    /// renewed CA or client certificate applies to new connections while
+    /// pooled ones and breaker state stay. On error nothing changes.
+    pub fn reconfigure(&self, settings: UpstreamSettings) -> Result<bool, TlsError> {
+        let mut current = self.current();
+        if current.settings == settings {
+            if let Some(tls) = &current.tls {
+                tls.reload()?;
+            }
+            return Ok(false);
         }
-        *current = settings;
+        current.tls = connector(&settings)?;
+        current.settings = settings;
         self.map().clear();
-        true
+        Ok(true)
     }
 
     /// Every upstream, sorted by address.

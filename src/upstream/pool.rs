@@ -5,15 +5,17 @@
 //! no task hops between the client side and the upstream side. It goes back to
 //! the idle list only after its response body ended cleanly (see
 //! `UpstreamBody`); any framing error, reset or early drop closes it instead,
-//! so a confused connection is never reused.
+//! so a confused connection is never reused. With upstream TLS configured,
+//! every connection is TLS; there is no fallback to plain text.
 
 use super::body::RequestBody;
+use crate::tls::{ClientStream, Connector};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -39,12 +41,15 @@ pub enum ConnectError {
     /// The TCP connect failed (refused, unreachable, out of descriptors...).
     #[error("connect failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The TLS handshake failed (untrusted certificate, wrong name...).
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
     /// The HTTP/1 handshake failed.
     #[error("handshake failed: {0}")]
     Handshake(#[from] hyper::Error),
 }
 
-type Driver = http1::Connection<TokioIo<TcpStream>, RequestBody>;
+type Driver = http1::Connection<TokioIo<ClientStream>, RequestBody>;
 
 /// One upstream connection: the handle requests are sent on, and the
 /// connection state machine that must be polled for any IO to happen.
@@ -109,15 +114,17 @@ struct Idle {
 pub struct Pool {
     addr: SocketAddr,
     settings: PoolSettings,
+    tls: Option<Arc<Connector>>,
     idle: Mutex<Vec<Idle>>,
 }
 
 impl Pool {
-    /// An empty pool for `addr`.
-    pub fn new(addr: SocketAddr, settings: PoolSettings) -> Pool {
+    /// An empty pool for `addr`, speaking TLS through `tls` when given.
+    pub fn new(addr: SocketAddr, settings: PoolSettings, tls: Option<Arc<Connector>>) -> Pool {
         Pool {
             addr,
             settings,
+            tls,
             idle: Mutex::new(Vec::new()),
         }
     }
@@ -157,15 +164,15 @@ impl Pool {
 
     async fn connect(&self) -> Result<Conn, ConnectError> {
         tracing::trace!(upstream = %self.addr, "connecting");
+        // One deadline covers TCP and TLS: both are "getting a connection".
         let timeout = self.settings.connect_timeout;
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
+        let io = tokio::time::timeout(timeout, self.open())
             .await
             .map_err(|_| ConnectError::Timeout(timeout))??;
-        stream.set_nodelay(true)?;
         let (sender, driver) = http1::Builder::new()
             .writev(false)
             .max_buf_size(1024 * 1024)
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(io))
             .await?;
         let mut conn = Conn {
             sender,
@@ -179,6 +186,18 @@ impl Pool {
                 std::io::ErrorKind::ConnectionAborted,
                 "connection closed during setup",
             )))
+        }
+    }
+
+    async fn open(&self) -> Result<ClientStream, ConnectError> {
+        let stream = TcpStream::connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        match &self.tls {
+            None => Ok(ClientStream::Plain(stream)),
+            Some(tls) => tls
+                .connect(stream, None, self.addr.ip())
+                .await
+                .map_err(ConnectError::Tls),
         }
     }
 

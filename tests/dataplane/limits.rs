@@ -241,7 +241,8 @@ async fn no_map_means_503_no_topology_and_not_ready() {
     let proxy = shardgate::proxy::Proxy::new(
         &config,
         std::sync::Arc::new(shardgate::telemetry::Metrics::new()),
-    );
+    )
+    .unwrap();
     assert!(proxy.table().is_none());
     let err = shardgate::proxy::error::ProxyError::NoTopology.into_response();
     assert_eq!(err.status(), 503);

@@ -6,6 +6,8 @@
 //! bounded poll of a condition, never a fixed sleep.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod tls;
+
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -82,6 +84,8 @@ impl Recorded {
 
 struct UpstreamState {
     name: String,
+    /// Serve TLS with this acceptor instead of plain HTTP.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     behavior: Mutex<Behavior>,
     /// Behaviours for the next requests, one each, before `behavior` applies again.
     script: Mutex<std::collections::VecDeque<Behavior>>,
@@ -115,9 +119,28 @@ impl Drop for Upstream {
 impl Upstream {
     /// A well-behaved upstream named `name`.
     pub async fn start(name: &str) -> Upstream {
+        Upstream::start_with(name, None).await
+    }
+
+    /// A well-behaved upstream speaking HTTP/1.1 over TLS with `cert` and `key` (PEM files).
+    pub async fn start_tls(name: &str, cert: &Path, key: &Path) -> Upstream {
+        let spec = shardgate::tls::ServerTls {
+            default: shardgate::tls::CertFiles {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+            },
+            sni: Vec::new(),
+            client_ca: None,
+        };
+        let config = shardgate::tls::server_config(&spec, shardgate::tls::ALPN_H1).unwrap();
+        Upstream::start_with(name, Some(tokio_rustls::TlsAcceptor::from(config))).await
+    }
+
+    async fn start_with(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(UpstreamState {
+            tls,
             name: name.to_owned(),
             behavior: Mutex::new(Behavior::Ok),
             script: Mutex::new(std::collections::VecDeque::new()),
@@ -239,14 +262,23 @@ async fn accept_loop(mut listener: TcpListener, addr: SocketAddr, state: Arc<Ups
         let control = Arc::new(Mutex::new(Some(control)));
         let st = state.clone();
         let handle = tokio::spawn(async move {
+            let tls = st.tls.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let st = st.clone();
                 let control = control.clone();
                 async move { respond(st, control, req).await }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let http = hyper::server::conn::http1::Builder::new();
+            match tls {
+                None => {
+                    let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                }
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(stream).await {
+                        let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+            }
         });
         let mut conns = state.connections.lock().unwrap();
         conns.retain(|c| !c.is_finished());

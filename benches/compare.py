@@ -10,9 +10,15 @@ drift on a shared machine hits all three alike; the table reports medians.
 CPU per request is the proxy's utime+stime (from /proc) divided by the
 requests wrk completed, so it does not depend on which side was the bottleneck.
 
-Usage: python3 benches/compare.py [--rounds 5] [--seconds 10] [--connections 64]
-       [--tls]   (issue 7: the same over TLS, once available)
-Needs: nginx, haproxy, wrk (apt-get install nginx haproxy wrk), a release build.
+With --tls every proxy terminates TLS with the same ECDSA P-256 certificate
+(made here with openssl), TLS 1.2 and 1.3 only, and two workloads run: the
+same keep-alive load over TLS, and a new connection (a full TLS handshake,
+wrk resumes no sessions) for every request ("Connection: close"), which
+measures handshakes per second and CPU per handshake.
+
+Usage: python3 benches/compare.py [--rounds 5] [--seconds 10] [--connections 64] [--tls]
+Needs: nginx, haproxy, wrk, openssl (apt-get install nginx haproxy wrk openssl),
+a release build.
 Talks only to 127.0.0.1; stops everything it starts by PID.
 """
 
@@ -123,10 +129,11 @@ http {{
     return path
 
 
-def run_wrk(port, seconds, connections):
+def run_wrk(port, seconds, connections, scheme="http", close=False):
+    extra = ["-H", "Connection: close"] if close else []
     out = subprocess.run(
         ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-         "-H", "x-shard-key: user:42", f"http://127.0.0.1:{port}/kv/user:42"],
+         "-H", "x-shard-key: user:42", *extra, f"{scheme}://127.0.0.1:{port}/kv/user:42"],
         capture_output=True, text=True, timeout=seconds + 30,
     ).stdout
     reqs = int(re.search(r"(\d+) requests in", out).group(1))
@@ -141,6 +148,40 @@ def run_wrk(port, seconds, connections):
     return reqs, rps, p50, p99
 
 
+def measure(args, ports, by_name, scheme, title, close):
+    """Interleaved rounds of one workload; prints per-round lines and a median table."""
+    results = {n: [] for n in ports}
+    for name, port in ports.items():  # warm up pools and caches
+        run_wrk(port, 2, args.connections, scheme, close)
+    for r in range(args.rounds):
+        for name, port in ports.items():
+            pids = by_name[name].pids()
+            u0, s0 = cpu_seconds(pids)
+            reqs, rps, p50, p99 = run_wrk(port, args.seconds, args.connections, scheme, close)
+            u1, s1 = cpu_seconds(pids)
+            user_us = (u1 - u0) * 1e6 / reqs
+            sys_us = (s1 - s0) * 1e6 / reqs
+            results[name].append((rps, p50, p99, user_us + sys_us, user_us, sys_us))
+            print(f"{title}: round {r + 1} {name:9} {rps:10.0f} req/s  p50 {p50:7.0f}us  p99 {p99:7.0f}us  "
+                  f"cpu {user_us + sys_us:5.1f}us/req (user {user_us:4.1f}, sys {sys_us:4.1f})",
+                  file=sys.stderr)
+
+    med = {n: [statistics.median(col) for col in zip(*rows)] for n, rows in results.items()}
+    peers = [med[n][3] for n in ("nginx", "haproxy") if n in med]
+    best_cpu = min(peers) if peers else 1.0
+    peers_rps = [med[n][0] for n in ("nginx", "haproxy") if n in med]
+    best_rps = max(peers_rps) if peers_rps else 1.0
+    print(f"\n{scheme}, {title}: {args.rounds} interleaved rounds of {args.seconds}s, {args.connections} "
+          "connections, proxy pinned to CPU 0 (1 worker), wrk + upstream on CPU 1; medians\n")
+    print("| proxy | req/s | vs best peer | p50 | p99 | CPU µs/req | user | sys | CPU vs best peer |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in [n for n in ["nginx", "haproxy", "shardgate"] if n in med]:
+        rps, p50, p99, cpu, user, system = med[n]
+        print(f"| {n} | {rps:,.0f} | {rps / best_rps:.2f}× | {p50:.0f} µs | {p99:.0f} µs | {cpu:.1f} | {user:.1f} "
+              f"| {system:.1f} | {cpu / best_cpu:.2f}× |")
+    sys.stdout.flush()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -148,6 +189,7 @@ def main():
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/shardgate"))
     ap.add_argument("--only", nargs="*", default=None, help="measure only these proxies (dev iteration)")
+    ap.add_argument("--tls", action="store_true", help="terminate TLS at every proxy")
     args = ap.parse_args()
     if not os.path.exists(args.binary):
         sys.exit(f"{args.binary} missing: run cargo build --release first")
@@ -157,6 +199,21 @@ def main():
     ports = {"nginx": free_port(), "haproxy": free_port(), "shardgate": free_port()}
     admin = free_port()
     procs = []
+    cert = key = combined = None
+    if args.tls:
+        cert, key = os.path.join(work, "cert.pem"), os.path.join(work, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=bench.test",
+                        "-addext", "subjectAltName=DNS:bench.test,IP:127.0.0.1"],
+                       check=True, capture_output=True)
+        combined = os.path.join(work, "combined.pem")
+        with open(combined, "w") as f:
+            f.write(open(cert).read() + open(key).read())
+    ng_tls = (f"ssl_certificate {cert}; ssl_certificate_key {key}; ssl_protocols TLSv1.2 TLSv1.3;"
+              if args.tls else "")
+    hap_tls = f" ssl crt {combined} ssl-min-ver TLSv1.2 alpn h2,http/1.1" if args.tls else ""
+    sg_tls = f'[tls]\ncert = "{cert}"\nkey = "{key}"\n' if args.tls else ""
+    scheme = "https" if args.tls else "http"
     try:
         listen = "\n".join(f"listen 127.0.0.1:{p};" for p in ups)
         up_conf = nginx_conf(work, "upstream", f"""
@@ -167,7 +224,8 @@ def main():
         ng_conf = nginx_conf(work, "nginx", f"""
   upstream shards {{ hash $http_x_shard_key consistent; {servers} keepalive 64; keepalive_requests 10000000; }}
   server {{
-    listen 127.0.0.1:{ports['nginx']};
+    listen 127.0.0.1:{ports['nginx']}{" ssl" if args.tls else ""};
+    {ng_tls}
     location / {{
       proxy_pass http://shards;
       proxy_http_version 1.1;
@@ -193,8 +251,8 @@ defaults
   option forwardfor
   http-reuse always
 frontend fe
-  bind 127.0.0.1:{ports['haproxy']}
-  http-request set-header X-Forwarded-Proto http
+  bind 127.0.0.1:{ports['haproxy']}{hap_tls}
+  http-request set-header X-Forwarded-Proto {scheme}
   default_backend shards
 backend shards
   balance hdr(x-shard-key)
@@ -220,6 +278,7 @@ sources = ["{topo}"]
 [log]
 level = "warn"
 access_log_sample = 0.0
+{sg_tls}
 {os.environ.get("SHARDGATE_BENCH_EXTRA", "")}
 """)
         procs.append(Proc("shardgate", [args.binary, "proxy", "--config", sg_conf], work, cpu=0))
@@ -229,33 +288,9 @@ access_log_sample = 0.0
         if args.only:
             ports = {n: p for n, p in ports.items() if n in args.only}
         by_name = {p.name: p for p in procs}
-        results = {n: [] for n in ports}
-        for name, port in ports.items():  # warm up pools and caches
-            run_wrk(port, 2, args.connections)
-        for r in range(args.rounds):
-            for name, port in ports.items():
-                pids = by_name[name].pids()
-                u0, s0 = cpu_seconds(pids)
-                reqs, rps, p50, p99 = run_wrk(port, args.seconds, args.connections)
-                u1, s1 = cpu_seconds(pids)
-                user_us = (u1 - u0) * 1e6 / reqs
-                sys_us = (s1 - s0) * 1e6 / reqs
-                results[name].append((rps, p50, p99, user_us + sys_us, user_us, sys_us))
-                print(f"round {r + 1} {name:9} {rps:10.0f} req/s  p50 {p50:7.0f}us  p99 {p99:7.0f}us  "
-                      f"cpu {user_us + sys_us:5.1f}us/req (user {user_us:4.1f}, sys {sys_us:4.1f})",
-                      file=sys.stderr)
-
-        med = {n: [statistics.median(col) for col in zip(*rows)] for n, rows in results.items()}
-        peers = [med[n][3] for n in ("nginx", "haproxy") if n in med]
-        best_cpu = min(peers) if peers else 1.0
-        print(f"\n{args.rounds} interleaved rounds of {args.seconds}s, {args.connections} connections, "
-              "proxy pinned to CPU 0 (1 worker), wrk + upstream on CPU 1; medians\n")
-        print("| proxy | req/s | p50 | p99 | CPU µs/req | user | sys | CPU vs best peer |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for n in [n for n in ["nginx", "haproxy", "shardgate"] if n in med]:
-            rps, p50, p99, cpu, user, system = med[n]
-            print(f"| {n} | {rps:,.0f} | {p50:.0f} µs | {p99:.0f} µs | {cpu:.1f} | {user:.1f} | {system:.1f} "
-                  f"| {cpu / best_cpu:.2f}× |")
+        workloads = [("keep-alive", False)] + ([("new TLS connection per request", True)] if args.tls else [])
+        for title, close in workloads:
+            measure(args, ports, by_name, scheme, title, close)
     finally:
         for p in reversed(procs):
             p.stop()

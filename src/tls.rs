@@ -53,6 +53,16 @@ pub struct CertFiles {
     pub key: PathBuf,
 }
 
+impl CertFiles {
+    /// A chain and key from configured paths.
+    pub fn new(cert: &str, key: &str) -> CertFiles {
+        CertFiles {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+        }
+    }
+}
+
 /// What a TLS listener serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerTls {
@@ -62,6 +72,18 @@ pub struct ServerTls {
     pub sni: Vec<(Vec<String>, CertFiles)>,
     /// Require client certificates signed by this CA (mTLS).
     pub client_ca: Option<PathBuf>,
+}
+
+impl ServerTls {
+    /// One certificate for every name; client certificates from `client_ca`
+    /// are required unless it is empty.
+    pub fn single(cert: &str, key: &str, client_ca: &str) -> ServerTls {
+        ServerTls {
+            default: CertFiles::new(cert, key),
+            sni: Vec::new(),
+            client_ca: (!client_ca.is_empty()).then(|| PathBuf::from(client_ca)),
+        }
+    }
 }
 
 /// How a client verifies servers and, optionally, proves who it is.

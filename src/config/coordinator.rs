@@ -1,9 +1,9 @@
 //! `shardgate coordinator` configuration.
 
-use super::load::{ConfigErrors, ConfigIssue, Issues, TomlDoc};
+use super::load::{ConfigErrors, ConfigIssue, Issues, TomlDoc, checked_server_tls};
 use super::proxy::{LogFormat, parse_log};
 use super::secret::Secret;
-use crate::tls::{CertFiles, ServerTls};
+use crate::tls::ServerTls;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -368,21 +368,12 @@ fn validate_tls(
         return (None, None);
     }
     let spec = |client_ca: &str, alpn: &[&[u8]], key: &str, issues: &mut Issues<'_>| {
-        let spec = ServerTls {
-            default: CertFiles {
-                cert: PathBuf::from(&c.tls_cert),
-                key: PathBuf::from(&c.tls_key),
-            },
-            sni: Vec::new(),
-            client_ca: (!client_ca.is_empty()).then(|| PathBuf::from(client_ca)),
-        };
-        match crate::tls::server_config(&spec, alpn) {
-            Ok(_) => Some(spec),
-            Err(e) => {
-                issues.push(key, e.to_string());
-                None
-            }
-        }
+        checked_server_tls(
+            ServerTls::single(&c.tls_cert, &c.tls_key, client_ca),
+            alpn,
+            key,
+            issues,
+        )
     };
     (
         spec(

@@ -218,6 +218,24 @@ fn location_of(text: &str, offset: usize) -> Location {
     }
 }
 
+/// `spec` if its files make a working server configuration offering `alpn`;
+/// building it is the check (every file read, each certificate paired with
+/// its key, exactly as serving would), so a problem is reported at `key`.
+pub(super) fn checked_server_tls(
+    spec: crate::tls::ServerTls,
+    alpn: &[&[u8]],
+    key: &str,
+    issues: &mut Issues<'_>,
+) -> Option<crate::tls::ServerTls> {
+    match crate::tls::server_config(&spec, alpn) {
+        Ok(_) => Some(spec),
+        Err(e) => {
+            issues.push(key, e.to_string());
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! `shardgate proxy` configuration: the file's plain-data form, its defaults,
 //! and its validation into the typed values the data plane runs on.
 
-use super::load::{ConfigErrors, Issues, TomlDoc};
+use super::load::{ConfigErrors, Issues, TomlDoc, checked_server_tls};
 use crate::resilience::{Backoff, BreakerConfig, BudgetConfig, Jitter, RetryPolicy, StatusSet};
 use crate::routing::{KeyExtractor, KeySource, PathTemplate, ReadPreference};
 use crate::upstream::UpstreamTls;
@@ -877,24 +877,19 @@ impl ProxyConfig {
         let https = topology_sources.iter().any(
             |s| matches!(s, TopologySource::Coordinator(u) if u.scheme_str() == Some("https")),
         );
-        let topology_tls = if https {
-            client_tls_checked
-        } else {
-            client_tls
-        };
-        let client_tls = topology_tls(
-            &f.topology.tls_ca,
-            &f.topology.tls_cert,
-            &f.topology.tls_key,
+        let t = &f.topology;
+        let topology_tls = client_tls(
             "topology",
+            [&t.tls_ca, &t.tls_cert, &t.tls_key],
+            https,
             &mut issues,
         );
-        let upstream_tls = f.upstream.tls.then(|| UpstreamTls {
-            client: client_tls_checked(
-                &f.upstream.tls_ca,
-                &f.upstream.tls_cert,
-                &f.upstream.tls_key,
+        let u = &f.upstream;
+        let upstream_tls = u.tls.then(|| UpstreamTls {
+            client: client_tls(
                 "upstream",
+                [&u.tls_ca, &u.tls_cert, &u.tls_key],
+                true,
                 &mut issues,
             ),
             server_name: (!f.upstream.tls_server_name.is_empty())
@@ -959,7 +954,7 @@ impl ProxyConfig {
                 cache_file: (!f.topology.cache_file.is_empty())
                     .then(|| PathBuf::from(&f.topology.cache_file)),
                 startup_wait: f.topology.startup_wait,
-                client_tls,
+                client_tls: topology_tls,
             },
             log,
         };
@@ -998,8 +993,6 @@ fn parse_topology_source(s: &str) -> Result<TopologySource, String> {
     }
 }
 
-/// Building the rustls configuration is the check: it reads every file and
-/// pairs each certificate with its key, exactly as serving would.
 fn validate_server_tls(t: &TlsSection, issues: &mut Issues<'_>) -> Option<crate::tls::ServerTls> {
     if t.cert.is_empty() && t.key.is_empty() {
         if !t.sni.is_empty() || !t.client_ca.is_empty() {
@@ -1017,71 +1010,55 @@ fn validate_server_tls(t: &TlsSection, issues: &mut Issues<'_>) -> Option<crate:
         );
         return None;
     }
-    let spec = crate::tls::ServerTls {
-        default: crate::tls::CertFiles {
-            cert: PathBuf::from(&t.cert),
-            key: PathBuf::from(&t.key),
-        },
-        sni: t
-            .sni
-            .iter()
-            .map(|e| {
-                (
-                    e.names.clone(),
-                    crate::tls::CertFiles {
-                        cert: PathBuf::from(&e.cert),
-                        key: PathBuf::from(&e.key),
-                    },
-                )
-            })
-            .collect(),
-        client_ca: (!t.client_ca.is_empty()).then(|| PathBuf::from(&t.client_ca)),
-    };
-    match crate::tls::server_config(&spec, crate::tls::ALPN_H2_H1) {
-        Ok(_) => Some(spec),
-        Err(e) => {
-            issues.push("tls.cert", e.to_string());
-            None
-        }
-    }
+    let mut spec = crate::tls::ServerTls::single(&t.cert, &t.key, &t.client_ca);
+    spec.sni = t
+        .sni
+        .iter()
+        .map(|e| (e.names.clone(), crate::tls::CertFiles::new(&e.cert, &e.key)))
+        .collect();
+    checked_server_tls(spec, crate::tls::ALPN_H2_H1, "tls.cert", issues)
 }
 
 fn admin_tls(s: &ServerSection, issues: &mut Issues<'_>) -> Option<crate::tls::ServerTls> {
-    if s.admin_tls_cert.is_empty() && s.admin_tls_key.is_empty() {
-        return None;
-    }
-    let spec = crate::tls::ServerTls {
-        default: crate::tls::CertFiles {
-            cert: PathBuf::from(&s.admin_tls_cert),
-            key: PathBuf::from(&s.admin_tls_key),
-        },
-        sni: Vec::new(),
-        client_ca: (!s.admin_client_ca.is_empty()).then(|| PathBuf::from(&s.admin_client_ca)),
-    };
-    match crate::tls::server_config(&spec, crate::tls::ALPN_H1) {
-        Ok(_) => Some(spec),
-        Err(e) => {
-            issues.push("server.admin_tls_cert", e.to_string());
+    match (s.admin_tls_cert.is_empty(), s.admin_tls_key.is_empty()) {
+        (true, true) => {
+            if !s.admin_client_ca.is_empty() {
+                issues.push(
+                    "server.admin_client_ca",
+                    "client certificates need admin_tls_cert and admin_tls_key",
+                );
+            }
+            None
+        }
+        (false, false) => checked_server_tls(
+            crate::tls::ServerTls::single(&s.admin_tls_cert, &s.admin_tls_key, &s.admin_client_ca),
+            crate::tls::ALPN_H1,
+            "server.admin_tls_cert",
+            issues,
+        ),
+        _ => {
+            issues.push(
+                "server.admin_tls_cert",
+                "give both admin_tls_cert and admin_tls_key",
+            );
             None
         }
     }
 }
 
+/// Client TLS files for `section`; with `check`, the files are loaded (as
+/// connecting would) and problems reported.
 fn client_tls(
-    ca: &str,
-    cert: &str,
-    key: &str,
     section: &str,
+    [ca, cert, key]: [&str; 3],
+    check: bool,
     issues: &mut Issues<'_>,
 ) -> crate::tls::ClientTls {
-    crate::tls::ClientTls {
+    let spec = crate::tls::ClientTls {
         ca: (!ca.is_empty()).then(|| PathBuf::from(ca)),
         identity: match (cert.is_empty(), key.is_empty()) {
             (true, true) => None,
-            (false, false) => Some(crate::tls::CertFiles {
-                cert: PathBuf::from(cert),
-                key: PathBuf::from(key),
-            }),
+            (false, false) => Some(crate::tls::CertFiles::new(cert, key)),
             _ => {
                 issues.push(
                     format!("{section}.tls_cert"),
@@ -1090,18 +1067,8 @@ fn client_tls(
                 None
             }
         },
-    }
-}
-
-fn client_tls_checked(
-    ca: &str,
-    cert: &str,
-    key: &str,
-    section: &str,
-    issues: &mut Issues<'_>,
-) -> crate::tls::ClientTls {
-    let spec = client_tls(ca, cert, key, section, issues);
-    if let Err(e) = crate::tls::client_config(&spec, crate::tls::ALPN_H1) {
+    };
+    if check && let Err(e) = crate::tls::client_config(&spec, crate::tls::ALPN_H1) {
         issues.push(format!("{section}.tls_ca"), e.to_string());
     }
     spec

@@ -263,6 +263,9 @@ impl<S: Store> Coordinator<S> {
             let snapshot = (!report.promotions.is_empty()).then(|| st.persisted());
             (report, before, snapshot)
         };
+        // Before anything is published: whoever sees the new epoch must also
+        // see the node counts that caused it.
+        self.refresh_gauges();
         if !report.newly_dead.is_empty() {
             tracing::warn!(nodes = ?report.newly_dead, "nodes went silent: DEAD");
             self.store.mark_dead(&report.newly_dead).await?;
@@ -299,10 +302,10 @@ impl<S: Store> Coordinator<S> {
                     // stale state and is discarded.
                     tracing::warn!("promotion lost the epoch compare-and-set; reloading");
                     self.reload().await?;
+                    self.refresh_gauges();
                 }
             }
         }
-        self.refresh_gauges();
         Ok(Some(report))
     }
 

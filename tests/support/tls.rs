@@ -213,6 +213,19 @@ pub async fn curl(args: &[&str]) -> Output {
     run("curl", &all).await
 }
 
+/// curl `https://<name>:<port><path>` with `name` resolved to `addr`, trusting `ca`.
+pub async fn curl_https(addr: SocketAddr, name: &str, ca: &Path, path: &str) -> Output {
+    let port = addr.port();
+    curl(&[
+        "--cacert",
+        ca.to_str().unwrap(),
+        "--resolve",
+        &format!("{name}:{port}:{}", addr.ip()),
+        &format!("https://{name}:{port}{path}"),
+    ])
+    .await
+}
+
 /// Run `openssl s_client` against `addr` with extra arguments; stdin is empty,
 /// so it disconnects right after the handshake.
 pub async fn s_client(addr: SocketAddr, args: &[&str]) -> Output {

@@ -10,7 +10,7 @@ mod support;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use std::time::Duration;
-use support::tls::{CertPair, Pki, curl, handshake, http1, s_client};
+use support::tls::{CertPair, Pki, curl, curl_https, handshake, http1, s_client};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -247,15 +247,7 @@ async fn sni_picks_the_certificate_for_the_requested_name() {
     let out = s_client(proxy.addr, &["-servername", "unknown.test"]).await;
     assert!(out.stdout.contains("CN = default.test"), "{}", out.all());
     // curl verifies the name it asked for, so this only works with the right certificate.
-    let port = proxy.addr.port();
-    let out = curl(&[
-        "--cacert",
-        pki.ca_path.to_str().unwrap(),
-        "--resolve",
-        &format!("api.test:{port}:127.0.0.1"),
-        &format!("https://api.test:{port}/kv/k"),
-    ])
-    .await;
+    let out = curl_https(proxy.addr, "api.test", &pki.ca_path, "/kv/k").await;
     assert!(out.ok, "{}", out.all());
     proxy.stop().await;
 }
@@ -504,14 +496,7 @@ async fn partial_client_hellos_are_cut_off_at_the_handshake_timeout() {
             .is_empty()
     );
     // Complete handshakes are unaffected.
-    let out = curl(&[
-        "--cacert",
-        edge.ca(),
-        "--resolve",
-        &edge.resolve(),
-        &edge.url("/kv/k"),
-    ])
-    .await;
+    let out = curl_https(edge.proxy.addr, "shard.test", &edge.pki.ca_path, "/kv/k").await;
     assert!(out.ok, "{}", out.all());
     edge.proxy.stop().await;
 }
@@ -590,15 +575,7 @@ async fn random_bytes_on_the_tls_port_never_crash_the_proxy() {
         "the proxy exited: {}",
         proxy.stderr()
     );
-    let port = proxy.addr.port();
-    let out = curl(&[
-        "--cacert",
-        pki.ca_path.to_str().unwrap(),
-        "--resolve",
-        &format!("shard.test:{port}:127.0.0.1"),
-        &format!("https://shard.test:{port}/kv/k"),
-    ])
-    .await;
+    let out = curl_https(proxy.addr, "shard.test", &pki.ca_path, "/kv/k").await;
     assert!(out.ok, "{}", out.all());
     assert_eq!(up.requests(), 1, "no garbage was ever forwarded");
     assert!(!proxy.stderr().contains("panicked"), "{}", proxy.stderr());

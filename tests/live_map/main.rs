@@ -89,8 +89,10 @@ async fn cluster() -> Cluster {
         dir.path().join("map.json").to_str().unwrap(),
         "--store",
         &store,
+        // Ten agent intervals: a loaded machine stalling an agent must not
+        // fail over a node the test keeps alive.
         "--heartbeat-timeout",
-        "1",
+        "2",
         "--sweep-interval",
         "0.1",
     ])

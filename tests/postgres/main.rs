@@ -129,8 +129,10 @@ async fn pg_coordinator(
         topo.to_str().unwrap(),
         "--store",
         url,
+        // Ten agent intervals: a loaded machine stalling an agent must not
+        // fail over a node the test keeps alive.
         "--heartbeat-timeout",
-        "1",
+        "2",
         "--sweep-interval",
         "0.1",
     ];
@@ -394,4 +396,59 @@ async fn heartbeat_history_is_pruned_by_age() {
         .unwrap()
         .get(0);
     assert_eq!(left, 2);
+}
+
+#[tokio::test]
+async fn the_store_reconnects_after_the_database_drops_its_connections() {
+    let url = pg_database().await;
+    let store = PgStore::connect(&url, "a").await.unwrap();
+    store.commit(None, &initial(1)).await.unwrap();
+    let hb = shardgate::coordinator::state::Heartbeat {
+        node_id: "n".into(),
+        addr: "127.0.0.10:9000".parse().unwrap(),
+        node_time_ms: unix_ms(),
+        usage: Default::default(),
+    };
+    let active = shardgate::coordinator::state::NodeStatus::Active;
+    store
+        .record_heartbeat(&hb, active, 0, Duration::ZERO)
+        .await
+        .unwrap();
+
+    // What an operator's pg_terminate_backend or a database restart does.
+    let admin = pg_client(&url).await;
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()) t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed >= 2, "the store's reader and heartbeat connections");
+
+    // A call may still meet the dead session before the client notices; after
+    // that, heartbeats and reads work again without a new store.
+    eventually(
+        Duration::from_secs(10),
+        "heartbeats written again",
+        || async {
+            store
+                .record_heartbeat(&hb, active, 0, Duration::ZERO)
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(10), "the map read again", || async {
+        store.load().await.is_ok_and(|p| p.is_some())
+    })
+    .await;
+    let beats: i64 = admin
+        .query_one("SELECT count(*) FROM node_heartbeats", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(beats >= 2, "history kept and appended: {beats}");
 }

@@ -680,6 +680,25 @@ pub fn base_config(topology: &Path, extra: &str) -> String {
     text
 }
 
+/// Append every line from `lines` to a shared string until EOF.
+fn collect_lines<R>(
+    mut lines: tokio::io::Lines<R>,
+) -> (Arc<Mutex<String>>, tokio::task::JoinHandle<()>)
+where
+    R: tokio::io::AsyncBufRead + Unpin + Send + 'static,
+{
+    let text = Arc::new(Mutex::new(String::new()));
+    let t = text.clone();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut t = t.lock().unwrap();
+            t.push_str(&line);
+            t.push('\n');
+        }
+    });
+    (text, reader)
+}
+
 /// The real `shardgate` binary, started with `args`.
 pub struct BinProxy {
     pub child: tokio::process::Child,
@@ -707,16 +726,7 @@ impl BinProxy {
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let l = log.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let mut l = l.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let (log, _) = collect_lines(BufReader::new(stderr).lines());
         let mut lines = BufReader::new(stdout).lines();
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
             .await
@@ -772,6 +782,8 @@ pub struct BinProcess {
     /// Everything printed to stdout after the first line.
     pub stdout: Arc<Mutex<String>>,
     pub first_line: String,
+    /// The tasks copying stdout and stderr; they end at the process's EOF.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl BinProcess {
@@ -785,16 +797,7 @@ impl BinProcess {
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let l = log.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let mut l = l.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let (log, stderr_reader) = collect_lines(BufReader::new(stderr).lines());
         let mut lines = BufReader::new(stdout).lines();
         let first_line = if wait_for_line {
             tokio::time::timeout(Duration::from_secs(30), lines.next_line())
@@ -805,20 +808,13 @@ impl BinProcess {
         } else {
             String::new()
         };
-        let out = Arc::new(Mutex::new(String::new()));
-        let o = out.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let mut o = o.lock().unwrap();
-                o.push_str(&line);
-                o.push('\n');
-            }
-        });
+        let (out, stdout_reader) = collect_lines(lines);
         BinProcess {
             child,
             stderr: log,
             stdout: out,
             first_line,
+            readers: vec![stderr_reader, stdout_reader],
         }
     }
 
@@ -844,12 +840,18 @@ impl BinProcess {
         let _ = self.child.kill().await;
     }
 
+    /// Wait for exit; afterwards `stderr()` and `stdout` hold everything it printed.
     pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
-        tokio::time::timeout(within, self.child.wait())
-            .await
-            .expect("process did not exit in time")
-            .unwrap()
-            .code()
+        let readers = std::mem::take(&mut self.readers);
+        tokio::time::timeout(within, async {
+            let status = self.child.wait().await.unwrap();
+            for r in readers {
+                let _ = r.await;
+            }
+            status.code()
+        })
+        .await
+        .expect("process did not exit in time")
     }
 }
 

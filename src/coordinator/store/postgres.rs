@@ -6,11 +6,19 @@
 //!   connection. If it dies, the server drops the lock and another takes it.
 //! - Every map change is one transaction that compares and sets the epoch, so
 //!   a stale leader's promotion loses and two primaries can never be written.
+//! - Heartbeats are written over a few dedicated connections with
+//!   `synchronous_commit = off`: a PostgreSQL crash may lose the last fraction
+//!   of a second of heartbeat history (the next heartbeat rewrites it), never a
+//!   map change, promotion or fencing, which commit synchronously.
+//! - Every connection is re-established when the server drops it, so a
+//!   database restart costs failed calls, not a coordinator restart.
 
 use super::{Commit, RemoteNode, Store, StoreError};
 use crate::coordinator::state::{Assignment, Heartbeat, NodeStatus, Persisted, PersistedNode};
 use crate::topology::{NodeAddr, PartitionDoc, TopologyDoc};
+use arc_swap::ArcSwapOption;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -47,10 +55,88 @@ async fn connect(url: &str) -> Result<Client, StoreError> {
     Ok(client)
 }
 
+/// Connections heartbeats are spread over. Commits on one backend are
+/// serial; a few backends let PostgreSQL group their WAL writes.
+const HEARTBEAT_CONNECTIONS: usize = 4;
+
+/// Records one heartbeat. Three statements, one round trip: the name moves
+/// with the node if it changed address, the address row is upserted, history
+/// is appended.
+const RECORD_HEARTBEAT: &str = "WITH released AS (
+    UPDATE cluster_nodes SET node_name = NULL WHERE node_name = $1 AND ip_address <> $2
+), up AS (
+    INSERT INTO cluster_nodes (ip_address, node_name, node_status, cpu_utilization,
+                               memory_free_bytes, active_connections, clock_skew_ms, last_heartbeat_at)
+    VALUES ($2, $1, $3, $4::float8::numeric(5,2), $5, $6, $7, NOW())
+    ON CONFLICT (ip_address) DO UPDATE SET
+      node_name = EXCLUDED.node_name, node_status = EXCLUDED.node_status,
+      cpu_utilization = EXCLUDED.cpu_utilization, memory_free_bytes = EXCLUDED.memory_free_bytes,
+      active_connections = EXCLUDED.active_connections, clock_skew_ms = EXCLUDED.clock_skew_ms,
+      last_heartbeat_at = NOW()
+    RETURNING node_id)
+INSERT INTO node_heartbeats (node_id, response_time_ms, system_load_status)
+SELECT node_id, $8, $9 FROM up";
+
+/// A live connection and the heartbeat statement prepared on it, so the hot
+/// write is not parsed and planned again each time.
+struct Session {
+    client: Client,
+    heartbeat: tokio_postgres::Statement,
+}
+
+/// One connection, re-established on first use after the server dropped it.
+struct Conn {
+    url: String,
+    /// Run once on every new session.
+    setup: &'static str,
+    session: ArcSwapOption<Session>,
+    reconnect: Mutex<()>,
+}
+
+impl Session {
+    async fn start(client: Client, setup: &str) -> Result<Session, StoreError> {
+        if !setup.is_empty() {
+            client.batch_execute(setup).await?;
+        }
+        let heartbeat = client.prepare(RECORD_HEARTBEAT).await?;
+        Ok(Session { client, heartbeat })
+    }
+}
+
+impl Conn {
+    fn new(url: &str, setup: &'static str) -> Conn {
+        Conn {
+            url: url.to_owned(),
+            setup,
+            session: ArcSwapOption::empty(),
+            reconnect: Mutex::new(()),
+        }
+    }
+
+    /// A live session, connecting if there is none.
+    async fn get(&self) -> Result<Arc<Session>, StoreError> {
+        if let Some(s) = self.session.load_full().filter(|s| !s.client.is_closed()) {
+            return Ok(s);
+        }
+        // One caller reconnects; the others wait and take its session.
+        let _one = self.reconnect.lock().await;
+        if let Some(s) = self.session.load_full().filter(|s| !s.client.is_closed()) {
+            return Ok(s);
+        }
+        let client = connect(&self.url).await?;
+        let s = Arc::new(Session::start(client, self.setup).await?);
+        self.session.store(Some(s.clone()));
+        Ok(s)
+    }
+}
+
 /// A coordinator's handle on the shared database.
 pub struct PgStore {
     url: String,
-    client: Client,
+    /// Reads, registrations and claims; synchronous commit.
+    client: Conn,
+    /// Heartbeat writes, chosen by node id so one node's heartbeats stay in order.
+    heartbeats: Vec<Conn>,
     /// Holds the leader lock for as long as it is open.
     leader_conn: Mutex<Option<Client>>,
     leading: AtomicBool,
@@ -62,13 +148,24 @@ impl PgStore {
     pub async fn connect(url: &str, leader_id: &str) -> Result<PgStore, StoreError> {
         let mut client = connect(url).await?;
         migrate(&mut client).await?;
+        let main = Conn::new(url, "");
+        main.session
+            .store(Some(Arc::new(Session::start(client, "").await?)));
         Ok(PgStore {
             url: url.to_owned(),
-            client,
+            client: main,
+            heartbeats: (0..HEARTBEAT_CONNECTIONS)
+                .map(|_| Conn::new(url, "SET synchronous_commit = off"))
+                .collect(),
             leader_conn: Mutex::new(None),
             leading: AtomicBool::new(false),
             leader_id: leader_id.to_owned(),
         })
+    }
+
+    fn heartbeat_conn(&self, node_id: &str) -> &Conn {
+        let lane = xxhash_rust::xxh3::xxh3_64(node_id.as_bytes()) as usize % self.heartbeats.len();
+        &self.heartbeats[lane]
     }
 
     /// Give up leadership now (tests, orderly shutdown).
@@ -121,6 +218,9 @@ impl Store for PgStore {
     async fn load(&self) -> Result<Option<Persisted>, StoreError> {
         let Some(state) = self
             .client
+            .get()
+            .await?
+            .client
             .query_opt(
                 "SELECT cluster_epoch, master_node_id FROM cluster_state",
                 &[],
@@ -132,6 +232,9 @@ impl Store for PgStore {
         let epoch: i64 = state.get(0);
         let master: String = state.get(1);
         let rows = self
+            .client
+            .get()
+            .await?
             .client
             .query(
                 "SELECT dp.partition_index, pn.ip_address,
@@ -154,6 +257,9 @@ impl Store for PgStore {
             })
             .collect();
         let nodes = self
+            .client
+            .get()
+            .await?
             .client
             .query(
                 "SELECT node_name, ip_address, told_partition, told_primary, fenced FROM cluster_nodes",
@@ -287,18 +393,31 @@ impl Store for PgStore {
 
     async fn save_nodes(&self, state: &Persisted) -> Result<(), StoreError> {
         // Registrations arrive with heartbeats; what remains is a first
-        // contact's assignment, written only where none was recorded.
+        // contact's assignment, written only where none was recorded. One
+        // statement for every node: a round trip per node made each first
+        // contact cost O(nodes) waits.
+        let (mut addrs, mut partitions, mut primaries) = (Vec::new(), Vec::new(), Vec::new());
         for n in &state.nodes {
             if let Some(told) = n.told {
-                self.client
-                    .execute(
-                        "UPDATE cluster_nodes SET told_partition = $2, told_primary = $3
-                          WHERE ip_address = $1 AND told_primary IS NULL",
-                        &[&n.addr, &told.partition.map(|p| p as i32), &told.primary],
-                    )
-                    .await?;
+                addrs.push(n.addr.as_str());
+                partitions.push(told.partition.map(|p| p as i32));
+                primaries.push(told.primary);
             }
         }
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .get()
+            .await?
+            .client
+            .execute(
+                "UPDATE cluster_nodes cn SET told_partition = t.partition, told_primary = t.primary_
+                   FROM unnest($1::text[], $2::int4[], $3::bool[]) AS t(ip, partition, primary_)
+                  WHERE cn.ip_address = t.ip AND cn.told_primary IS NULL",
+                &[&addrs, &partitions, &primaries],
+            )
+            .await?;
         Ok(())
     }
 
@@ -317,24 +436,10 @@ impl Store for PgStore {
             "nodeTimeMs": hb.node_time_ms,
         });
         let cpu = hb.usage.cpu_percent.clamp(0.0, 999.99);
-        // Three statements, one round trip: the name moves with the node if it
-        // changed address, the address row is upserted, history is appended.
-        self.client
+        let conn = self.heartbeat_conn(&hb.node_id).get().await?;
+        conn.client
             .execute(
-                "WITH released AS (
-                     UPDATE cluster_nodes SET node_name = NULL WHERE node_name = $1 AND ip_address <> $2
-                 ), up AS (
-                     INSERT INTO cluster_nodes (ip_address, node_name, node_status, cpu_utilization,
-                                                memory_free_bytes, active_connections, clock_skew_ms, last_heartbeat_at)
-                     VALUES ($2, $1, $3, $4::float8::numeric(5,2), $5, $6, $7, NOW())
-                     ON CONFLICT (ip_address) DO UPDATE SET
-                       node_name = EXCLUDED.node_name, node_status = EXCLUDED.node_status,
-                       cpu_utilization = EXCLUDED.cpu_utilization, memory_free_bytes = EXCLUDED.memory_free_bytes,
-                       active_connections = EXCLUDED.active_connections, clock_skew_ms = EXCLUDED.clock_skew_ms,
-                       last_heartbeat_at = NOW()
-                     RETURNING node_id)
-                 INSERT INTO node_heartbeats (node_id, response_time_ms, system_load_status)
-                 SELECT node_id, $8, $9 FROM up",
+                &conn.heartbeat,
                 &[
                     &hb.node_id,
                     &ip,
@@ -360,6 +465,9 @@ impl Store for PgStore {
     async fn claim_told(&self, node: &str, a: Assignment) -> Result<bool, StoreError> {
         let partition = a.partition.map(|p| p as i32);
         let changed = self
+            .client
+            .get()
+            .await?
             .client
             .execute(
                 "UPDATE cluster_nodes SET told_partition = $2, told_primary = $3
@@ -398,6 +506,9 @@ impl Store for PgStore {
     async fn remote_nodes(&self) -> Result<Vec<RemoteNode>, StoreError> {
         let rows = self
             .client
+            .get()
+            .await?
+            .client
             .query(
                 "SELECT node_name, ip_address, EXTRACT(EPOCH FROM (NOW() - last_heartbeat_at))::float8,
                         cpu_utilization::float8, memory_free_bytes, active_connections, clock_skew_ms
@@ -425,6 +536,9 @@ impl Store for PgStore {
     async fn replication_lag(&self) -> Result<Vec<(NodeAddr, u64)>, StoreError> {
         let rows = self
             .client
+            .get()
+            .await?
+            .client
             .query(
                 "SELECT DISTINCT ON (rl.target_node_id) cn.ip_address, rl.replication_lag_bytes
                    FROM replication_logs rl JOIN cluster_nodes cn ON cn.node_id = rl.target_node_id
@@ -440,6 +554,9 @@ impl Store for PgStore {
     async fn prune(&self, retention: Duration) -> Result<u64, StoreError> {
         Ok(self
             .client
+            .get()
+            .await?
+            .client
             .execute(
                 "DELETE FROM node_heartbeats WHERE created_at < NOW() - make_interval(secs => $1)",
                 &[&retention.as_secs_f64()],
@@ -449,6 +566,9 @@ impl Store for PgStore {
 
     async fn mark_dead(&self, ids: &[String]) -> Result<(), StoreError> {
         self.client
+            .get()
+            .await?
+            .client
             .execute(
                 "UPDATE cluster_nodes SET node_status = 'DEAD' WHERE node_name = ANY($1)",
                 &[&ids],

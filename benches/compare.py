@@ -16,7 +16,12 @@ same keep-alive load over TLS, and a new connection (a full TLS handshake,
 wrk resumes no sessions) for every request ("Connection: close"), which
 measures handshakes per second and CPU per handshake.
 
+With --baseline PATH a second shardgate build (e.g. the previous commit's)
+runs as "baseline" in the same interleaved rounds, so a change is judged by a
+ratio measured side by side, not against numbers from another run.
+
 Usage: python3 benches/compare.py [--rounds 5] [--seconds 10] [--connections 64] [--tls]
+                                  [--baseline target/base/shardgate]
 Needs: nginx, haproxy, wrk, openssl (apt-get install nginx haproxy wrk openssl),
 a release build.
 Talks only to 127.0.0.1; stops everything it starts by PID.
@@ -175,7 +180,7 @@ def measure(args, ports, by_name, scheme, title, close):
           "connections, proxy pinned to CPU 0 (1 worker), wrk + upstream on CPU 1; medians\n")
     print("| proxy | req/s | vs best peer | p50 | p99 | CPU µs/req | user | sys | CPU vs best peer |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n in [n for n in ["nginx", "haproxy", "shardgate"] if n in med]:
+    for n in [n for n in ["nginx", "haproxy", "baseline", "shardgate"] if n in med]:
         rps, p50, p99, cpu, user, system = med[n]
         print(f"| {n} | {rps:,.0f} | {rps / best_rps:.2f}× | {p50:.0f} µs | {p99:.0f} µs | {cpu:.1f} | {user:.1f} "
               f"| {system:.1f} | {cpu / best_cpu:.2f}× |")
@@ -190,6 +195,7 @@ def main():
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/shardgate"))
     ap.add_argument("--only", nargs="*", default=None, help="measure only these proxies (dev iteration)")
     ap.add_argument("--tls", action="store_true", help="terminate TLS at every proxy")
+    ap.add_argument("--baseline", default=None, help="another shardgate binary to measure beside this one")
     args = ap.parse_args()
     if not os.path.exists(args.binary):
         sys.exit(f"{args.binary} missing: run cargo build --release first")
@@ -197,7 +203,9 @@ def main():
     work = tempfile.mkdtemp(prefix="shardgate-compare-")
     ups = [free_port() for _ in range(3)]
     ports = {"nginx": free_port(), "haproxy": free_port(), "shardgate": free_port()}
-    admin = free_port()
+    if args.baseline:
+        ports["baseline"] = free_port()
+    admin = {"shardgate": free_port(), "baseline": free_port()}
     procs = []
     cert = key = combined = None
     if args.tls:
@@ -266,12 +274,14 @@ backend shards
                     f'{{"partitionIndex":0,"primaryNodeIp":"127.0.0.1:{ups[0]}","replicaNodeIps":[],"hashRangeStart":"00000000","hashRangeEnd":"55555555"}},'
                     f'{{"partitionIndex":1,"primaryNodeIp":"127.0.0.1:{ups[1]}","replicaNodeIps":[],"hashRangeStart":"55555556","hashRangeEnd":"aaaaaaaa"}},'
                     f'{{"partitionIndex":2,"primaryNodeIp":"127.0.0.1:{ups[2]}","replicaNodeIps":[],"hashRangeStart":"aaaaaaab","hashRangeEnd":"ffffffff"}}]}}')
-        sg_conf = os.path.join(work, "shardgate.toml")
-        with open(sg_conf, "w") as f:
-            f.write(f"""
+        builds = [("shardgate", args.binary)] + ([("baseline", args.baseline)] if args.baseline else [])
+        for name, binary in builds:
+            sg_conf = os.path.join(work, f"{name}.toml")
+            with open(sg_conf, "w") as f:
+                f.write(f"""
 [server]
-listen = "127.0.0.1:{ports['shardgate']}"
-admin_listen = "127.0.0.1:{admin}"
+listen = "127.0.0.1:{ports[name]}"
+admin_listen = "127.0.0.1:{admin[name]}"
 workers = 1
 [topology]
 sources = ["{topo}"]
@@ -281,7 +291,7 @@ access_log_sample = 0.0
 {sg_tls}
 {os.environ.get("SHARDGATE_BENCH_EXTRA", "")}
 """)
-        procs.append(Proc("shardgate", [args.binary, "proxy", "--config", sg_conf], work, cpu=0))
+            procs.append(Proc(name, [binary, "proxy", "--config", sg_conf], work, cpu=0))
         for p in list(ports.values()) + ups:
             wait_port(p)
 

@@ -359,8 +359,8 @@ async fn exactly_one_store_holds_the_leader_lock_until_it_lets_go() {
     assert!(!a.lead().await.unwrap());
 }
 
-#[tokio::test]
-async fn heartbeat_history_is_pruned_by_age() {
+/// A fresh database holding a map, its store, and a heartbeat to record.
+async fn store_with_a_map() -> (String, PgStore, shardgate::coordinator::state::Heartbeat) {
     let url = pg_database().await;
     let store = PgStore::connect(&url, "a").await.unwrap();
     store.commit(None, &initial(1)).await.unwrap();
@@ -370,6 +370,12 @@ async fn heartbeat_history_is_pruned_by_age() {
         node_time_ms: unix_ms(),
         usage: Default::default(),
     };
+    (url, store, hb)
+}
+
+#[tokio::test]
+async fn heartbeat_history_is_pruned_by_age() {
+    let (url, store, hb) = store_with_a_map().await;
     for _ in 0..5 {
         store
             .record_heartbeat(
@@ -400,15 +406,7 @@ async fn heartbeat_history_is_pruned_by_age() {
 
 #[tokio::test]
 async fn the_store_reconnects_after_the_database_drops_its_connections() {
-    let url = pg_database().await;
-    let store = PgStore::connect(&url, "a").await.unwrap();
-    store.commit(None, &initial(1)).await.unwrap();
-    let hb = shardgate::coordinator::state::Heartbeat {
-        node_id: "n".into(),
-        addr: "127.0.0.10:9000".parse().unwrap(),
-        node_time_ms: unix_ms(),
-        usage: Default::default(),
-    };
+    let (url, store, hb) = store_with_a_map().await;
     let active = shardgate::coordinator::state::NodeStatus::Active;
     store
         .record_heartbeat(&hb, active, 0, Duration::ZERO)

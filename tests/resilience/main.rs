@@ -95,15 +95,20 @@ async fn writes_to_a_hanging_primary_are_bounded_by_the_deadline_then_fail_fast_
             "bounded by the deadline"
         );
     }
-    // The breaker is open now: no network wait at all.
+    // The breaker is open now: no network wait at all. The typical refusal is
+    // well under a tenth of a second; none may come near the 400 ms deadline a
+    // network wait would cost (a loaded machine may delay a single one).
+    let mut took = Vec::new();
     for _ in 0..20 {
         let started = Instant::now();
         let a = send(&c, keyed("POST", &proxy.url("/kv/a"), "a", "v")).await;
-        let took = started.elapsed();
+        took.push(started.elapsed());
         a.assert_error(503, "primary_unavailable");
-        assert!(took < Duration::from_millis(100), "{took:?}");
     }
-    assert_eq!(primary.arrivals(), 5);
+    took.sort();
+    assert!(took[10] < Duration::from_millis(100), "median of {took:?}");
+    assert!(took[19] < Duration::from_millis(400), "slowest of {took:?}");
+    assert_eq!(primary.arrivals(), 5, "no request reached the open primary");
     assert!(replica.writes().is_empty());
 }
 

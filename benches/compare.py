@@ -14,13 +14,14 @@ With --tls every proxy terminates TLS with the same ECDSA P-256 certificate
 (made here with openssl), TLS 1.2 and 1.3 only, and two workloads run: the
 same keep-alive load over TLS, and a new connection (a full TLS handshake,
 wrk resumes no sessions) for every request ("Connection: close"), which
-measures handshakes per second and CPU per handshake.
+measures handshakes per second and CPU per handshake. --close runs that
+second workload in clear text too (accept cost without TLS).
 
 With --baseline PATH a second shardgate build (e.g. the previous commit's)
 runs as "baseline" in the same interleaved rounds, so a change is judged by a
 ratio measured side by side, not against numbers from another run.
 
-Usage: python3 benches/compare.py [--rounds 5] [--seconds 10] [--connections 64] [--tls]
+Usage: python3 benches/compare.py [--rounds 5] [--seconds 10] [--connections 64] [--tls] [--close]
                                   [--baseline target/base/shardgate]
 Needs: nginx, haproxy, wrk, openssl (apt-get install nginx haproxy wrk openssl),
 a release build.
@@ -195,6 +196,8 @@ def main():
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/shardgate"))
     ap.add_argument("--only", nargs="*", default=None, help="measure only these proxies (dev iteration)")
     ap.add_argument("--tls", action="store_true", help="terminate TLS at every proxy")
+    ap.add_argument("--close", action="store_true",
+                    help="also run a new connection per request (always on with --tls)")
     ap.add_argument("--baseline", default=None, help="another shardgate binary to measure beside this one")
     args = ap.parse_args()
     if not os.path.exists(args.binary):
@@ -298,7 +301,8 @@ access_log_sample = 0.0
         if args.only:
             ports = {n: p for n, p in ports.items() if n in args.only}
         by_name = {p.name: p for p in procs}
-        workloads = [("keep-alive", False)] + ([("new TLS connection per request", True)] if args.tls else [])
+        per_conn = "new TLS connection per request" if args.tls else "new connection per request"
+        workloads = [("keep-alive", False)] + ([(per_conn, True)] if args.tls or args.close else [])
         for title, close in workloads:
             measure(args, ports, by_name, scheme, title, close)
     finally:

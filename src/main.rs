@@ -1,7 +1,6 @@
 //! The `shardgate` binary: parse arguments, run a command, map the outcome to
 //! an exit code (0 ok, 1 invalid input or config, 2 runtime failure).
 
-use anyhow::Context;
 use clap::Parser;
 use shardgate::cli::{self, Cli, Command};
 use shardgate::config::ProxyConfig;
@@ -41,10 +40,7 @@ fn run_demo(args: &cli::DemoArgs) -> ExitCode {
     shardgate::telemetry::init_logging("warn", shardgate::config::LogFormat::Text);
     let rt = match runtime(0) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("{e:#}");
-            return ExitCode::from(RUNTIME);
-        }
+        Err(code) => return code,
     };
     let cfg = shardgate::demo::DemoConfig {
         proxy: args.listen,
@@ -68,10 +64,7 @@ fn run_demo_node(args: &cli::DemoNodeArgs) -> ExitCode {
     shardgate::telemetry::init_logging("info", shardgate::config::LogFormat::Text);
     let rt = match runtime(1) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("{e:#}");
-            return ExitCode::from(RUNTIME);
-        }
+        Err(code) => return code,
     };
     match rt.block_on(shardgate::demo::run_node(
         &args.id,
@@ -99,10 +92,7 @@ fn run_coordinator(args: &cli::CoordinatorArgs) -> ExitCode {
     shardgate::telemetry::init_logging(&config.log_level, config.log_format);
     let rt = match runtime(0) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("{e:#}");
-            return ExitCode::from(RUNTIME);
-        }
+        Err(code) => return code,
     };
     let result = rt.block_on(shardgate::coordinator::run(config, |http, grpc| {
         let mut out = std::io::stdout().lock();
@@ -132,10 +122,7 @@ fn run_agent(args: &cli::AgentArgs) -> ExitCode {
     shardgate::telemetry::init_logging("info", shardgate::config::LogFormat::Text);
     let rt = match runtime(1) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("{e:#}");
-            return ExitCode::from(RUNTIME);
-        }
+        Err(code) => return code,
     };
     let exit = rt.block_on(async {
         let stop = tokio_util::sync::CancellationToken::new();
@@ -172,14 +159,16 @@ fn finish<T>(r: Result<T, cli::InputError>) -> ExitCode {
     }
 }
 
-fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+/// The async runtime, or the exit code after saying why it could not start.
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     if workers > 0 {
         b.worker_threads(workers);
     }
-    b.enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    b.enable_all().build().map_err(|e| {
+        eprintln!("cannot start the async runtime: {e}");
+        ExitCode::from(RUNTIME)
+    })
 }
 
 fn run_proxy(args: &cli::ProxyArgs) -> ExitCode {
@@ -194,10 +183,7 @@ fn run_proxy(args: &cli::ProxyArgs) -> ExitCode {
     shardgate::telemetry::init_logging(&config.log.level, config.log.format);
     let rt = match runtime(config.server.workers) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("{e:#}");
-            return ExitCode::from(RUNTIME);
-        }
+        Err(code) => return code,
     };
     let result = rt.block_on(shardgate::proxy::run(
         config,

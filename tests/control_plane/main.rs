@@ -9,20 +9,6 @@ use std::path::Path;
 use std::time::Duration;
 use support::*;
 
-/// Two partitions, each a primary and a replica, on addresses no proxy dials.
-fn map(epoch: u64) -> String {
-    serde_json::json!({
-        "clusterEpoch": epoch, "masterNodeId": "ignored", "partitionCount": 2,
-        "partitions": [
-            {"partitionIndex": 0, "primaryNodeIp": "127.0.0.10:9000", "replicaNodeIps": ["127.0.0.11:9000"],
-             "hashRangeStart": "00000000", "hashRangeEnd": "7fffffff"},
-            {"partitionIndex": 1, "primaryNodeIp": "127.0.0.20:9000", "replicaNodeIps": ["127.0.0.21:9000"],
-             "hashRangeStart": "80000000", "hashRangeEnd": "ffffffff"}
-        ]
-    })
-    .to_string()
-}
-
 const NODES: [(&str, &str); 4] = [
     ("p0-primary", "127.0.0.10:9000"),
     ("p0-replica", "127.0.0.11:9000"),
@@ -39,7 +25,7 @@ struct Cluster {
 async fn coordinator_in(dir: &Path, extra: &[&str]) -> BinCoordinator {
     let topo = dir.join("map.json");
     if !topo.exists() {
-        std::fs::write(&topo, map(10)).unwrap();
+        std::fs::write(&topo, two_partition_map(10)).unwrap();
     }
     let store = format!("file:{}", dir.join("state.json").display());
     let config = dir.join("coordinator.toml");
@@ -369,7 +355,7 @@ async fn the_state_file_survives_a_restart_with_the_same_epoch_and_promotions() 
     assert_eq!(proc.exit_code(Duration::from_secs(10)).await, Some(0));
 
     // A different --topology must not win over the stored state.
-    std::fs::write(dir.path().join("map.json"), map(1)).unwrap();
+    std::fs::write(dir.path().join("map.json"), two_partition_map(1)).unwrap();
     let again = coordinator_in(dir.path(), &[]).await;
     let m = again.get_json("/v1/cluster/topology").await;
     assert_eq!(m["clusterEpoch"], 11);
@@ -449,10 +435,10 @@ async fn operators_change_the_map_only_with_the_token_and_a_valid_map() {
         }
         send_owned(r.body(full(body)).unwrap())
     };
-    assert_eq!(put(None, map(50)).await.status, 401);
-    assert_eq!(put(Some("wrong"), map(50)).await.status, 401);
+    assert_eq!(put(None, two_partition_map(50)).await.status, 401);
+    assert_eq!(put(Some("wrong"), two_partition_map(50)).await.status, 401);
 
-    let mut invalid: serde_json::Value = serde_json::from_str(&map(50)).unwrap();
+    let mut invalid: serde_json::Value = serde_json::from_str(&two_partition_map(50)).unwrap();
     invalid["partitionCount"] = 3.into();
     invalid["partitions"][1]["primaryNodeIp"] = "".into();
     let r = put(Some("s3cret"), invalid.to_string()).await;
@@ -461,7 +447,7 @@ async fn operators_change_the_map_only_with_the_token_and_a_valid_map() {
     assert_eq!(errors, 2, "every validation error listed: {}", r.text());
     assert_eq!(coord.epoch().await, 10);
 
-    let mut new = serde_json::from_str::<serde_json::Value>(&map(2)).unwrap();
+    let mut new = serde_json::from_str::<serde_json::Value>(&two_partition_map(2)).unwrap();
     new["partitions"][1]["replicaNodeIps"] = serde_json::json!(["127.0.0.22:9000"]);
     let r = put(Some("s3cret"), new.to_string()).await;
     assert_eq!(r.status, 200, "{}", r.text());

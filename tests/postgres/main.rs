@@ -12,21 +12,8 @@ use shardgate::topology::ShardMap;
 use std::time::Duration;
 use support::*;
 
-fn map_json(epoch: u64) -> String {
-    serde_json::json!({
-        "clusterEpoch": epoch, "masterNodeId": "x", "partitionCount": 2,
-        "partitions": [
-            {"partitionIndex": 0, "primaryNodeIp": "127.0.0.10:9000", "replicaNodeIps": ["127.0.0.11:9000"],
-             "hashRangeStart": "00000000", "hashRangeEnd": "7fffffff"},
-            {"partitionIndex": 1, "primaryNodeIp": "127.0.0.20:9000", "replicaNodeIps": ["127.0.0.21:9000"],
-             "hashRangeStart": "80000000", "hashRangeEnd": "ffffffff"}
-        ]
-    })
-    .to_string()
-}
-
 fn initial(epoch: u64) -> Persisted {
-    let map = ShardMap::from_json(map_json(epoch).as_bytes()).unwrap();
+    let map = ShardMap::from_json(two_partition_map(epoch).as_bytes()).unwrap();
     ClusterState::new(map, "coord", tokio::time::Instant::now()).persisted()
 }
 
@@ -115,7 +102,7 @@ async fn pg_coordinator(
     extra: &[&str],
 ) -> BinCoordinator {
     let topo = dir.join("map.json");
-    std::fs::write(&topo, map_json(10)).unwrap();
+    std::fs::write(&topo, two_partition_map(10)).unwrap();
     let config = dir.join(format!("{id}.toml"));
     std::fs::write(
         &config,

@@ -479,6 +479,20 @@ impl futures_core::Stream for ChannelStream {
 // ---------------------------------------------------------------------------
 
 /// A map splitting the ring evenly over `partitions` (primary, replicas).
+/// Two partitions, each a primary and a replica, on fixed loopback addresses
+/// no proxy dials (127.0.0.10/.11 and .20/.21, port 9000): the control plane's
+/// test cluster.
+pub fn two_partition_map(epoch: u64) -> String {
+    let a = |s: &str| s.parse().unwrap();
+    topology(
+        epoch,
+        &[
+            (a("127.0.0.10:9000"), vec![a("127.0.0.11:9000")]),
+            (a("127.0.0.20:9000"), vec![a("127.0.0.21:9000")]),
+        ],
+    )
+}
+
 pub fn topology(epoch: u64, partitions: &[(SocketAddr, Vec<SocketAddr>)]) -> String {
     let n = partitions.len() as u64;
     let span = (1u64 << 32) / n;

@@ -134,7 +134,7 @@ impl Conn {
 pub struct PgStore {
     url: String,
     /// Reads, registrations and claims; synchronous commit.
-    client: Conn,
+    main: Conn,
     /// Heartbeat writes, chosen by node id so one node's heartbeats stay in order.
     heartbeats: Vec<Conn>,
     /// Holds the leader lock for as long as it is open.
@@ -153,7 +153,7 @@ impl PgStore {
             .store(Some(Arc::new(Session::start(client, "").await?)));
         Ok(PgStore {
             url: url.to_owned(),
-            client: main,
+            main,
             heartbeats: (0..HEARTBEAT_CONNECTIONS)
                 .map(|_| Conn::new(url, "SET synchronous_commit = off"))
                 .collect(),
@@ -217,7 +217,7 @@ fn addr(s: &str) -> Result<NodeAddr, StoreError> {
 impl Store for PgStore {
     async fn load(&self) -> Result<Option<Persisted>, StoreError> {
         let Some(state) = self
-            .client
+            .main
             .get()
             .await?
             .client
@@ -232,7 +232,7 @@ impl Store for PgStore {
         let epoch: i64 = state.get(0);
         let master: String = state.get(1);
         let rows = self
-            .client
+            .main
             .get()
             .await?
             .client
@@ -257,7 +257,7 @@ impl Store for PgStore {
             })
             .collect();
         let nodes = self
-            .client
+            .main
             .get()
             .await?
             .client
@@ -407,7 +407,7 @@ impl Store for PgStore {
         if addrs.is_empty() {
             return Ok(());
         }
-        self.client
+        self.main
             .get()
             .await?
             .client
@@ -465,7 +465,7 @@ impl Store for PgStore {
     async fn claim_told(&self, node: &str, a: Assignment) -> Result<bool, StoreError> {
         let partition = a.partition.map(|p| p as i32);
         let changed = self
-            .client
+            .main
             .get()
             .await?
             .client
@@ -505,7 +505,7 @@ impl Store for PgStore {
 
     async fn remote_nodes(&self) -> Result<Vec<RemoteNode>, StoreError> {
         let rows = self
-            .client
+            .main
             .get()
             .await?
             .client
@@ -535,7 +535,7 @@ impl Store for PgStore {
 
     async fn replication_lag(&self) -> Result<Vec<(NodeAddr, u64)>, StoreError> {
         let rows = self
-            .client
+            .main
             .get()
             .await?
             .client
@@ -553,7 +553,7 @@ impl Store for PgStore {
 
     async fn prune(&self, retention: Duration) -> Result<u64, StoreError> {
         Ok(self
-            .client
+            .main
             .get()
             .await?
             .client
@@ -565,7 +565,7 @@ impl Store for PgStore {
     }
 
     async fn mark_dead(&self, ids: &[String]) -> Result<(), StoreError> {
-        self.client
+        self.main
             .get()
             .await?
             .client

@@ -122,20 +122,20 @@ async fn topology<S: Store>(
             "waitForEpochAbove must be a whole number",
         );
     };
+    let mut published = c.published();
     if let Some(n) = wait {
-        let mut rx = c.epoch.subscribe();
         let waited = tokio::time::timeout(c.cfg.watch_timeout, async {
             tokio::select! {
-                r = rx.wait_for(|e| *e > n) => r.is_ok(),
+                r = published.wait_for(|d| d.cluster_epoch > n) => r.is_ok(),
                 () = stop.cancelled() => false,
             }
         });
         let _ = waited.await;
     }
-    let (doc, epoch) = {
-        let st = c.lock();
-        (st.doc(), st.epoch())
-    };
+    // Only a committed map is served; the leader may change without a new one.
+    let mut doc = TopologyDoc::clone(&published.borrow());
+    doc.master_node_id = c.lock().leader_id().to_owned();
+    let epoch = doc.cluster_epoch;
     let tag = etag(epoch);
     if req.headers().get(IF_NONE_MATCH).is_some_and(|v| v == tag) {
         let mut r = respond(StatusCode::NOT_MODIFIED, "application/json", Bytes::new());
@@ -263,7 +263,7 @@ async fn put_topology<S: Store>(c: &Coordinator<S>, req: Request<Incoming>) -> R
         Ok(Commit::Won) => {
             let epoch = snapshot.map.cluster_epoch;
             tracing::info!(epoch, "operator replaced the map");
-            c.publish(epoch);
+            c.publish(snapshot.map.clone());
             let mut r = json_response(
                 StatusCode::OK,
                 &serde_json::to_value(&snapshot.map).unwrap_or_default(),

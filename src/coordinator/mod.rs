@@ -13,6 +13,7 @@ pub mod store;
 use crate::config::{CoordinatorConfig, StoreUrl};
 use crate::telemetry::{Lazy, Metrics, names};
 use crate::tls::{ALPN_H1, ALPN_H2, ServerTls, Terminator, TlsError};
+use crate::topology::TopologyDoc;
 use limiter::RateLimiter;
 use metrics::{Counter, Gauge};
 use state::{ClusterState, Command, Heartbeat, NodeStatus, Rules, SweepReport};
@@ -116,7 +117,11 @@ pub struct Coordinator<S: Store> {
     cfg: CoordinatorConfig,
     store: S,
     state: Mutex<ClusterState>,
-    epoch: watch::Sender<u64>,
+    /// The map as last committed to the store: what `GET /v1/cluster/topology`
+    /// serves. The working state may already hold a newer epoch that is still
+    /// being committed (and may lose the race to another coordinator); no
+    /// client may see that one before it is durable.
+    published: watch::Sender<Arc<TopologyDoc>>,
     leading: AtomicBool,
     limiter: RateLimiter,
     metrics: CoordinatorMetrics,
@@ -152,14 +157,14 @@ impl<S: Store> Coordinator<S> {
                 }
             }
         };
-        let (epoch, _) = watch::channel(state.epoch());
+        let (published, _) = watch::channel(Arc::new(state.doc()));
         let registry = Arc::new(Metrics::new());
         Ok(Arc::new(Coordinator {
             limiter: RateLimiter::new(cfg.max_heartbeats_per_second),
             metrics: CoordinatorMetrics::new(registry),
             leading: AtomicBool::new(false),
             state: Mutex::new(state),
-            epoch,
+            published,
             store,
             cfg,
         }))
@@ -192,14 +197,19 @@ impl<S: Store> Coordinator<S> {
         &self.store
     }
 
-    fn publish(&self, epoch: u64) {
-        self.epoch.send_if_modified(|e| {
-            let newer = epoch > *e;
+    fn publish(&self, doc: TopologyDoc) {
+        self.published.send_if_modified(|current| {
+            let newer = doc.cluster_epoch > current.cluster_epoch;
             if newer {
-                *e = epoch;
+                *current = Arc::new(doc);
             }
             newer
         });
+    }
+
+    /// The map last committed, and a way to wait for the next one.
+    pub fn published(&self) -> watch::Receiver<Arc<TopologyDoc>> {
+        self.published.subscribe()
     }
 
     /// Handle one validated heartbeat; the command to send back.
@@ -295,7 +305,7 @@ impl<S: Store> Coordinator<S> {
                             })
                             .increment(1);
                     }
-                    self.publish(snapshot.map.cluster_epoch);
+                    self.publish(snapshot.map);
                 }
                 Commit::Lost => {
                     // A newer leader changed the map first: ours was decided on
@@ -329,9 +339,9 @@ impl<S: Store> Coordinator<S> {
                     }
                 }
                 *st = fresh;
-                let epoch = st.epoch();
+                let doc = st.doc();
                 drop(st);
-                self.publish(epoch);
+                self.publish(doc);
             }
         }
         Ok(())
@@ -350,9 +360,9 @@ impl<S: Store> Coordinator<S> {
             match st.adopt(&p) {
                 Ok(true) => {
                     st.set_leader(&p.map.master_node_id);
-                    let epoch = st.epoch();
+                    let doc = st.doc();
                     drop(st);
-                    self.publish(epoch);
+                    self.publish(doc);
                 }
                 Ok(false) => {}
                 Err(e) => tracing::error!("shared store holds an invalid map, ignored: {e}"),

@@ -261,6 +261,11 @@ impl ClusterState {
         doc
     }
 
+    /// The leading coordinator's id.
+    pub fn leader_id(&self) -> &str {
+        &self.leader_id
+    }
+
     /// Name the leading coordinator.
     pub fn set_leader(&mut self, id: &str) {
         id.clone_into(&mut self.leader_id);

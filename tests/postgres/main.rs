@@ -437,3 +437,76 @@ async fn the_store_reconnects_after_the_database_drops_its_connections() {
         .get(0);
     assert!(beats >= 2, "history kept and appended: {beats}");
 }
+
+#[tokio::test]
+async fn a_promotion_is_served_only_once_it_is_committed() {
+    let url = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let coord = pg_coordinator(&url, dir.path(), "coord-a", &[]).await;
+    let mut grpc = coord.grpc_client().await;
+    let live = [
+        ("p0-replica", "127.0.0.11:9000"),
+        ("p1-primary", "127.0.0.20:9000"),
+        ("p1-replica", "127.0.0.21:9000"),
+    ];
+    for (id, addr) in [("p0-primary", "127.0.0.10:9000")].iter().chain(&live) {
+        grpc.report_heartbeat(heartbeat_req(id, addr, unix_ms()))
+            .await
+            .unwrap();
+    }
+    assert_eq!(coord.epoch().await, 10);
+
+    // Hold the map's row: the promotion's compare-and-set cannot commit.
+    let mut blocker = pg_client(&url).await;
+    let held = blocker.transaction().await.unwrap();
+    held.query_one("SELECT cluster_epoch FROM cluster_state FOR UPDATE", &[])
+        .await
+        .unwrap();
+
+    // p0's primary falls silent; the coordinator marks it dead and decides
+    // the promotion in the same sweep, then waits on the row.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        for (id, addr) in &live {
+            grpc.report_heartbeat(heartbeat_req(id, addr, unix_ms()))
+                .await
+                .unwrap();
+        }
+        let primary = coord.node("p0-primary").await.unwrap();
+        if primary["status"] == "DEAD" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "p0's primary never died"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // However often it is asked while the commit waits, the map served is the committed one.
+    for _ in 0..10 {
+        assert_eq!(coord.epoch().await, 10, "an uncommitted map was served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    held.rollback().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while coord.epoch().await != 11 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the promotion never committed"
+        );
+        for (id, addr) in &live {
+            grpc.report_heartbeat(heartbeat_req(id, addr, unix_ms()))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored = pg_client(&url)
+        .await
+        .query_one("SELECT cluster_epoch FROM cluster_state", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(stored, 11, "what is served is what the store holds");
+}

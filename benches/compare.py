@@ -170,6 +170,85 @@ def measure(args, ports, by_name, scheme, title, close):
     sys.stdout.flush()
 
 
+def job(work, ups, ports, admin, builds, scheme="http", ng_tls="", hap_tls="", sg_tls=""):
+    """The same job for every proxy: the upstream's argv, and (name, argv) per proxy.
+
+    Each proxy routes by the hash of `x-shard-key` to one of the `ups` ports
+    over pooled keep-alive connections and adds the usual forwarding headers;
+    `builds` names the shardgate binaries to run.
+    """
+    tls = bool(ng_tls)
+    listen = "\n".join(f"listen 127.0.0.1:{p};" for p in ups)
+    up_conf = nginx_conf(work, "upstream", f"""
+  server {{ {listen} location / {{ return 200 "ok\\n"; }} }}""")
+    upstream = ["nginx", "-c", up_conf, "-p", work]
+
+    servers = "\n".join(f"server 127.0.0.1:{p};" for p in ups)
+    ng_conf = nginx_conf(work, "nginx", f"""
+  upstream shards {{ hash $http_x_shard_key consistent; {servers} keepalive 64; keepalive_requests 10000000; }}
+  server {{
+    listen 127.0.0.1:{ports['nginx']}{" ssl" if tls else ""};
+    {ng_tls}
+    location / {{
+      proxy_pass http://shards;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+    }}
+  }}""")
+    proxies = [("nginx", ["nginx", "-c", ng_conf, "-p", work])]
+
+    hap = os.path.join(work, "haproxy.cfg")
+    with open(hap, "w") as f:
+        f.write(f"""
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  option forwardfor
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{ports['haproxy']}{hap_tls}
+  http-request set-header X-Forwarded-Proto {scheme}
+  default_backend shards
+backend shards
+  balance hdr(x-shard-key)
+  hash-type consistent
+""" + "".join(f"  server s{i} 127.0.0.1:{p}\n" for i, p in enumerate(ups)))
+    proxies.append(("haproxy", ["haproxy", "-f", hap]))
+
+    topo = os.path.join(work, "topology.json")
+    with open(topo, "w") as f:
+        f.write('{"clusterEpoch":1,"masterNodeId":"bench","partitionCount":3,"partitions":['
+                f'{{"partitionIndex":0,"primaryNodeIp":"127.0.0.1:{ups[0]}","replicaNodeIps":[],"hashRangeStart":"00000000","hashRangeEnd":"55555555"}},'
+                f'{{"partitionIndex":1,"primaryNodeIp":"127.0.0.1:{ups[1]}","replicaNodeIps":[],"hashRangeStart":"55555556","hashRangeEnd":"aaaaaaaa"}},'
+                f'{{"partitionIndex":2,"primaryNodeIp":"127.0.0.1:{ups[2]}","replicaNodeIps":[],"hashRangeStart":"aaaaaaab","hashRangeEnd":"ffffffff"}}]}}')
+    for name, binary in builds:
+        sg_conf = os.path.join(work, f"{name}.toml")
+        with open(sg_conf, "w") as f:
+            f.write(f"""
+[server]
+listen = "127.0.0.1:{ports[name]}"
+admin_listen = "127.0.0.1:{admin[name]}"
+workers = 1
+[topology]
+sources = ["{topo}"]
+[log]
+level = "warn"
+access_log_sample = 0.0
+{sg_tls}
+{os.environ.get("SHARDGATE_BENCH_EXTRA", "")}
+""")
+        proxies.append((name, [binary, "proxy", "--config", sg_conf]))
+    return upstream, proxies
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -207,76 +286,12 @@ def main():
     hap_tls = f" ssl crt {combined} ssl-min-ver TLSv1.2 alpn h2,http/1.1" if args.tls else ""
     sg_tls = f'[tls]\ncert = "{cert}"\nkey = "{key}"\n' if args.tls else ""
     scheme = "https" if args.tls else "http"
+    builds = [("shardgate", args.binary)] + ([("baseline", args.baseline)] if args.baseline else [])
     try:
-        listen = "\n".join(f"listen 127.0.0.1:{p};" for p in ups)
-        up_conf = nginx_conf(work, "upstream", f"""
-  server {{ {listen} location / {{ return 200 "ok\\n"; }} }}""")
-        procs.append(Proc("upstream", ["nginx", "-c", up_conf, "-p", work], work, cpu=1))
-
-        servers = "\n".join(f"server 127.0.0.1:{p};" for p in ups)
-        ng_conf = nginx_conf(work, "nginx", f"""
-  upstream shards {{ hash $http_x_shard_key consistent; {servers} keepalive 64; keepalive_requests 10000000; }}
-  server {{
-    listen 127.0.0.1:{ports['nginx']}{" ssl" if args.tls else ""};
-    {ng_tls}
-    location / {{
-      proxy_pass http://shards;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $host;
-      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto $scheme;
-    }}
-  }}""")
-        procs.append(Proc("nginx", ["nginx", "-c", ng_conf, "-p", work], work, cpu=0))
-
-        hap = os.path.join(work, "haproxy.cfg")
-        with open(hap, "w") as f:
-            f.write(f"""
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  option forwardfor
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:{ports['haproxy']}{hap_tls}
-  http-request set-header X-Forwarded-Proto {scheme}
-  default_backend shards
-backend shards
-  balance hdr(x-shard-key)
-  hash-type consistent
-""" + "".join(f"  server s{i} 127.0.0.1:{p}\n" for i, p in enumerate(ups)))
-        procs.append(Proc("haproxy", ["haproxy", "-f", hap], work, cpu=0))
-
-        topo = os.path.join(work, "topology.json")
-        with open(topo, "w") as f:
-            f.write('{"clusterEpoch":1,"masterNodeId":"bench","partitionCount":3,"partitions":['
-                    f'{{"partitionIndex":0,"primaryNodeIp":"127.0.0.1:{ups[0]}","replicaNodeIps":[],"hashRangeStart":"00000000","hashRangeEnd":"55555555"}},'
-                    f'{{"partitionIndex":1,"primaryNodeIp":"127.0.0.1:{ups[1]}","replicaNodeIps":[],"hashRangeStart":"55555556","hashRangeEnd":"aaaaaaaa"}},'
-                    f'{{"partitionIndex":2,"primaryNodeIp":"127.0.0.1:{ups[2]}","replicaNodeIps":[],"hashRangeStart":"aaaaaaab","hashRangeEnd":"ffffffff"}}]}}')
-        builds = [("shardgate", args.binary)] + ([("baseline", args.baseline)] if args.baseline else [])
-        for name, binary in builds:
-            sg_conf = os.path.join(work, f"{name}.toml")
-            with open(sg_conf, "w") as f:
-                f.write(f"""
-[server]
-listen = "127.0.0.1:{ports[name]}"
-admin_listen = "127.0.0.1:{admin[name]}"
-workers = 1
-[topology]
-sources = ["{topo}"]
-[log]
-level = "warn"
-access_log_sample = 0.0
-{sg_tls}
-{os.environ.get("SHARDGATE_BENCH_EXTRA", "")}
-""")
-            procs.append(Proc(name, [binary, "proxy", "--config", sg_conf], work, cpu=0))
+        upstream, proxies = job(work, ups, ports, admin, builds, scheme, ng_tls, hap_tls, sg_tls)
+        procs.append(Proc("upstream", upstream, work, cpu=1))
+        for name, argv in proxies:
+            procs.append(Proc(name, argv, work, cpu=0))
         for p in list(ports.values()) + ups:
             wait_port(p)
 

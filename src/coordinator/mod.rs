@@ -208,7 +208,7 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// The map last committed, and a way to wait for the next one.
-    pub fn published(&self) -> watch::Receiver<Arc<TopologyDoc>> {
+    fn published(&self) -> watch::Receiver<Arc<TopologyDoc>> {
         self.published.subscribe()
     }
 

@@ -44,13 +44,8 @@ async fn coordinator_in(dir: &Path, extra: &[&str]) -> BinCoordinator {
         topo.to_str().unwrap(),
         "--store",
         &store,
-        // Ten agent intervals (0.2 s): long enough that a loaded CI machine
-        // stalling an agent does not fail over a node the test keeps alive.
-        "--heartbeat-timeout",
-        "2",
-        "--sweep-interval",
-        "0.1",
     ];
+    args.extend_from_slice(&DETECTION_FLAGS);
     args.extend_from_slice(extra);
     BinCoordinator::spawn(&args).await
 }

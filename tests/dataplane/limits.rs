@@ -174,12 +174,7 @@ async fn requests_beyond_max_inflight_get_503_overloaded_at_once() {
     let (up, proxy) = single("[limits]\nmax_inflight = 2\n[timeouts]\nper_try = \"5s\"\n").await;
     up.set(Behavior::Hang);
     let url = proxy.url("/kv/a");
-    let hung: Vec<_> = (0..2)
-        .map(|_| {
-            let u = url.clone();
-            tokio::spawn(async move { client().request(keyed("GET", &u, "a", "")).await })
-        })
-        .collect();
+    let hung = requests_in_flight(&url, "a", 2);
     eventually(
         Duration::from_secs(5),
         "two requests hang upstream",

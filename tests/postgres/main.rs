@@ -116,13 +116,8 @@ async fn pg_coordinator(
         topo.to_str().unwrap(),
         "--store",
         url,
-        // Ten agent intervals: a loaded machine stalling an agent must not
-        // fail over a node the test keeps alive.
-        "--heartbeat-timeout",
-        "2",
-        "--sweep-interval",
-        "0.1",
     ];
+    args.extend_from_slice(&DETECTION_FLAGS);
     args.extend_from_slice(extra);
     BinCoordinator::spawn(&args).await
 }
@@ -438,6 +433,20 @@ async fn the_store_reconnects_after_the_database_drops_its_connections() {
     assert!(beats >= 2, "history kept and appended: {beats}");
 }
 
+/// One heartbeat from each `(id, addr)` node.
+async fn beat_all(
+    grpc: &mut shardgate::proto::cluster_discovery_service_client::ClusterDiscoveryServiceClient<
+        tonic::transport::Channel,
+    >,
+    nodes: &[(&str, &str)],
+) {
+    for (id, addr) in nodes {
+        grpc.report_heartbeat(heartbeat_req(id, addr, unix_ms()))
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_promotion_is_served_only_once_it_is_committed() {
     let url = pg_database().await;
@@ -449,11 +458,8 @@ async fn a_promotion_is_served_only_once_it_is_committed() {
         ("p1-primary", "127.0.0.20:9000"),
         ("p1-replica", "127.0.0.21:9000"),
     ];
-    for (id, addr) in [("p0-primary", "127.0.0.10:9000")].iter().chain(&live) {
-        grpc.report_heartbeat(heartbeat_req(id, addr, unix_ms()))
-            .await
-            .unwrap();
-    }
+    beat_all(&mut grpc, &[("p0-primary", "127.0.0.10:9000")]).await;
+    beat_all(&mut grpc, &live).await;
     assert_eq!(coord.epoch().await, 10);
 
     // Hold the map's row: the promotion's compare-and-set cannot commit.
@@ -467,11 +473,7 @@ async fn a_promotion_is_served_only_once_it_is_committed() {
     // the promotion in the same sweep, then waits on the row.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        for (id, addr) in &live {
-            grpc.report_heartbeat(heartbeat_req(id, addr, unix_ms()))
-                .await
-                .unwrap();
-        }
+        beat_all(&mut grpc, &live).await;
         let primary = coord.node("p0-primary").await.unwrap();
         if primary["status"] == "DEAD" {
             break;
@@ -495,11 +497,7 @@ async fn a_promotion_is_served_only_once_it_is_committed() {
             std::time::Instant::now() < deadline,
             "the promotion never committed"
         );
-        for (id, addr) in &live {
-            grpc.report_heartbeat(heartbeat_req(id, addr, unix_ms()))
-                .await
-                .unwrap();
-        }
+        beat_all(&mut grpc, &live).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let stored = pg_client(&url)

@@ -224,12 +224,7 @@ async fn requests_beyond_the_per_upstream_limit_get_503_overloaded_at_once() {
             .await;
     primary.set(Behavior::Hang);
     let url = proxy.url("/kv/a");
-    let hung: Vec<_> = (0..2)
-        .map(|_| {
-            let u = url.clone();
-            tokio::spawn(async move { client().request(keyed("GET", &u, "a", "")).await })
-        })
-        .collect();
+    let hung = requests_in_flight(&url, "a", 2);
     eventually(
         Duration::from_secs(5),
         "two requests in flight upstream",

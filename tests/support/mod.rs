@@ -482,6 +482,11 @@ impl futures_core::Stream for ChannelStream {
 /// Two partitions, each a primary and a replica, on fixed loopback addresses
 /// no proxy dials (127.0.0.10/.11 and .20/.21, port 9000): the control plane's
 /// test cluster.
+/// Coordinator flags for failure detection in clusters whose agents beat every
+/// 0.2 s: a timeout of ten intervals, so a loaded machine stalling an agent does
+/// not fail over a node the test keeps alive, and a quick sweep.
+pub const DETECTION_FLAGS: [&str; 4] = ["--heartbeat-timeout", "2", "--sweep-interval", "0.1"];
+
 pub fn two_partition_map(epoch: u64) -> String {
     let a = |s: &str| s.parse().unwrap();
     topology(
@@ -1226,6 +1231,17 @@ pub async fn get_key(client: &Client<HttpConnector, BoxBody>, url: &str, key: &s
 }
 
 /// A request with a key header.
+/// Start `n` GETs of `key` at `url` and leave them in flight (for an upstream
+/// told to hang); abort the returned handles to end them.
+pub fn requests_in_flight(url: &str, key: &str, n: usize) -> Vec<tokio::task::AbortHandle> {
+    (0..n)
+        .map(|_| {
+            let req = keyed("GET", url, key, "");
+            tokio::spawn(async move { client().request(req).await }).abort_handle()
+        })
+        .collect()
+}
+
 pub fn keyed(method: &str, url: &str, key: &str, body: impl Into<Bytes>) -> Request<BoxBody> {
     Request::builder()
         .method(method)

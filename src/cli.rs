@@ -59,9 +59,12 @@ pub struct DemoNodeArgs {
     /// Node id.
     #[arg(long)]
     pub id: String,
-    /// Listen address (also the node's address in the map).
+    /// Listen address (also the node's address in the map); port 0 picks one.
     #[arg(long)]
     pub listen: std::net::SocketAddr,
+    /// Write the bound address here once listening (for port 0).
+    #[arg(long)]
+    pub addr_file: Option<std::path::PathBuf>,
     /// Coordinator gRPC address.
     #[arg(long)]
     pub coordinator: String,

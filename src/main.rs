@@ -69,6 +69,7 @@ fn run_demo_node(args: &cli::DemoNodeArgs) -> ExitCode {
     match rt.block_on(shardgate::demo::run_node(
         &args.id,
         args.listen,
+        args.addr_file.as_deref(),
         &args.coordinator,
     )) {
         Ok(_) => ExitCode::SUCCESS,

@@ -421,19 +421,58 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
+/// The coordinator's two listeners, bound before anything else starts.
+///
+/// Binding first lets a supervisor (the demo) learn the gRPC address and hand
+/// it to agents before the coordinator has a map to open.
+pub struct Listeners {
+    http: TcpListener,
+    grpc: TcpListener,
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    /// Where the gRPC heartbeat service listens.
+    pub grpc_addr: SocketAddr,
+}
+
+impl Listeners {
+    /// Bind the configured HTTP and gRPC addresses.
+    pub async fn bind(cfg: &CoordinatorConfig) -> Result<Self, StartError> {
+        let http = bind(cfg.http_listen).await?;
+        let grpc = bind(cfg.grpc_listen).await?;
+        let local = |l: &TcpListener, addr| {
+            l.local_addr()
+                .map_err(|source| StartError::Bind { addr, source })
+        };
+        Ok(Listeners {
+            http_addr: local(&http, cfg.http_listen)?,
+            grpc_addr: local(&grpc, cfg.grpc_listen)?,
+            http,
+            grpc,
+        })
+    }
+}
+
 /// Bind the listeners, open the store and start every task.
 pub async fn start<S: Store>(
     cfg: CoordinatorConfig,
     store: S,
 ) -> Result<RunningCoordinator<S>, StartError> {
-    let http = bind(cfg.http_listen).await?;
-    let grpc_listener = bind(cfg.grpc_listen).await?;
-    let local = |l: &TcpListener, addr| {
-        l.local_addr()
-            .map_err(|source| StartError::Bind { addr, source })
-    };
-    let http_addr = local(&http, cfg.http_listen)?;
-    let grpc_addr = local(&grpc_listener, cfg.grpc_listen)?;
+    let listeners = Listeners::bind(&cfg).await?;
+    start_on(cfg, store, listeners).await
+}
+
+/// Open the store and start every task on listeners bound earlier.
+pub async fn start_on<S: Store>(
+    cfg: CoordinatorConfig,
+    store: S,
+    listeners: Listeners,
+) -> Result<RunningCoordinator<S>, StartError> {
+    let Listeners {
+        http,
+        grpc: grpc_listener,
+        http_addr,
+        grpc_addr,
+    } = listeners;
     let terminator = |spec: &Option<ServerTls>, alpn| {
         spec.as_ref()
             .map(|t| Terminator::new(t, alpn, TLS_HANDSHAKE_TIMEOUT))

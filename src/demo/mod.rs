@@ -49,27 +49,71 @@ fn setup(e: impl std::fmt::Display) -> DemoError {
     DemoError::Setup(e.to_string())
 }
 
-fn free_port() -> Result<u16, DemoError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(setup)?;
-    Ok(l.local_addr().map_err(setup)?.port())
-}
-
+/// One running node, as the map and the instructions name it.
 struct Node {
     id: String,
     addr: SocketAddr,
-    child: Child,
+    pid: u32,
+}
+
+fn addr_file(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.addr"))
+}
+
+/// Start one `demo-node` process on a port of its own choosing.
+fn spawn_node(exe: &Path, dir: &Path, id: &str, grpc: SocketAddr) -> Result<Child, DemoError> {
+    let log = std::fs::File::create(dir.join(format!("{id}.log"))).map_err(setup)?;
+    Command::new(exe)
+        .args([
+            "demo-node",
+            "--id",
+            id,
+            "--listen",
+            "127.0.0.1:0",
+            "--addr-file",
+        ])
+        .arg(addr_file(dir, id))
+        .args(["--coordinator", &grpc.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(setup)?)
+        .stderr(log)
+        .spawn()
+        .map_err(setup)
+}
+
+/// Wait (bounded) for a node to report the address it listens on.
+async fn node_address(id: &str, child: &mut Child, dir: &Path) -> Result<SocketAddr, DemoError> {
+    let path = addr_file(dir, id);
+    let failed = |why: String| setup(format!("node {id} {why}; see {}/{id}.log", dir.display()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        // The file is written atomically, so whatever is there is whole.
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            return text
+                .trim()
+                .parse()
+                .map_err(|e| failed(format!("wrote an unreadable address ({e})")));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(failed(format!("exited before listening ({status})")));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(failed("did not start listening within 15 s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Stops child processes by PID when dropped, whatever happened.
-struct Children(Vec<Node>);
+struct Children(Vec<Child>);
 
 impl Drop for Children {
     fn drop(&mut self) {
-        for n in &mut self.0 {
-            let _ = Command::new("kill").arg(n.child.id().to_string()).status();
+        for child in &self.0 {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
         }
-        for n in &mut self.0 {
-            let _ = n.child.wait();
+        for child in &mut self.0 {
+            let _ = child.wait();
         }
     }
 }
@@ -83,7 +127,7 @@ impl Drop for TempDir {
 }
 
 /// Three partitions over the six nodes, in (primary, replica) pairs.
-fn topology(nodes: &[(String, SocketAddr)]) -> serde_json::Value {
+fn topology(nodes: &[Node]) -> serde_json::Value {
     let ranges = [
         ("00000000", "55555555"),
         ("55555556", "aaaaaaaa"),
@@ -95,8 +139,8 @@ fn topology(nodes: &[(String, SocketAddr)]) -> serde_json::Value {
         .map(|(i, (start, end))| {
             serde_json::json!({
                 "partitionIndex": i,
-                "primaryNodeIp": nodes[2 * i].1.to_string(),
-                "replicaNodeIps": [nodes[2 * i + 1].1.to_string()],
+                "primaryNodeIp": nodes[2 * i].addr.to_string(),
+                "replicaNodeIps": [nodes[2 * i + 1].addr.to_string()],
                 "hashRangeStart": start,
                 "hashRangeEnd": end,
             })
@@ -123,68 +167,34 @@ pub async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
     std::fs::create_dir_all(&dir.0).map_err(setup)?;
     let exe = std::env::current_exe().map_err(setup)?;
 
-    let mut nodes = Vec::new();
-    for p in 0..3 {
-        for role in ["primary", "replica"] {
-            let id = format!("p{p}-{role}");
-            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-            nodes.push((id, addr));
-        }
+    // The coordinator's listeners are bound first so the agents know where to
+    // report; each node binds its own port 0 and writes back what it got
+    // (picking a free port here and handing it over would race every other
+    // program binding port 0 meanwhile).
+    let mut coordinator_cfg = coordinator_config(&cfg, &dir.0)?;
+    let listeners = crate::coordinator::Listeners::bind(&coordinator_cfg).await?;
+    let ids: Vec<String> = (0..3)
+        .flat_map(|p| ["primary", "replica"].map(|role| format!("p{p}-{role}")))
+        .collect();
+    let mut children = Children(Vec::new());
+    for id in &ids {
+        children
+            .0
+            .push(spawn_node(&exe, &dir.0, id, listeners.grpc_addr)?);
     }
+    let mut nodes = Vec::new();
+    for (id, child) in ids.into_iter().zip(&mut children.0) {
+        let addr = node_address(&id, child, &dir.0).await?;
+        let pid = child.id();
+        nodes.push(Node { id, addr, pid });
+    }
+
     let map = topology(&nodes);
     let map_path = dir.0.join("topology.json");
     std::fs::write(&map_path, serde_json::to_vec_pretty(&map).map_err(setup)?).map_err(setup)?;
-    // The coordinator listens before the nodes start, so their agents find it.
-    let mut coordinator_cfg = coordinator_config(&cfg, &dir.0)?;
     coordinator_cfg.topology = Some(map_path.clone());
     let store = FileStore::new(dir.0.join("coordinator-state.json"));
-    let coordinator = crate::coordinator::start(coordinator_cfg, store).await?;
-
-    let mut children = Children(Vec::new());
-    for (id, addr) in &nodes {
-        let log = std::fs::File::create(dir.0.join(format!("{id}.log"))).map_err(setup)?;
-        let child = Command::new(&exe)
-            .args([
-                "demo-node",
-                "--id",
-                id,
-                "--listen",
-                &addr.to_string(),
-                "--coordinator",
-                &coordinator.grpc_addr.to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(setup)?)
-            .stderr(log)
-            .spawn()
-            .map_err(setup)?;
-        children.0.push(Node {
-            id: id.clone(),
-            addr: *addr,
-            child,
-        });
-    }
-
-    // "Ready" means every node answers: wait (bounded) for their listeners.
-    for node in &children.0 {
-        let up = async {
-            while tokio::net::TcpStream::connect(node.addr).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(15), up)
-            .await
-            .is_err()
-        {
-            return Err(setup(format!(
-                "node {} did not start listening on {}; see {}/{}.log",
-                node.id,
-                node.addr,
-                dir.0.display(),
-                node.id
-            )));
-        }
-    }
+    let coordinator = crate::coordinator::start_on(coordinator_cfg, store, listeners).await?;
 
     let proxy_toml = format!(
         "[server]\nlisten = \"{}\"\nadmin_listen = \"{}\"\n\
@@ -199,7 +209,7 @@ pub async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
         ProxyConfig::from_toml(&proxy_toml, "demo", &ProxyOverrides::default()).map_err(setup)?;
     let proxy = crate::proxy::start(proxy_cfg).await?;
 
-    print_instructions(&proxy, &coordinator, &children.0, &dir.0, &map_path);
+    print_instructions(&proxy, &coordinator, &nodes, &dir.0, &map_path);
 
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     eprintln!("\nstopping the demo...");
@@ -255,9 +265,9 @@ fn print_instructions<S: crate::coordinator::store::Store>(
             "  partition {}  primary {} pid {}   replica {} pid {}",
             &part[1..],
             pair[0].addr,
-            pair[0].child.id(),
+            pair[0].pid,
             pair[1].addr,
-            pair[1].child.id()
+            pair[1].pid
         );
     }
     let _ = writeln!(out, "\nTry it:");
@@ -281,7 +291,7 @@ fn print_instructions<S: crate::coordinator::store::Store>(
     let _ = writeln!(
         out,
         "  kill {}                                               # partition 0's primary",
-        nodes[0].child.id()
+        nodes[0].pid
     );
     let _ = writeln!(
         out,
@@ -303,9 +313,21 @@ fn print_instructions<S: crate::coordinator::store::Store>(
 pub async fn run_node(
     id: &str,
     listen: SocketAddr,
+    addr_file: Option<&Path>,
     coordinator: &str,
 ) -> Result<AgentExit, DemoError> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(setup)?;
+    // With port 0 the bound address is the one the map and agent must carry.
+    let listen = listener.local_addr().map_err(setup)?;
+    if let Some(path) = addr_file {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            crate::atomic_file::write(&path, listen.to_string().as_bytes())
+        })
+        .await
+        .map_err(setup)?
+        .map_err(setup)?;
+    }
     let node = kv::KvNode::new(id);
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(kv::serve(node.clone(), listener, shutdown.clone()));

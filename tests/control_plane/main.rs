@@ -513,11 +513,13 @@ async fn an_agent_pauses_while_its_service_is_unhealthy_and_backs_off_while_the_
     let dir = tempfile::tempdir().unwrap();
     let service = Upstream::start("kv").await;
     // Start the agent before the coordinator exists: it must keep trying.
-    let grpc_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let grpc = format!("127.0.0.1:{grpc_port}");
+    // The port stays free until the coordinator binds it, seconds later. On a
+    // loopback address no other test binds, no other test's port 0 can take it.
+    let grpc = std::net::TcpListener::bind("127.0.83.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let check = format!("http://{}/health", service.addr);
     let agent = BinProcess::spawn(
         &[

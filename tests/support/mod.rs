@@ -137,7 +137,9 @@ impl Upstream {
     }
 
     async fn start_with(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = port_holder("127.0.0.1:0".parse().unwrap())
+            .listen(1024)
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(UpstreamState {
             tls,
@@ -226,9 +228,22 @@ impl Upstream {
     }
 }
 
+/// A socket bound to `addr` but not yet listening. SO_REUSEPORT lets it bind
+/// beside the live listener it replaces, so the port is never free.
+fn port_holder(addr: SocketAddr) -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseport(true).unwrap();
+    socket.bind(addr).unwrap();
+    socket
+}
+
 async fn accept_loop(mut listener: TcpListener, addr: SocketAddr, state: Arc<UpstreamState>) {
     loop {
         if *state.refusing.lock().unwrap() {
+            // Keep the port while refusing: a bound socket that does not listen
+            // answers connects with a reset, as a dead node's port does, and no
+            // other test's bind to port 0 can take it meanwhile.
+            let held = port_holder(addr);
             drop(listener);
             // A connection accepted while refuse() ran would outlive it: kill
             // again now that nothing more can be accepted, as a dying process
@@ -242,12 +257,7 @@ async fn accept_loop(mut listener: TcpListener, addr: SocketAddr, state: Arc<Ups
                     break;
                 }
             }
-            listener = loop {
-                match TcpListener::bind(addr).await {
-                    Ok(l) => break l,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-                }
-            };
+            listener = held.listen(1024).unwrap();
             continue;
         }
         let accepted = tokio::select! {

@@ -149,7 +149,15 @@ impl Pool {
             if since.elapsed() >= self.settings.idle_timeout || conn.sender.is_closed() {
                 continue;
             }
-            // Nobody polled it while idle: this is where a peer's close is seen.
+            // A connection that already asked for its next request needs no
+            // check here: a peer's close while it sat idle is seen when the
+            // request is sent, because hyper reads before it writes and hands
+            // back, unsent, a request it could not write (`Upstream::send`
+            // then takes the next connection).
+            if conn.sender.is_ready() {
+                conn.reused = true;
+                return Ok(conn);
+            }
             tracing::trace!(upstream = %self.addr, "checking an idle connection");
             if conn.ready().await {
                 conn.reused = true;

@@ -1,6 +1,7 @@
 //! Retries only where SPEC §3 allows them.
 
 use crate::support::*;
+use std::time::Duration;
 
 async fn single(extra: &str) -> (Upstream, TestProxy) {
     let up = Upstream::start("primary").await;
@@ -23,6 +24,33 @@ async fn a_post_hit_by_a_reset_is_sent_exactly_once_and_answers_502() {
         up.arrivals(),
         1,
         "a POST that reached the upstream is never replayed"
+    );
+}
+
+#[tokio::test]
+async fn a_post_on_a_pooled_connection_the_upstream_closed_goes_once_on_a_new_one() {
+    let (up, proxy) = single("").await;
+    assert_eq!(
+        get_key(&client(), &proxy.url("/kv/a"), "a").await.status,
+        200
+    );
+    eventually(Duration::from_secs(5), "the connection pooled", || async {
+        admin_get(proxy.admin, "/admin/upstreams").await.json()["upstreams"][0]["idle_connections"]
+            == 1
+    })
+    .await;
+    up.close_connections().await;
+    let a = send(
+        &client(),
+        keyed("POST", &proxy.url("/kv/a"), "a", "order-1"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(up.writes().len(), 1, "sent once");
+    assert_eq!(
+        up.connections_accepted(),
+        2,
+        "the closed connection was replaced, not written to"
     );
 }
 

@@ -191,6 +191,18 @@ impl Upstream {
         }
     }
 
+    /// Close every open connection and wait until each is closed: a node that
+    /// restarted between two requests, as the proxy's idle pool sees it.
+    pub async fn close_connections(&self) {
+        let open: Vec<AbortHandle> = self.state.connections.lock().unwrap().drain(..).collect();
+        for c in &open {
+            c.abort();
+        }
+        while !open.iter().all(AbortHandle::is_finished) {
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Every request received so far.
     pub fn log(&self) -> Vec<Recorded> {
         self.state.log.lock().unwrap().clone()

@@ -5,17 +5,121 @@ use crate::tls::Terminator;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// Graceful drain of served connections: on `shutdown`, each one finishes
+/// the request in hand and closes; `shutdown` returns once all have.
+///
+/// hyper-util's `GracefulShutdown` polls a watch channel on every poll of
+/// every connection, several times per proxied request. A `Draining`
+/// connection reads one flag per poll instead, and polls the shutdown signal
+/// only to register its task's waker (again only if the waker changes).
+pub struct Drain {
+    draining: Arc<AtomicBool>,
+    signal: CancellationToken,
+    /// Every connection holds a receiver; `closed` waits for the last.
+    live: watch::Sender<()>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            draining: Arc::new(AtomicBool::new(false)),
+            signal: CancellationToken::new(),
+            live: watch::Sender::new(()),
+        }
+    }
+}
+
+impl Drain {
+    /// A handle for one connection still to be made (e.g. after TLS).
+    pub fn watcher(&self) -> DrainWatcher {
+        DrainWatcher {
+            draining: self.draining.clone(),
+            signal: self.signal.clone(),
+            live: self.live.subscribe(),
+        }
+    }
+
+    /// Tell every connection to finish, and wait until they all have.
+    pub async fn shutdown(self) {
+        self.draining.store(true, Ordering::Release);
+        self.signal.cancel();
+        self.live.closed().await;
+    }
+}
+
+/// One connection's share of a `Drain`; `shutdown` waits for it until dropped.
+pub struct DrainWatcher {
+    draining: Arc<AtomicBool>,
+    signal: CancellationToken,
+    live: watch::Receiver<()>,
+}
+
+impl DrainWatcher {
+    /// Follow `conn`, so the drain can close it gracefully.
+    pub fn watch<C: GracefulConnection>(self, conn: C) -> Draining<C> {
+        Draining {
+            conn,
+            signal: self.signal.cancelled_owned(),
+            draining: self.draining,
+            registered: None,
+            told: false,
+            _live: self.live,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection that closes gracefully once its `Drain` shuts down.
+    pub struct Draining<C> {
+        #[pin]
+        conn: C,
+        #[pin]
+        signal: WaitForCancellationFutureOwned,
+        draining: Arc<AtomicBool>,
+        // The waker the signal holds; polled again only when it changes.
+        registered: Option<Waker>,
+        told: bool,
+        _live: watch::Receiver<()>,
+    }
+}
+
+impl<C: GracefulConnection> Future for Draining<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let mut this = self.project();
+        if !*this.told {
+            let stale = this
+                .registered
+                .as_ref()
+                .is_none_or(|w| !w.will_wake(cx.waker()));
+            if stale || this.draining.load(Ordering::Acquire) {
+                if this.signal.as_mut().poll(cx).is_ready() {
+                    *this.told = true;
+                    this.conn.as_mut().graceful_shutdown();
+                } else if stale {
+                    *this.registered = Some(cx.waker().clone());
+                }
+            }
+        }
+        this.conn.poll(cx)
+    }
+}
 
 /// How long to pause accepting after a resource error (EMFILE, ENOBUFS...).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
@@ -107,7 +211,7 @@ pub async fn serve_http1<F, Fut, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::default();
     let cap = Arc::new(Semaphore::new(max_connections));
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -126,7 +230,7 @@ pub async fn serve_http1<F, Fut, B>(
                 async move { Ok::<_, Infallible>(f.await) }
             });
             let builder = builder.clone();
-            let watcher = graceful.watcher();
+            let watcher = drain.watcher();
             let tls = tls.clone();
             let shutdown = shutdown.clone();
             let permit = a.permit;
@@ -160,7 +264,7 @@ pub async fn serve_http1<F, Fut, B>(
     )
     .await;
     drop(listener);
-    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+    let _ = tokio::time::timeout(grace, drain.shutdown()).await;
 }
 
 /// The executor hyper uses for HTTP/2 streams.

@@ -6,11 +6,10 @@ use super::conn::{ConnActivity, ConnTimeouts, TimedIo};
 use super::service::ClientConn;
 use crate::config::ServerConfig;
 use crate::proxy::headers::ClientInfo;
-use crate::server::{Accepted, accept_loop, executor};
+use crate::server::{Accepted, Drain, DrainWatcher, accept_loop, executor};
 use crate::tls::{HandshakeError, Terminator};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -60,7 +59,7 @@ pub(super) async fn serve(
     }
 
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::default();
     let cap = Arc::new(Semaphore::new(limits.max_connections));
     let responders = Arc::new(Semaphore::new(OVERLOAD_RESPONDERS));
     accept_loop(
@@ -76,7 +75,7 @@ pub(super) async fn serve(
             let conn = Connection {
                 proxy: proxy.clone(),
                 builder: builder.clone(),
-                watcher: graceful.watcher(),
+                watcher: drain.watcher(),
                 timeouts,
                 peer,
             };
@@ -120,7 +119,7 @@ pub(super) async fn serve(
     )
     .await;
     drop(listener);
-    if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown())
+    if tokio::time::timeout(cfg.shutdown_grace, drain.shutdown())
         .await
         .is_err()
     {
@@ -132,7 +131,7 @@ pub(super) async fn serve(
 struct Connection {
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: Watcher,
+    watcher: DrainWatcher,
     timeouts: ConnTimeouts,
     peer: SocketAddr,
 }

@@ -218,6 +218,37 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     assert_eq!(status.code(), Some(0));
 }
 
+#[tokio::test]
+async fn sigterm_closes_idle_keep_alive_connections_at_once_not_after_the_grace_period() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start("primary").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = start_binary(&topology(1, &[(up.addr, vec![])]), dir.path(), &[]).await;
+    let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    idle.write_all(b"GET /kv/x HTTP/1.1\r\nhost: a\r\nx-shard-key: k\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"primary") {
+        let n = idle.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // The connection now sits idle, kept alive; the default grace is 30 s.
+    proxy.signal("TERM");
+    let closed = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the idle connection was not closed: {closed:?}"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(10), proxy.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_mib_body_streams_both_ways_with_bounded_proxy_memory() {
     const SIZE: u64 = 100 * 1024 * 1024;

@@ -173,7 +173,7 @@ impl ProxyError {
 
     /// The JSON response: `{"error", "message", "partition"}` with
     /// `x-shardgate-error`, and `Retry-After` on 503s.
-    pub fn into_response(self) -> Response<ProxyBody> {
+    pub fn to_response(&self) -> Response<ProxyBody> {
         let status = self.status();
         let partition = self.partition();
         let body = serde_json::json!({
@@ -215,7 +215,7 @@ mod tests {
             upstream: "10.0.0.1:80".into(),
             cause: "connection refused".into(),
         }
-        .into_response();
+        .to_response();
         assert_eq!(resp.status(), 503);
         assert_eq!(resp.headers()["x-shardgate-error"], "primary_unavailable");
         assert_eq!(resp.headers()["retry-after"], "1");
@@ -226,7 +226,7 @@ mod tests {
         assert_eq!(v["partition"], 2);
         assert!(v["message"].as_str().unwrap().contains("primary"));
 
-        let resp = ProxyError::MissingShardKey("none".into()).into_response();
+        let resp = ProxyError::MissingShardKey("none".into()).to_response();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["partition"], serde_json::Value::Null);

@@ -149,7 +149,7 @@ impl Connection {
         });
         let io = TokioIo::new(TimedIo::new(stream, activity, self.timeouts));
         let proxy = self.proxy;
-        let svc = hyper::service::service_fn(move |req| proxy.clone().handle(req, client.clone()));
+        let svc = hyper::service::service_fn(move |req| proxy.clone().handle(req, &client));
         let conn = self.builder.serve_connection(io, svc);
         if let Err(e) = self.watcher.watch(conn).await {
             tracing::debug!(peer = %self.peer, error = %e, "client connection ended with an error");

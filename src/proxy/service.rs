@@ -93,22 +93,6 @@ impl Failure {
     }
 }
 
-/// An attempt loop that ended without a response to pass on; a request
-/// nothing of which was sent comes back so it can be placed again.
-struct Undelivered {
-    error: ProxyError,
-    unsent: Option<Request<RequestBody>>,
-}
-
-impl From<ProxyError> for Undelivered {
-    fn from(error: ProxyError) -> Self {
-        Undelivered {
-            error,
-            unsent: None,
-        }
-    }
-}
-
 /// How long a read that met a 421 may wait for the newer map.
 const MISDIRECTED_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -164,13 +148,46 @@ impl Head {
     }
 }
 
+/// A request past steps 1–2, with everything the rest of its path needs.
+///
+/// Built synchronously when hyper hands the request over, so the client's
+/// request never lives in the request future: that future is moved whole by
+/// hyper for every request, and each byte of it costs a copy.
+struct Routed {
+    /// The request to send; empty while an attempt holds it, and after one
+    /// that wrote any of it. A request nothing of which was sent is back here.
+    req: Option<Request<RequestBody>>,
+    /// The map it is placed under (replaced at most once, see `forward`).
+    table: Arc<RouteTable>,
+    placement: Placement,
+    pref: ReadPreference,
+    deadline: Instant,
+    /// A copy of the head, for requests that may be sent again after
+    /// reaching an upstream.
+    head: Option<Head>,
+    replayer: Option<Replayer>,
+}
+
+impl Routed {
+    /// The request again, rebuilt from the kept head and body, if it may be.
+    fn again(&self) -> Option<Request<RequestBody>> {
+        Some(
+            self.head
+                .as_ref()?
+                .with_body(self.replayer.as_ref()?.next()?),
+        )
+    }
+}
+
 impl Proxy {
     /// Answer one client request. Never fails: every error becomes a response.
-    pub(super) async fn handle(
+    ///
+    /// Steps 1 and 2 run here, before the returned future exists.
+    pub(super) fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        client: Arc<ClientConn>,
-    ) -> Result<Response<Tracked<ProxyBody>>, Infallible> {
+        client: &ClientConn,
+    ) -> impl Future<Output = Result<Response<Tracked<ProxyBody>>, Infallible>> + Send + use<> {
         let mut x = Exchange {
             started: Instant::now(),
             class: RequestClass::of(req.method()),
@@ -182,48 +199,51 @@ impl Proxy {
             trace: headers::trace_of(req.headers()),
             error: None,
         };
-        // 1. accept
-        let Some(ticket) = client.activity.enter() else {
-            self.metrics.shed_inflight.increment(1);
-            let e = ProxyError::Overloaded {
-                reason: "too many requests in flight",
-                partition: None,
-            };
-            x.error = Some(e.code());
-            let resp = e.into_response();
-            self.observe(&x, resp.status(), &self.runtime.load());
-            return Ok(resp.map(|b| Tracked::new(b, None)));
-        };
         let cfg = self.runtime.load_full();
-        let table = self.routes.load_full();
-        let forwarded = {
-            let forward = pin!(self.forward(req, &cfg, table, &client.info, &mut x));
-            forward.await
-        };
-        let resp = match forwarded {
-            Ok(resp) => resp,
-            Err(e) => {
-                x.error = Some(e.code());
-                x.served_by = ServedBy::Proxy;
-                e.into_response()
+        // 1. accept
+        let ticket = client.activity.enter();
+        let mut routed = match ticket {
+            Some(_) => self.route(req, &cfg, &client.info, &mut x),
+            None => {
+                self.metrics.shed_inflight.increment(1);
+                Err(ProxyError::Overloaded {
+                    reason: "too many requests in flight",
+                    partition: None,
+                })
             }
         };
-        self.observe(&x, resp.status(), &cfg);
-        Ok(resp.map(|b| Tracked::new(b, Some(ticket))))
+        async move {
+            // Matched by reference: moving the routed request out of the
+            // `Result` would lay it out twice in this future.
+            let resp = match &mut routed {
+                Ok(r) => {
+                    let forwarded = {
+                        let forward = pin!(self.forward(r, &cfg, &mut x));
+                        forward.await
+                    };
+                    match forwarded {
+                        Ok(resp) => resp,
+                        Err(e) => answer_error(&mut x, &e),
+                    }
+                }
+                Err(e) => answer_error(&mut x, e),
+            };
+            self.observe(&x, resp.status(), &cfg);
+            Ok(resp.map(|b| Tracked::new(b, ticket)))
+        }
     }
 
-    /// Steps 2–6 for an admitted request.
-    async fn forward(
+    /// 2. key: check the request, read its key, and make it the one to send.
+    fn route(
         &self,
         req: Request<Incoming>,
         cfg: &RuntimeConfig,
-        table: Option<Arc<RouteTable>>,
         client: &ClientInfo,
         x: &mut Exchange,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        // 2. key: refuse anything ambiguous before reading a key out of it.
+    ) -> Result<Routed, ProxyError> {
+        // Refuse anything ambiguous before reading a key out of it.
         let host = headers::check_inbound(&req, cfg.limits.max_header_bytes)?;
-        let mut table = table.ok_or(ProxyError::NoTopology)?;
+        let table = self.routes.load_full().ok_or(ProxyError::NoTopology)?;
         let placement = placement(&req, &cfg.routing)?;
         if x.class == RequestClass::Write
             && let Some(max) = cfg.max_staleness
@@ -239,20 +259,38 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let body = request_body(&parts.method, body, cfg)?;
         headers::to_upstream(&mut parts, host, client, table.epoch_header(), x.trace);
-        let deadline = x.started + cfg.timeouts.overall;
         // Only requests that may be sent again after reaching an upstream keep
         // a copy of their head; everything else gets its request back unsent.
         let head =
             (is_idempotent(&parts.method) && cfg.retry.max_attempts > 1).then(|| Head::of(&parts));
         let replayer = head.as_ref().and_then(|_| body.replayer());
-        let mut req = Request::from_parts(parts, body);
+        Ok(Routed {
+            req: Some(Request::from_parts(parts, body)),
+            table,
+            placement,
+            pref,
+            deadline: x.started + cfg.timeouts.overall,
+            head,
+            replayer,
+        })
+    }
+
+    /// Steps 3–6 for a routed request.
+    async fn forward(
+        &self,
+        r: &mut Routed,
+        cfg: &RuntimeConfig,
+        x: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let deadline = r.deadline;
+        let pref = r.pref;
         // At most one second placement per request: after a 421 from a node
         // that knows a newer map, or after holding a write through a failover.
         let mut replaced = false;
         loop {
-            let next = {
+            let newer = {
                 // 3. partition
-                let partition = place(&table, placement)?;
+                let partition = place(&r.table, r.placement)?;
                 x.partition = Some((partition.index, partition.metrics.clone()));
                 // 4. upstream choice
                 let plan = partition.plan(x.class, pref);
@@ -269,43 +307,44 @@ impl Proxy {
                 // future, and hyper moves the outermost future for every request.
                 let outcome = {
                     let attempts = pin!(self.attempt_loop(
-                        req,
+                        &mut r.req,
                         &plan,
                         partition,
                         cfg,
                         deadline,
-                        head.as_ref(),
-                        replayer.as_ref(),
+                        r.head.as_ref(),
+                        r.replayer.as_ref(),
                         x,
                     ));
                     attempts.await
                 };
                 match outcome {
                     Ok(delivered) => {
-                        let Some(newer) = misdirected(&delivered, table.epoch()) else {
+                        let Some(newer) = misdirected(&delivered, r.table.epoch()) else {
                             return Ok(self.respond(delivered, partition, cfg, deadline, x));
                         };
                         // A node that knows a newer map refused: fetch it now, and
                         // send a read once more under it.
                         self.request_refresh();
                         let again = (!replaced && x.class == RequestClass::Read)
-                            .then(|| Some(head.as_ref()?.with_body(replayer.as_ref()?.next()?)))
+                            .then(|| r.again())
                             .flatten();
                         let Some(again) = again else {
                             return Ok(self.respond(delivered, partition, cfg, deadline, x));
                         };
                         let until = deadline.min(Instant::now() + MISDIRECTED_WAIT);
                         match self.newer_table(newer.saturating_sub(1), until).await {
-                            Some(t) => (t, again),
+                            Some(t) => {
+                                r.req = Some(again);
+                                t
+                            }
                             None => return Ok(self.respond(delivered, partition, cfg, deadline, x)),
                         }
                     }
-                    Err(Undelivered {
-                        error: error @ ProxyError::PrimaryUnavailable { .. },
-                        unsent,
-                    }) if !replaced
-                        && x.class == RequestClass::Write
-                        && cfg.failover_buffer.is_some() =>
+                    Err(error @ ProxyError::PrimaryUnavailable { .. })
+                        if !replaced
+                            && x.class == RequestClass::Write
+                            && cfg.failover_buffer.is_some() =>
                     {
                         // Failover buffering: a write that can be sent again —
                         // nothing of it was sent, or it is idempotent and kept —
@@ -315,26 +354,29 @@ impl Proxy {
                         let Some(buffer) = cfg.failover_buffer else {
                             return Err(error);
                         };
-                        let again = unsent
-                            .or_else(|| Some(head.as_ref()?.with_body(replayer.as_ref()?.next()?)));
-                        let Some(unsent) = again else {
+                        if r.req.is_none() {
+                            r.req = r.again();
+                        }
+                        if r.req.is_none() {
                             return Err(error);
-                        };
+                        }
                         let Ok(_slot) = self.held.clone().try_acquire_owned() else {
                             return Err(error);
                         };
                         let until = deadline.min(Instant::now() + buffer.max_wait);
-                        match self.newer_table(table.epoch(), until).await {
-                            Some(t) => (t, unsent),
+                        match self.newer_table(r.table.epoch(), until).await {
+                            Some(t) => t,
                             None => return Err(error),
                         }
                     }
-                    Err(u) => return Err(u.error),
+                    Err(error) => return Err(error),
                 }
             };
-            (table, req) = next;
-            req.headers_mut()
-                .insert(headers::EPOCH_HEADER, table.epoch_header().clone());
+            r.table = newer;
+            if let Some(req) = r.req.as_mut() {
+                req.headers_mut()
+                    .insert(headers::EPOCH_HEADER, r.table.epoch_header().clone());
+            }
             replaced = true;
         }
     }
@@ -365,10 +407,11 @@ impl Proxy {
     /// Try the plan's nodes until one answers acceptably or the rules of
     /// SPEC §3 say stop: retry only idempotent requests or requests nothing
     /// of which was sent, within attempts, budget and deadline.
+    /// `slot` holds the request; whatever of it was not sent is left there.
     #[allow(clippy::too_many_arguments)]
     async fn attempt_loop(
         &self,
-        req: Request<RequestBody>,
+        slot: &mut Option<Request<RequestBody>>,
         plan: &Plan<'_>,
         partition: &RoutePartition,
         cfg: &RuntimeConfig,
@@ -376,51 +419,50 @@ impl Proxy {
         head: Option<&Head>,
         replayer: Option<&Replayer>,
         x: &mut Exchange,
-    ) -> Result<Delivered, Undelivered> {
+    ) -> Result<Delivered, ProxyError> {
         let policy = &cfg.retry;
-        let idempotent = is_idempotent(req.method());
+        let idempotent = is_idempotent(&x.method);
         let budget = self.budget.load();
         budget.deposit(x.started);
 
-        let mut pending = Some(req);
         let mut cursor = 0usize;
         let mut tried: u64 = 0;
         let mut previous_delay = None;
         let mut last: Option<(Failure, Arc<str>)> = None;
         loop {
             // Which node: the first from the cursor whose breaker and in-flight limit admit us.
-            let Some((slot, permit, guard)) = self.admit(plan, cursor, cfg) else {
+            let Some((slot_index, permit, guard)) = self.admit(plan, cursor, cfg) else {
                 if let Some((Failure::Status(kept), _)) = last {
                     // The upstream's own retryable answer beats a proxy error.
                     return Ok(kept);
                 }
-                return Err(Undelivered {
-                    error: self.refused(plan, partition, last.as_ref(), cfg),
-                    unsent: pending,
-                });
+                return Err(self.refused(plan, partition, last.as_ref(), cfg));
             };
-            let (upstream, role) = plan.candidates[slot];
-            let Some(req) = pending
-                .take()
-                .or_else(|| Some(head?.with_body(replayer?.next()?)))
-            else {
+            let (upstream, role) = plan.candidates[slot_index];
+            if slot.is_none() {
+                *slot = head.and_then(|h| Some(h.with_body(replayer?.next()?)));
+            }
+            if slot.is_none() {
                 tracing::debug!(
                     head = head.is_some(),
                     replayer = replayer.is_some(),
                     replayable = replayer.is_some_and(Replayer::can_replay),
                     "cannot send the request again"
                 );
-                return give_up(last, plan, partition).map_err(Undelivered::from);
-            };
-            tried |= 1u64 << slot.min(63);
+                return give_up(last, plan, partition);
+            }
+            tried |= 1u64 << slot_index.min(63);
             x.attempts += 1;
 
             let sent_at = Instant::now();
             let trace = TraceId(x.trace.0.trace_id);
             tracing::debug!(attempt = x.attempts, upstream = %upstream.label(), %trace, "attempt");
             let try_deadline = deadline.min(sent_at + cfg.timeouts.per_try);
-            let attempt = pin!(tokio::time::timeout_at(try_deadline, upstream.send(req)));
-            let failure = match attempt.await {
+            let result = {
+                let attempt = pin!(tokio::time::timeout_at(try_deadline, upstream.send(slot)));
+                attempt.await
+            };
+            let failure = match result {
                 Ok(Ok((resp, conn))) => {
                     let answered_at = Instant::now();
                     tracing::debug!(%trace, status = resp.status().as_u16(), reused = conn.is_reused(), "answered");
@@ -450,8 +492,7 @@ impl Proxy {
                         return Ok(delivered);
                     }
                 }
-                Ok(Err(SendError::Connect { req, error })) => {
-                    pending = Some(req);
+                Ok(Err(SendError::Connect(error))) => {
                     settle(
                         upstream,
                         permit,
@@ -460,8 +501,7 @@ impl Proxy {
                     );
                     Failure::NotSent(error.to_string())
                 }
-                Ok(Err(SendError::NotSent { req, error })) => {
-                    pending = Some(req);
+                Ok(Err(SendError::NotSent(error))) => {
                     settle(
                         upstream,
                         permit,
@@ -469,12 +509,16 @@ impl Proxy {
                         Instant::now(),
                     );
                     Failure::NotSent(error.to_string())
+                }
+                Ok(Err(SendError::Nothing)) => {
+                    drop(permit);
+                    Failure::NotSent("no request to send".into())
                 }
                 Ok(Err(SendError::Failed(error))) => {
                     // The client's fault, not the upstream's: no breaker verdict, no retry.
                     if let Some(e) = client_side(&error) {
                         drop(permit);
-                        return Err(e.into());
+                        return Err(e);
                     }
                     settle(upstream, permit, AttemptOutcome::SendError, Instant::now());
                     Failure::Broken(error.to_string())
@@ -488,7 +532,7 @@ impl Proxy {
             tracing::debug!(attempt = x.attempts, upstream = %label, %trace, failure = ?failure.kind(), "attempt failed");
 
             // Whether to try again, where, and after how long.
-            let resendable = pending.is_some() || replayer.is_some_and(Replayer::can_replay);
+            let resendable = slot.is_some() || replayer.is_some_and(Replayer::can_replay);
             let allowed = x.attempts < policy.max_attempts
                 && (failure.reach() == Reach::NotSent || idempotent)
                 && resendable
@@ -498,26 +542,16 @@ impl Proxy {
                 self.metrics.budget_exhausted.increment(1);
             }
             if !allowed || budget_spent {
-                return give_up(Some((failure, label)), plan, partition).map_err(|error| {
-                    Undelivered {
-                        error,
-                        unsent: pending,
-                    }
-                });
+                return give_up(Some((failure, label)), plan, partition);
             }
-            cursor = (slot + 1) % plan.candidates.len();
+            cursor = (slot_index + 1) % plan.candidates.len();
             // Moving to a node not yet tried is immediate; going back to one is spaced by backoff.
             if tried & (1u64 << cursor.min(63)) != 0 {
                 let delay = policy
                     .backoff
                     .delay(x.attempts - 1, previous_delay, &mut rand::rng());
                 if Instant::now() + delay >= deadline {
-                    return give_up(Some((failure, label)), plan, partition).map_err(|error| {
-                        Undelivered {
-                            error,
-                            unsent: pending,
-                        }
-                    });
+                    return give_up(Some((failure, label)), plan, partition);
                 }
                 previous_delay = Some(delay);
                 partition.metrics.retry(RetryReason::Retry);
@@ -636,6 +670,13 @@ impl Proxy {
             );
         }
     }
+}
+
+/// The proxy's own answer to a request it could not forward.
+fn answer_error(x: &mut Exchange, e: &ProxyError) -> Response<ProxyBody> {
+    x.error = Some(e.code());
+    x.served_by = ServedBy::Proxy;
+    e.to_response()
 }
 
 /// Settle a breaker permit and count the attempt.

@@ -83,34 +83,18 @@ pub struct Upstream {
     recent_failures: RollingWindow,
 }
 
-/// Why an attempt produced no response.
+/// Why an attempt produced no response. Where nothing was written, the
+/// request is back in the caller's slot.
+#[derive(Debug)]
 pub enum SendError {
-    /// No connection; the request comes back untouched.
-    Connect {
-        /// The request, never sent.
-        req: Request<RequestBody>,
-        /// Why.
-        error: ConnectError,
-    },
+    /// The slot held no request.
+    Nothing,
+    /// No connection; the request was not touched.
+    Connect(ConnectError),
     /// A fresh connection refused the request before writing it.
-    NotSent {
-        /// The request, never sent.
-        req: Request<RequestBody>,
-        /// Why.
-        error: hyper::Error,
-    },
+    NotSent(hyper::Error),
     /// The exchange failed after the request was at least partly written.
     Failed(hyper::Error),
-}
-
-impl std::fmt::Debug for SendError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SendError::Connect { error, .. } => write!(f, "Connect({error})"),
-            SendError::NotSent { error, .. } => write!(f, "NotSent({error})"),
-            SendError::Failed(error) => write!(f, "Failed({error})"),
-        }
-    }
 }
 
 /// Counts a request in flight at an upstream until dropped.
@@ -227,19 +211,25 @@ impl Upstream {
         Some(guard)
     }
 
-    /// Send `req` on a pooled connection and drive it until the response
-    /// head arrives; a stale pooled connection is replaced transparently
-    /// because nothing was written to it.
+    /// Send the request in `slot` on a pooled connection and drive it until
+    /// the response head arrives; a stale pooled connection is replaced
+    /// transparently because nothing was written to it. The request is taken
+    /// from the slot only once a connection is ready, and put back whenever
+    /// none of it was written.
+    ///
+    /// A slot rather than a value: a request passed by value is stored twice
+    /// in this future (argument and moved-into local), and every byte of the
+    /// request future is copied when hyper moves it.
     pub async fn send(
         &self,
-        mut req: Request<RequestBody>,
+        slot: &mut Option<Request<RequestBody>>,
     ) -> Result<(Response<Incoming>, Conn), SendError> {
         loop {
-            let mut conn = match self.pool.checkout().await {
-                Ok(c) => c,
-                Err(error) => return Err(SendError::Connect { req, error }),
-            };
+            let mut conn = self.pool.checkout().await.map_err(SendError::Connect)?;
             tracing::trace!(upstream = %self.label, reused = conn.is_reused(), "connection checked out");
+            let Some(req) = slot.take() else {
+                return Err(SendError::Nothing);
+            };
             let mut response = std::pin::pin!(conn.sender.try_send_request(req));
             let result = std::future::poll_fn(|cx| {
                 // The connection's IO runs here, in the request's own task.
@@ -250,16 +240,17 @@ impl Upstream {
             tracing::trace!(upstream = %self.label, ok = result.is_ok(), "exchange resolved");
             match result {
                 Ok(resp) => return Ok((resp, conn)),
-                Err(mut e) => match e.take_message() {
-                    Some(back) if conn.is_reused() => req = back,
-                    Some(back) => {
-                        return Err(SendError::NotSent {
-                            req: back,
-                            error: e.into_error(),
-                        });
+                Err(mut e) => {
+                    let back = e.take_message();
+                    let fresh = !conn.is_reused();
+                    match back {
+                        Some(back) => *slot = Some(back),
+                        None => return Err(SendError::Failed(e.into_error())),
                     }
-                    None => return Err(SendError::Failed(e.into_error())),
-                },
+                    if fresh {
+                        return Err(SendError::NotSent(e.into_error()));
+                    }
+                }
             }
         }
     }

@@ -239,6 +239,6 @@ async fn no_map_means_503_no_topology_and_not_ready() {
     )
     .unwrap();
     assert!(proxy.table().is_none());
-    let err = shardgate::proxy::error::ProxyError::NoTopology.into_response();
+    let err = shardgate::proxy::error::ProxyError::NoTopology.to_response();
     assert_eq!(err.status(), 503);
 }

@@ -102,8 +102,14 @@ pub fn check_inbound<B>(
         return Err(ProxyError::BadRequest("more than one Host header"));
     }
     if let Some(h) = header {
-        let valid = Authority::try_from(h.as_bytes())
-            .is_ok_and(|a| !a.as_str().contains('@') && !a.host().is_empty());
+        // A valid authority has an empty host exactly when it starts with the
+        // port's colon; testing that on the bytes spares `Authority::host`,
+        // which parses the whole value again.
+        let bytes = h.as_bytes();
+        let valid = !bytes.contains(&b'@')
+            && !bytes.starts_with(b":")
+            && port_is_numeric(bytes)
+            && Authority::try_from(bytes).is_ok();
         if !valid {
             return Err(ProxyError::BadRequest(
                 "the Host header is not a valid host[:port]",
@@ -123,6 +129,17 @@ pub fn check_inbound<B>(
             "HTTP/1.1 request without a Host header",
         )),
         (None, None) => Ok(None),
+    }
+}
+
+/// Whether a host[:port]'s port, if any, is digits (`Authority` does not check).
+fn port_is_numeric(authority: &[u8]) -> bool {
+    match authority.iter().rposition(|&b| b == b':') {
+        // A colon inside an IPv6 literal's brackets starts no port.
+        Some(i) if !authority[i..].contains(&b']') => {
+            authority[i + 1..].iter().all(u8::is_ascii_digit)
+        }
+        _ => true,
     }
 }
 
@@ -291,6 +308,18 @@ mod tests {
             check_inbound(&userinfo, 16384),
             Err(ProxyError::BadRequest(_))
         ));
+
+        for bad in [":8080", "", "a b", "a.example:port"] {
+            let r = request(|b| b.uri("/x").header("host", bad));
+            assert!(
+                matches!(check_inbound(&r, 16384), Err(ProxyError::BadRequest(_))),
+                "{bad:?} accepted"
+            );
+        }
+        for good in ["[::1]:8080", "[::1]", "10.0.0.1", "a.example:80"] {
+            let r = request(|b| b.uri("/x").header("host", good));
+            assert_eq!(check_inbound(&r, 16384).unwrap().unwrap(), good);
+        }
 
         let missing = request(|b| b.uri("/x"));
         assert!(matches!(

@@ -162,13 +162,17 @@ struct Routed {
     placement: Placement,
     pref: ReadPreference,
     deadline: Instant,
-    /// A copy of the head, for requests that may be sent again after
-    /// reaching an upstream.
+    kept: Kept,
+}
+
+/// What a request that may be sent again after reaching an upstream keeps:
+/// a copy of its head and a way to replay its body.
+struct Kept {
     head: Option<Head>,
     replayer: Option<Replayer>,
 }
 
-impl Routed {
+impl Kept {
     /// The request again, rebuilt from the kept head and body, if it may be.
     fn again(&self) -> Option<Request<RequestBody>> {
         Some(
@@ -176,6 +180,11 @@ impl Routed {
                 .as_ref()?
                 .with_body(self.replayer.as_ref()?.next()?),
         )
+    }
+
+    /// Whether `again` can still rebuild the body.
+    fn can_replay(&self) -> bool {
+        self.replayer.as_ref().is_some_and(Replayer::can_replay)
     }
 }
 
@@ -270,8 +279,7 @@ impl Proxy {
             placement,
             pref,
             deadline: x.started + cfg.timeouts.overall,
-            head,
-            replayer,
+            kept: Kept { head, replayer },
         })
     }
 
@@ -306,16 +314,9 @@ impl Proxy {
                 // directly awaited async call is laid out twice in the enclosing
                 // future, and hyper moves the outermost future for every request.
                 let outcome = {
-                    let attempts = pin!(self.attempt_loop(
-                        &mut r.req,
-                        &plan,
-                        partition,
-                        cfg,
-                        deadline,
-                        r.head.as_ref(),
-                        r.replayer.as_ref(),
-                        x,
-                    ));
+                    let attempts = pin!(
+                        self.attempt_loop(&mut r.req, &plan, partition, cfg, deadline, &r.kept, x,)
+                    );
                     attempts.await
                 };
                 match outcome {
@@ -327,7 +328,7 @@ impl Proxy {
                         // send a read once more under it.
                         self.request_refresh();
                         let again = (!replaced && x.class == RequestClass::Read)
-                            .then(|| r.again())
+                            .then(|| r.kept.again())
                             .flatten();
                         let Some(again) = again else {
                             return Ok(self.respond(delivered, partition, cfg, deadline, x));
@@ -355,7 +356,7 @@ impl Proxy {
                             return Err(error);
                         };
                         if r.req.is_none() {
-                            r.req = r.again();
+                            r.req = r.kept.again();
                         }
                         if r.req.is_none() {
                             return Err(error);
@@ -416,8 +417,7 @@ impl Proxy {
         partition: &RoutePartition,
         cfg: &RuntimeConfig,
         deadline: Instant,
-        head: Option<&Head>,
-        replayer: Option<&Replayer>,
+        kept: &Kept,
         x: &mut Exchange,
     ) -> Result<Delivered, ProxyError> {
         let policy = &cfg.retry;
@@ -440,13 +440,13 @@ impl Proxy {
             };
             let (upstream, role) = plan.candidates[slot_index];
             if slot.is_none() {
-                *slot = head.and_then(|h| Some(h.with_body(replayer?.next()?)));
+                *slot = kept.again();
             }
             if slot.is_none() {
                 tracing::debug!(
-                    head = head.is_some(),
-                    replayer = replayer.is_some(),
-                    replayable = replayer.is_some_and(Replayer::can_replay),
+                    head = kept.head.is_some(),
+                    replayer = kept.replayer.is_some(),
+                    replayable = kept.can_replay(),
                     "cannot send the request again"
                 );
                 return give_up(last, plan, partition);
@@ -532,7 +532,7 @@ impl Proxy {
             tracing::debug!(attempt = x.attempts, upstream = %label, %trace, failure = ?failure.kind(), "attempt failed");
 
             // Whether to try again, where, and after how long.
-            let resendable = slot.is_some() || replayer.is_some_and(Replayer::can_replay);
+            let resendable = slot.is_some() || kept.can_replay();
             let allowed = x.attempts < policy.max_attempts
                 && (failure.reach() == Reach::NotSent || idempotent)
                 && resendable

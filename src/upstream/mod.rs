@@ -241,13 +241,11 @@ impl Upstream {
             match result {
                 Ok(resp) => return Ok((resp, conn)),
                 Err(mut e) => {
-                    let back = e.take_message();
-                    let fresh = !conn.is_reused();
-                    match back {
-                        Some(back) => *slot = Some(back),
-                        None => return Err(SendError::Failed(e.into_error())),
-                    }
-                    if fresh {
+                    let Some(back) = e.take_message() else {
+                        return Err(SendError::Failed(e.into_error()));
+                    };
+                    *slot = Some(back);
+                    if !conn.is_reused() {
                         return Err(SendError::NotSent(e.into_error()));
                     }
                 }

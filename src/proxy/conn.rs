@@ -7,12 +7,17 @@
 //! applies the right deadline: `idle_timeout` while nothing is in flight,
 //! `header_read_timeout` once the first byte of a new request head arrives,
 //! and a write-stall limit for clients that stop reading.
+//!
+//! A request ending does not wake the connection's reader (it often ends in
+//! the reader's own task, where a wake costs a whole extra pass over the
+//! connection). It stamps the time instead; the reader picks the stamp up the
+//! next time it runs, and while requests are in flight it keeps its timer
+//! armed so that it does run, even if nothing else happens on the connection.
 
-use atomic_waker::AtomicWaker;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -47,7 +52,9 @@ impl Admission {
 /// What a connection's IO wrapper and its requests share.
 pub struct ConnActivity {
     active: AtomicUsize,
-    waker: AtomicWaker,
+    /// When the last request ended, in nanoseconds after `born`; 0 before any.
+    idle_since: AtomicU64,
+    born: Instant,
     admission: Arc<Admission>,
 }
 
@@ -56,11 +63,13 @@ pub struct Ticket(Arc<ConnActivity>);
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.0.admission.inflight.fetch_sub(1, Ordering::Relaxed);
-        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // The connection just went idle: let its reader arm the idle timer.
-            self.0.waker.wake();
-        }
+        let a = &self.0;
+        a.admission.inflight.fetch_sub(1, Ordering::Relaxed);
+        // Stamped before the count drops, so a reader that sees the connection
+        // idle also sees since when. At least 1: 0 means "no request yet".
+        let now = u64::try_from(a.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        a.idle_since.fetch_max(now.max(1), Ordering::Relaxed);
+        a.active.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -69,7 +78,8 @@ impl ConnActivity {
     pub fn new(admission: Arc<Admission>) -> Arc<ConnActivity> {
         Arc::new(ConnActivity {
             active: AtomicUsize::new(0),
-            waker: AtomicWaker::new(),
+            idle_since: AtomicU64::new(0),
+            born: Instant::now(),
             admission,
         })
     }
@@ -86,6 +96,11 @@ impl ConnActivity {
     fn busy(&self) -> bool {
         self.active.load(Ordering::Acquire) > 0
     }
+
+    /// When the last request ended (`idle_since`'s raw value).
+    fn idle_since(&self) -> u64 {
+        self.idle_since.load(Ordering::Relaxed)
+    }
 }
 
 /// Timeouts applied by `TimedIo`.
@@ -99,12 +114,11 @@ pub struct ConnTimeouts {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Phase {
-    /// Waiting for or reading a request head.
+    /// Waiting for or reading a request head (or serving it: requests in
+    /// flight are never timed out here).
     Head,
     /// No request in flight, nothing received since.
     Idle,
-    /// A request is in flight.
-    Busy,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
@@ -118,6 +132,10 @@ pub struct TimedIo<S> {
     deadline: Instant,
     timer: Pin<Box<Sleep>>,
     armed: Instant,
+    /// The timer holds this task's waker (it was polled since its last reset).
+    timer_live: bool,
+    /// The `idle_since` stamp this reader last acted on.
+    idle_seen: u64,
     /// Unknown until the first bytes arrive.
     http2: Option<bool>,
     write_stall: Option<Pin<Box<Sleep>>>,
@@ -140,6 +158,8 @@ impl<S> TimedIo<S> {
             deadline,
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             armed: deadline,
+            timer_live: false,
+            idle_seen: 0,
             http2: None,
             write_stall: None,
         }
@@ -160,6 +180,9 @@ impl<S> TimedIo<S> {
         if self.armed > self.deadline {
             self.timer.as_mut().reset(self.deadline);
             self.armed = self.deadline;
+            self.timer_live = false;
+        } else if self.timer_live && !self.timer.is_elapsed() {
+            return Ok(()); // armed no later than the deadline, with this task's waker
         }
         while self.timer.as_mut().poll(cx).is_ready() {
             if Instant::now() >= self.deadline {
@@ -171,7 +194,24 @@ impl<S> TimedIo<S> {
             self.timer.as_mut().reset(self.deadline);
             self.armed = self.deadline;
         }
+        self.timer_live = true;
         Ok(())
+    }
+
+    /// With requests in flight nothing is due, but the timer must stay armed
+    /// with this task's waker: when the last request ends elsewhere (an HTTP/2
+    /// stream's task, a body dropped late) nothing else may wake this reader
+    /// to start the idle deadline.
+    fn keep_armed(&mut self, cx: &mut Context<'_>) {
+        if self.timer_live && !self.timer.is_elapsed() {
+            return; // still pending with this task's waker: nothing to do
+        }
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let next = Instant::now() + self.timeouts.idle;
+            self.timer.as_mut().reset(next);
+            self.armed = next;
+        }
+        self.timer_live = true;
     }
 }
 
@@ -183,11 +223,18 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.activity.busy() {
-            this.phase = Phase::Busy;
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
+            let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+            if r.is_pending() {
+                this.keep_armed(cx);
+            }
+            return r;
         }
-        if this.phase == Phase::Busy {
-            this.set_deadline(Phase::Idle, this.timeouts.idle);
+        let since = this.activity.idle_since();
+        if since != this.idle_seen {
+            // A request ended since this reader last looked: idle from then.
+            this.idle_seen = since;
+            this.phase = Phase::Idle;
+            this.deadline = this.activity.born + Duration::from_nanos(since) + this.timeouts.idle;
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
@@ -208,17 +255,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => {
-                this.activity.waker.register(cx.waker());
-                // Re-check after registering, so a request finishing in between is not missed.
-                if this.activity.busy() {
-                    return Poll::Pending;
-                }
-                match this.poll_deadline(cx) {
-                    Ok(()) => Poll::Pending,
-                    Err(e) => Poll::Ready(Err(e)),
-                }
-            }
+            Poll::Pending => match this.poll_deadline(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
             other => other,
         }
     }

@@ -361,10 +361,12 @@ impl Body for UpstreamBody {
             return Poll::Ready(None);
         }
         // The upstream connection's IO runs in whichever task reads its body.
-        if let Some(conn) = this.conn.as_mut() {
-            let _ = conn.poll_drive(cx);
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let inner = &mut this.inner;
+        let polled = match this.conn.as_mut() {
+            Some(conn) => conn.poll_with(cx, |cx| Pin::new(&mut *inner).poll_frame(cx)),
+            None => Pin::new(inner).poll_frame(cx),
+        };
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if this.inner.is_end_stream() {
                     this.finish(true);

@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Waker};
 
 /// How an attempt at an upstream ended, as `shardgate_upstream_attempts_total` labels it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,10 +232,20 @@ impl Upstream {
                 return Err(SendError::Nothing);
             };
             let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+            let mut written = false;
             let result = std::future::poll_fn(|cx| {
                 // The connection's IO runs here, in the request's own task.
-                let _ = conn.poll_drive(cx);
-                response.as_mut().poll(cx)
+                if !written {
+                    // This first drive writes the request; no response can be
+                    // there yet, so the task's waker goes straight to the
+                    // socket (see `Conn::poll_with` for the no-op one).
+                    written = true;
+                    let _ = conn.poll_drive(cx);
+                    return response
+                        .as_mut()
+                        .poll(&mut Context::from_waker(Waker::noop()));
+                }
+                conn.poll_with(cx, |cx| response.as_mut().poll(cx))
             })
             .await;
             tracing::trace!(upstream = %self.label, ok = result.is_ok(), "exchange resolved");

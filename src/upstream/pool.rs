@@ -16,7 +16,7 @@ use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -84,6 +84,34 @@ impl Conn {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    /// Poll `outcome` — something only this connection's IO can complete (a
+    /// response, a body frame) — driving the connection as far as needed.
+    ///
+    /// hyper hands results from the connection to `outcome` through wakers.
+    /// Both run in this one task and `outcome` is always checked right after
+    /// a drive, so those wakers could only wake this task for a useless extra
+    /// poll (a whole pass over the client connection, ~3 % of a request).
+    /// So `outcome` is checked first (what an earlier drive delivered needs
+    /// no drive), then the connection is driven with a no-op waker; only if
+    /// `outcome` is still pending is it driven again with the task's waker,
+    /// so that the socket wakes the task when more arrives.
+    pub fn poll_with<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut outcome: impl FnMut(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        let quiet = &mut Context::from_waker(Waker::noop());
+        if let Poll::Ready(t) = outcome(quiet) {
+            return Poll::Ready(t);
+        }
+        let _ = self.poll_drive(quiet);
+        if let Poll::Ready(t) = outcome(quiet) {
+            return Poll::Ready(t);
+        }
+        let _ = self.poll_drive(cx);
+        outcome(quiet)
     }
 
     /// Whether the connection has ended.

@@ -170,6 +170,69 @@ async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout_not_the_hea
 }
 
 #[tokio::test]
+async fn a_response_slower_than_the_idle_timeout_is_not_cut_and_idling_starts_when_it_ends() {
+    let (up, proxy) =
+        single("[limits]\nheader_read_timeout = \"200ms\"\nidle_timeout = \"700ms\"\n").await;
+    up.set(Behavior::Slow(Duration::from_millis(1500)));
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /kv/a HTTP/1.1\r\nhost: a\r\nx-shard-key: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "a request in flight is never timed out as idle: {:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let idle_from = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("the idle connection must be closed");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(450),
+        "closed {idle:?} after the response: idling was counted from before it ended"
+    );
+}
+
+#[tokio::test]
+async fn an_http2_connection_is_closed_at_the_idle_timeout_after_its_last_stream() {
+    let (_up, proxy) = single("[limits]\nidle_timeout = \"700ms\"\n").await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = keyed("GET", &proxy.url("/kv/a"), "a", "");
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    use http_body_util::BodyExt;
+    resp.into_body().collect().await.unwrap();
+    // The stream ended in its own task; the connection's reader must still
+    // notice that the connection went idle.
+    let idle_from = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the idle HTTP/2 connection must be closed")
+        .unwrap()
+        .ok();
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(450),
+        "closed {idle:?} after the last stream, before the idle timeout"
+    );
+}
+
+#[tokio::test]
 async fn requests_beyond_max_inflight_get_503_overloaded_at_once() {
     let (up, proxy) = single("[limits]\nmax_inflight = 2\n[timeouts]\nper_try = \"5s\"\n").await;
     up.set(Behavior::Hang);

@@ -181,8 +181,8 @@ impl<S> TimedIo<S> {
             self.timer.as_mut().reset(self.deadline);
             self.armed = self.deadline;
             self.timer_live = false;
-        } else if self.timer_live && !self.timer.is_elapsed() {
-            return Ok(()); // armed no later than the deadline, with this task's waker
+        } else if self.timer_waiting() {
+            return Ok(()); // armed no later than the deadline
         }
         while self.timer.as_mut().poll(cx).is_ready() {
             if Instant::now() >= self.deadline {
@@ -198,13 +198,18 @@ impl<S> TimedIo<S> {
         Ok(())
     }
 
+    /// Whether the timer is pending with this task's waker.
+    fn timer_waiting(&self) -> bool {
+        self.timer_live && !self.timer.is_elapsed()
+    }
+
     /// With requests in flight nothing is due, but the timer must stay armed
     /// with this task's waker: when the last request ends elsewhere (an HTTP/2
     /// stream's task, a body dropped late) nothing else may wake this reader
     /// to start the idle deadline.
     fn keep_armed(&mut self, cx: &mut Context<'_>) {
-        if self.timer_live && !self.timer.is_elapsed() {
-            return; // still pending with this task's waker: nothing to do
+        if self.timer_waiting() {
+            return;
         }
         while self.timer.as_mut().poll(cx).is_ready() {
             let next = Instant::now() + self.timeouts.idle;

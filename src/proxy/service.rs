@@ -182,6 +182,15 @@ impl Kept {
         )
     }
 
+    /// Make sure `slot` holds the request, rebuilding it if an attempt used
+    /// it up; `false` if it cannot be.
+    fn refill(&self, slot: &mut Option<Request<RequestBody>>) -> bool {
+        if slot.is_none() {
+            *slot = self.again();
+        }
+        slot.is_some()
+    }
+
     /// Whether `again` can still rebuild the body.
     fn can_replay(&self) -> bool {
         self.replayer.as_ref().is_some_and(Replayer::can_replay)
@@ -315,7 +324,7 @@ impl Proxy {
                 // future, and hyper moves the outermost future for every request.
                 let outcome = {
                     let attempts = pin!(
-                        self.attempt_loop(&mut r.req, &plan, partition, cfg, deadline, &r.kept, x,)
+                        self.attempt_loop(&mut r.req, &plan, partition, cfg, deadline, &r.kept, x)
                     );
                     attempts.await
                 };
@@ -355,10 +364,7 @@ impl Proxy {
                         let Some(buffer) = cfg.failover_buffer else {
                             return Err(error);
                         };
-                        if r.req.is_none() {
-                            r.req = r.kept.again();
-                        }
-                        if r.req.is_none() {
+                        if !r.kept.refill(&mut r.req) {
                             return Err(error);
                         }
                         let Ok(_slot) = self.held.clone().try_acquire_owned() else {
@@ -439,10 +445,7 @@ impl Proxy {
                 return Err(self.refused(plan, partition, last.as_ref(), cfg));
             };
             let (upstream, role) = plan.candidates[slot_index];
-            if slot.is_none() {
-                *slot = kept.again();
-            }
-            if slot.is_none() {
+            if !kept.refill(slot) {
                 tracing::debug!(
                     head = kept.head.is_some(),
                     replayer = kept.replayer.is_some(),

@@ -21,7 +21,6 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Waker};
 
 /// How an attempt at an upstream ended, as `shardgate_upstream_attempts_total` labels it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,17 +234,13 @@ impl Upstream {
             let mut written = false;
             let result = std::future::poll_fn(|cx| {
                 // The connection's IO runs here, in the request's own task.
-                if !written {
-                    // This first drive writes the request; no response can be
-                    // there yet, so the task's waker goes straight to the
-                    // socket (see `Conn::poll_with` for the no-op one).
+                if written {
+                    conn.poll_with(cx, |cx| response.as_mut().poll(cx))
+                } else {
+                    // This first drive writes the request: no response yet.
                     written = true;
-                    let _ = conn.poll_drive(cx);
-                    return response
-                        .as_mut()
-                        .poll(&mut Context::from_waker(Waker::noop()));
+                    conn.poll_waiting(cx, |cx| response.as_mut().poll(cx))
                 }
-                conn.poll_with(cx, |cx| response.as_mut().poll(cx))
             })
             .await;
             tracing::trace!(upstream = %self.label, ok = result.is_ok(), "exchange resolved");

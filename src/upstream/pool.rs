@@ -110,8 +110,20 @@ impl Conn {
         if let Poll::Ready(t) = outcome(quiet) {
             return Poll::Ready(t);
         }
+        self.poll_waiting(cx, outcome)
+    }
+
+    /// Drive the connection with the task's waker (so the socket wakes the
+    /// task), then check `outcome` with a no-op one (see `poll_with`). For a
+    /// drive that is known to leave `outcome` waiting, such as the one that
+    /// writes a request.
+    pub fn poll_waiting<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut outcome: impl FnMut(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
         let _ = self.poll_drive(cx);
-        outcome(quiet)
+        outcome(&mut Context::from_waker(Waker::noop()))
     }
 
     /// Whether the connection has ended.

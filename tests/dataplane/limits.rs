@@ -145,37 +145,12 @@ async fn a_slow_client_is_closed_at_the_header_read_timeout() {
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
-#[tokio::test]
-async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout_not_the_header_timeout() {
-    let (_up, proxy) =
-        single("[limits]\nheader_read_timeout = \"200ms\"\nidle_timeout = \"900ms\"\n").await;
+/// Send one GET on a raw keep-alive connection, check it is answered 200,
+/// and return how long the connection then stayed open before the proxy
+/// closed it (failing if it is not closed within 5 s).
+async fn idle_after_one_request(addr: std::net::SocketAddr) -> Duration {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET /kv/a HTTP/1.1\r\nhost: a\r\nx-shard-key: a\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    let idle_from = std::time::Instant::now();
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-        .await
-        .unwrap();
-    assert!(matches!(n, Ok(0) | Err(_)));
-    let idle = idle_from.elapsed();
-    assert!(
-        idle >= Duration::from_millis(600),
-        "closed after {idle:?}: the header timeout fired on an idle connection"
-    );
-}
-
-#[tokio::test]
-async fn a_response_slower_than_the_idle_timeout_is_not_cut_and_idling_starts_when_it_ends() {
-    let (up, proxy) =
-        single("[limits]\nheader_read_timeout = \"200ms\"\nidle_timeout = \"700ms\"\n").await;
-    up.set(Behavior::Slow(Duration::from_millis(1500)));
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET /kv/a HTTP/1.1\r\nhost: a\r\nx-shard-key: a\r\n\r\n")
         .await
         .unwrap();
@@ -194,7 +169,26 @@ async fn a_response_slower_than_the_idle_timeout_is_not_cut_and_idling_starts_wh
         .await
         .expect("the idle connection must be closed");
     assert!(matches!(n, Ok(0) | Err(_)));
-    let idle = idle_from.elapsed();
+    idle_from.elapsed()
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout_not_the_header_timeout() {
+    let (_up, proxy) =
+        single("[limits]\nheader_read_timeout = \"200ms\"\nidle_timeout = \"900ms\"\n").await;
+    let idle = idle_after_one_request(proxy.addr).await;
+    assert!(
+        idle >= Duration::from_millis(600),
+        "closed after {idle:?}: the header timeout fired on an idle connection"
+    );
+}
+
+#[tokio::test]
+async fn a_response_slower_than_the_idle_timeout_is_not_cut_and_idling_starts_when_it_ends() {
+    let (up, proxy) =
+        single("[limits]\nheader_read_timeout = \"200ms\"\nidle_timeout = \"700ms\"\n").await;
+    up.set(Behavior::Slow(Duration::from_millis(1500)));
+    let idle = idle_after_one_request(proxy.addr).await;
     assert!(
         idle >= Duration::from_millis(450),
         "closed {idle:?} after the response: idling was counted from before it ended"

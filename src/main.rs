@@ -161,9 +161,23 @@ fn finish<T>(r: Result<T, cli::InputError>) -> ExitCode {
 }
 
 /// The async runtime, or the exit code after saying why it could not start.
+///
+/// One worker (asked for, or all the machine has) means one thread: a
+/// current-thread runtime on the main thread, as nginx runs one worker. Beyond
+/// saving the work-stealing scheduler's cross-thread bookkeeping, a process with
+/// a single thread lets the kernel skip reference-counting the file behind every
+/// socket call, and measurably wakes its peers less often.
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
+    let workers = match workers {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        n => n,
+    };
+    let mut b = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if workers > 1 {
         b.worker_threads(workers);
     }
     b.enable_all().build().map_err(|e| {

@@ -24,7 +24,7 @@ pub struct ServerSection {
     pub listen: String,
     /// Admin listener (metrics, health, topology); loopback unless you mean otherwise.
     pub admin_listen: String,
-    /// Runtime worker threads; 0 = one per available CPU.
+    /// Runtime worker threads; 0 = one per available CPU; 1 = single-threaded.
     pub workers: usize,
     /// Longest a drain may take on SIGTERM/SIGINT before connections are cut.
     #[serde(with = "humantime_serde")]

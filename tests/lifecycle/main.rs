@@ -366,3 +366,63 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
     })
     .await;
 }
+
+/// Threads of a running process, from /proc.
+fn thread_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_runs_the_whole_proxy_on_a_single_thread_through_load_reload_and_drain() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, "[server]\nworkers = 1\n").unwrap();
+    let mut proxy = start_binary(
+        &topology(1, &[(a.addr, vec![])]),
+        dir.path(),
+        &["--config", config.to_str().unwrap()],
+    )
+    .await;
+    let url = format!("http://{}/kv/x", proxy.addr);
+
+    let mut load = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let url = url.clone();
+        load.spawn(async move {
+            let c = client();
+            for j in 0..25 {
+                assert_eq!(get_key(&c, &url, &format!("k{i}-{j}")).await.status, 200);
+            }
+        });
+    }
+    while let Some(done) = load.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(
+        thread_count(proxy.pid()),
+        1,
+        "workers = 1 must not start a second thread"
+    );
+
+    write_atomically(
+        &dir.path().join("map.json"),
+        &topology(2, &[(b.addr, vec![])]),
+    );
+    proxy.signal("HUP");
+    eventually(Duration::from_secs(10), "newer map applied", || async {
+        metric(proxy.admin, "shardgate_topology_epoch").await == 2.0
+    })
+    .await;
+    assert_eq!(get_key(&client(), &url, "k").await.text(), "b");
+
+    proxy.signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(10), proxy.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

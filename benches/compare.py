@@ -156,17 +156,27 @@ def measure(args, ports, by_name, scheme, title, close):
 
     med = {n: [statistics.median(col) for col in zip(*rows)] for n, rows in results.items()}
     peers = [med[n][3] for n in ("nginx", "haproxy") if n in med]
-    best_cpu = min(peers) if peers else 1.0
+    best_cpu = min(peers) if peers else None
     peers_rps = [med[n][0] for n in ("nginx", "haproxy") if n in med]
-    best_rps = max(peers_rps) if peers_rps else 1.0
+    best_rps = max(peers_rps) if peers_rps else None
+
+    def vs(value, best):
+        return f"{value / best:.2f}×" if best else "—"
+
     print(f"\n{scheme}, {title}: {args.rounds} interleaved rounds of {args.seconds}s, {args.connections} "
           "connections, proxy pinned to CPU 0 (1 worker), wrk + upstream on CPU 1; medians\n")
     print("| proxy | req/s | vs best peer | p50 | p99 | CPU µs/req | user | sys | CPU vs best peer |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in [n for n in ["nginx", "haproxy", "baseline", "shardgate"] if n in med]:
         rps, p50, p99, cpu, user, system = med[n]
-        print(f"| {n} | {rps:,.0f} | {rps / best_rps:.2f}× | {p50:.0f} µs | {p99:.0f} µs | {cpu:.1f} | {user:.1f} "
-              f"| {system:.1f} | {cpu / best_cpu:.2f}× |")
+        print(f"| {n} | {rps:,.0f} | {vs(rps, best_rps)} | {p50:.0f} µs | {p99:.0f} µs | {cpu:.1f} | {user:.1f} "
+              f"| {system:.1f} | {vs(cpu, best_cpu)} |")
+    if "baseline" in results and "shardgate" in results:
+        # Adjacent runs share the machine's state; on a noisy host their ratio
+        # is steadier than a ratio of medians taken minutes apart.
+        ratios = sorted(a[3] / b[3] for a, b in zip(results["shardgate"], results["baseline"]))
+        print(f"\nshardgate / baseline CPU per request, median of per-round ratios: "
+              f"{statistics.median(ratios):.3f} (range {ratios[0]:.3f}–{ratios[-1]:.3f})")
     sys.stdout.flush()
 
 

@@ -171,11 +171,11 @@ fn finish<T>(r: Result<T, cli::InputError>) -> ExitCode {
 /// a single thread lets the kernel skip reference-counting the file behind every
 /// socket call, and measurably wakes its peers less often.
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
-    let workers = match workers {
-        0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
-        n => n,
+    let single = match workers {
+        0 => std::thread::available_parallelism().is_ok_and(|n| n.get() == 1),
+        n => n == 1,
     };
-    let mut b = if workers == 1 {
+    let mut b = if single {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()

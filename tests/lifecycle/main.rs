@@ -18,6 +18,15 @@ fn write_atomically(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// Wait (at most 10 s) for the proxy to exit, and check it exited 0.
+async fn exits_zero(proxy: &mut BinProxy) {
+    let status = tokio::time::timeout(Duration::from_secs(10), proxy.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
 async fn start_binary(map: &str, dir: &Path, extra_args: &[&str]) -> BinProxy {
     let path = dir.join("map.json");
     write_atomically(&path, map);
@@ -211,11 +220,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let answer = in_flight.await.unwrap();
     assert_eq!(answer.status, 200);
     assert_eq!(answer.body.len(), 20, "the in-flight response completed");
-    let status = tokio::time::timeout(Duration::from_secs(10), proxy.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    exits_zero(&mut proxy).await;
 }
 
 #[tokio::test]
@@ -242,11 +247,7 @@ async fn sigterm_closes_idle_keep_alive_connections_at_once_not_after_the_grace_
         matches!(closed, Ok(Ok(0))),
         "the idle connection was not closed: {closed:?}"
     );
-    let status = tokio::time::timeout(Duration::from_secs(10), proxy.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    exits_zero(&mut proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,9 +421,5 @@ async fn one_worker_runs_the_whole_proxy_on_a_single_thread_through_load_reload_
     assert_eq!(get_key(&client(), &url, "k").await.text(), "b");
 
     proxy.signal("TERM");
-    let status = tokio::time::timeout(Duration::from_secs(10), proxy.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    exits_zero(&mut proxy).await;
 }

@@ -17,12 +17,18 @@ wrk resumes no sessions) for every request ("Connection: close"), which
 measures handshakes per second and CPU per handshake. --close runs that
 second workload in clear text too (accept cost without TLS).
 
+The binary we ship is the profile-guided build (scripts/build-release):
+measure it with --binary target/pgo/shardgate; the default is the plain
+`cargo build --release` binary. Besides the medians, each build's CPU per
+request is compared with the better peer of the same round (median of those
+per-round ratios), which a noisy host disturbs less.
+
 With --baseline PATH a second shardgate build (e.g. the previous commit's)
 runs as "baseline" in the same interleaved rounds, so a change is judged by a
 ratio measured side by side, not against numbers from another run.
 
 Usage: python3 benches/compare.py [--rounds 5] [--seconds 10] [--connections 64] [--tls] [--close]
-                                  [--baseline target/base/shardgate]
+                                  [--binary target/pgo/shardgate] [--baseline target/base/shardgate]
 Needs: nginx, haproxy, wrk, openssl (apt-get install nginx haproxy wrk openssl),
 a release build.
 Talks only to 127.0.0.1; stops everything it starts by PID.
@@ -171,12 +177,22 @@ def measure(args, ports, by_name, scheme, title, close):
         rps, p50, p99, cpu, user, system = med[n]
         print(f"| {n} | {rps:,.0f} | {vs(rps, best_rps)} | {p50:.0f} µs | {p99:.0f} µs | {cpu:.1f} | {user:.1f} "
               f"| {system:.1f} | {vs(cpu, best_cpu)} |")
-    if "baseline" in results and "shardgate" in results:
-        # Adjacent runs share the machine's state; on a noisy host their ratio
-        # is steadier than a ratio of medians taken minutes apart.
-        ratios = sorted(a[3] / b[3] for a, b in zip(results["shardgate"], results["baseline"]))
-        print(f"\nshardgate / baseline CPU per request, median of per-round ratios: "
+    # Adjacent runs share the machine's state; on a noisy host their ratio is
+    # steadier than a ratio of medians taken minutes apart.
+    def per_round(label, ours, theirs):
+        ratios = sorted(a[3] / b for a, b in zip(ours, theirs))
+        print(f"{label} CPU per request, median of per-round ratios: "
               f"{statistics.median(ratios):.3f} (range {ratios[0]:.3f}–{ratios[-1]:.3f})")
+
+    print()
+    peer_rounds = [results[n] for n in ("nginx", "haproxy") if n in results]
+    if peer_rounds:
+        # The better peer of each round, so a round's noise hits both sides.
+        best = [min(rows[3] for rows in same_round) for same_round in zip(*peer_rounds)]
+        for n in [n for n in ("baseline", "shardgate") if n in results]:
+            per_round(f"{n} / better peer of the round", results[n], best)
+    if "baseline" in results and "shardgate" in results:
+        per_round("shardgate / baseline", results["shardgate"], [b[3] for b in results["baseline"]])
     sys.stdout.flush()
 
 

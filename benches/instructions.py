@@ -12,7 +12,11 @@ compared exactly (--baseline). It says nothing about kernel time (~70 % of
 the cost of a proxied request on loopback), cache misses or atomics: use it
 beside compare.py, not instead of it.
 
-Usage: python3 benches/instructions.py [--requests 20000] [--baseline target/base/shardgate]
+The shipped binary is the profile-guided one (scripts/build-release): pass
+--binary target/pgo/shardgate to count it; the default is the plain release build.
+
+Usage: python3 benches/instructions.py [--requests 20000] [--binary target/pgo/shardgate]
+                                       [--baseline target/base/shardgate]
                                        [--only shardgate baseline]
 Needs: valgrind, nghttp2-client (h2load), nginx, haproxy; a release build.
 Talks only to 127.0.0.1; stops everything it starts by PID.

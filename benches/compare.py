@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchlib import ROOT, free_port, wait_port
+from benchlib import ROOT, free_port, self_signed_cert, wait_port, write_topology
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -249,12 +249,7 @@ backend shards
 """ + "".join(f"  server s{i} 127.0.0.1:{p}\n" for i, p in enumerate(ups)))
     proxies.append(("haproxy", ["haproxy", "-f", hap]))
 
-    topo = os.path.join(work, "topology.json")
-    with open(topo, "w") as f:
-        f.write('{"clusterEpoch":1,"masterNodeId":"bench","partitionCount":3,"partitions":['
-                f'{{"partitionIndex":0,"primaryNodeIp":"127.0.0.1:{ups[0]}","replicaNodeIps":[],"hashRangeStart":"00000000","hashRangeEnd":"55555555"}},'
-                f'{{"partitionIndex":1,"primaryNodeIp":"127.0.0.1:{ups[1]}","replicaNodeIps":[],"hashRangeStart":"55555556","hashRangeEnd":"aaaaaaaa"}},'
-                f'{{"partitionIndex":2,"primaryNodeIp":"127.0.0.1:{ups[2]}","replicaNodeIps":[],"hashRangeStart":"aaaaaaab","hashRangeEnd":"ffffffff"}}]}}')
+    topo = write_topology(os.path.join(work, "topology.json"), [[p] for p in ups])
     for name, binary in builds:
         sg_conf = os.path.join(work, f"{name}.toml")
         with open(sg_conf, "w") as f:
@@ -299,11 +294,7 @@ def main():
     procs = []
     cert = key = combined = None
     if args.tls:
-        cert, key = os.path.join(work, "cert.pem"), os.path.join(work, "key.pem")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                        "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=bench.test",
-                        "-addext", "subjectAltName=DNS:bench.test,IP:127.0.0.1"],
-                       check=True, capture_output=True)
+        cert, key = self_signed_cert(work, "bench.test")
         combined = os.path.join(work, "combined.pem")
         with open(combined, "w") as f:
             f.write(open(cert).read() + open(key).read())

@@ -31,7 +31,7 @@ import time
 import urllib.error
 import urllib.request
 
-from benchlib import ROOT, free_port, wait_port
+from benchlib import ROOT, free_port, wait_port, write_topology
 
 
 def http(method, url, body=None, timeout=30):
@@ -44,18 +44,14 @@ def http(method, url, body=None, timeout=30):
 
 
 class Cluster:
-    def __init__(self, binary, buffering):
+    def __init__(self, binary, buffering, env=None):
         self.dir = tempfile.mkdtemp(prefix="shardgate-failover-")
         self.procs = []
         self.binary = binary
+        self.env = env
         chttp, cgrpc = free_port(), free_port()
         self.nodes = {"primary": free_port(), "replica": free_port()}
-        topo = os.path.join(self.dir, "map.json")
-        with open(topo, "w") as f:
-            json.dump({"clusterEpoch": 1, "masterNodeId": "c", "partitionCount": 1, "partitions": [{
-                "partitionIndex": 0, "primaryNodeIp": f"127.0.0.1:{self.nodes['primary']}",
-                "replicaNodeIps": [f"127.0.0.1:{self.nodes['replica']}"],
-                "hashRangeStart": "00000000", "hashRangeEnd": "ffffffff"}]}, f)
+        topo = write_topology(os.path.join(self.dir, "map.json"), [[self.nodes["primary"], self.nodes["replica"]]])
         self.coordinator = f"http://127.0.0.1:{chttp}"
         self.spawn("coordinator", [binary, "coordinator", "--http-listen", f"127.0.0.1:{chttp}",
                                    "--grpc-listen", f"127.0.0.1:{cgrpc}", "--topology", topo,
@@ -87,7 +83,7 @@ class Cluster:
 
     def spawn(self, name, argv):
         log = open(os.path.join(self.dir, f"{name}.log"), "w")
-        p = subprocess.Popen(argv, stdout=log, stderr=log)
+        p = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env)
         self.procs.append((name, p))
 
     def pid(self, name):
@@ -106,8 +102,9 @@ class Cluster:
         subprocess.run(["rm", "-rf", self.dir])
 
 
-def one_round(binary, buffering):
-    c = Cluster(binary, buffering)
+def one_round(binary, buffering, env=None):
+    """One failover; `env` (default: this process's) is the cluster processes' environment."""
+    c = Cluster(binary, buffering, env)
     try:
         writes = []  # (started, finished, status)
         stop = threading.Event()

@@ -28,9 +28,10 @@ import re
 import subprocess
 import sys
 import tempfile
+import urllib.request
 
 import failover
-from benchlib import free_port, wait_port
+from benchlib import free_port, self_signed_cert, wait_port, write_topology
 from compare import Proc, nginx_conf
 
 # Keys rotate over many values so every partition and both nodes of each are used.
@@ -109,23 +110,13 @@ def data_plane(binary, work, env, scale):
     listen = "\n".join(f"listen 127.0.0.1:{p};" for p in nodes)
     upstream = Proc("upstream", ["nginx", "-c", nginx_conf(work, "upstream", f"""
   server {{ {listen} client_max_body_size 1m; location / {{ return 200 "ok\\n"; }} }}"""), "-p", work], work)
-    topo = os.path.join(work, "topology.json")
-    with open(topo, "w") as f:
-        bounds = [("00000000", "55555555"), ("55555556", "aaaaaaaa"), ("aaaaaaab", "ffffffff")]
-        parts = ",".join(
-            f'{{"partitionIndex":{i},"primaryNodeIp":"127.0.0.1:{nodes[2 * i]}",'
-            f'"replicaNodeIps":["127.0.0.1:{nodes[2 * i + 1]}"],"hashRangeStart":"{a}","hashRangeEnd":"{b}"}}'
-            for i, (a, b) in enumerate(bounds))
-        f.write(f'{{"clusterEpoch":1,"masterNodeId":"train","partitionCount":3,"partitions":[{parts}]}}')
+    topo = write_topology(os.path.join(work, "topology.json"), [nodes[i:i + 2] for i in (0, 2, 4)])
     scripts = {}
     for name, text in (("header", HEADER_KEYS), ("path", PATH_KEYS), ("writes", WRITES)):
         scripts[name] = os.path.join(work, f"{name}.lua")
         with open(scripts[name], "w") as f:
             f.write(text)
-    cert, key = os.path.join(work, "cert.pem"), os.path.join(work, "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                    "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=train.test",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    cert, key = self_signed_cert(work, "train.test")
     try:
         for p in nodes:
             wait_port(p)
@@ -146,7 +137,8 @@ def data_plane(binary, work, env, scale):
                 # Client errors are part of real traffic: no key, and an ambiguous one.
                 n += h2load(base + "/", count(500), "4xx", extra=["--h1"])
                 n += h2load(base + "/?key=a&key=b", count(500), "4xx", extra=["--h1"])
-                run(["curl", "-s", "-o", "/dev/null", "-k", f"http://127.0.0.1:{admin}/metrics"])
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as r:
+                    r.read()
                 print(f"pgo_workload: {scheme}: {n} requests", file=sys.stderr)
             finally:
                 proxy.terminate()
@@ -158,16 +150,9 @@ def data_plane(binary, work, env, scale):
 
 def control_plane(binary, env):
     """Two real failovers, one with the failover buffer on."""
-    # failover.Cluster starts its processes with this process's environment.
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        for buffering in (False, True):
-            row = failover.one_round(binary, buffering)
-            print(f"pgo_workload: failover (buffering {buffering}): {row}", file=sys.stderr)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    for buffering in (False, True):
+        row = failover.one_round(binary, buffering, env)
+        print(f"pgo_workload: failover (buffering {buffering}): {row}", file=sys.stderr)
 
 
 def main():

@@ -166,7 +166,8 @@ fn finish<T>(r: Result<T, cli::InputError>) -> ExitCode {
 /// The async runtime, or the exit code after saying why it could not start.
 ///
 /// One worker (asked for, or all the machine has) means one thread: a
-/// current-thread runtime on the main thread, as nginx runs one worker. Beyond
+/// current-thread runtime on the main thread, as nginx runs one worker (plus,
+/// for a moment, a helper thread for blocking work such as a reload). Beyond
 /// saving the work-stealing scheduler's cross-thread bookkeeping, a process with
 /// a single thread lets the kernel skip reference-counting the file behind every
 /// socket call, and measurably wakes its peers less often.
@@ -182,6 +183,11 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
     };
     if workers > 1 {
         b.worker_threads(workers);
+    }
+    if single {
+        // Blocking helpers (reloads, cache writes) are rare; their thread
+        // should not outlive them by long, or the process stays multi-threaded.
+        b.thread_keep_alive(std::time::Duration::from_secs(1));
     }
     b.enable_all().build().map_err(|e| {
         eprintln!("cannot start the async runtime: {e}");
@@ -218,6 +224,8 @@ fn run_proxy(args: &cli::ProxyArgs) -> ExitCode {
             let _ = out.flush();
         },
     ));
+    // Everything has drained; a reload stuck on a file read must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -374,12 +374,21 @@ pub struct RunningProxy {
     pub addr: SocketAddr,
     /// The admin address actually bound.
     pub admin_addr: SocketAddr,
+    /// What a reload replaces. Behind a lock so that a reload runs on a
+    /// blocking thread: it reads files (which may sit on a slow or hung
+    /// network mount) and parses and indexes maps of thousands of partitions,
+    /// none of which may stall a thread that serves requests.
+    reloadable: Arc<Mutex<Reloadable>>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The part of a running proxy that SIGHUP re-reads.
+struct Reloadable {
     config: ProxyConfig,
     /// TLS on the client listener and the admin listener, if configured.
     tls: Option<Arc<Terminator>>,
     admin_tls: Option<Arc<Terminator>>,
-    shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -476,9 +485,11 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         proxy,
         addr,
         admin_addr,
-        config,
-        tls,
-        admin_tls,
+        reloadable: Arc::new(Mutex::new(Reloadable {
+            config,
+            tls,
+            admin_tls,
+        })),
         shutdown,
         tasks,
     })
@@ -501,11 +512,36 @@ async fn housekeeping(proxy: Arc<Proxy>, shutdown: CancellationToken) {
 
 impl RunningProxy {
     /// Re-read the config file (if any), the TLS certificates and the
-    /// topology file; an invalid config, certificate or map is refused whole
-    /// and the old state kept. Established connections are untouched: new
-    /// certificates apply to new handshakes.
-    pub fn reload(
+    /// topology file on a blocking thread; an invalid config, certificate or
+    /// map is refused whole and the old state kept. Established connections
+    /// are untouched: new certificates apply to new handshakes.
+    pub fn spawn_reload(
+        &self,
+        config_path: Option<PathBuf>,
+        overrides: ProxyOverrides,
+    ) -> JoinHandle<Result<(), ReloadError>> {
+        let proxy = self.proxy.clone();
+        let reloadable = self.reloadable.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut state = reloadable.lock().unwrap_or_else(|e| e.into_inner());
+            state.reload(&proxy, config_path.as_deref(), &overrides)
+        })
+    }
+
+    /// Stop accepting, drain in-flight requests up to the grace period, stop.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Reloadable {
+    /// The reload itself; see [`RunningProxy::spawn_reload`].
+    fn reload(
         &mut self,
+        proxy: &Proxy,
         config_path: Option<&Path>,
         overrides: &ProxyOverrides,
     ) -> Result<(), ReloadError> {
@@ -538,7 +574,7 @@ impl RunningProxy {
             {
                 tracing::warn!("listener settings changed; they take effect on restart");
             }
-            self.proxy.apply_runtime(new.runtime.clone())?;
+            proxy.apply_runtime(new.runtime.clone())?;
             self.config.runtime = new.runtime;
             self.config.topology_sources = new.topology_sources;
             self.config.server.tls = new.server.tls;
@@ -546,18 +582,10 @@ impl RunningProxy {
         }
         for source in &self.config.topology_sources {
             if let TopologySource::File(path) = source {
-                self.proxy.load_topology_file(path)?;
+                proxy.load_topology_file(path)?;
             }
         }
         Ok(())
-    }
-
-    /// Stop accepting, drain in-flight requests up to the grace period, stop.
-    pub async fn shutdown(self) {
-        self.shutdown.cancel();
-        for t in self.tasks {
-            let _ = t.await;
-        }
     }
 }
 
@@ -575,7 +603,23 @@ pub enum ReloadError {
     Topology(#[from] TopologyFileError),
 }
 
+/// The outcome of `job` once it ends; never, while there is none.
+async fn finished<T>(job: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match job {
+        Some(j) => {
+            let out = j.await;
+            *job = None;
+            out
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Run until SIGTERM/SIGINT (drain, then return); SIGHUP reloads.
+///
+/// A reload still running at shutdown (say, stuck reading a file from a hung
+/// mount) is left behind: the caller should not wait for blocking tasks when
+/// it drops the runtime.
 pub async fn run(
     config: ProxyConfig,
     config_path: Option<PathBuf>,
@@ -593,16 +637,31 @@ pub async fn run(
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = signals else {
         return Err(StartError::Signals);
     };
-    let mut running = start(config).await?;
+    let running = start(config).await?;
     ready(&running);
+    // One reload at a time; SIGHUPs that arrive during one make one more.
+    let mut reloading = None;
+    let mut again = false;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match running.reload(config_path.as_deref(), &overrides) {
-                Ok(()) => tracing::info!("reload complete"),
-                Err(e) => tracing::error!("reload refused, previous state kept: {e}"),
-            },
+            _ = hup.recv() => {
+                if reloading.is_some() {
+                    again = true;
+                } else {
+                    reloading = Some(running.spawn_reload(config_path.clone(), overrides.clone()));
+                }
+            }
+            done = finished(&mut reloading) => {
+                match done {
+                    Ok(Ok(())) => tracing::info!("reload complete"),
+                    Ok(Err(e)) => tracing::error!("reload refused, previous state kept: {e}"),
+                    Err(e) => tracing::error!("reload failed, previous state kept: {e}"),
+                }
+                reloading = std::mem::take(&mut again)
+                    .then(|| running.spawn_reload(config_path.clone(), overrides.clone()));
+            }
         }
     }
     tracing::info!("draining");

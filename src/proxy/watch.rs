@@ -18,6 +18,7 @@ use http::{HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use rand::RngExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -188,19 +189,29 @@ pub(super) async fn follow(
             }) => {
                 failures = 0;
                 last_delay = None;
-                match ShardMap::from_json(&body) {
-                    Ok(map) => {
-                        let doc = map.to_doc();
-                        let update = proxy.offer(map, &source_name);
-                        if update == MapUpdate::Applied {
-                            save_cache(&cfg, &doc).await;
-                        } else if watching && asked.elapsed() < Duration::from_secs(1) {
+                // Parsing and indexing a map of thousands of partitions takes
+                // milliseconds: a blocking thread does it, not one that serves.
+                let applied = {
+                    let (proxy, cache) = (proxy.clone(), cfg.cache_file.clone());
+                    let source = source_name.clone();
+                    tokio::task::spawn_blocking(move || {
+                        apply(&proxy, &body, &source, cache.as_deref())
+                    })
+                    .await
+                };
+                match applied {
+                    Ok(Some(update)) => {
+                        if update != MapUpdate::Applied
+                            && watching
+                            && asked.elapsed() < Duration::from_secs(1)
+                        {
                             // A watch answered at once with nothing newer: the
                             // coordinator ignores watches. Do not spin on it.
                             pause = Some(jittered(cfg.poll_interval));
                         }
                         etag = new_tag;
                     }
+                    Ok(None) => pause = Some(cfg.poll_interval),
                     Err(e) => {
                         proxy.refuse(MapUpdate::RejectedInvalid, &source_name, &e.to_string());
                         pause = Some(cfg.poll_interval);
@@ -256,18 +267,27 @@ fn next_backoff(b: &Backoff, failures: &mut u32, last: &mut Option<Duration>) ->
     d
 }
 
-async fn save_cache(cfg: &WatchConfig, doc: &crate::topology::TopologyDoc) {
-    let Some(path) = cfg.cache_file.clone() else {
-        return;
+/// Validate `body`, offer it, and save it to `cache` if it was applied.
+/// `None` when it is not a valid map (the refusal is recorded).
+fn apply(proxy: &Proxy, body: &[u8], source: &str, cache: Option<&Path>) -> Option<MapUpdate> {
+    let map = match ShardMap::from_json(body) {
+        Ok(map) => map,
+        Err(e) => {
+            proxy.refuse(MapUpdate::RejectedInvalid, source, &e.to_string());
+            return None;
+        }
     };
-    let Ok(bytes) = serde_json::to_vec_pretty(doc) else {
-        return;
-    };
-    let written =
-        tokio::task::spawn_blocking(move || crate::atomic_file::write(&path, &bytes)).await;
-    match written {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("cannot save the map cache: {e}"),
-        Err(e) => tracing::warn!("cannot save the map cache: {e}"),
+    let doc = cache.map(|_| map.to_doc());
+    let update = proxy.offer(map, source);
+    if update == MapUpdate::Applied
+        && let (Some(path), Some(doc)) = (cache, doc)
+    {
+        let written = serde_json::to_vec_pretty(&doc)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| crate::atomic_file::write(path, &bytes));
+        if let Err(e) = written {
+            tracing::warn!("cannot save the map cache: {e}");
+        }
     }
+    Some(update)
 }

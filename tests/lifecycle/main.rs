@@ -419,7 +419,123 @@ async fn one_worker_runs_the_whole_proxy_on_a_single_thread_through_load_reload_
     })
     .await;
     assert_eq!(get_key(&client(), &url, "k").await.text(), "b");
+    // The reload ran on a helper thread, which does not outstay it.
+    eventually(
+        Duration::from_secs(10),
+        "back to a single thread",
+        || async { thread_count(proxy.pid()) == 1 },
+    )
+    .await;
 
     proxy.signal("TERM");
     exits_zero(&mut proxy).await;
+}
+
+/// Make `path` a FIFO: a topology file whose read blocks until the test
+/// writes it, as a read from a hung network mount would.
+fn make_fifo(path: &Path) {
+    std::fs::remove_file(path).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo failed");
+}
+
+/// The FIFO's write end, once a reader (the proxy's reload) has opened it.
+async fn fifo_writer_once_read(path: &Path) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // Opening a FIFO for writing without blocking fails until it has a reader.
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path);
+        match opened {
+            Ok(f) => return f,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {}
+            Err(e) => panic!("cannot open the FIFO: {e}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reload never opened the topology file"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_reload_stuck_reading_the_topology_file_does_not_stall_serving() {
+    use std::io::Write;
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    // One worker: a reload on the serving thread would stop everything.
+    std::fs::write(&config, "[server]\nworkers = 1\n").unwrap();
+    let mut proxy = start_binary(
+        &topology(1, &[(a.addr, vec![])]),
+        dir.path(),
+        &["--config", config.to_str().unwrap()],
+    )
+    .await;
+    let url = format!("http://{}/kv/x", proxy.addr);
+    let path = dir.path().join("map.json");
+    make_fifo(&path);
+
+    proxy.signal("HUP");
+    let mut writer = fifo_writer_once_read(&path).await;
+    // The reload now waits in read() for as long as the writer is silent.
+    for i in 0..20 {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            get_key(&client(), &url, &format!("k{i}")),
+        )
+        .await
+        .expect("a request was held up by the reload");
+        assert_eq!(answer.text(), "a", "the old map serves meanwhile");
+    }
+    // SIGHUPs during the reload make one more, not a pile of stuck readers.
+    proxy.signal("HUP");
+    proxy.signal("HUP");
+
+    writer
+        .write_all(topology(2, &[(b.addr, vec![])]).as_bytes())
+        .unwrap();
+    drop(writer);
+    eventually(Duration::from_secs(10), "newer map applied", || async {
+        metric(proxy.admin, "shardgate_topology_epoch").await == 2.0
+    })
+    .await;
+    assert_eq!(get_key(&client(), &url, "k").await.text(), "b");
+    // The follow-up reload opens the FIFO again; answer it with the same map.
+    let mut writer = fifo_writer_once_read(&path).await;
+    writer
+        .write_all(topology(2, &[(b.addr, vec![])]).as_bytes())
+        .unwrap();
+    drop(writer);
+    let unchanged = r#"shardgate_topology_updates_total{result="unchanged"}"#;
+    eventually(Duration::from_secs(10), "follow-up reload done", || async {
+        metric(proxy.admin, unchanged).await >= 1.0
+    })
+    .await;
+
+    proxy.signal("TERM");
+    exits_zero(&mut proxy).await;
+}
+
+#[tokio::test]
+async fn sigterm_exits_zero_even_while_a_reload_is_stuck_reading_a_file() {
+    let a = Upstream::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = start_binary(&topology(1, &[(a.addr, vec![])]), dir.path(), &[]).await;
+    let path = dir.path().join("map.json");
+    make_fifo(&path);
+    proxy.signal("HUP");
+    let writer = fifo_writer_once_read(&path).await;
+
+    proxy.signal("TERM");
+    exits_zero(&mut proxy).await;
+    drop(writer);
 }

@@ -72,8 +72,26 @@ enum Failure {
     Broken(String),
     /// No response headers in time.
     Timeout,
-    /// A retryable status; kept in case it ends up being the answer.
-    Status(Delivered),
+    /// A retryable status; kept in case it ends up being the answer. Boxed:
+    /// rare, and a failure is carried across awaits in the request's future.
+    Status(Box<Delivered>),
+}
+
+/// Why a request waits for a newer map before it is placed again.
+enum Wait {
+    /// A node that knows a newer map refused a read; its refusal is the
+    /// answer if no newer map arrives in time. Boxed: this is rare.
+    Misdirected {
+        above: u64,
+        until: Instant,
+        delivered: Box<Delivered>,
+    },
+    /// A write held through a failover, holding one of the limited slots.
+    Failover {
+        until: Instant,
+        error: ProxyError,
+        _slot: tokio::sync::OwnedSemaphorePermit,
+    },
 }
 
 impl Failure {
@@ -319,64 +337,83 @@ impl Proxy {
                         ),
                     });
                 }
-                // 5. attempt loop. Pinned in place and awaited through the pin: a
-                // directly awaited async call is laid out twice in the enclosing
-                // future, and hyper moves the outermost future for every request.
-                let outcome = {
-                    let attempts = pin!(
-                        self.attempt_loop(&mut r.req, &plan, partition, cfg, deadline, &r.kept, x)
-                    );
-                    attempts.await
-                };
-                match outcome {
-                    Ok(delivered) => {
-                        let Some(newer) = misdirected(&delivered, r.table.epoch()) else {
-                            return Ok(self.respond(delivered, partition, cfg, deadline, x));
-                        };
-                        // A node that knows a newer map refused: fetch it now, and
-                        // send a read once more under it.
-                        self.request_refresh();
-                        let again = (!replaced && x.class == RequestClass::Read)
-                            .then(|| r.kept.again())
-                            .flatten();
-                        let Some(again) = again else {
-                            return Ok(self.respond(delivered, partition, cfg, deadline, x));
-                        };
-                        let until = deadline.min(Instant::now() + MISDIRECTED_WAIT);
-                        match self.newer_table(newer.saturating_sub(1), until).await {
-                            Some(t) => {
-                                r.req = Some(again);
-                                t
+                // hyper moves the outermost future for every request, so its
+                // size matters: the attempt loop is pinned in place and awaited
+                // through the pin (a directly awaited call is laid out twice),
+                // and its outcome lives in this block only, not through the
+                // rare wait for a newer map below.
+                let wait = {
+                    // 5. attempt loop
+                    let outcome = {
+                        let attempts =
+                            pin!(self.attempt_loop(
+                                &mut r.req, &plan, partition, cfg, deadline, &r.kept, x
+                            ));
+                        attempts.await
+                    };
+                    match outcome {
+                        Ok(delivered) => {
+                            let Some(newer) = misdirected(&delivered, r.table.epoch()) else {
+                                return Ok(self.respond(delivered, partition, cfg, deadline, x));
+                            };
+                            // A node that knows a newer map refused: fetch it now, and
+                            // send a read once more under it.
+                            self.request_refresh();
+                            let again = (!replaced && x.class == RequestClass::Read)
+                                .then(|| r.kept.again())
+                                .flatten();
+                            let Some(again) = again else {
+                                return Ok(self.respond(delivered, partition, cfg, deadline, x));
+                            };
+                            r.req = Some(again);
+                            Wait::Misdirected {
+                                above: newer.saturating_sub(1),
+                                until: deadline.min(Instant::now() + MISDIRECTED_WAIT),
+                                delivered: Box::new(delivered),
                             }
-                            None => return Ok(self.respond(delivered, partition, cfg, deadline, x)),
                         }
+                        Err(error @ ProxyError::PrimaryUnavailable { .. })
+                            if !replaced
+                                && x.class == RequestClass::Write
+                                && cfg.failover_buffer.is_some() =>
+                        {
+                            // Failover buffering: a write that can be sent again —
+                            // nothing of it was sent, or it is idempotent and kept —
+                            // waits for the new primary instead of failing. A
+                            // non-idempotent write that may have reached the old
+                            // primary has no kept copy and is never sent twice.
+                            let Some(buffer) = cfg.failover_buffer else {
+                                return Err(error);
+                            };
+                            if !r.kept.refill(&mut r.req) {
+                                return Err(error);
+                            }
+                            let Ok(slot) = self.held.clone().try_acquire_owned() else {
+                                return Err(error);
+                            };
+                            Wait::Failover {
+                                until: deadline.min(Instant::now() + buffer.max_wait),
+                                error,
+                                _slot: slot,
+                            }
+                        }
+                        Err(error) => return Err(error),
                     }
-                    Err(error @ ProxyError::PrimaryUnavailable { .. })
-                        if !replaced
-                            && x.class == RequestClass::Write
-                            && cfg.failover_buffer.is_some() =>
-                    {
-                        // Failover buffering: a write that can be sent again —
-                        // nothing of it was sent, or it is idempotent and kept —
-                        // waits for the new primary instead of failing. A
-                        // non-idempotent write that may have reached the old
-                        // primary has no kept copy and is never sent twice.
-                        let Some(buffer) = cfg.failover_buffer else {
-                            return Err(error);
-                        };
-                        if !r.kept.refill(&mut r.req) {
-                            return Err(error);
-                        }
-                        let Ok(_slot) = self.held.clone().try_acquire_owned() else {
-                            return Err(error);
-                        };
-                        let until = deadline.min(Instant::now() + buffer.max_wait);
-                        match self.newer_table(r.table.epoch(), until).await {
-                            Some(t) => t,
-                            None => return Err(error),
-                        }
+                };
+                // One await for both kinds of wait keeps `wait` out of the
+                // layout shared with the attempt loop's await.
+                let (above, until) = match &wait {
+                    Wait::Misdirected { above, until, .. } => (*above, *until),
+                    Wait::Failover { until, .. } => (r.table.epoch(), *until),
+                };
+                match (self.newer_table(above, until).await, wait) {
+                    (Some(t), _) => t,
+                    // With no newer map in time the refusal is the answer; the
+                    // read is not sent again under the same map.
+                    (None, Wait::Misdirected { delivered, .. }) => {
+                        return Ok(self.respond(*delivered, partition, cfg, deadline, x));
                     }
-                    Err(error) => return Err(error),
+                    (None, Wait::Failover { error, .. }) => return Err(error),
                 }
             };
             r.table = newer;
@@ -440,7 +477,7 @@ impl Proxy {
             let Some((slot_index, permit, guard)) = self.admit(plan, cursor, cfg) else {
                 if let Some((Failure::Status(kept), _)) = last {
                     // The upstream's own retryable answer beats a proxy error.
-                    return Ok(kept);
+                    return Ok(*kept);
                 }
                 return Err(self.refused(plan, partition, last.as_ref(), cfg));
             };
@@ -461,108 +498,118 @@ impl Proxy {
             let trace = TraceId(x.trace.0.trace_id);
             tracing::debug!(attempt = x.attempts, upstream = %upstream.label(), %trace, "attempt");
             let try_deadline = deadline.min(sent_at + cfg.timeouts.per_try);
-            let result = {
-                let attempt = pin!(tokio::time::timeout_at(try_deadline, upstream.send(slot)));
-                attempt.await
-            };
-            let failure = match result {
-                Ok(Ok((resp, conn))) => {
-                    let answered_at = Instant::now();
-                    tracing::debug!(%trace, status = resp.status().as_u16(), reused = conn.is_reused(), "answered");
-                    upstream
-                        .latency()
-                        .observe(answered_at - sent_at, answered_at);
-                    let status = resp.status();
-                    let delivered = Delivered {
-                        resp,
-                        conn,
-                        guard,
-                        role,
-                    };
-                    if status == StatusCode::SWITCHING_PROTOCOLS {
-                        // Upgrades are never forwarded, so a 101 is a confused upstream.
-                        settle(upstream, permit, AttemptOutcome::SendError, answered_at);
-                        Failure::Broken("unexpected 101 Switching Protocols".into())
-                    } else if cfg.breaker.failure_statuses.contains(status) {
-                        settle(upstream, permit, AttemptOutcome::FailureStatus, answered_at);
-                        if idempotent && policy.retry_statuses.contains(status) {
-                            Failure::Status(delivered)
+            // The attempt's result and failure live in this block only: a
+            // local still in scope at the backoff's await below would be laid
+            // out in the request's future, which hyper moves for every request.
+            let backoff = {
+                let result = {
+                    let attempt = pin!(tokio::time::timeout_at(try_deadline, upstream.send(slot)));
+                    attempt.await
+                };
+                let failure = match result {
+                    Ok(Ok((resp, conn))) => {
+                        let answered_at = Instant::now();
+                        tracing::debug!(%trace, status = resp.status().as_u16(), reused = conn.is_reused(), "answered");
+                        upstream
+                            .latency()
+                            .observe(answered_at - sent_at, answered_at);
+                        let status = resp.status();
+                        let delivered = Delivered {
+                            resp,
+                            conn,
+                            guard,
+                            role,
+                        };
+                        if status == StatusCode::SWITCHING_PROTOCOLS {
+                            // Upgrades are never forwarded, so a 101 is a confused upstream.
+                            settle(upstream, permit, AttemptOutcome::SendError, answered_at);
+                            Failure::Broken("unexpected 101 Switching Protocols".into())
+                        } else if cfg.breaker.failure_statuses.contains(status) {
+                            settle(upstream, permit, AttemptOutcome::FailureStatus, answered_at);
+                            if idempotent && policy.retry_statuses.contains(status) {
+                                Failure::Status(Box::new(delivered))
+                            } else {
+                                return Ok(delivered);
+                            }
                         } else {
+                            settle(upstream, permit, AttemptOutcome::Ok, answered_at);
                             return Ok(delivered);
                         }
-                    } else {
-                        settle(upstream, permit, AttemptOutcome::Ok, answered_at);
-                        return Ok(delivered);
                     }
-                }
-                Ok(Err(SendError::Connect(error))) => {
-                    settle(
-                        upstream,
-                        permit,
-                        AttemptOutcome::ConnectError,
-                        Instant::now(),
-                    );
-                    Failure::NotSent(error.to_string())
-                }
-                Ok(Err(SendError::NotSent(error))) => {
-                    settle(
-                        upstream,
-                        permit,
-                        AttemptOutcome::ConnectError,
-                        Instant::now(),
-                    );
-                    Failure::NotSent(error.to_string())
-                }
-                Ok(Err(SendError::Nothing)) => {
-                    drop(permit);
-                    Failure::NotSent("no request to send".into())
-                }
-                Ok(Err(SendError::Failed(error))) => {
-                    // The client's fault, not the upstream's: no breaker verdict, no retry.
-                    if let Some(e) = client_side(&error) {
+                    Ok(Err(SendError::Connect(error))) => {
+                        settle(
+                            upstream,
+                            permit,
+                            AttemptOutcome::ConnectError,
+                            Instant::now(),
+                        );
+                        Failure::NotSent(error.to_string())
+                    }
+                    Ok(Err(SendError::NotSent(error))) => {
+                        settle(
+                            upstream,
+                            permit,
+                            AttemptOutcome::ConnectError,
+                            Instant::now(),
+                        );
+                        Failure::NotSent(error.to_string())
+                    }
+                    Ok(Err(SendError::Nothing)) => {
                         drop(permit);
-                        return Err(e);
+                        Failure::NotSent("no request to send".into())
                     }
-                    settle(upstream, permit, AttemptOutcome::SendError, Instant::now());
-                    Failure::Broken(error.to_string())
-                }
-                Err(_elapsed) => {
-                    settle(upstream, permit, AttemptOutcome::Timeout, Instant::now());
-                    Failure::Timeout
-                }
-            };
-            let label = upstream.label().clone();
-            tracing::debug!(attempt = x.attempts, upstream = %label, %trace, failure = ?failure.kind(), "attempt failed");
+                    Ok(Err(SendError::Failed(error))) => {
+                        // The client's fault, not the upstream's: no breaker verdict, no retry.
+                        if let Some(e) = client_side(&error) {
+                            drop(permit);
+                            return Err(e);
+                        }
+                        settle(upstream, permit, AttemptOutcome::SendError, Instant::now());
+                        Failure::Broken(error.to_string())
+                    }
+                    Err(_elapsed) => {
+                        settle(upstream, permit, AttemptOutcome::Timeout, Instant::now());
+                        Failure::Timeout
+                    }
+                };
+                let label = upstream.label().clone();
+                tracing::debug!(attempt = x.attempts, upstream = %label, %trace, failure = ?failure.kind(), "attempt failed");
 
-            // Whether to try again, where, and after how long.
-            let resendable = slot.is_some() || kept.can_replay();
-            let allowed = x.attempts < policy.max_attempts
-                && (failure.reach() == Reach::NotSent || idempotent)
-                && resendable
-                && Instant::now() < deadline;
-            let budget_spent = allowed && !budget.try_withdraw();
-            if budget_spent {
-                self.metrics.budget_exhausted.increment(1);
-            }
-            if !allowed || budget_spent {
-                return give_up(Some((failure, label)), plan, partition);
-            }
-            cursor = (slot_index + 1) % plan.candidates.len();
-            // Moving to a node not yet tried is immediate; going back to one is spaced by backoff.
-            if tried & (1u64 << cursor.min(63)) != 0 {
-                let delay = policy
-                    .backoff
-                    .delay(x.attempts - 1, previous_delay, &mut rand::rng());
-                if Instant::now() + delay >= deadline {
+                // Whether to try again, where, and after how long.
+                let resendable = slot.is_some() || kept.can_replay();
+                let allowed = x.attempts < policy.max_attempts
+                    && (failure.reach() == Reach::NotSent || idempotent)
+                    && resendable
+                    && Instant::now() < deadline;
+                let budget_spent = allowed && !budget.try_withdraw();
+                if budget_spent {
+                    self.metrics.budget_exhausted.increment(1);
+                }
+                if !allowed || budget_spent {
                     return give_up(Some((failure, label)), plan, partition);
                 }
-                previous_delay = Some(delay);
-                partition.metrics.retry(RetryReason::Retry);
-                last = Some((failure, label));
+                cursor = (slot_index + 1) % plan.candidates.len();
+                // Moving to a node not yet tried is immediate; going back to one is spaced by backoff.
+                if tried & (1u64 << cursor.min(63)) != 0 {
+                    let delay =
+                        policy
+                            .backoff
+                            .delay(x.attempts - 1, previous_delay, &mut rand::rng());
+                    if Instant::now() + delay >= deadline {
+                        return give_up(Some((failure, label)), plan, partition);
+                    }
+                    previous_delay = Some(delay);
+                    partition.metrics.retry(RetryReason::Retry);
+                    last = Some((failure, label));
+                    Some(delay)
+                } else {
+                    partition.metrics.retry(RetryReason::Failover);
+                    last = Some((failure, label));
+                    None
+                }
+            };
+            if let Some(delay) = backoff {
                 tokio::time::sleep(delay).await;
-            } else {
-                partition.metrics.retry(RetryReason::Failover);
-                last = Some((failure, label));
             }
         }
     }
@@ -706,7 +753,7 @@ fn give_up(
     };
     match failure {
         // The upstream's own answer is passed through as the final response.
-        Failure::Status(d) => Ok(d),
+        Failure::Status(d) => Ok(*d),
         Failure::NotSent(cause) if plan.primary_only => Err(ProxyError::PrimaryUnavailable {
             partition: index,
             upstream: upstream.to_string(),

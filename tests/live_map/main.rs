@@ -501,6 +501,55 @@ async fn a_421_with_a_newer_epoch_refreshes_the_map_at_once_and_a_read_is_rerout
 }
 
 #[tokio::test]
+async fn a_read_met_by_a_421_gets_the_421_when_no_newer_map_turns_up() {
+    let stale = Upstream::start("stale").await;
+    stale.set(Behavior::Respond {
+        status: 421,
+        headers: vec![("x-cluster-epoch", "8")],
+        body: "misdirected",
+    });
+    // The node claims epoch 8; the coordinator never gets past 7.
+    let fake = FakeCoordinator::start(&single_map(7, stale.addr)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_following(&[fake.url()], dir.path(), "").await;
+
+    let a = get_key(&client(), &format!("http://{}/kv/x", proxy.addr), "x").await;
+    assert_eq!(a.status, 421, "{}", a.text());
+    assert_eq!(
+        a.text(),
+        "misdirected",
+        "the node's own answer is passed on"
+    );
+    assert_eq!(stale.requests(), 1, "not sent again under the same map");
+    assert_eq!(proxy_epoch(proxy.admin).await, Some(7));
+}
+
+#[tokio::test]
+async fn a_held_write_answers_primary_unavailable_when_no_new_primary_turns_up() {
+    let primary = Upstream::start("primary").await;
+    let replica = Upstream::start("replica").await;
+    primary.refuse();
+    // The coordinator never promotes anyone: the map stays at epoch 7.
+    let fake = FakeCoordinator::start(&topology(7, &[(primary.addr, vec![replica.addr])])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_following(
+        &[fake.url()],
+        dir.path(),
+        "\n[failover_buffer]\nenabled = true\nmax_wait = \"300ms\"\n",
+    )
+    .await;
+
+    let w = send(
+        &client(),
+        keyed("PUT", &format!("http://{}/kv/x", proxy.addr), "x", "v"),
+    )
+    .await;
+    w.assert_error(503, "primary_unavailable");
+    assert!(replica.writes().is_empty(), "{:?}", replica.writes());
+    assert_eq!(proxy_epoch(proxy.admin).await, Some(7));
+}
+
+#[tokio::test]
 async fn writes_answer_topology_stale_when_the_map_is_too_old_and_reads_carry_on() {
     let a = Upstream::start("a").await;
     let fake = FakeCoordinator::start(&single_map(2, a.addr)).await;

@@ -376,7 +376,7 @@ fn thread_count(pid: i32) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_worker_runs_the_whole_proxy_on_a_single_thread_through_load_reload_and_drain() {
+async fn one_worker_serves_on_a_single_thread_through_load_reload_and_drain() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
     let dir = tempfile::tempdir().unwrap();

@@ -191,13 +191,18 @@ pub(super) async fn follow(
                 last_delay = None;
                 // Parsing and indexing a map of thousands of partitions takes
                 // milliseconds: a blocking thread does it, not one that serves.
-                let applied = {
+                // Shutdown does not wait for it (the cache file may sit on a
+                // hung mount).
+                let applying = {
                     let (proxy, cache) = (proxy.clone(), cfg.cache_file.clone());
                     let source = source_name.clone();
                     tokio::task::spawn_blocking(move || {
                         apply(&proxy, &body, &source, cache.as_deref())
                     })
-                    .await
+                };
+                let applied = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    applied = applying => applied,
                 };
                 match applied {
                     Ok(Some(update)) => {

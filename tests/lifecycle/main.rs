@@ -18,15 +18,6 @@ fn write_atomically(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// Wait (at most 10 s) for the proxy to exit, and check it exited 0.
-async fn exits_zero(proxy: &mut BinProxy) {
-    let status = tokio::time::timeout(Duration::from_secs(10), proxy.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
-}
-
 async fn start_binary(map: &str, dir: &Path, extra_args: &[&str]) -> BinProxy {
     let path = dir.join("map.json");
     write_atomically(&path, map);
@@ -220,7 +211,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let answer = in_flight.await.unwrap();
     assert_eq!(answer.status, 200);
     assert_eq!(answer.body.len(), 20, "the in-flight response completed");
-    exits_zero(&mut proxy).await;
+    proxy.exits_zero().await;
 }
 
 #[tokio::test]
@@ -247,7 +238,7 @@ async fn sigterm_closes_idle_keep_alive_connections_at_once_not_after_the_grace_
         matches!(closed, Ok(Ok(0))),
         "the idle connection was not closed: {closed:?}"
     );
-    exits_zero(&mut proxy).await;
+    proxy.exits_zero().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,18 +419,7 @@ async fn one_worker_serves_on_a_single_thread_through_load_reload_and_drain() {
     .await;
 
     proxy.signal("TERM");
-    exits_zero(&mut proxy).await;
-}
-
-/// Make `path` a FIFO: a topology file whose read blocks until the test
-/// writes it, as a read from a hung network mount would.
-fn make_fifo(path: &Path) {
-    std::fs::remove_file(path).unwrap();
-    let made = std::process::Command::new("mkfifo")
-        .arg(path)
-        .status()
-        .unwrap();
-    assert!(made.success(), "mkfifo failed");
+    proxy.exits_zero().await;
 }
 
 /// The FIFO's write end, once a reader (the proxy's reload) has opened it.
@@ -522,7 +502,7 @@ async fn a_reload_stuck_reading_the_topology_file_does_not_stall_serving() {
     .await;
 
     proxy.signal("TERM");
-    exits_zero(&mut proxy).await;
+    proxy.exits_zero().await;
 }
 
 #[tokio::test]
@@ -536,6 +516,6 @@ async fn sigterm_exits_zero_even_while_a_reload_is_stuck_reading_a_file() {
     let writer = fifo_writer_once_read(&path).await;
 
     proxy.signal("TERM");
-    exits_zero(&mut proxy).await;
+    proxy.exits_zero().await;
     drop(writer);
 }

@@ -550,6 +550,25 @@ async fn a_held_write_answers_primary_unavailable_when_no_new_primary_turns_up()
 }
 
 #[tokio::test]
+async fn a_cache_write_stuck_on_a_hung_file_neither_stops_traffic_nor_holds_shutdown() {
+    let node = Upstream::start("node").await;
+    let fake = FakeCoordinator::start(&single_map(3, node.addr)).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The cache is written through a sibling `.tmp` file: as a FIFO nobody
+    // reads, opening it blocks like a write to a hung mount.
+    make_fifo(&dir.path().join("map-cache.tmp"));
+    let mut proxy = proxy_following(&[fake.url()], dir.path(), "").await;
+
+    let a = get_key(&client(), &format!("http://{}/kv/x", proxy.addr), "x").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.text(), "node");
+    assert_eq!(proxy_epoch(proxy.admin).await, Some(3));
+
+    proxy.signal("TERM");
+    proxy.exits_zero().await;
+}
+
+#[tokio::test]
 async fn writes_answer_topology_stale_when_the_map_is_too_old_and_reads_carry_on() {
     let a = Upstream::start("a").await;
     let fake = FakeCoordinator::start(&single_map(2, a.addr)).await;

@@ -804,6 +804,15 @@ impl BinProxy {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Wait (at most 10 s) for the proxy to exit, and check it exited 0.
+    pub async fn exits_zero(&mut self) {
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("the proxy did not exit within 10 s")
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "{}", self.stderr());
+    }
+
     /// Peak resident memory so far, in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
@@ -1301,6 +1310,22 @@ where
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Make `path` a FIFO (replacing any file there): opening or reading it
+/// blocks until the test opens the other end, as a file on a hung network
+/// mount would.
+pub fn make_fifo(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("cannot remove {}: {e}", path.display()),
+    }
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo failed");
 }
 
 /// Raw bytes over a fresh TCP connection; returns everything read until close or `within`.

@@ -603,14 +603,11 @@ pub enum ReloadError {
     Topology(#[from] TopologyFileError),
 }
 
-/// The outcome of `job` once it ends; never, while there is none.
+/// The outcome of `job` once it ends; never, while there is none. The caller
+/// replaces the finished handle.
 async fn finished<T>(job: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
     match job {
-        Some(j) => {
-            let out = j.await;
-            *job = None;
-            out
-        }
+        Some(j) => j.await,
         None => std::future::pending().await,
     }
 }

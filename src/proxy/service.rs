@@ -536,27 +536,18 @@ impl Proxy {
                             return Ok(delivered);
                         }
                     }
-                    Ok(Err(SendError::Connect(error))) => {
+                    Ok(Err(unsent @ (SendError::Connect(_) | SendError::NotSent(_)))) => {
                         settle(
                             upstream,
                             permit,
                             AttemptOutcome::ConnectError,
                             Instant::now(),
                         );
-                        Failure::NotSent(error.to_string())
+                        Failure::NotSent(unsent.to_string())
                     }
-                    Ok(Err(SendError::NotSent(error))) => {
-                        settle(
-                            upstream,
-                            permit,
-                            AttemptOutcome::ConnectError,
-                            Instant::now(),
-                        );
-                        Failure::NotSent(error.to_string())
-                    }
-                    Ok(Err(SendError::Nothing)) => {
+                    Ok(Err(nothing @ SendError::Nothing)) => {
                         drop(permit);
-                        Failure::NotSent("no request to send".into())
+                        Failure::NotSent(nothing.to_string())
                     }
                     Ok(Err(SendError::Failed(error))) => {
                         // The client's fault, not the upstream's: no breaker verdict, no retry.

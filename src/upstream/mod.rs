@@ -85,15 +85,19 @@ pub struct Upstream {
 
 /// Why an attempt produced no response. Where nothing was written, the
 /// request is back in the caller's slot.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// The slot held no request.
+    #[error("no request to send")]
     Nothing,
     /// No connection; the request was not touched.
+    #[error(transparent)]
     Connect(ConnectError),
     /// A fresh connection refused the request before writing it.
+    #[error(transparent)]
     NotSent(hyper::Error),
     /// The exchange failed after the request was at least partly written.
+    #[error(transparent)]
     Failed(hyper::Error),
 }
 

@@ -33,6 +33,14 @@ async fn start_binary(map: &str, dir: &Path, extra_args: &[&str]) -> BinProxy {
     BinProxy::spawn(&args).await
 }
 
+/// The binary with `[server] workers = 1`: everything on one thread, so
+/// anything that blocks it stops all traffic.
+async fn start_one_worker(map: &str, dir: &Path) -> BinProxy {
+    let config = dir.join("proxy.toml");
+    std::fs::write(&config, "[server]\nworkers = 1\n").unwrap();
+    start_binary(map, dir, &["--config", config.to_str().unwrap()]).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sighup_swap_under_concurrent_load_fails_zero_requests() {
     let old = [
@@ -371,14 +379,7 @@ async fn one_worker_serves_on_a_single_thread_through_load_reload_and_drain() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(&config, "[server]\nworkers = 1\n").unwrap();
-    let mut proxy = start_binary(
-        &topology(1, &[(a.addr, vec![])]),
-        dir.path(),
-        &["--config", config.to_str().unwrap()],
-    )
-    .await;
+    let mut proxy = start_one_worker(&topology(1, &[(a.addr, vec![])]), dir.path()).await;
     let url = format!("http://{}/kv/x", proxy.addr);
 
     let mut load = tokio::task::JoinSet::new();
@@ -445,27 +446,25 @@ async fn fifo_writer_once_read(path: &Path) -> std::fs::File {
     }
 }
 
+/// Write `text` into the FIFO and close it: the reader sees the whole file.
+fn feed(mut writer: std::fs::File, text: &str) {
+    use std::io::Write;
+    writer.write_all(text.as_bytes()).unwrap();
+}
+
 #[tokio::test]
 async fn a_reload_stuck_reading_the_topology_file_does_not_stall_serving() {
-    use std::io::Write;
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("proxy.toml");
     // One worker: a reload on the serving thread would stop everything.
-    std::fs::write(&config, "[server]\nworkers = 1\n").unwrap();
-    let mut proxy = start_binary(
-        &topology(1, &[(a.addr, vec![])]),
-        dir.path(),
-        &["--config", config.to_str().unwrap()],
-    )
-    .await;
+    let mut proxy = start_one_worker(&topology(1, &[(a.addr, vec![])]), dir.path()).await;
     let url = format!("http://{}/kv/x", proxy.addr);
     let path = dir.path().join("map.json");
     make_fifo(&path);
 
     proxy.signal("HUP");
-    let mut writer = fifo_writer_once_read(&path).await;
+    let writer = fifo_writer_once_read(&path).await;
     // The reload now waits in read() for as long as the writer is silent.
     for i in 0..20 {
         let answer = tokio::time::timeout(
@@ -480,21 +479,17 @@ async fn a_reload_stuck_reading_the_topology_file_does_not_stall_serving() {
     proxy.signal("HUP");
     proxy.signal("HUP");
 
-    writer
-        .write_all(topology(2, &[(b.addr, vec![])]).as_bytes())
-        .unwrap();
-    drop(writer);
+    feed(writer, &topology(2, &[(b.addr, vec![])]));
     eventually(Duration::from_secs(10), "newer map applied", || async {
         metric(proxy.admin, "shardgate_topology_epoch").await == 2.0
     })
     .await;
     assert_eq!(get_key(&client(), &url, "k").await.text(), "b");
     // The follow-up reload opens the FIFO again; answer it with the same map.
-    let mut writer = fifo_writer_once_read(&path).await;
-    writer
-        .write_all(topology(2, &[(b.addr, vec![])]).as_bytes())
-        .unwrap();
-    drop(writer);
+    feed(
+        fifo_writer_once_read(&path).await,
+        &topology(2, &[(b.addr, vec![])]),
+    );
     let unchanged = r#"shardgate_topology_updates_total{result="unchanged"}"#;
     eventually(Duration::from_secs(10), "follow-up reload done", || async {
         metric(proxy.admin, unchanged).await >= 1.0

@@ -454,18 +454,41 @@ async fn invalid_and_older_maps_from_a_coordinator_are_refused_and_counted() {
     assert_eq!(get_key(&client(), &url, "x").await.text(), "b");
 }
 
-#[tokio::test]
-async fn a_421_with_a_newer_epoch_refreshes_the_map_at_once_and_a_read_is_rerouted() {
+/// A proxy following a fake coordinator that starts out serving `map`.
+struct FollowingFake {
+    fake: FakeCoordinator,
+    proxy: BinProxy,
+    _dir: tempfile::TempDir,
+}
+
+async fn following_fake(map: &str, extra: &str) -> FollowingFake {
+    let fake = FakeCoordinator::start(map).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_following(&[fake.url()], dir.path(), extra).await;
+    FollowingFake {
+        fake,
+        proxy,
+        _dir: dir,
+    }
+}
+
+/// A node that refuses everything with a 421 claiming epoch 8.
+async fn misdirecting_node() -> Upstream {
     let stale = Upstream::start("stale").await;
-    let fresh = Upstream::start("fresh").await;
     stale.set(Behavior::Respond {
         status: 421,
         headers: vec![("x-cluster-epoch", "8")],
         body: "misdirected",
     });
-    let fake = FakeCoordinator::start(&single_map(7, stale.addr)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = proxy_following(&[fake.url()], dir.path(), "").await;
+    stale
+}
+
+#[tokio::test]
+async fn a_421_with_a_newer_epoch_refreshes_the_map_at_once_and_a_read_is_rerouted() {
+    let stale = misdirecting_node().await;
+    let fresh = Upstream::start("fresh").await;
+    let first = following_fake(&single_map(7, stale.addr), "").await;
+    let (fake, proxy) = (&first.fake, &first.proxy);
     // The new map exists, but no watch will be woken: only the 421 can reveal it.
     fake.set_silently(&single_map(8, fresh.addr));
 
@@ -482,9 +505,8 @@ async fn a_421_with_a_newer_epoch_refreshes_the_map_at_once_and_a_read_is_rerout
     assert_eq!(stale.requests(), 1);
 
     // A write that meets a 421 is not sent again; the client sees the 421.
-    let fake2 = FakeCoordinator::start(&single_map(7, stale.addr)).await;
-    let dir2 = tempfile::tempdir().unwrap();
-    let proxy2 = proxy_following(&[fake2.url()], dir2.path(), "").await;
+    let second = following_fake(&single_map(7, stale.addr), "").await;
+    let (fake2, proxy2) = (&second.fake, &second.proxy);
     fake2.set_silently(&single_map(8, fresh.addr));
     let w = send(
         &client(),
@@ -502,16 +524,10 @@ async fn a_421_with_a_newer_epoch_refreshes_the_map_at_once_and_a_read_is_rerout
 
 #[tokio::test]
 async fn a_read_met_by_a_421_gets_the_421_when_no_newer_map_turns_up() {
-    let stale = Upstream::start("stale").await;
-    stale.set(Behavior::Respond {
-        status: 421,
-        headers: vec![("x-cluster-epoch", "8")],
-        body: "misdirected",
-    });
+    let stale = misdirecting_node().await;
     // The node claims epoch 8; the coordinator never gets past 7.
-    let fake = FakeCoordinator::start(&single_map(7, stale.addr)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = proxy_following(&[fake.url()], dir.path(), "").await;
+    let following = following_fake(&single_map(7, stale.addr), "").await;
+    let proxy = &following.proxy;
 
     let a = get_key(&client(), &format!("http://{}/kv/x", proxy.addr), "x").await;
     assert_eq!(a.status, 421, "{}", a.text());
@@ -530,14 +546,12 @@ async fn a_held_write_answers_primary_unavailable_when_no_new_primary_turns_up()
     let replica = Upstream::start("replica").await;
     primary.refuse();
     // The coordinator never promotes anyone: the map stays at epoch 7.
-    let fake = FakeCoordinator::start(&topology(7, &[(primary.addr, vec![replica.addr])])).await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = proxy_following(
-        &[fake.url()],
-        dir.path(),
+    let following = following_fake(
+        &topology(7, &[(primary.addr, vec![replica.addr])]),
         "\n[failover_buffer]\nenabled = true\nmax_wait = \"300ms\"\n",
     )
     .await;
+    let proxy = &following.proxy;
 
     let w = send(
         &client(),

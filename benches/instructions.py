@@ -49,7 +49,7 @@ def instructions_per_request(name, argv, port, n, work):
     """Run `argv` under callgrind, count the instructions of `n` requests after a warm-up."""
     prefix = os.path.join(work, f"callgrind.{name}")
     p = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}.%p", *argv],
+        ["valgrind", "--tool=callgrind", *os.environ.get("CG_EXTRA", "").split(), f"--callgrind-out-file={prefix}.%p", *argv],
         stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, f"{name}.valgrind.log"), "w"),
     )
     try:

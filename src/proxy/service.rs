@@ -25,7 +25,7 @@ use crate::upstream::{
     AttemptOutcome, BodyError, Conn, InflightGuard, Replayer, RequestBody, SendError, Upstream,
     UpstreamBody,
 };
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 use rand::RngExt;
@@ -54,6 +54,10 @@ struct Exchange {
     /// The request's trace: the client's continued, or a new one.
     trace: (TraceContext, bool),
     error: Option<&'static str>,
+    /// When the response passed on arrived from its upstream; `None` for the
+    /// proxy's own answers. Ends the request-duration measurement, saving a
+    /// clock read per request.
+    answered: Option<Instant>,
 }
 
 /// A response from an upstream, with what it needs to stream back.
@@ -62,6 +66,8 @@ struct Delivered {
     conn: Conn,
     guard: InflightGuard,
     role: Role,
+    /// When its head arrived.
+    answered_at: Instant,
 }
 
 /// Why an attempt did not produce a response to pass on.
@@ -156,6 +162,12 @@ impl Head {
         }
     }
 
+    /// Send `epoch` as the map epoch from now on: the request was placed
+    /// again under a newer map.
+    fn set_epoch(&mut self, epoch: &HeaderValue) {
+        self.headers.insert(headers::EPOCH_HEADER, epoch.clone());
+    }
+
     fn with_body(&self, body: RequestBody) -> Request<RequestBody> {
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
@@ -234,6 +246,7 @@ impl Proxy {
             upstream: None,
             trace: headers::trace_of(req.headers()),
             error: None,
+            answered: None,
         };
         let cfg = self.runtime.load_full();
         // 1. accept
@@ -411,7 +424,10 @@ impl Proxy {
                     // With no newer map in time the refusal is the answer; the
                     // read is not sent again under the same map.
                     (None, Wait::Misdirected { delivered, .. }) => {
-                        return Ok(self.respond(*delivered, partition, cfg, deadline, x));
+                        let resp = self.respond(*delivered, partition, cfg, deadline, x);
+                        // Answered only now, after the wait: `observe` reads the clock.
+                        x.answered = None;
+                        return Ok(resp);
                     }
                     (None, Wait::Failover { error, .. }) => return Err(error),
                 }
@@ -420,6 +436,9 @@ impl Proxy {
             if let Some(req) = r.req.as_mut() {
                 req.headers_mut()
                     .insert(headers::EPOCH_HEADER, r.table.epoch_header().clone());
+            }
+            if let Some(head) = r.kept.head.as_mut() {
+                head.set_epoch(r.table.epoch_header());
             }
             replaced = true;
         }
@@ -436,6 +455,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         x.served_by = delivered.role.into();
         x.upstream = Some(delivered.guard.upstream().label().clone());
+        x.answered = Some(delivered.answered_at);
         let (mut parts, incoming) = delivered.resp.into_parts();
         // The client connection's protocol, not the upstream's, frames the answer.
         parts.version = Version::HTTP_11;
@@ -444,7 +464,13 @@ impl Proxy {
             .expose_upstream
             .then(|| &**delivered.guard.upstream().label());
         headers::to_downstream(&mut parts.headers, &partition.index_header, exposed);
-        let body = UpstreamBody::new(incoming, delivered.guard, delivered.conn, deadline);
+        let body = UpstreamBody::new(
+            incoming,
+            delivered.guard,
+            delivered.conn,
+            deadline,
+            delivered.answered_at,
+        );
         Response::from_parts(parts, ProxyBody::Upstream(body))
     }
 
@@ -494,7 +520,13 @@ impl Proxy {
             tried |= 1u64 << slot_index.min(63);
             x.attempts += 1;
 
-            let sent_at = Instant::now();
+            // A first attempt goes out microseconds after the request arrived:
+            // its arrival time will do, saving a clock read per request.
+            let sent_at = if x.attempts == 1 {
+                x.started
+            } else {
+                Instant::now()
+            };
             let trace = TraceId(x.trace.0.trace_id);
             tracing::debug!(attempt = x.attempts, upstream = %upstream.label(), %trace, "attempt");
             let try_deadline = deadline.min(sent_at + cfg.timeouts.per_try);
@@ -503,7 +535,10 @@ impl Proxy {
             // out in the request's future, which hyper moves for every request.
             let backoff = {
                 let result = {
-                    let attempt = pin!(tokio::time::timeout_at(try_deadline, upstream.send(slot)));
+                    let attempt = pin!(tokio::time::timeout_at(
+                        try_deadline,
+                        upstream.send(slot, sent_at)
+                    ));
                     attempt.await
                 };
                 let failure = match result {
@@ -519,6 +554,7 @@ impl Proxy {
                             conn,
                             guard,
                             role,
+                            answered_at,
                         };
                         if status == StatusCode::SWITCHING_PROTOCOLS {
                             // Upgrades are never forwarded, so a 101 is a confused upstream.
@@ -686,7 +722,8 @@ impl Proxy {
 
     /// Metrics and the sampled access log for one answered request.
     fn observe(&self, x: &Exchange, status: StatusCode, cfg: &RuntimeConfig) {
-        let secs = x.started.elapsed().as_secs_f64();
+        let ended = x.answered.unwrap_or_else(Instant::now);
+        let secs = ended.saturating_duration_since(x.started).as_secs_f64();
         match &x.partition {
             Some((_, m)) => m.request(x.class, status.as_u16(), x.served_by, secs),
             None => self
@@ -695,7 +732,9 @@ impl Proxy {
                 .request(x.class, status.as_u16(), x.served_by, secs),
         }
         let is_error = x.error.is_some() || status.is_server_error();
-        if is_error || rand::rng().random_bool(cfg.access_log_sample) {
+        // Sampling draws a random number; at the default rate of 0 it need not.
+        let sampled = cfg.access_log_sample > 0.0 && rand::rng().random_bool(cfg.access_log_sample);
+        if is_error || sampled {
             tracing::info!(
                 target: "shardgate::access",
                 method = %x.method,

@@ -308,11 +308,20 @@ pub struct UpstreamBody {
     deadline: Instant,
     sleep: Option<Pin<Box<Sleep>>>,
     finished: bool,
+    /// When the response head arrived: the connection's idle stamp.
+    answered_at: Instant,
 }
 
 impl UpstreamBody {
-    /// Stream `inner` from the guarded upstream; `conn` returns to its pool at a clean end.
-    pub fn new(inner: Incoming, guard: InflightGuard, conn: Conn, deadline: Instant) -> Self {
+    /// Stream `inner` (its head arrived at `answered_at`) from the guarded
+    /// upstream; `conn` returns to its pool at a clean end.
+    pub fn new(
+        inner: Incoming,
+        guard: InflightGuard,
+        conn: Conn,
+        deadline: Instant,
+        answered_at: Instant,
+    ) -> Self {
         let mut body = UpstreamBody {
             inner,
             guard,
@@ -320,6 +329,7 @@ impl UpstreamBody {
             deadline,
             sleep: None,
             finished: false,
+            answered_at,
         };
         // HEAD, 204 and 304 responses have no body to poll; the connection is
         // already free.
@@ -335,7 +345,7 @@ impl UpstreamBody {
         }
         self.finished = true;
         if let (true, Some(conn)) = (clean, self.conn.take()) {
-            self.guard.upstream().pool().checkin(conn);
+            self.guard.upstream().pool().checkin(conn, self.answered_at);
         }
         self.conn = None;
     }

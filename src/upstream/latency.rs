@@ -39,7 +39,8 @@ impl PeakEwma {
 
     /// Feed one latency observed at `now`.
     pub fn observe(&self, rtt: Duration, now: Instant) {
-        let rtt = rtt.as_nanos() as f64;
+        // Through u64: a u128 to f64 conversion is a slow library call.
+        let rtt = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX) as f64;
         let now_ns = now.saturating_duration_since(self.origin).as_nanos() as u64;
         let estimate = self.estimate_ns.load(Relaxed) as f64;
         let next = if rtt > estimate {

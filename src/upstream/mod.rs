@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::time::Instant;
 
 /// How an attempt at an upstream ended, as `shardgate_upstream_attempts_total` labels it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,9 +228,10 @@ impl Upstream {
     pub async fn send(
         &self,
         slot: &mut Option<Request<RequestBody>>,
+        now: Instant,
     ) -> Result<(Response<Incoming>, Conn), SendError> {
         loop {
-            let mut conn = self.pool.checkout().await.map_err(SendError::Connect)?;
+            let mut conn = self.pool.checkout(now).await.map_err(SendError::Connect)?;
             tracing::trace!(upstream = %self.label, reused = conn.is_reused(), "connection checked out");
             let Some(req) = slot.take() else {
                 return Err(SendError::Nothing);

@@ -179,14 +179,17 @@ impl Pool {
     }
 
     /// A connection ready for a request: the most recently used idle one that
-    /// is still alive, or a new one.
-    pub async fn checkout(&self) -> Result<Conn, ConnectError> {
+    /// is still alive, or a new one. `now` need only be recent (the request's
+    /// arrival): idle ages are judged against it.
+    pub async fn checkout(&self, now: Instant) -> Result<Conn, ConnectError> {
         loop {
             let candidate = self.lock().pop();
             let Some(Idle { mut conn, since }) = candidate else {
                 break;
             };
-            if since.elapsed() >= self.settings.idle_timeout || conn.sender.is_closed() {
+            if now.saturating_duration_since(since) >= self.settings.idle_timeout
+                || conn.sender.is_closed()
+            {
                 continue;
             }
             // A connection that already asked for its next request needs no
@@ -249,8 +252,11 @@ impl Pool {
         }
     }
 
-    /// Return a connection whose exchange finished cleanly.
-    pub fn checkin(&self, conn: Conn) {
+    /// Return a connection whose exchange finished cleanly, idle since
+    /// `idle_since`. Callers pass when the response arrived rather than read
+    /// the clock: a stamp earlier than the true idle start can only retire the
+    /// connection sooner, the safe side of the upstream's keep-alive timeout.
+    pub fn checkin(&self, conn: Conn, idle_since: Instant) {
         if conn.ended() || conn.sender.is_closed() {
             return;
         }
@@ -258,7 +264,7 @@ impl Pool {
         if idle.len() < self.settings.max_idle {
             idle.push(Idle {
                 conn,
-                since: Instant::now(),
+                since: idle_since,
             });
         }
     }

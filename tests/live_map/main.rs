@@ -541,6 +541,33 @@ async fn a_read_met_by_a_421_gets_the_421_when_no_newer_map_turns_up() {
 }
 
 #[tokio::test]
+async fn a_read_placed_again_under_a_newer_map_retries_with_the_newer_epoch() {
+    let stale = misdirecting_node().await;
+    let fresh = Upstream::start("fresh").await;
+    // The re-sent read is reset once after reaching the new node, so the
+    // retry is rebuilt from the request's kept copy.
+    fresh.script(vec![Behavior::Reset, Behavior::Ok]);
+    let following = following_fake(&single_map(7, stale.addr), "").await;
+    following.fake.set_silently(&single_map(8, fresh.addr));
+
+    let a = get_key(
+        &client(),
+        &format!("http://{}/kv/x", following.proxy.addr),
+        "x",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.text(), "fresh");
+    let epochs: Vec<_> = fresh
+        .log()
+        .iter()
+        .map(|r| r.header("x-cluster-epoch").map(str::to_owned))
+        .collect();
+    assert_eq!(epochs, [Some("8".to_owned()), Some("8".to_owned())]);
+    assert_eq!(stale.log()[0].header("x-cluster-epoch"), Some("7"));
+}
+
+#[tokio::test]
 async fn a_held_write_answers_primary_unavailable_when_no_new_primary_turns_up() {
     let primary = Upstream::start("primary").await;
     let replica = Upstream::start("replica").await;

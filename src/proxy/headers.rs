@@ -11,6 +11,7 @@ use http::header::{
 use http::uri::{Authority, Uri};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Version, request};
 use smallvec::SmallVec;
+use std::cell::RefCell;
 
 /// `x-cluster-epoch`: the fencing token sent to shard nodes.
 pub const EPOCH_HEADER: HeaderName = HeaderName::from_static("x-cluster-epoch");
@@ -66,6 +67,25 @@ impl ClientInfo {
     }
 }
 
+/// The last `Host` a client connection sent that passed validation.
+///
+/// Clients send the same Host on every request of a connection, and checking
+/// one costs an allocation (`Authority` parses its own copy), so a value
+/// byte-for-byte equal to the last valid one is taken as valid. Per
+/// connection and never shared between threads: the service's own state.
+#[derive(Debug, Default)]
+pub struct HostMemo(RefCell<Option<HeaderValue>>);
+
+impl HostMemo {
+    fn knows(&self, host: &HeaderValue) -> bool {
+        self.0.borrow().as_ref() == Some(host)
+    }
+
+    fn remember(&self, host: &HeaderValue) {
+        *self.0.borrow_mut() = Some(host.clone());
+    }
+}
+
 /// Size of the request line plus headers, as the client framed them (HTTP/1 terms).
 fn head_bytes<B>(req: &Request<B>) -> usize {
     let target = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
@@ -82,6 +102,7 @@ fn head_bytes<B>(req: &Request<B>) -> usize {
 pub fn check_inbound<B>(
     req: &Request<B>,
     max_header_bytes: usize,
+    known: &HostMemo,
 ) -> Result<Option<HeaderValue>, ProxyError> {
     if head_bytes(req) > max_header_bytes {
         return Err(ProxyError::HeadersTooLarge {
@@ -101,7 +122,7 @@ pub fn check_inbound<B>(
     if hosts.next().is_some() {
         return Err(ProxyError::BadRequest("more than one Host header"));
     }
-    if let Some(h) = header {
+    if let Some(h) = header.filter(|h| !known.knows(h)) {
         // A valid authority has an empty host exactly when it starts with the
         // port's colon; testing that on the bytes spares `Authority::host`,
         // which parses the whole value again.
@@ -115,6 +136,7 @@ pub fn check_inbound<B>(
                 "the Host header is not a valid host[:port]",
             ));
         }
+        known.remember(h);
     }
     match (req.uri().authority(), header) {
         (Some(a), Some(h)) if !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()) => Err(
@@ -287,51 +309,104 @@ mod tests {
     fn host_rules() {
         let ok = request(|b| b.uri("/x").header("host", "shop.example:8080"));
         assert_eq!(
-            check_inbound(&ok, 16384).unwrap().unwrap(),
+            check_inbound(&ok, 16384, &HostMemo::default())
+                .unwrap()
+                .unwrap(),
             "shop.example:8080"
         );
 
         let dup = request(|b| b.uri("/x").header("host", "a").header("host", "b"));
         assert!(matches!(
-            check_inbound(&dup, 16384),
+            check_inbound(&dup, 16384, &HostMemo::default()),
             Err(ProxyError::BadRequest(_))
         ));
 
         let disagree = request(|b| b.uri("http://a.example/x").header("host", "b.example"));
         assert!(matches!(
-            check_inbound(&disagree, 16384),
+            check_inbound(&disagree, 16384, &HostMemo::default()),
             Err(ProxyError::BadRequest(_))
         ));
 
         let userinfo = request(|b| b.uri("/x").header("host", "user@a.example"));
         assert!(matches!(
-            check_inbound(&userinfo, 16384),
+            check_inbound(&userinfo, 16384, &HostMemo::default()),
             Err(ProxyError::BadRequest(_))
         ));
 
         for bad in [":8080", "", "a b", "a.example:port"] {
             let r = request(|b| b.uri("/x").header("host", bad));
             assert!(
-                matches!(check_inbound(&r, 16384), Err(ProxyError::BadRequest(_))),
+                matches!(
+                    check_inbound(&r, 16384, &HostMemo::default()),
+                    Err(ProxyError::BadRequest(_))
+                ),
                 "{bad:?} accepted"
             );
         }
         for good in ["[::1]:8080", "[::1]", "10.0.0.1", "a.example:80"] {
             let r = request(|b| b.uri("/x").header("host", good));
-            assert_eq!(check_inbound(&r, 16384).unwrap().unwrap(), good);
+            assert_eq!(
+                check_inbound(&r, 16384, &HostMemo::default())
+                    .unwrap()
+                    .unwrap(),
+                good
+            );
         }
 
         let missing = request(|b| b.uri("/x"));
         assert!(matches!(
-            check_inbound(&missing, 16384),
+            check_inbound(&missing, 16384, &HostMemo::default()),
             Err(ProxyError::BadRequest(_))
         ));
 
         let h10 = request(|b| b.uri("/x").version(Version::HTTP_10));
-        assert_eq!(check_inbound(&h10, 16384).unwrap(), None);
+        assert_eq!(
+            check_inbound(&h10, 16384, &HostMemo::default()).unwrap(),
+            None
+        );
 
         let h2 = request(|b| b.uri("http://a.example/x").version(Version::HTTP_2));
-        assert_eq!(check_inbound(&h2, 16384).unwrap().unwrap(), "a.example");
+        assert_eq!(
+            check_inbound(&h2, 16384, &HostMemo::default())
+                .unwrap()
+                .unwrap(),
+            "a.example"
+        );
+    }
+
+    #[test]
+    fn a_connections_remembered_host_vouches_only_for_identical_bytes() {
+        let hosts = HostMemo::default();
+        let with_host = |h: &'static str| request(|b| b.uri("/x").header("host", h));
+        let good = with_host("shop.example:8080");
+        for _ in 0..2 {
+            assert_eq!(
+                check_inbound(&good, 16384, &hosts).unwrap().unwrap(),
+                "shop.example:8080"
+            );
+        }
+        for bad in [
+            "shop.example:port",
+            "shop.example:8080@evil",
+            "shop example:8080",
+        ] {
+            assert!(
+                matches!(
+                    check_inbound(&with_host(bad), 16384, &hosts),
+                    Err(ProxyError::BadRequest(_))
+                ),
+                "{bad:?} accepted after a valid Host"
+            );
+        }
+        let two = request(|b| {
+            b.uri("/x")
+                .header("host", "shop.example:8080")
+                .header("host", "shop.example:8080")
+        });
+        assert!(matches!(
+            check_inbound(&two, 16384, &hosts),
+            Err(ProxyError::BadRequest(_))
+        ));
     }
 
     #[test]
@@ -341,10 +416,10 @@ mod tests {
                 .header("host", "a")
                 .header("expect", "100-Continue")
         });
-        assert!(check_inbound(&r, 16384).is_ok());
+        assert!(check_inbound(&r, 16384, &HostMemo::default()).is_ok());
         let r = request(|b| b.uri("/x").header("host", "a").header("expect", "magic"));
         assert!(matches!(
-            check_inbound(&r, 16384),
+            check_inbound(&r, 16384, &HostMemo::default()),
             Err(ProxyError::ExpectationFailed)
         ));
     }
@@ -357,7 +432,7 @@ mod tests {
                 .header("x-big", "v".repeat(2000))
         });
         assert!(matches!(
-            check_inbound(&r, 1024),
+            check_inbound(&r, 1024, &HostMemo::default()),
             Err(ProxyError::HeadersTooLarge { limit: 1024 })
         ));
     }
@@ -381,7 +456,12 @@ mod tests {
         });
         let (mut parts, ()) = r.into_parts();
         let client = ClientInfo::new("10.9.8.7:5555".parse().unwrap(), false);
-        let host = check_inbound(&Request::from_parts(parts.clone_head(), ()), 16384).unwrap();
+        let host = check_inbound(
+            &Request::from_parts(parts.clone_head(), ()),
+            16384,
+            &HostMemo::default(),
+        )
+        .unwrap();
         let trace = trace_of(&parts.headers);
         to_upstream(
             &mut parts,

@@ -5,7 +5,7 @@ use super::Proxy;
 use super::conn::{ConnActivity, ConnTimeouts, TimedIo};
 use super::service::ClientConn;
 use crate::config::ServerConfig;
-use crate::proxy::headers::ClientInfo;
+use crate::proxy::headers::{ClientInfo, HostMemo};
 use crate::server::{Accepted, Drain, DrainWatcher, accept_loop, executor};
 use crate::tls::{HandshakeError, Terminator};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -143,10 +143,12 @@ impl Connection {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let activity = ConnActivity::new(self.proxy.admission.clone());
-        let client = Arc::new(ClientConn {
+        // Owned by the service, which hyper calls from this connection's task only.
+        let client = ClientConn {
             info: ClientInfo::new(self.peer, tls),
             activity: activity.clone(),
-        });
+            hosts: HostMemo::default(),
+        };
         let io = TokioIo::new(TimedIo::new(stream, activity, self.timeouts));
         let proxy = self.proxy;
         let svc = hyper::service::service_fn(move |req| proxy.clone().handle(req, &client));

@@ -12,7 +12,7 @@ use super::Proxy;
 use super::body::ProxyBody;
 use super::conn::{ConnActivity, Tracked};
 use super::error::ProxyError;
-use super::headers::{self, ClientInfo};
+use super::headers::{self, ClientInfo, HostMemo};
 use crate::config::{AllOpen, RoutingConfig, RuntimeConfig};
 use crate::resilience::{Permit, Reach, is_idempotent};
 use crate::routing::{
@@ -40,6 +40,8 @@ pub struct ClientConn {
     pub info: ClientInfo,
     /// Idle/busy tracking and admission.
     pub activity: Arc<ConnActivity>,
+    /// The last valid `Host` it sent.
+    pub hosts: HostMemo,
 }
 
 /// What metrics and the access log learn about one request.
@@ -252,7 +254,7 @@ impl Proxy {
         // 1. accept
         let ticket = client.activity.enter();
         let mut routed = match ticket {
-            Some(_) => self.route(req, &cfg, &client.info, &mut x),
+            Some(_) => self.route(req, &cfg, client, &mut x),
             None => {
                 self.metrics.shed_inflight.increment(1);
                 Err(ProxyError::Overloaded {
@@ -287,11 +289,11 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         cfg: &RuntimeConfig,
-        client: &ClientInfo,
+        client: &ClientConn,
         x: &mut Exchange,
     ) -> Result<Routed, ProxyError> {
         // Refuse anything ambiguous before reading a key out of it.
-        let host = headers::check_inbound(&req, cfg.limits.max_header_bytes)?;
+        let host = headers::check_inbound(&req, cfg.limits.max_header_bytes, &client.hosts)?;
         let table = self.routes.load_full().ok_or(ProxyError::NoTopology)?;
         let placement = placement(&req, &cfg.routing)?;
         if x.class == RequestClass::Write
@@ -307,7 +309,13 @@ impl Proxy {
         let pref = read_preference(req.headers(), &cfg.routing)?;
         let (mut parts, body) = req.into_parts();
         let body = request_body(&parts.method, body, cfg)?;
-        headers::to_upstream(&mut parts, host, client, table.epoch_header(), x.trace);
+        headers::to_upstream(
+            &mut parts,
+            host,
+            &client.info,
+            table.epoch_header(),
+            x.trace,
+        );
         // Only requests that may be sent again after reaching an upstream keep
         // a copy of their head; everything else gets its request back unsent.
         let head =

@@ -98,21 +98,31 @@ impl TraceContext {
 
     /// The `traceparent` to send upstream.
     pub fn header(&self) -> HeaderValue {
-        // Written by hand: this runs for every request, and `format!` of a
-        // u128 in hex is several times slower.
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        fn put(out: &mut [u8], mut v: u128) {
-            for b in out.iter_mut().rev() {
-                *b = HEX[(v & 0xf) as usize];
-                v >>= 4;
-            }
-        }
         let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-00";
-        put(&mut buf[3..35], self.trace_id);
-        put(&mut buf[36..52], u128::from(self.span_id));
-        put(&mut buf[53..55], u128::from(self.flags));
+        buf[3..11].copy_from_slice(&hex8((self.trace_id >> 96) as u32));
+        buf[11..19].copy_from_slice(&hex8((self.trace_id >> 64) as u32));
+        buf[19..27].copy_from_slice(&hex8((self.trace_id >> 32) as u32));
+        buf[27..35].copy_from_slice(&hex8(self.trace_id as u32));
+        buf[36..44].copy_from_slice(&hex8((self.span_id >> 32) as u32));
+        buf[44..52].copy_from_slice(&hex8(self.span_id as u32));
+        buf[53..55].copy_from_slice(&hex8(u32::from(self.flags))[6..]);
         HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("00-0-0-00"))
     }
+}
+
+/// `v` as 8 lower-case hex digits.
+///
+/// Eight digits at a time in one u64 rather than a table lookup per digit:
+/// this runs for every request, and digit by digit cost ~1 % of a request.
+fn hex8(v: u32) -> [u8; 8] {
+    // Spread the nibbles out, one per byte, lowest nibble in the lowest byte.
+    let mut x = u64::from(v);
+    x = ((x & 0xffff_0000) << 16) | (x & 0xffff);
+    x = ((x & 0x0000_ff00_0000_ff00) << 8) | (x & 0x0000_00ff_0000_00ff);
+    x = ((x & 0x00f0_00f0_00f0_00f0) << 4) | (x & 0x000f_000f_000f_000f);
+    // Per byte: '0' + n, plus the gap up to 'a' where n >= 10 (n + 6 carries into bit 4).
+    let letters = ((x + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    (x + 0x3030_3030_3030_3030 + letters * 0x27).to_be_bytes()
 }
 
 #[cfg(test)]
@@ -163,6 +173,29 @@ mod tests {
             flags: 1,
         };
         assert_eq!(ctx.header(), GOOD);
+    }
+
+    #[test]
+    fn hex_digits_match_the_standard_formatter() {
+        let mut v: u32 = 0x9e37_79b9;
+        for fixed in [
+            0,
+            1,
+            9,
+            10,
+            15,
+            16,
+            0xa0,
+            0xffff_ffff,
+            0x0123_4567,
+            0x89ab_cdef,
+        ] {
+            assert_eq!(hex8(fixed), format!("{fixed:08x}").as_bytes(), "{fixed:#x}");
+        }
+        for _ in 0..10_000 {
+            v = v.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            assert_eq!(hex8(v), format!("{v:08x}").as_bytes(), "{v:#x}");
+        }
     }
 
     #[test]

@@ -18,6 +18,8 @@ The shipped binary is the profile-guided one (scripts/build-release): pass
 Usage: python3 benches/instructions.py [--requests 20000] [--binary target/pgo/shardgate]
                                        [--baseline target/base/shardgate]
                                        [--only shardgate baseline]
+CG_EXTRA="--dump-instr=yes" (any valgrind options) is passed through, e.g. to
+find call sites inlined away, by instruction address and `addr2line -i`.
 Needs: valgrind, nghttp2-client (h2load), nginx, haproxy; a release build.
 Talks only to 127.0.0.1; stops everything it starts by PID.
 """

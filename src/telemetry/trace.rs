@@ -3,6 +3,7 @@
 //! The proxy is a hop in the trace: it keeps the trace id and flags, and sends
 //! its own span id upstream as the parent id.
 
+use bytes::Bytes;
 use http::HeaderValue;
 use std::fmt;
 
@@ -106,7 +107,10 @@ impl TraceContext {
         buf[36..44].copy_from_slice(&hex8((self.span_id >> 32) as u32));
         buf[44..52].copy_from_slice(&hex8(self.span_id as u32));
         buf[53..55].copy_from_slice(&hex8(u32::from(self.flags))[6..]);
-        HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("00-0-0-00"))
+        // Shared from the start: the request's kept copy clones this value,
+        // and a value copied into a plain buffer allocates again when cloned.
+        HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
+            .unwrap_or_else(|_| HeaderValue::from_static("00-0-0-00"))
     }
 }
 

@@ -625,7 +625,7 @@ impl Proxy {
                 }
                 cursor = (slot_index + 1) % plan.candidates.len();
                 // Moving to a node not yet tried is immediate; going back to one is spaced by backoff.
-                if tried & (1u64 << cursor.min(63)) != 0 {
+                let delay = if tried & (1u64 << cursor.min(63)) != 0 {
                     let delay =
                         policy
                             .backoff
@@ -635,13 +635,13 @@ impl Proxy {
                     }
                     previous_delay = Some(delay);
                     partition.metrics.retry(RetryReason::Retry);
-                    last = Some((failure, label));
                     Some(delay)
                 } else {
                     partition.metrics.retry(RetryReason::Failover);
-                    last = Some((failure, label));
                     None
-                }
+                };
+                last = Some((failure, label));
+                delay
             };
             if let Some(delay) = backoff {
                 tokio::time::sleep(delay).await;

@@ -220,7 +220,8 @@ impl Upstream {
     /// the response head arrives; a stale pooled connection is replaced
     /// transparently because nothing was written to it. The request is taken
     /// from the slot only once a connection is ready, and put back whenever
-    /// none of it was written.
+    /// none of it was written. `now` is the send's time, recent enough to
+    /// judge pooled connections' idle age by (it saves a clock read).
     ///
     /// A slot rather than a value: a request passed by value is stored twice
     /// in this future (argument and moved-into local), and every byte of the

@@ -41,6 +41,11 @@ async fn start_one_worker(map: &str, dir: &Path) -> BinProxy {
     start_binary(map, dir, &["--config", config.to_str().unwrap()]).await
 }
 
+/// The binary in front of one node holding the only partition, epoch 1.
+async fn start_in_front_of(node: &Upstream, dir: &Path) -> BinProxy {
+    start_binary(&topology(1, &[(node.addr, vec![])]), dir, &[]).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sighup_swap_under_concurrent_load_fails_zero_requests() {
     let old = [
@@ -206,7 +211,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
         every: Duration::from_millis(50),
     });
     let dir = tempfile::tempdir().unwrap();
-    let mut proxy = start_binary(&topology(1, &[(up.addr, vec![])]), dir.path(), &[]).await;
+    let mut proxy = start_in_front_of(&up, dir.path()).await;
     let url = format!("http://{}/kv/x", proxy.addr);
     let in_flight = tokio::spawn(async move { get_key(&client(), &url, "k").await });
     eventually(
@@ -227,7 +232,7 @@ async fn sigterm_closes_idle_keep_alive_connections_at_once_not_after_the_grace_
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = Upstream::start("primary").await;
     let dir = tempfile::tempdir().unwrap();
-    let mut proxy = start_binary(&topology(1, &[(up.addr, vec![])]), dir.path(), &[]).await;
+    let mut proxy = start_in_front_of(&up, dir.path()).await;
     let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     idle.write_all(b"GET /kv/x HTTP/1.1\r\nhost: a\r\nx-shard-key: k\r\n\r\n")
         .await
@@ -504,7 +509,7 @@ async fn a_reload_stuck_reading_the_topology_file_does_not_stall_serving() {
 async fn sigterm_exits_zero_even_while_a_reload_is_stuck_reading_a_file() {
     let a = Upstream::start("a").await;
     let dir = tempfile::tempdir().unwrap();
-    let mut proxy = start_binary(&topology(1, &[(a.addr, vec![])]), dir.path(), &[]).await;
+    let mut proxy = start_in_front_of(&a, dir.path()).await;
     let path = dir.path().join("map.json");
     make_fifo(&path);
     proxy.signal("HUP");

@@ -472,6 +472,11 @@ async fn following_fake(map: &str, extra: &str) -> FollowingFake {
     }
 }
 
+/// A read of key "x" through `proxy`.
+async fn read_x(proxy: &BinProxy) -> Answer {
+    get_key(&client(), &format!("http://{}/kv/x", proxy.addr), "x").await
+}
+
 /// A node that refuses everything with a 421 claiming epoch 8.
 async fn misdirecting_node() -> Upstream {
     let stale = Upstream::start("stale").await;
@@ -493,7 +498,7 @@ async fn a_421_with_a_newer_epoch_refreshes_the_map_at_once_and_a_read_is_rerout
     fake.set_silently(&single_map(8, fresh.addr));
 
     let started = Instant::now();
-    let a = get_key(&client(), &format!("http://{}/kv/x", proxy.addr), "x").await;
+    let a = read_x(proxy).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(
         a.text(),
@@ -529,7 +534,7 @@ async fn a_read_met_by_a_421_gets_the_421_when_no_newer_map_turns_up() {
     let following = following_fake(&single_map(7, stale.addr), "").await;
     let proxy = &following.proxy;
 
-    let a = get_key(&client(), &format!("http://{}/kv/x", proxy.addr), "x").await;
+    let a = read_x(proxy).await;
     assert_eq!(a.status, 421, "{}", a.text());
     assert_eq!(
         a.text(),
@@ -550,12 +555,7 @@ async fn a_read_placed_again_under_a_newer_map_retries_with_the_newer_epoch() {
     let following = following_fake(&single_map(7, stale.addr), "").await;
     following.fake.set_silently(&single_map(8, fresh.addr));
 
-    let a = get_key(
-        &client(),
-        &format!("http://{}/kv/x", following.proxy.addr),
-        "x",
-    )
-    .await;
+    let a = read_x(&following.proxy).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.text(), "fresh");
     let epochs: Vec<_> = fresh
@@ -600,7 +600,7 @@ async fn a_cache_write_stuck_on_a_hung_file_neither_stops_traffic_nor_holds_shut
     make_fifo(&dir.path().join("map-cache.tmp"));
     let mut proxy = proxy_following(&[fake.url()], dir.path(), "").await;
 
-    let a = get_key(&client(), &format!("http://{}/kv/x", proxy.addr), "x").await;
+    let a = read_x(&proxy).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.text(), "node");
     assert_eq!(proxy_epoch(proxy.admin).await, Some(3));

@@ -40,8 +40,42 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHORIZATION,
 ];
 
+/// `HOP_BY_HOP` as the lowercase text header maps hold: comparing against
+/// these needs no `HeaderName` (whose comparisons cost a branch per variant).
+const HOP_BY_HOP_NAMES: [&str; 9] = [
+    "connection",
+    "expect",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// Bit `n` is set when some hop-by-hop name is `n` bytes long.
+const HOP_BY_HOP_LENGTHS: u32 = {
+    let mut mask = 0u32;
+    let mut i = 0;
+    while i < HOP_BY_HOP_NAMES.len() {
+        mask |= 1 << HOP_BY_HOP_NAMES[i].len();
+        i += 1;
+    }
+    mask
+};
+
 /// Where `Connection` sits in `HOP_BY_HOP`.
 const CONNECTION_SLOT: usize = 0;
+
+/// Which hop-by-hop header `name` (lowercase, as in a header map) is, if any.
+fn hop_by_hop_slot(name: &str) -> Option<usize> {
+    // Most names have a length no hop-by-hop name has: one test, no compare.
+    if name.len() >= 32 || HOP_BY_HOP_LENGTHS & (1 << name.len()) == 0 {
+        return None;
+    }
+    HOP_BY_HOP_NAMES.iter().position(|h| *h == name)
+}
 
 /// Facts about the client connection a request arrived on, computed once per connection.
 #[derive(Clone, Debug)]
@@ -170,11 +204,11 @@ fn port_is_numeric(authority: &[u8]) -> bool {
 /// `Host` is never removed this way: the upstream must get exactly one.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Every removal hashes its name, and most messages carry at most a
-    // `Connection: keep-alive`: one pass of name comparisons (no hashing)
-    // finds which hop-by-hop headers are present, and only those are removed.
+    // `Connection: keep-alive`: one pass over the names (no hashing) finds
+    // which hop-by-hop headers are present, and only those are removed.
     let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop_slot(name.as_str()) {
             present |= 1 << i;
         }
     }
@@ -188,9 +222,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 let token = token.trim_ascii();
                 // Hop-by-hop names (the usual `keep-alive`) are removed below anyway.
                 if token.is_empty()
-                    || HOP_BY_HOP
+                    || HOP_BY_HOP_NAMES
                         .iter()
-                        .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
+                        .any(|h| token.eq_ignore_ascii_case(h.as_bytes()))
                 {
                     continue;
                 }
@@ -494,6 +528,28 @@ mod tests {
         assert!(h["traceparent"].to_str().unwrap().starts_with("00-"));
         assert_eq!(parts.uri, "/kv/1?x=y");
         assert_eq!(parts.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn hop_by_hop_names_and_their_text_agree() {
+        for (name, text) in HOP_BY_HOP.iter().zip(HOP_BY_HOP_NAMES) {
+            assert_eq!(name.as_str(), text);
+            assert_eq!(
+                hop_by_hop_slot(text).map(|i| HOP_BY_HOP[i].clone()),
+                Some(name.clone())
+            );
+        }
+        for other in [
+            "host",
+            "server",
+            "date",
+            "x-connection",
+            "connectio",
+            "t",
+            "",
+        ] {
+            assert_eq!(hop_by_hop_slot(other), None, "{other}");
+        }
     }
 
     #[test]

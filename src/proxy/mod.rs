@@ -9,6 +9,7 @@ mod admin;
 pub mod body;
 mod conn;
 pub mod error;
+mod head;
 pub mod headers;
 mod server;
 mod service;

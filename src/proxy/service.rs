@@ -12,6 +12,7 @@ use super::Proxy;
 use super::body::ProxyBody;
 use super::conn::{ConnActivity, Tracked};
 use super::error::ProxyError;
+use super::head::Head;
 use super::headers::{self, ClientInfo, HostMemo};
 use crate::config::{AllOpen, RoutingConfig, RuntimeConfig};
 use crate::resilience::{Permit, Reach, is_idempotent};
@@ -25,7 +26,7 @@ use crate::upstream::{
     AttemptOutcome, BodyError, Conn, InflightGuard, Replayer, RequestBody, SendError, Upstream,
     UpstreamBody,
 };
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 use rand::RngExt;
@@ -147,39 +148,6 @@ enum Placement {
     Index(u32),
 }
 
-/// The parts of a request head needed to send it again after the original
-/// was consumed by a failed attempt.
-struct Head {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-}
-
-impl Head {
-    fn of(parts: &http::request::Parts) -> Head {
-        Head {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts.headers.clone(),
-        }
-    }
-
-    /// Send `epoch` as the map epoch from now on: the request was placed
-    /// again under a newer map.
-    fn set_epoch(&mut self, epoch: &HeaderValue) {
-        self.headers.insert(headers::EPOCH_HEADER, epoch.clone());
-    }
-
-    fn with_body(&self, body: RequestBody) -> Request<RequestBody> {
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = self.headers.clone();
-        req
-    }
-}
-
 /// A request past steps 1–2, with everything the rest of its path needs.
 ///
 /// Built synchronously when hyper hands the request over, so the client's
@@ -207,11 +175,9 @@ struct Kept {
 impl Kept {
     /// The request again, rebuilt from the kept head and body, if it may be.
     fn again(&self) -> Option<Request<RequestBody>> {
-        Some(
-            self.head
-                .as_ref()?
-                .with_body(self.replayer.as_ref()?.next()?),
-        )
+        self.head
+            .as_ref()?
+            .with_body(self.replayer.as_ref()?.next()?)
     }
 
     /// Make sure `slot` holds the request, rebuilding it if an attempt used

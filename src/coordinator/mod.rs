@@ -397,13 +397,12 @@ pub struct RunningCoordinator<S: Store> {
 }
 
 impl<S: Store> RunningCoordinator<S> {
-    /// Re-read the TLS certificates (SIGHUP); new handshakes use them,
+    /// Re-read the TLS certificates (SIGHUP) on a blocking thread, so file
+    /// reads never stall a runtime worker; new handshakes use them,
     /// established connections are untouched. On error the old ones stay.
-    pub fn reload_tls(&self) -> Result<(), TlsError> {
-        for t in &self.tls {
-            t.reload(None)?;
-        }
-        Ok(())
+    pub fn spawn_tls_reload(&self) -> JoinHandle<Result<(), TlsError>> {
+        let tls = self.tls.clone();
+        tokio::task::spawn_blocking(move || tls.iter().try_for_each(|t| t.reload(None)))
     }
 
     /// Stop serving and wait for the tasks to end.
@@ -588,9 +587,10 @@ impl Signals {
             tokio::select! {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
-                _ = self.hup.recv() => match running.reload_tls() {
-                    Ok(()) => tracing::info!("reloaded TLS certificates"),
-                    Err(e) => tracing::error!("TLS reload refused; keeping the certificates in force: {e}"),
+                _ = self.hup.recv() => match running.spawn_tls_reload().await {
+                    Ok(Ok(())) => tracing::info!("reloaded TLS certificates"),
+                    Ok(Err(e)) => tracing::error!("TLS reload refused; keeping the certificates in force: {e}"),
+                    Err(e) => tracing::error!("TLS reload did not finish; keeping the certificates in force: {e}"),
                 },
             }
         }

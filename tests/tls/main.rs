@@ -803,3 +803,79 @@ async fn the_control_plane_runs_over_mutual_tls_end_to_end() {
         "a presented token was logged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_gives_the_coordinator_a_renewed_certificate_and_keeps_it_over_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = Pki::new(d, "cluster");
+    let first = pki.server("coordinator", &["localhost", "127.0.0.1"]);
+    let first_der = first.leaf_der();
+    let up = Upstream::start("node-1").await;
+    std::fs::write(d.join("map.json"), control_map(&up.addr.to_string())).unwrap();
+    std::fs::write(
+        d.join("coordinator.toml"),
+        format!(
+            "[coordinator]\nid = \"c1\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+            first.cert_str(),
+            first.key_str()
+        ),
+    )
+    .unwrap();
+    let store = format!("file:{}", d.join("state.json").display());
+    let coordinator = BinCoordinator::spawn(&[
+        "--config",
+        d.join("coordinator.toml").to_str().unwrap(),
+        "--topology",
+        d.join("map.json").to_str().unwrap(),
+        "--store",
+        &store,
+    ])
+    .await;
+    // Both listeners: HTTP (http/1.1) and gRPC (h2).
+    let listeners = [
+        (coordinator.http, H1),
+        (coordinator.grpc, &[&b"h2"[..]][..]),
+    ];
+    let leaves = || async {
+        let mut leaves = Vec::new();
+        for (addr, alpn) in listeners {
+            match handshake(addr, "localhost", &pki.ca_path, alpn, None).await {
+                Ok(hs) => leaves.push(hs.leaf),
+                Err(_) => return None,
+            }
+        }
+        Some(leaves)
+    };
+    assert_eq!(leaves().await, Some(vec![first_der.clone(), first_der]));
+
+    // Renew in place (same paths, new key and certificate), then reload.
+    let renewed = pki.server("coordinator", &["localhost", "127.0.0.1"]);
+    let renewed_der = renewed.leaf_der();
+    coordinator.proc.signal("HUP");
+    eventually(
+        Duration::from_secs(10),
+        "both listeners serve the renewed certificate",
+        || async { leaves().await == Some(vec![renewed_der.clone(), renewed_der.clone()]) },
+    )
+    .await;
+
+    // A broken certificate is refused and the one in force stays.
+    std::fs::write(
+        &renewed.cert,
+        "-----BEGIN CERTIFICATE-----\nnot a certificate\n",
+    )
+    .unwrap();
+    coordinator.proc.signal("HUP");
+    eventually(
+        Duration::from_secs(10),
+        "the broken certificate is refused",
+        || async { coordinator.proc.stderr().contains("TLS reload refused") },
+    )
+    .await;
+    assert_eq!(
+        leaves().await,
+        Some(vec![renewed_der.clone(), renewed_der]),
+        "the previous certificate is still served"
+    );
+}

@@ -4,10 +4,7 @@
 use super::error::{PARTITION_HEADER, ProxyError};
 use crate::telemetry::TraceContext;
 use http::header::Entry;
-use http::header::{
-    CONNECTION, EXPECT, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING,
-    UPGRADE,
-};
+use http::header::{CONNECTION, EXPECT, HOST};
 use http::uri::{Authority, Uri};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Version, request};
 use smallvec::SmallVec;
@@ -17,8 +14,6 @@ use std::cell::RefCell;
 pub const EPOCH_HEADER: HeaderName = HeaderName::from_static("x-cluster-epoch");
 /// `x-shardgate-upstream`: the serving node, when configured to expose it.
 pub const UPSTREAM_HEADER: HeaderName = HeaderName::from_static("x-shardgate-upstream");
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 const XF_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const XF_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -28,20 +23,9 @@ const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and RFC 2616 §13.5.1); never forwarded.
 /// `Expect` is not hop-by-hop, but hyper answered any `100-continue` itself
 /// when it read the body, so forwarding it would ask the upstream twice.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    CONNECTION,
-    EXPECT,
-    KEEP_ALIVE,
-    PROXY_CONNECTION,
-    TE,
-    TRANSFER_ENCODING,
-    UPGRADE,
-    PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION,
-];
-
-/// `HOP_BY_HOP` as the lowercase text header maps hold: comparing against
-/// these needs no `HeaderName` (whose comparisons cost a branch per variant).
+///
+/// As the lowercase text header maps hold: comparing against these needs no
+/// `HeaderName` (whose comparisons cost a branch per variant).
 const HOP_BY_HOP_NAMES: [&str; 9] = [
     "connection",
     "expect",
@@ -53,6 +37,22 @@ const HOP_BY_HOP_NAMES: [&str; 9] = [
     "proxy-authenticate",
     "proxy-authorization",
 ];
+
+/// `HOP_BY_HOP_NAMES` as names to remove by, built at compile time.
+const HOP_BY_HOP: [HeaderName; 9] = {
+    let n = HOP_BY_HOP_NAMES;
+    [
+        HeaderName::from_static(n[0]),
+        HeaderName::from_static(n[1]),
+        HeaderName::from_static(n[2]),
+        HeaderName::from_static(n[3]),
+        HeaderName::from_static(n[4]),
+        HeaderName::from_static(n[5]),
+        HeaderName::from_static(n[6]),
+        HeaderName::from_static(n[7]),
+        HeaderName::from_static(n[8]),
+    ]
+};
 
 /// Bit `n` is set when some hop-by-hop name is `n` bytes long.
 const HOP_BY_HOP_LENGTHS: u32 = {

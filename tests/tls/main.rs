@@ -639,6 +639,37 @@ fn control_map(node: &str) -> String {
     .to_string()
 }
 
+/// The real coordinator binary in `d`, serving `cert` on both listeners with
+/// `more` after its `[coordinator]` TLS lines, and a one-partition map on `node`
+/// from a file store.
+async fn bin_coordinator(
+    d: &std::path::Path,
+    cert: &CertPair,
+    more: &str,
+    node: &str,
+) -> BinCoordinator {
+    std::fs::write(d.join("map.json"), control_map(node)).unwrap();
+    std::fs::write(
+        d.join("coordinator.toml"),
+        format!(
+            "[coordinator]\nid = \"c1\"\ntls_cert = {:?}\ntls_key = {:?}\n{more}",
+            cert.cert_str(),
+            cert.key_str()
+        ),
+    )
+    .unwrap();
+    let store = format!("file:{}", d.join("state.json").display());
+    BinCoordinator::spawn(&[
+        "--config",
+        d.join("coordinator.toml").to_str().unwrap(),
+        "--topology",
+        d.join("map.json").to_str().unwrap(),
+        "--store",
+        &store,
+    ])
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_runs_over_mutual_tls_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
@@ -653,27 +684,15 @@ async fn the_control_plane_runs_over_mutual_tls_end_to_end() {
 
     let up = Upstream::start("node-1").await;
     let node = up.addr.to_string();
-    std::fs::write(d.join("map.json"), control_map(&node)).unwrap();
-    std::fs::write(
-        d.join("coordinator.toml"),
-        format!(
-            "[coordinator]\nid = \"c1\"\ntls_cert = {:?}\ntls_key = {:?}\n\
-             http_client_ca = {ca:?}\ngrpc_client_ca = {ca:?}\nadmin_token = \"t0ken-never-logged\"\n\
-             [log]\nlevel = \"debug\"\n",
-            coord_cert.cert_str(),
-            coord_cert.key_str()
+    let coordinator = bin_coordinator(
+        d,
+        &coord_cert,
+        &format!(
+            "http_client_ca = {ca:?}\ngrpc_client_ca = {ca:?}\nadmin_token = \"t0ken-never-logged\"\n\
+             [log]\nlevel = \"debug\"\n"
         ),
+        &node,
     )
-    .unwrap();
-    let store = format!("file:{}", d.join("state.json").display());
-    let coordinator = BinCoordinator::spawn(&[
-        "--config",
-        d.join("coordinator.toml").to_str().unwrap(),
-        "--topology",
-        d.join("map.json").to_str().unwrap(),
-        "--store",
-        &store,
-    ])
     .await;
     let grpc = format!("https://localhost:{}", coordinator.grpc.port());
     let http = format!("https://localhost:{}", coordinator.http.port());
@@ -812,26 +831,7 @@ async fn sighup_gives_the_coordinator_a_renewed_certificate_and_keeps_it_over_a_
     let first = pki.server("coordinator", &["localhost", "127.0.0.1"]);
     let first_der = first.leaf_der();
     let up = Upstream::start("node-1").await;
-    std::fs::write(d.join("map.json"), control_map(&up.addr.to_string())).unwrap();
-    std::fs::write(
-        d.join("coordinator.toml"),
-        format!(
-            "[coordinator]\nid = \"c1\"\ntls_cert = {:?}\ntls_key = {:?}\n",
-            first.cert_str(),
-            first.key_str()
-        ),
-    )
-    .unwrap();
-    let store = format!("file:{}", d.join("state.json").display());
-    let coordinator = BinCoordinator::spawn(&[
-        "--config",
-        d.join("coordinator.toml").to_str().unwrap(),
-        "--topology",
-        d.join("map.json").to_str().unwrap(),
-        "--store",
-        &store,
-    ])
-    .await;
+    let coordinator = bin_coordinator(d, &first, "", &up.addr.to_string()).await;
     // Both listeners: HTTP (http/1.1) and gRPC (h2).
     let listeners = [
         (coordinator.http, H1),

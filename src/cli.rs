@@ -1,9 +1,9 @@
 //! Command-line interface (SPEC §1): argument definitions and the commands
 //! that need no long-running runtime.
 
-use crate::config::{ConfigErrors, ProxyConfig, ProxyOverrides, TomlDoc};
-use crate::topology::{ShardMap, key_position};
 use clap::{Args, Parser, Subcommand};
+use shardgate::config::{ConfigErrors, ProxyConfig, ProxyOverrides, TomlDoc};
+use shardgate::topology::{ShardMap, key_position};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -104,8 +104,8 @@ pub struct CoordinatorArgs {
 
 impl CoordinatorArgs {
     /// The flags as config overrides.
-    pub fn overrides(&self) -> crate::config::CoordinatorOverrides {
-        crate::config::CoordinatorOverrides {
+    pub fn overrides(&self) -> shardgate::config::CoordinatorOverrides {
+        shardgate::config::CoordinatorOverrides {
             http_listen: self.http_listen.clone(),
             grpc_listen: self.grpc_listen.clone(),
             topology: self.topology.clone(),
@@ -151,65 +151,19 @@ pub struct AgentArgs {
 }
 
 impl AgentArgs {
-    /// Validate into an agent config.
-    pub fn config(&self) -> Result<crate::agent::AgentConfig, InputError> {
-        let ip = self
-            .ip
-            .parse()
-            .map_err(|e| InputError::Other(format!("--ip {:?}: {e}", self.ip)))?;
-        if self.node_id.trim().is_empty() {
-            return Err(InputError::Other("--node-id must not be empty".into()));
-        }
-        if !(self.interval.is_finite() && self.interval > 0.0 && self.interval <= 3600.0) {
-            return Err(InputError::Other(
-                "--interval must be seconds between 0 and 3600".into(),
-            ));
-        }
-        let check_url = match &self.check_url {
-            Some(u) => {
-                let uri: http::Uri = u
-                    .parse()
-                    .map_err(|e| InputError::Other(format!("--check-url {u:?}: {e}")))?;
-                if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                    return Err(InputError::Other(format!(
-                        "--check-url {u:?}: must be an http:// URL"
-                    )));
-                }
-                Some(uri)
-            }
-            None => None,
-        };
-        let coordinator = crate::agent::coordinator_uri(&self.coordinator)
-            .map_err(|e| InputError::Other(e.to_string()))?;
-        let tls = crate::tls::ClientTls {
-            ca: self.tls_ca.clone(),
-            identity: match (&self.tls_cert, &self.tls_key) {
-                (Some(cert), Some(key)) => Some(crate::tls::CertFiles {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                }),
-                _ => None,
-            },
-        };
-        let https = coordinator.scheme_str() == Some("https");
-        if !https && (tls.ca.is_some() || tls.identity.is_some()) {
-            return Err(InputError::Other(
-                "--tls-ca/--tls-cert need an https:// --coordinator".into(),
-            ));
-        }
-        if https {
-            crate::tls::client_config(&tls, crate::tls::ALPN_H2)
-                .map_err(|e| InputError::Other(format!("coordinator TLS: {e}")))?;
-        }
-        Ok(crate::agent::AgentConfig {
-            coordinator,
-            tls,
+    /// The flags as plain data, for `config` to validate.
+    pub fn flags(&self) -> shardgate::config::AgentFlags {
+        shardgate::config::AgentFlags {
+            coordinator: self.coordinator.clone(),
             node_id: self.node_id.clone(),
-            ip,
-            interval: std::time::Duration::from_secs_f64(self.interval),
-            check_url,
-            token: self.token.clone().filter(|t| !t.is_empty()).map(Into::into),
-        })
+            ip: self.ip.clone(),
+            interval: self.interval,
+            check_url: self.check_url.clone(),
+            token: self.token.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        }
     }
 }
 
@@ -275,7 +229,7 @@ pub enum InputError {
     Config(#[from] ConfigErrors),
     /// A topology file broke rules.
     #[error("{0}")]
-    Topology(#[from] crate::topology::TopologyFileError),
+    Topology(#[from] shardgate::topology::TopologyFileError),
     /// Anything else about the input.
     #[error("{0}")]
     Other(String),
@@ -283,7 +237,7 @@ pub enum InputError {
 
 /// `shardgate route`: where each key goes under a topology file.
 pub fn route(args: &RouteArgs, out: &mut impl Write) -> Result<(), InputError> {
-    let map = crate::topology::read_topology_file(&args.topology)?;
+    let map = shardgate::topology::read_topology_file(&args.topology)?;
     for key in &args.keys {
         let pos = key_position(key.as_bytes());
         let p = map.partition_for(pos);
@@ -299,7 +253,7 @@ pub fn check_config(path: &Path) -> Result<String, InputError> {
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
     if is_json {
-        let map = crate::topology::read_topology_file(path)?;
+        let map = shardgate::topology::read_topology_file(path)?;
         return Ok(summarise_map(path, &map));
     }
     let text = std::fs::read_to_string(path)
@@ -308,7 +262,7 @@ pub fn check_config(path: &Path) -> Result<String, InputError> {
     // Reject syntax errors before guessing the file's kind.
     let doc = TomlDoc::parse(&text, &name)?;
     if doc.has("coordinator") {
-        let c = crate::config::CoordinatorConfig::from_toml(&text, &name, &Default::default())?;
+        let c = shardgate::config::CoordinatorConfig::from_toml(&text, &name, &Default::default())?;
         return Ok(format!(
             "{name}: valid coordinator config: id {}, http {}, grpc {}, store {:?}",
             c.id, c.http_listen, c.grpc_listen, c.store

@@ -9,15 +9,17 @@
 
 pub mod agent;
 pub mod atomic_file;
-pub mod cli;
 pub mod config;
 pub mod coordinator;
-pub mod demo;
+pub mod exit;
+pub mod json_error;
 pub mod proto;
 pub mod proxy;
 pub mod resilience;
 pub mod routing;
+pub mod secret;
 pub mod server;
+pub mod signals;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;

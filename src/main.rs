@@ -1,11 +1,21 @@
 //! The `shardgate` binary: parse arguments, run a command, map the outcome to
 //! an exit code (0 ok, 1 invalid input or config, 2 runtime failure).
+//!
+//! The command line (`cli`) and the demo cluster (`demo`) belong to the
+//! binary; everything they run is the library's.
+
+mod cli;
+mod demo;
 
 use clap::Parser;
-use shardgate::cli::{self, Cli, Command};
-use shardgate::config::ProxyConfig;
+use cli::{Cli, Command};
+use shardgate::config::{AgentFlags, ProxyConfig};
+use shardgate::exit::{Exit, Failure};
+use shardgate::signals::Signals;
+use shardgate::telemetry::LogFormat;
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 // jemalloc: glibc malloc cost 9% more proxy CPU per request (free-list
 // consolidation); mimalloc 3 sends every Rust allocation through its aligned
@@ -15,150 +25,35 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// Exit code for invalid input or configuration.
-const INVALID: u8 = 1;
-/// Exit code for failures of the environment (ports in use, I/O).
-const RUNTIME: u8 = 2;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Route(args) => finish(cli::route(&args, &mut std::io::stdout().lock())),
-        Command::CheckConfig(args) => match cli::check_config(&args.file) {
-            Ok(summary) => {
-                println!("{summary}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => finish::<()>(Err(e)),
-        },
+        Command::Route(args) => done(cli::route(&args, &mut std::io::stdout().lock())),
+        Command::CheckConfig(args) => done(cli::check_config(&args.file).map(|summary| {
+            println!("{summary}");
+        })),
         Command::Proxy(args) => run_proxy(&args),
         Command::Coordinator(args) => run_coordinator(&args),
-        Command::Agent(args) => run_agent(&args),
+        Command::Agent(args) => run_agent(&args.flags()),
         Command::Demo(args) => run_demo(&args),
         Command::DemoNode(args) => run_demo_node(&args),
     }
 }
 
-fn run_demo(args: &cli::DemoArgs) -> ExitCode {
-    shardgate::telemetry::init_logging("warn", shardgate::config::LogFormat::Text);
-    let rt = match runtime(0) {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    let cfg = shardgate::demo::DemoConfig {
-        proxy: args.listen,
-        admin: args.admin_listen,
-        coordinator_http: args.coordinator_http,
-        coordinator_grpc: args.coordinator_grpc,
-    };
-    match rt.block_on(shardgate::demo::run(cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("shardgate demo: {e}");
-            eprintln!(
-                "(ports taken? choose others with --listen, --admin-listen, --coordinator-http, --coordinator-grpc)"
-            );
-            ExitCode::from(RUNTIME)
-        }
-    }
+/// The exit code for `failure`, after saying what it was in one line.
+fn fail(command: &str, failure: &dyn Failure) -> ExitCode {
+    eprintln!("shardgate {command}: {failure}");
+    ExitCode::from(failure.exit() as u8)
 }
 
-fn run_demo_node(args: &cli::DemoNodeArgs) -> ExitCode {
-    shardgate::telemetry::init_logging("info", shardgate::config::LogFormat::Text);
-    let rt = match runtime(1) {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    match rt.block_on(shardgate::demo::run_node(
-        &args.id,
-        args.listen,
-        args.addr_file.as_deref(),
-        &args.coordinator,
-    )) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("shardgate demo-node: {e}");
-            ExitCode::from(RUNTIME)
-        }
-    }
-}
-
-fn run_coordinator(args: &cli::CoordinatorArgs) -> ExitCode {
-    let config =
-        match shardgate::config::CoordinatorConfig::load(args.config.as_deref(), &args.overrides())
-        {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("{e}");
-                return ExitCode::from(INVALID);
-            }
-        };
-    shardgate::telemetry::init_logging(&config.log_level, config.log_format);
-    let rt = match runtime(0) {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    let result = rt.block_on(shardgate::coordinator::run(config, |http, grpc| {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(
-            out,
-            "shardgate coordinator listening on http {http} grpc {grpc}"
-        );
-        let _ = out.flush();
-    }));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("shardgate coordinator: {e}");
-            ExitCode::from(if e.is_input_error() { INVALID } else { RUNTIME })
-        }
-    }
-}
-
-fn run_agent(args: &cli::AgentArgs) -> ExitCode {
-    let config = match args.config() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(INVALID);
-        }
-    };
-    shardgate::telemetry::init_logging("info", shardgate::config::LogFormat::Text);
-    let rt = match runtime(1) {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    let exit = rt.block_on(async {
-        let stop = tokio_util::sync::CancellationToken::new();
-        let s = stop.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            if let (Ok(mut t), Ok(mut i)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
-                tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
-            }
-            s.cancel();
-        });
-        shardgate::agent::run(config, stop).await
-    });
-    match exit {
-        Ok(shardgate::agent::AgentExit::Stopped) => ExitCode::SUCCESS,
-        Ok(shardgate::agent::AgentExit::Terminated) => ExitCode::from(shardgate::agent::TERMINATED),
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-fn finish<T>(r: Result<T, cli::InputError>) -> ExitCode {
+/// Success, or the exit code for bad input (its message printed as is:
+/// config errors are one problem per line).
+fn done(r: Result<(), cli::InputError>) -> ExitCode {
     match r {
-        Ok(_) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e}");
-            ExitCode::from(INVALID)
+            ExitCode::from(Exit::Invalid as u8)
         }
     }
 }
@@ -191,7 +86,7 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
     }
     b.enable_all().build().map_err(|e| {
         eprintln!("cannot start the async runtime: {e}");
-        ExitCode::from(RUNTIME)
+        ExitCode::from(Exit::Runtime as u8)
     })
 }
 
@@ -199,38 +94,126 @@ fn run_proxy(args: &cli::ProxyArgs) -> ExitCode {
     let overrides = args.overrides();
     let config = match ProxyConfig::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(INVALID);
-        }
+        Err(e) => return done(Err(e.into())),
     };
     shardgate::telemetry::init_logging(&config.log.level, config.log.format);
     let rt = match runtime(config.server.workers) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let result = rt.block_on(shardgate::proxy::run(
-        config,
-        args.config.clone(),
-        overrides,
-        |running| {
-            // Tests and scripts wait for this line to learn the bound ports.
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(
-                out,
-                "shardgate proxy listening on {} admin {}",
-                running.addr, running.admin_addr
-            );
-            let _ = out.flush();
-        },
-    ));
+    let reread: Option<shardgate::proxy::Reread> = args.config.clone().map(|path| {
+        let reread: shardgate::proxy::Reread =
+            Arc::new(move || ProxyConfig::load(Some(&path), &overrides).map_err(Into::into));
+        reread
+    });
+    let result = rt.block_on(shardgate::proxy::run(config, reread, |running| {
+        // Tests and scripts wait for this line to learn the bound ports.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "shardgate proxy listening on {} admin {}",
+            running.addr, running.admin_addr
+        );
+        let _ = out.flush();
+    }));
     // Everything has drained; a reload stuck on a file read must not hold the exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail("proxy", &e),
+    }
+}
+
+fn run_coordinator(args: &cli::CoordinatorArgs) -> ExitCode {
+    let config =
+        match shardgate::config::CoordinatorConfig::load(args.config.as_deref(), &args.overrides())
+        {
+            Ok(c) => c,
+            Err(e) => return done(Err(e.into())),
+        };
+    shardgate::telemetry::init_logging(&config.log_level, config.log_format);
+    let rt = match runtime(0) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result = rt.block_on(shardgate::coordinator::run(config, |http, grpc| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "shardgate coordinator listening on http {http} grpc {grpc}"
+        );
+        let _ = out.flush();
+    }));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail("coordinator", &e),
+    }
+}
+
+fn run_agent(flags: &AgentFlags) -> ExitCode {
+    let config = match shardgate::agent::AgentConfig::from_flags(flags) {
+        Ok(c) => c,
+        Err(e) => return done(Err(e.into())),
+    };
+    shardgate::telemetry::init_logging("info", LogFormat::Text);
+    let rt = match runtime(1) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let exit = rt.block_on(async {
+        let mut signals = Signals::stop()?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            signals.stopped().await;
+            on_signal.cancel();
+        });
+        shardgate::agent::run(config, stop).await
+    });
+    match exit {
+        Ok(shardgate::agent::AgentExit::Stopped) => ExitCode::SUCCESS,
+        Ok(shardgate::agent::AgentExit::Terminated) => ExitCode::from(shardgate::agent::TERMINATED),
+        Err(e) => fail("agent", &e),
+    }
+}
+
+fn run_demo(args: &cli::DemoArgs) -> ExitCode {
+    shardgate::telemetry::init_logging("warn", LogFormat::Text);
+    let rt = match runtime(0) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let cfg = demo::DemoConfig {
+        proxy: args.listen,
+        admin: args.admin_listen,
+        coordinator_http: args.coordinator_http,
+        coordinator_grpc: args.coordinator_grpc,
+    };
+    match rt.block_on(demo::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("shardgate proxy: {e}");
-            ExitCode::from(if e.is_input_error() { INVALID } else { RUNTIME })
+            let code = fail("demo", &e);
+            eprintln!(
+                "(ports taken? choose others with --listen, --admin-listen, --coordinator-http, --coordinator-grpc)"
+            );
+            code
         }
+    }
+}
+
+fn run_demo_node(args: &cli::DemoNodeArgs) -> ExitCode {
+    shardgate::telemetry::init_logging("info", LogFormat::Text);
+    let rt = match runtime(1) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(demo::run_node(
+        &args.id,
+        args.listen,
+        args.addr_file.as_deref(),
+        &args.coordinator,
+    )) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail("demo-node", &e),
     }
 }

@@ -121,6 +121,24 @@ impl<C: GracefulConnection> Future for Draining<C> {
     }
 }
 
+/// A listener that could not be bound (a runtime failure: exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Why.
+    pub source: io::Error,
+}
+
+/// Bind `addr`; the listener and the address actually bound (port 0 picks one).
+pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BindError> {
+    let err = |source| BindError { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
+}
+
 /// How long to pause accepting after a resource error (EMFILE, ENOBUFS...).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 

@@ -9,11 +9,11 @@ mod sysinfo;
 
 pub use sysinfo::{Sample, Sampler};
 
-use crate::config::Secret;
 use crate::proto::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
 use crate::proto::heartbeat_response::Command as WireCommand;
 use crate::proto::{HeartbeatRequest, ResourceUsage};
 use crate::resilience::{Backoff, Jitter};
+use crate::secret::Secret;
 use crate::tls::ClientTls;
 use crate::topology::NodeAddr;
 use http::Uri;
@@ -58,10 +58,25 @@ pub enum AgentExit {
 pub enum AgentError {
     /// The coordinator address is unusable.
     #[error("coordinator address {0:?}: {1}")]
-    Coordinator(String, String),
+    Coordinator(String, http::uri::InvalidUri),
+    /// The coordinator address names no host.
+    #[error("coordinator address {0:?} names no host")]
+    NoHost(String),
     /// The TLS files for an `https` coordinator are unusable.
     #[error("coordinator TLS: {0}")]
     Tls(String),
+    /// Signal handlers could not be installed.
+    #[error(transparent)]
+    Signals(#[from] crate::signals::SignalError),
+}
+
+impl crate::exit::Failure for AgentError {
+    fn exit(&self) -> crate::exit::Exit {
+        match self {
+            AgentError::Signals(_) => crate::exit::Exit::Runtime,
+            _ => crate::exit::Exit::Invalid,
+        }
+    }
 }
 
 /// Parse `host:port` or `http://host:port` into a gRPC endpoint URI.
@@ -73,9 +88,9 @@ pub fn coordinator_uri(s: &str) -> Result<Uri, AgentError> {
     };
     let uri: Uri = full
         .parse()
-        .map_err(|e: http::uri::InvalidUri| AgentError::Coordinator(s.to_owned(), e.to_string()))?;
+        .map_err(|e| AgentError::Coordinator(s.to_owned(), e))?;
     if uri.authority().is_none() {
-        return Err(AgentError::Coordinator(s.to_owned(), "no host".into()));
+        return Err(AgentError::NoHost(s.to_owned()));
     }
     Ok(uri)
 }

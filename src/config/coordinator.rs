@@ -1,8 +1,9 @@
-//! `shardgate coordinator` configuration.
+//! `shardgate coordinator` configuration: the file as written, and its
+//! validation into `coordinator::CoordinatorConfig`.
 
 use super::load::{ConfigErrors, ConfigIssue, Issues, TomlDoc, checked_server_tls};
-use super::proxy::{LogFormat, parse_log};
-use super::secret::Secret;
+use super::proxy::parse_log;
+use crate::coordinator::{CoordinatorConfig, StoreUrl};
 use crate::tls::ServerTls;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -120,56 +121,6 @@ pub struct CoordinatorOverrides {
     pub tls_cert: Option<String>,
     /// `--tls-key`
     pub tls_key: Option<String>,
-}
-
-/// Where the coordinator keeps its state.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StoreUrl {
-    /// A local JSON state file, written atomically.
-    File(PathBuf),
-    /// A PostgreSQL connection string.
-    Postgres(String),
-}
-
-/// A validated coordinator configuration.
-#[derive(Clone, Debug, PartialEq)]
-pub struct CoordinatorConfig {
-    /// Coordinator id.
-    pub id: String,
-    /// HTTP listener.
-    pub http_listen: SocketAddr,
-    /// gRPC listener.
-    pub grpc_listen: SocketAddr,
-    /// Initial map file.
-    pub topology: Option<PathBuf>,
-    /// The store.
-    pub store: StoreUrl,
-    /// Silence before DEAD.
-    pub heartbeat_timeout: Duration,
-    /// Sweep period.
-    pub sweep_interval: Duration,
-    /// Skew before DEGRADED.
-    pub max_clock_skew: Duration,
-    /// Failover hold-down.
-    pub failover_hold_down: Duration,
-    /// Watch limit.
-    pub watch_timeout: Duration,
-    /// Per-node heartbeat rate.
-    pub max_heartbeats_per_second: u32,
-    /// PUT token (empty: changes refused).
-    pub admin_token: Secret,
-    /// Heartbeat token (empty: none required).
-    pub heartbeat_token: Secret,
-    /// Heartbeat history retention.
-    pub heartbeat_retention: Duration,
-    /// TLS on the HTTP listener.
-    pub http_tls: Option<ServerTls>,
-    /// TLS on the gRPC listener.
-    pub grpc_tls: Option<ServerTls>,
-    /// Log level or filter.
-    pub log_level: String,
-    /// Log format.
-    pub log_format: LogFormat,
 }
 
 fn secs(v: f64, key: &str, issues: &mut Issues<'_>) -> Option<Duration> {

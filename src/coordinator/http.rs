@@ -1,9 +1,11 @@
 //! The coordinator's HTTP API (SPEC §4): the map, with ETag and a long-poll
 //! watch; the nodes; operator map changes; health and metrics.
 
+use super::Coordinator;
+use super::state::MapChangeError;
 use super::store::{Commit, Store};
-use super::{Coordinator, NodeStatus};
-use crate::config::Secret;
+use crate::json_error::JsonError;
+use crate::secret::Secret;
 use crate::server::serve_http1;
 use crate::tls::Terminator;
 use crate::topology::TopologyDoc;
@@ -63,7 +65,7 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json_response(status, &json!({ "error": code, "message": message }))
+    JsonError::new(status, code, message).response()
 }
 
 async fn route<S: Store>(
@@ -181,31 +183,17 @@ fn nodes<S: Store>(c: &Coordinator<S>) -> Response<Body> {
             })
         })
         .collect();
-    let status_of = |addr: &crate::topology::NodeAddr| {
-        st.nodes()
-            .filter(|n| n.addr == *addr)
-            .max_by_key(|n| n.last_seen)
-            .map_or("UNKNOWN", |n| n.status.as_str())
-    };
     let partitions: Vec<_> = st
         .map()
         .partitions()
         .iter()
         .map(|p| {
-            let statuses: Vec<&str> = p.nodes().map(status_of).collect();
-            let health = if statuses[0] != NodeStatus::Dead.as_str() && statuses[0] != "UNKNOWN" {
-                "ok"
-            } else if statuses.iter().any(|s| *s == "ACTIVE" || *s == "DEGRADED") {
-                "primary_down"
-            } else {
-                "unavailable"
-            };
             json!({
                 "partitionIndex": p.index,
                 "primary": p.primary.to_string(),
-                "primaryStatus": statuses[0],
+                "primaryStatus": st.status_of(&p.primary).map_or("UNKNOWN", |s| s.as_str()),
                 "replicas": p.replicas.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "health": health,
+                "health": st.health(p).as_str(),
             })
         })
         .collect();
@@ -238,10 +226,15 @@ async fn put_topology<S: Store>(c: &Coordinator<S>, req: Request<Incoming>) -> R
     let doc: TopologyDoc = match serde_json::from_slice(&body) {
         Ok(d) => d,
         Err(e) => {
-            return json_response(
-                StatusCode::BAD_REQUEST,
-                &json!({ "error": "invalid_topology", "message": "not a topology document", "errors": [e.to_string()] }),
-            );
+            return JsonError {
+                errors: vec![e.to_string()],
+                ..JsonError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_topology",
+                    "not a topology document",
+                )
+            }
+            .response();
         }
     };
     let (before, snapshot) = {
@@ -249,11 +242,17 @@ async fn put_topology<S: Store>(c: &Coordinator<S>, req: Request<Incoming>) -> R
         let before = st.epoch();
         let mut candidate = st.clone();
         if let Err(e) = candidate.replace_map(doc) {
-            let errors: Vec<String> = e.0.iter().map(ToString::to_string).collect();
-            return json_response(
-                StatusCode::BAD_REQUEST,
-                &json!({ "error": "invalid_topology", "message": e.to_string(), "errors": errors }),
-            );
+            let errors: Vec<String> = match &e {
+                MapChangeError::Invalid(invalid) => {
+                    invalid.0.iter().map(ToString::to_string).collect()
+                }
+                MapChangeError::Edit(edit) => vec![edit.to_string()],
+            };
+            return JsonError {
+                errors,
+                ..JsonError::new(StatusCode::BAD_REQUEST, "invalid_topology", e.to_string())
+            }
+            .response();
         }
         let snapshot = candidate.persisted();
         *st = candidate;

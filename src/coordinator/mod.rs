@@ -7,13 +7,18 @@
 mod grpc;
 mod http;
 mod limiter;
+mod settings;
 pub mod state;
 pub mod store;
 
-use crate::config::{CoordinatorConfig, StoreUrl};
+pub use settings::{CoordinatorConfig, StoreUrl};
+
+use crate::exit::{Exit, Failure};
+use crate::server::{BindError, bind};
+use crate::signals::{Signal, SignalError, Signals};
 use crate::telemetry::{Lazy, Metrics, names};
 use crate::tls::{ALPN_H1, ALPN_H2, ServerTls, Terminator, TlsError};
-use crate::topology::TopologyDoc;
+use crate::topology::{InvalidTopology, TopologyDoc, TopologyFileError};
 use limiter::RateLimiter;
 use metrics::{Counter, Gauge};
 use state::{ClusterState, Command, Heartbeat, NodeStatus, Rules, SweepReport};
@@ -22,7 +27,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use store::{Commit, FileStore, PgStore, Store, StoreError};
+use store::{Commit, FileStore, PgStore, SharedStore, Store, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -33,34 +38,37 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listener could not be bound (exit 2).
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// Signal handlers could not be installed (exit 2).
+    #[error(transparent)]
+    Signals(#[from] SignalError),
     /// The store failed (exit 2).
     #[error(transparent)]
     Store(#[from] StoreError),
     /// No map to start from (exit 1).
     #[error("the store holds no cluster state and no --topology was given to start from")]
     NoTopology,
-    /// The initial or stored map is unusable (exit 1).
-    #[error("{0}")]
-    Topology(String),
+    /// The initial map is unusable (exit 1).
+    #[error(transparent)]
+    Topology(#[from] TopologyFileError),
+    /// The store holds a map that breaks the rules (exit 1).
+    #[error("stored map: {0}")]
+    StoredMap(#[from] InvalidTopology),
     /// A TLS certificate, key or CA is unusable (exit 1).
     #[error(transparent)]
     Tls(#[from] TlsError),
 }
 
-impl StartError {
-    /// Whether the cause is the operator's input (exit 1).
-    pub fn is_input_error(&self) -> bool {
-        matches!(
-            self,
-            StartError::NoTopology | StartError::Topology(_) | StartError::Tls(_)
-        )
+impl Failure for StartError {
+    fn exit(&self) -> Exit {
+        match self {
+            StartError::NoTopology
+            | StartError::Topology(_)
+            | StartError::StoredMap(_)
+            | StartError::Tls(_) => Exit::Invalid,
+            StartError::Bind(_) | StartError::Signals(_) | StartError::Store(_) => Exit::Runtime,
+        }
     }
 }
 
@@ -139,20 +147,17 @@ impl<S: Store> Coordinator<S> {
     pub async fn open(cfg: CoordinatorConfig, store: S) -> Result<Arc<Self>, StartError> {
         let now = Instant::now();
         let state = match store.load().await? {
-            Some(p) => ClusterState::restore(&p, &cfg.id, now)
-                .map_err(|e| StartError::Topology(format!("stored map: {e}")))?,
+            Some(p) => ClusterState::restore(&p, &cfg.id, now)?,
             None => {
                 let path = cfg.topology.as_ref().ok_or(StartError::NoTopology)?;
-                let map = crate::topology::read_topology_file(path)
-                    .map_err(|e| StartError::Topology(e.to_string()))?;
+                let map = crate::topology::read_topology_file(path)?;
                 let state = ClusterState::new(map, &cfg.id, now);
                 match store.commit(None, &state.persisted()).await? {
                     Commit::Won => state,
                     // Another coordinator initialised the shared store first.
                     Commit::Lost => {
                         let p = store.load().await?.ok_or(StartError::NoTopology)?;
-                        ClusterState::restore(&p, &cfg.id, now)
-                            .map_err(|e| StartError::Topology(format!("stored map: {e}")))?
+                        ClusterState::restore(&p, &cfg.id, now)?
                     }
                 }
             }
@@ -227,12 +232,14 @@ impl<S: Store> Coordinator<S> {
             let snapshot = persist.then(|| st.persisted());
             (command, persist, status, skew_ms, assignment, snapshot)
         };
-        self.store
-            .record_heartbeat(&hb, status, skew_ms, started.elapsed())
-            .await?;
-        if command == Command::Rebalance && !self.store.claim_told(&hb.node_id, assignment).await? {
-            // Another coordinator already told this node.
-            command = Command::Continue;
+        if let Some(shared) = self.store.shared() {
+            shared
+                .record_heartbeat(&hb, status, skew_ms, started.elapsed())
+                .await?;
+            if command == Command::Rebalance && !shared.claim_told(&hb.node_id, assignment).await? {
+                // Another coordinator already told this node.
+                command = Command::Continue;
+            }
         }
         if let (true, Some(snapshot)) = (persist, snapshot) {
             self.store.save_nodes(&snapshot).await?;
@@ -255,16 +262,24 @@ impl<S: Store> Coordinator<S> {
     /// One round of the leader's duties: take the lead if free, refresh from
     /// a shared store, mark the dead, promote replicas, persist and announce.
     pub async fn sweep_once(&self) -> Result<Option<SweepReport>, StoreError> {
-        let leading = self.store.lead().await?;
+        // A coordinator that owns its store alone always leads.
+        let shared = self.store.shared();
+        let leading = match shared {
+            Some(s) => s.lead().await?,
+            None => true,
+        };
         self.leading.store(leading, Ordering::SeqCst);
         self.metrics.leader.set(if leading { 1.0 } else { 0.0 });
-        if self.store.is_shared() {
+        if shared.is_some() {
             self.refresh().await?;
         }
         if !leading {
             return Ok(None);
         }
-        let lags: HashMap<_, _> = self.store.replication_lag().await?.into_iter().collect();
+        let lags: HashMap<_, _> = match shared {
+            Some(s) => s.replication_lag().await?.into_iter().collect(),
+            None => HashMap::new(),
+        };
         let (report, before, snapshot) = {
             let mut st = self.lock();
             st.set_leader(&self.cfg.id);
@@ -278,7 +293,9 @@ impl<S: Store> Coordinator<S> {
         self.refresh_gauges();
         if !report.newly_dead.is_empty() {
             tracing::warn!(nodes = ?report.newly_dead, "nodes went silent: DEAD");
-            self.store.mark_dead(&report.newly_dead).await?;
+            if let Some(s) = shared {
+                s.mark_dead(&report.newly_dead).await?;
+            }
         }
         for p in &report.unavailable {
             tracing::error!(
@@ -349,7 +366,10 @@ impl<S: Store> Coordinator<S> {
 
     /// Follow a shared store: adopt a newer map and every coordinator's heartbeats.
     pub async fn refresh(&self) -> Result<(), StoreError> {
-        let remote = self.store.remote_nodes().await?;
+        let Some(shared) = self.store.shared() else {
+            return Ok(());
+        };
+        let remote = shared.remote_nodes().await?;
         let persisted = self.store.load().await?;
         let now = Instant::now();
         let mut st = self.lock();
@@ -414,12 +434,6 @@ impl<S: Store> RunningCoordinator<S> {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
-}
-
 /// The coordinator's two listeners, bound before anything else starts.
 ///
 /// Binding first lets a supervisor (the demo) learn the gRPC address and hand
@@ -436,17 +450,13 @@ pub struct Listeners {
 impl Listeners {
     /// Bind the configured HTTP and gRPC addresses.
     pub async fn bind(cfg: &CoordinatorConfig) -> Result<Self, StartError> {
-        let http = bind(cfg.http_listen).await?;
-        let grpc = bind(cfg.grpc_listen).await?;
-        let local = |l: &TcpListener, addr| {
-            l.local_addr()
-                .map_err(|source| StartError::Bind { addr, source })
-        };
+        let (http, http_addr) = bind(cfg.http_listen).await?;
+        let (grpc, grpc_addr) = bind(cfg.grpc_listen).await?;
         Ok(Listeners {
-            http_addr: local(&http, cfg.http_listen)?,
-            grpc_addr: local(&grpc, cfg.grpc_listen)?,
             http,
             grpc,
+            http_addr,
+            grpc_addr,
         })
     }
 }
@@ -495,7 +505,7 @@ pub async fn start_on<S: Store>(
         shutdown.clone(),
     )));
     tasks.push(tokio::spawn(sweeper(coordinator.clone(), shutdown.clone())));
-    if coordinator.store.is_shared() {
+    if coordinator.store.shared().is_some() {
         tasks.push(tokio::spawn(follower(
             coordinator.clone(),
             shutdown.clone(),
@@ -527,7 +537,10 @@ async fn sweeper<S: Store>(c: Arc<Coordinator<S>>, shutdown: CancellationToken) 
         match c.sweep_once().await {
             Ok(Some(_)) if last_prune.elapsed() > Duration::from_secs(60) => {
                 last_prune = Instant::now();
-                match c.store.prune(c.cfg.heartbeat_retention).await {
+                let Some(shared) = c.store.shared() else {
+                    continue;
+                };
+                match shared.prune(c.cfg.heartbeat_retention).await {
                     Ok(n) if n > 0 => tracing::debug!(rows = n, "pruned heartbeat history"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!("pruning heartbeat history failed: {e}"),
@@ -564,34 +577,18 @@ async fn follower<S: Store>(c: Arc<Coordinator<S>>, shutdown: CancellationToken)
 /// Deadline for a client to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The process signals the coordinator acts on.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> Option<Signals> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Some(Signals {
-            term: signal(SignalKind::terminate()).ok()?,
-            int: signal(SignalKind::interrupt()).ok()?,
-            hup: signal(SignalKind::hangup()).ok()?,
-        })
-    }
-
-    /// Reload TLS on SIGHUP; return on SIGTERM/SIGINT.
-    async fn serve_until_stopped<S: Store>(&mut self, running: &RunningCoordinator<S>) {
-        loop {
-            tokio::select! {
-                _ = self.term.recv() => return,
-                _ = self.int.recv() => return,
-                _ = self.hup.recv() => match running.spawn_tls_reload().await {
-                    Ok(Ok(())) => tracing::info!("reloaded TLS certificates"),
-                    Ok(Err(e)) => tracing::error!("TLS reload refused; keeping the certificates in force: {e}"),
-                    Err(e) => tracing::error!("TLS reload did not finish; keeping the certificates in force: {e}"),
-                },
+/// Serve until SIGTERM/SIGINT; SIGHUP re-reads the TLS certificates.
+async fn serve_until_stopped<S: Store>(signals: &mut Signals, running: &RunningCoordinator<S>) {
+    while signals.recv().await == Signal::Reload {
+        match running.spawn_tls_reload().await {
+            Ok(Ok(())) => tracing::info!("reloaded TLS certificates"),
+            Ok(Err(e)) => {
+                tracing::error!("TLS reload refused; keeping the certificates in force: {e}");
+            }
+            Err(e) => {
+                tracing::error!(
+                    "TLS reload did not finish; keeping the certificates in force: {e}"
+                );
             }
         }
     }
@@ -602,23 +599,19 @@ pub async fn run(
     cfg: CoordinatorConfig,
     ready: impl FnOnce(SocketAddr, SocketAddr),
 ) -> Result<(), StartError> {
-    let Some(mut signals) = Signals::install() else {
-        return Err(StartError::Topology(
-            "cannot install signal handlers".into(),
-        ));
-    };
+    let mut signals = Signals::stop_and_reload()?;
     match cfg.store.clone() {
         StoreUrl::File(path) => {
             let running = start(cfg, FileStore::new(path)).await?;
             ready(running.http_addr, running.grpc_addr);
-            signals.serve_until_stopped(&running).await;
+            serve_until_stopped(&mut signals, &running).await;
             running.shutdown().await;
         }
         StoreUrl::Postgres(url) => {
             let store = PgStore::connect(&url, &cfg.id).await?;
             let running = start(cfg, store).await?;
             ready(running.http_addr, running.grpc_addr);
-            signals.serve_until_stopped(&running).await;
+            serve_until_stopped(&mut signals, &running).await;
             running.coordinator.store().resign().await;
             running.shutdown().await;
         }

@@ -2,7 +2,7 @@
 //! (SPEC §4). Pure state transitions: no IO, time passed in, so every rule is
 //! tested deterministically.
 
-use crate::topology::{InvalidTopology, NodeAddr, ShardMap, TopologyDoc};
+use crate::topology::{InvalidTopology, MapEditError, NodeAddr, Partition, ShardMap, TopologyDoc};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -39,6 +39,39 @@ impl NodeStatus {
             _ => None,
         }
     }
+}
+
+/// A partition's health as its nodes' statuses show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartitionHealth {
+    /// The primary is alive.
+    Ok,
+    /// The primary is dead or unheard, but a replica is alive.
+    PrimaryDown,
+    /// No node of the partition is alive.
+    Unavailable,
+}
+
+impl PartitionHealth {
+    /// As the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartitionHealth::Ok => "ok",
+            PartitionHealth::PrimaryDown => "primary_down",
+            PartitionHealth::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// An operator's map that was refused; the map in force is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum MapChangeError {
+    /// It breaks the rules of SPEC §2.
+    #[error(transparent)]
+    Invalid(#[from] InvalidTopology),
+    /// The map in force cannot be changed (its epoch is exhausted).
+    #[error(transparent)]
+    Edit(#[from] MapEditError),
 }
 
 /// What the coordinator tells a node in reply to a heartbeat.
@@ -146,7 +179,7 @@ pub struct PersistedNode {
     /// Stable name.
     pub id: String,
     /// Address.
-    pub addr: String,
+    pub addr: NodeAddr,
     /// Last assignment it heard.
     pub told: Option<Assignment>,
 }
@@ -158,7 +191,7 @@ pub struct Persisted {
     /// The map, epoch included.
     pub map: TopologyDoc,
     /// Addresses told to stop (old primaries, removed nodes).
-    pub fenced: BTreeSet<String>,
+    pub fenced: BTreeSet<NodeAddr>,
     /// Known nodes.
     pub nodes: Vec<PersistedNode>,
 }
@@ -207,14 +240,13 @@ impl ClusterState {
     ) -> Result<ClusterState, InvalidTopology> {
         let map = ShardMap::from_doc(&p.map)?;
         let mut s = ClusterState::new(map, leader_id, now);
-        s.fenced = p.fenced.iter().filter_map(|a| a.parse().ok()).collect();
+        s.fenced.clone_from(&p.fenced);
         for n in &p.nodes {
-            let Ok(addr) = n.addr.parse() else { continue };
             s.nodes.insert(
                 n.id.clone(),
                 Node {
                     id: n.id.clone(),
-                    addr,
+                    addr: n.addr,
                     status: NodeStatus::Active,
                     usage: Usage::default(),
                     last_seen: None,
@@ -231,13 +263,13 @@ impl ClusterState {
     pub fn persisted(&self) -> Persisted {
         Persisted {
             map: self.doc(),
-            fenced: self.fenced.iter().map(ToString::to_string).collect(),
+            fenced: self.fenced.clone(),
             nodes: self
                 .nodes
                 .values()
                 .map(|n| PersistedNode {
                     id: n.id.clone(),
-                    addr: n.addr.to_string(),
+                    addr: n.addr,
                     told: n.told,
                 })
                 .collect(),
@@ -432,20 +464,15 @@ impl ClusterState {
             }
         }
 
-        let mut doc = self.map.to_doc();
-        for p in doc.partitions.iter_mut() {
-            let Ok(primary) = p.primary_node_ip.parse::<NodeAddr>() else {
-                continue;
-            };
-            if self.alive(&primary, now, timeout).is_some() {
+        // Decide on the map as it stood when the sweep began; each promotion
+        // then raises the epoch by one.
+        let mut decided = Vec::new();
+        for p in self.map.partitions() {
+            if self.alive(&p.primary, now, timeout).is_some() {
                 continue;
             }
-            let replicas: Vec<NodeAddr> = p
-                .replica_node_ips
-                .iter()
-                .filter_map(|r| r.parse().ok())
-                .collect();
-            let mut candidates: Vec<(usize, NodeAddr)> = replicas
+            let mut candidates: Vec<(usize, NodeAddr)> = p
+                .replicas
                 .iter()
                 .copied()
                 .enumerate()
@@ -456,49 +483,45 @@ impl ClusterState {
                 .collect();
             // Least-lagged first where lag is known; unknown lag keeps map order, after known.
             candidates.sort_by_key(|(i, r)| (lag(r).unwrap_or(u64::MAX), *i));
-            let held = self
-                .last_failover
-                .get(&p.partition_index)
-                .is_some_and(|t| now.saturating_duration_since(*t) < rules.failover_hold_down);
             let Some(&(_, to)) = candidates.first() else {
-                if replicas
+                if p.replicas
                     .iter()
                     .all(|r| self.alive(r, now, timeout).is_none())
                 {
-                    report.unavailable.push(p.partition_index);
+                    report.unavailable.push(p.index);
                 } else {
-                    report.stuck.push(p.partition_index);
+                    report.stuck.push(p.index);
                 }
                 continue;
             };
+            let held = self
+                .last_failover
+                .get(&p.index)
+                .is_some_and(|t| now.saturating_duration_since(*t) < rules.failover_hold_down);
             if held {
-                report.stuck.push(p.partition_index);
+                report.stuck.push(p.index);
                 continue;
             }
-            doc.cluster_epoch += 1;
-            p.primary_node_ip = to.to_string();
-            p.replica_node_ips = replicas
-                .iter()
-                .filter(|r| **r != to)
-                .map(ToString::to_string)
-                .collect();
-            self.fenced.insert(primary);
-            self.last_failover.insert(p.partition_index, now);
-            report.promotions.push(Promotion {
-                partition: p.partition_index,
-                from: primary,
-                to,
-                epoch: doc.cluster_epoch,
-            });
+            decided.push((p.index, p.primary, to));
         }
-        if !report.promotions.is_empty() {
-            match ShardMap::from_doc(&doc) {
-                Ok(map) => self.map = map,
-                // Promotion only moves addresses within a valid partition; if
-                // that ever broke a rule, keeping the old map is the safe side.
+        for (partition, from, to) in decided {
+            match self.map.promote(partition, to) {
+                Ok(map) => {
+                    self.map = map;
+                    self.fenced.insert(from);
+                    self.last_failover.insert(partition, now);
+                    report.promotions.push(Promotion {
+                        partition,
+                        from,
+                        to,
+                        epoch: self.map.epoch(),
+                    });
+                }
+                // Only an exhausted epoch refuses a promotion decided on this
+                // map; keeping the map in force is the safe side.
                 Err(e) => {
-                    tracing::error!("promotion produced an invalid map, not applied: {e}");
-                    report.promotions.clear();
+                    tracing::error!(partition, "failover refused: {e}");
+                    report.stuck.push(partition);
                 }
             }
         }
@@ -507,8 +530,8 @@ impl ClusterState {
 
     /// An operator's new map: validated, epoch raised above the one in force,
     /// nodes it drops fenced and nodes it names unfenced.
-    pub fn replace_map(&mut self, mut doc: TopologyDoc) -> Result<u64, InvalidTopology> {
-        doc.cluster_epoch = doc.cluster_epoch.max(self.map.epoch() + 1);
+    pub fn replace_map(&mut self, mut doc: TopologyDoc) -> Result<u64, MapChangeError> {
+        doc.cluster_epoch = doc.cluster_epoch.max(self.map.next_epoch()?);
         doc.master_node_id = self.leader_id.clone();
         let map = ShardMap::from_doc(&doc)?;
         let named: BTreeSet<NodeAddr> = map
@@ -532,8 +555,35 @@ impl ClusterState {
             return Ok(false);
         }
         self.map = ShardMap::from_doc(&p.map)?;
-        self.fenced = p.fenced.iter().filter_map(|a| a.parse().ok()).collect();
+        self.fenced.clone_from(&p.fenced);
         Ok(true)
+    }
+
+    /// The status of the node at `addr` (the one heard last, if several
+    /// have claimed it); `None` if none has been heard.
+    pub fn status_of(&self, addr: &NodeAddr) -> Option<NodeStatus> {
+        self.nodes
+            .values()
+            .filter(|n| n.addr == *addr)
+            .max_by_key(|n| n.last_seen)
+            .map(|n| n.status)
+    }
+
+    /// Whether `p` can take writes, and if not, whether it can serve reads.
+    pub fn health(&self, p: &Partition) -> PartitionHealth {
+        let live = |a: &NodeAddr| {
+            matches!(
+                self.status_of(a),
+                Some(NodeStatus::Active | NodeStatus::Degraded)
+            )
+        };
+        if live(&p.primary) {
+            PartitionHealth::Ok
+        } else if p.replicas.iter().any(live) {
+            PartitionHealth::PrimaryDown
+        } else {
+            PartitionHealth::Unavailable
+        }
     }
 
     /// Counts of nodes by status.
@@ -812,5 +862,31 @@ mod tests {
         bad.partition_count = 9;
         assert!(s.replace_map(bad).is_err());
         assert_eq!(s.epoch(), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn partition_health_follows_its_nodes_statuses() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        all_beat(&mut s, &[]);
+        let p0 = s.map().partitions()[0].clone();
+        assert_eq!(s.health(&p0), PartitionHealth::Ok);
+        tokio::time::advance(16 * SEC).await;
+        all_beat(&mut s, &["a", "b", "c"]);
+        // Mark the silent ones dead without promoting (the replicas are silent too).
+        s.sweep(Instant::now(), &rules(), &no_lag);
+        assert_eq!(s.health(&p0), PartitionHealth::Unavailable);
+        beat(&mut s, "c", "10.0.0.3:80");
+        assert_eq!(s.health(&p0), PartitionHealth::PrimaryDown);
+        assert_eq!(s.status_of(&"10.0.0.9:80".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn a_stored_state_with_a_bad_address_is_refused_not_trimmed() {
+        let text = r#"{"map":{"clusterEpoch":1,"masterNodeId":"m","partitionCount":1,"partitions":[
+            {"partitionIndex":0,"primaryNodeIp":"10.0.0.1:80","replicaNodeIps":[],
+             "hashRangeStart":"00000000","hashRangeEnd":"ffffffff"}]},
+            "fenced":["not-an-address"],"nodes":[]}"#;
+        let err = serde_json::from_str::<Persisted>(text).unwrap_err();
+        assert!(err.to_string().contains("not-an-address"), "{err}");
     }
 }

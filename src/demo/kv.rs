@@ -162,7 +162,7 @@ impl KvNode {
 
 /// Serve `node` on `listener` until `shutdown`.
 pub async fn serve(node: Arc<KvNode>, listener: TcpListener, shutdown: CancellationToken) {
-    crate::server::serve_http1(
+    shardgate::server::serve_http1(
         listener,
         None,
         4096,

@@ -8,9 +8,11 @@
 
 pub mod kv;
 
-use crate::agent::{AgentConfig, AgentExit};
-use crate::config::{CoordinatorConfig, CoordinatorOverrides, ProxyConfig, ProxyOverrides};
-use crate::coordinator::store::FileStore;
+use shardgate::agent::{AgentConfig, AgentExit};
+use shardgate::config::{CoordinatorConfig, CoordinatorOverrides, ProxyConfig, ProxyOverrides};
+use shardgate::coordinator::store::FileStore;
+use shardgate::exit::{Exit, Failure};
+use shardgate::signals::Signals;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,10 +41,23 @@ pub enum DemoError {
     Setup(String),
     /// The coordinator did not start.
     #[error("coordinator: {0}")]
-    Coordinator(#[from] crate::coordinator::StartError),
+    Coordinator(#[from] shardgate::coordinator::StartError),
     /// The proxy did not start.
     #[error("proxy: {0}")]
-    Proxy(#[from] crate::proxy::StartError),
+    Proxy(#[from] shardgate::proxy::StartError),
+    /// Signal handlers could not be installed.
+    #[error(transparent)]
+    Signals(#[from] shardgate::signals::SignalError),
+}
+
+impl Failure for DemoError {
+    fn exit(&self) -> Exit {
+        match self {
+            DemoError::Coordinator(e) => e.exit(),
+            DemoError::Proxy(e) => e.exit(),
+            DemoError::Setup(_) | DemoError::Signals(_) => Exit::Runtime,
+        }
+    }
 }
 
 fn setup(e: impl std::fmt::Display) -> DemoError {
@@ -156,13 +171,7 @@ fn topology(nodes: &[Node]) -> serde_json::Value {
 
 /// Run the demo until SIGINT/SIGTERM.
 pub async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return Err(setup("cannot install signal handlers"));
-    };
+    let mut signals = Signals::stop()?;
     let dir = TempDir(std::env::temp_dir().join(format!("shardgate-demo-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).map_err(setup)?;
     let exe = std::env::current_exe().map_err(setup)?;
@@ -172,7 +181,7 @@ pub async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
     // (picking a free port here and handing it over would race every other
     // program binding port 0 meanwhile).
     let mut coordinator_cfg = coordinator_config(&cfg, &dir.0)?;
-    let listeners = crate::coordinator::Listeners::bind(&coordinator_cfg).await?;
+    let listeners = shardgate::coordinator::Listeners::bind(&coordinator_cfg).await?;
     let ids: Vec<String> = (0..3)
         .flat_map(|p| ["primary", "replica"].map(|role| format!("p{p}-{role}")))
         .collect();
@@ -194,7 +203,7 @@ pub async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
     std::fs::write(&map_path, serde_json::to_vec_pretty(&map).map_err(setup)?).map_err(setup)?;
     coordinator_cfg.topology = Some(map_path.clone());
     let store = FileStore::new(dir.0.join("coordinator-state.json"));
-    let coordinator = crate::coordinator::start_on(coordinator_cfg, store, listeners).await?;
+    let coordinator = shardgate::coordinator::start_on(coordinator_cfg, store, listeners).await?;
 
     let proxy_toml = format!(
         "[server]\nlisten = \"{}\"\nadmin_listen = \"{}\"\n\
@@ -207,11 +216,11 @@ pub async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
     );
     let proxy_cfg =
         ProxyConfig::from_toml(&proxy_toml, "demo", &ProxyOverrides::default()).map_err(setup)?;
-    let proxy = crate::proxy::start(proxy_cfg).await?;
+    let proxy = shardgate::proxy::start(proxy_cfg).await?;
 
     print_instructions(&proxy, &coordinator, &nodes, &dir.0, &map_path);
 
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    signals.stopped().await;
     eprintln!("\nstopping the demo...");
     drop(children);
     proxy.shutdown().await;
@@ -236,9 +245,9 @@ fn coordinator_config(cfg: &DemoConfig, dir: &Path) -> Result<CoordinatorConfig,
     CoordinatorConfig::from_toml(text, "demo", &overrides).map_err(setup)
 }
 
-fn print_instructions<S: crate::coordinator::store::Store>(
-    proxy: &crate::proxy::RunningProxy,
-    coordinator: &crate::coordinator::RunningCoordinator<S>,
+fn print_instructions<S: shardgate::coordinator::store::Store>(
+    proxy: &shardgate::proxy::RunningProxy,
+    coordinator: &shardgate::coordinator::RunningCoordinator<S>,
     nodes: &[Node],
     dir: &Path,
     map: &Path,
@@ -322,7 +331,7 @@ pub async fn run_node(
     if let Some(path) = addr_file {
         let path = path.to_owned();
         tokio::task::spawn_blocking(move || {
-            crate::atomic_file::write(&path, listen.to_string().as_bytes())
+            shardgate::atomic_file::write(&path, listen.to_string().as_bytes())
         })
         .await
         .map_err(setup)?
@@ -332,7 +341,7 @@ pub async fn run_node(
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(kv::serve(node.clone(), listener, shutdown.clone()));
     let agent = AgentConfig {
-        coordinator: crate::agent::coordinator_uri(coordinator).map_err(setup)?,
+        coordinator: shardgate::agent::coordinator_uri(coordinator).map_err(setup)?,
         node_id: id.to_owned(),
         ip: listen.to_string().parse().map_err(setup)?,
         interval: Duration::from_millis(500),
@@ -340,18 +349,13 @@ pub async fn run_node(
         token: None,
         tls: Default::default(),
     };
+    let mut signals = Signals::stop()?;
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let (Ok(mut t), Ok(mut i)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
-        }
+        signals.stopped().await;
         stop.cancel();
     });
-    let exit = crate::agent::run(agent, shutdown.clone())
+    let exit = shardgate::agent::run(agent, shutdown.clone())
         .await
         .map_err(setup)?;
     if exit == AgentExit::Terminated {

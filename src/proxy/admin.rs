@@ -83,7 +83,7 @@ fn route(proxy: &Proxy, req: &Request<Incoming>) -> Response<ProxyBody> {
 }
 
 fn topology(proxy: &Proxy) -> Response<ProxyBody> {
-    let status = proxy.status().clone();
+    let status = proxy.live.status();
     let last_error = status.last_error.map(|(msg, at)| {
         json!({
             "message": msg,
@@ -106,10 +106,10 @@ fn topology(proxy: &Proxy) -> Response<ProxyBody> {
 }
 
 fn upstreams(proxy: &Proxy) -> Response<ProxyBody> {
-    let list: Vec<_> = proxy
-        .upstreams
-        .all()
+    let table = proxy.table();
+    let list: Vec<_> = table
         .iter()
+        .flat_map(|t| t.upstreams())
         .map(|u| {
             json!({
                 "address": &**u.label(),

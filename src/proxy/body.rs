@@ -28,6 +28,12 @@ impl ProxyBody {
     }
 }
 
+impl From<Bytes> for ProxyBody {
+    fn from(b: Bytes) -> ProxyBody {
+        ProxyBody::full(b)
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BodyError;

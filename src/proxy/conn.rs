@@ -1,5 +1,4 @@
-//! One client connection: its idle and header-read timeouts, and the ticket
-//! every request holds until its response is done.
+//! One client connection's deadlines: idle, header-read and write-stall.
 //!
 //! hyper's own HTTP/1 header timer starts when a connection goes idle, so it
 //! cannot tell "idle keep-alive" (long is fine) from "slowly sending a request
@@ -14,94 +13,14 @@
 //! next time it runs, and while requests are in flight it keeps its timer
 //! armed so that it does run, even if nothing else happens on the connection.
 
+use super::pipeline::ConnActivity;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
-
-/// The proxy-wide in-flight request limit.
-pub struct Admission {
-    inflight: AtomicUsize,
-    max: AtomicUsize,
-}
-
-impl Admission {
-    /// A limit of `max` requests in flight.
-    pub fn new(max: usize) -> Admission {
-        Admission {
-            inflight: AtomicUsize::new(0),
-            max: AtomicUsize::new(max),
-        }
-    }
-
-    /// Change the limit (config reload).
-    pub fn set_max(&self, max: usize) {
-        self.max.store(max, Ordering::Relaxed);
-    }
-
-    /// Requests in flight now.
-    pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
-    }
-}
-
-/// What a connection's IO wrapper and its requests share.
-pub struct ConnActivity {
-    active: AtomicUsize,
-    /// When the last request ended, in nanoseconds after `born`; 0 before any.
-    idle_since: AtomicU64,
-    born: Instant,
-    admission: Arc<Admission>,
-}
-
-/// Held by a request from arrival until its response body is done.
-pub struct Ticket(Arc<ConnActivity>);
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        let a = &self.0;
-        a.admission.inflight.fetch_sub(1, Ordering::Relaxed);
-        // Stamped before the count drops, so a reader that sees the connection
-        // idle also sees since when. At least 1: 0 means "no request yet".
-        let now = u64::try_from(a.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        a.idle_since.fetch_max(now.max(1), Ordering::Relaxed);
-        a.active.fetch_sub(1, Ordering::Release);
-    }
-}
-
-impl ConnActivity {
-    /// Activity for a new connection under the proxy-wide `admission`.
-    pub fn new(admission: Arc<Admission>) -> Arc<ConnActivity> {
-        Arc::new(ConnActivity {
-            active: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(0),
-            born: Instant::now(),
-            admission,
-        })
-    }
-
-    /// Admit a request, or `None` when the proxy-wide limit is reached.
-    pub fn enter(self: &Arc<Self>) -> Option<Ticket> {
-        let a = &self.admission;
-        let before = a.inflight.fetch_add(1, Ordering::Relaxed);
-        self.active.fetch_add(1, Ordering::AcqRel);
-        let ticket = Ticket(self.clone());
-        (before < a.max.load(Ordering::Relaxed)).then_some(ticket)
-    }
-
-    fn busy(&self) -> bool {
-        self.active.load(Ordering::Acquire) > 0
-    }
-
-    /// When the last request ended (`idle_since`'s raw value).
-    fn idle_since(&self) -> u64 {
-        self.idle_since.load(Ordering::Relaxed)
-    }
-}
 
 /// Timeouts applied by `TimedIo`.
 #[derive(Clone, Copy, Debug)]
@@ -244,7 +163,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
             // A request ended since this reader last looked: idle from then.
             this.idle_seen = since;
             this.phase = Phase::Idle;
-            this.deadline = this.activity.born + Duration::from_nanos(since) + this.timeouts.idle;
+            this.deadline = this.activity.born() + Duration::from_nanos(since) + this.timeouts.idle;
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
@@ -337,46 +256,5 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that releases its request's ticket when it ends.
-    pub struct Tracked<B> {
-        #[pin]
-        inner: B,
-        ticket: Option<Ticket>,
-    }
-}
-
-impl<B> Tracked<B> {
-    /// Hold `ticket` until `inner` ends or is dropped.
-    pub fn new(inner: B, ticket: Option<Ticket>) -> Tracked<B> {
-        Tracked { inner, ticket }
-    }
-}
-
-impl<B: http_body::Body> http_body::Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let r = this.inner.poll_frame(cx);
-        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.ticket.take();
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }

@@ -1,15 +1,55 @@
-//! Every way the proxy itself can answer a request, and the one place those
-//! answers become SPEC §3 JSON responses.
+//! Every way the proxy itself can answer a request. They become responses in
+//! one place, `respond` (through [`ProxyError::to_response`]), in the JSON
+//! shape of SPEC §3 (`crate::json_error`).
 
 use super::body::ProxyBody;
-use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use crate::json_error::JsonError;
+use crate::routing::ReadPreference;
+use crate::upstream::{BodyError, SendError};
 use http::{HeaderName, HeaderValue, Response, StatusCode};
+use std::fmt;
+use std::sync::Arc;
 
-/// `x-shardgate-error`: the error code, for clients that do not parse bodies.
-pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-shardgate-error");
 /// `x-shardgate-partition`: the partition that served (or would have served).
 pub const PARTITION_HEADER: HeaderName = HeaderName::from_static("x-shardgate-partition");
+
+/// Why no upstream produced an answer to pass on.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamCause {
+    /// Nothing of the request was written: no connection, or a fresh one
+    /// refused it.
+    #[error(transparent)]
+    Unsent(SendError),
+    /// The exchange broke after the request was (maybe) written.
+    #[error("{0}")]
+    Broken(hyper::Error),
+    /// The upstream tried to switch protocols; upgrades are never forwarded.
+    #[error("unexpected 101 Switching Protocols")]
+    UnexpectedUpgrade,
+    /// No response headers in time.
+    #[error("no response in time")]
+    Timeout,
+    /// The upstream answered with a status that counts as a failure.
+    #[error("answered {0}")]
+    Status(StatusCode),
+    /// Every node's breaker (or in-flight limit) refused before any attempt.
+    #[error("circuit breaker open")]
+    BreakerOpen,
+    /// Breakers refused every node once earlier attempts had failed.
+    #[error("circuit breaker open after {upstream}: {last}")]
+    BreakerOpenAfter {
+        /// The node tried last.
+        upstream: Arc<str>,
+        /// How that attempt failed.
+        last: Box<UpstreamCause>,
+    },
+    /// The request could not be sent at all (its only copy was used up).
+    #[error("no attempt could be made")]
+    NoAttempt,
+    /// The read preference needs a replica the partition does not have.
+    #[error("read preference {0} needs a replica and the partition has none")]
+    NoReplica(ReadPreference),
+}
 
 /// A request the proxy answers itself instead of forwarding.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +85,8 @@ pub enum ProxyError {
         limit: u64,
     },
     /// The client stopped sending its body part-way.
-    #[error("the client's request body ended early: {0}")]
-    ClientBodyFailed(String),
+    #[error("the client's request body ended early: {}", ClientCause(.0))]
+    ClientBodyFailed(#[source] hyper::Error),
     /// No shard map has been loaded yet.
     #[error("no shard map is loaded yet")]
     NoTopology,
@@ -62,17 +102,19 @@ pub enum ProxyError {
         /// Partition index.
         partition: u32,
         /// The primary's address.
-        upstream: String,
+        upstream: Arc<str>,
         /// What happened.
-        cause: String,
+        cause: UpstreamCause,
     },
     /// No node the request may use is available.
-    #[error("partition {partition}: no healthy node may serve this request ({cause})")]
+    #[error("partition {partition}: no healthy node may serve this request ({})", LastTried(.last.as_deref(), cause))]
     NoHealthyUpstream {
         /// Partition index.
         partition: u32,
+        /// The node tried last, if any was.
+        last: Option<Arc<str>>,
         /// What happened.
-        cause: String,
+        cause: UpstreamCause,
     },
     /// The proxy or an upstream is at its concurrency limit.
     #[error("overloaded: {reason}")]
@@ -88,9 +130,9 @@ pub enum ProxyError {
         /// Partition index.
         partition: u32,
         /// The upstream's address.
-        upstream: String,
+        upstream: Arc<str>,
         /// What happened.
-        cause: String,
+        cause: UpstreamCause,
     },
     /// No response in time.
     #[error("partition {partition}: no response from {upstream} in time")]
@@ -98,8 +140,36 @@ pub enum ProxyError {
         /// Partition index.
         partition: u32,
         /// The upstream's address.
-        upstream: String,
+        upstream: Arc<str>,
     },
+}
+
+/// What the client did, found in the chain of the failed exchange's causes.
+struct ClientCause<'a>(&'a hyper::Error);
+
+impl fmt::Display for ClientCause<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut source = std::error::Error::source(self.0);
+        while let Some(e) = source {
+            if let Some(BodyError::Client(c)) = e.downcast_ref::<BodyError>() {
+                return write!(f, "{c}");
+            }
+            source = e.source();
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+/// "last tried X: cause", or the cause alone.
+struct LastTried<'a>(Option<&'a str>, &'a UpstreamCause);
+
+impl fmt::Display for LastTried<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(upstream) => write!(f, "last tried {upstream}: {}", self.1),
+            None => write!(f, "{}", self.1),
+        }
+    }
 }
 
 impl ProxyError {
@@ -171,32 +241,22 @@ impl ProxyError {
         }
     }
 
-    /// The JSON response: `{"error", "message", "partition"}` with
-    /// `x-shardgate-error`, and `Retry-After` on 503s.
+    /// The SPEC JSON response, with `x-shardgate-partition` when a partition
+    /// was chosen and `Connection: close` after a request whose byte stream
+    /// can no longer be trusted.
     pub fn to_response(&self) -> Response<ProxyBody> {
-        let status = self.status();
         let partition = self.partition();
-        let body = serde_json::json!({
-            "error": self.code(),
-            "message": self.to_string(),
-            "partition": partition,
-        });
-        let bytes = Bytes::from(body.to_string());
-        let mut resp = Response::new(ProxyBody::full(bytes.clone()));
-        *resp.status_mut() = status;
-        let h = resp.headers_mut();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        h.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        h.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        let mut resp = JsonError {
+            partition,
+            ..JsonError::new(self.status(), self.code(), self.to_string())
         }
+        .response::<ProxyBody>();
+        let h = resp.headers_mut();
         if let Some(p) = partition {
             h.insert(PARTITION_HEADER, HeaderValue::from(p));
         }
         if self.closes_connection() {
-            // After a malformed or half-read request the byte stream cannot be
-            // trusted to start a new request; hyper drops this for HTTP/2.
+            // hyper drops this for HTTP/2, where it has no meaning.
             h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
@@ -213,11 +273,12 @@ mod tests {
         let resp = ProxyError::PrimaryUnavailable {
             partition: 2,
             upstream: "10.0.0.1:80".into(),
-            cause: "connection refused".into(),
+            cause: UpstreamCause::BreakerOpen,
         }
         .to_response();
         assert_eq!(resp.status(), 503);
         assert_eq!(resp.headers()["x-shardgate-error"], "primary_unavailable");
+        assert_eq!(resp.headers()["x-shardgate-partition"], "2");
         assert_eq!(resp.headers()["retry-after"], "1");
         assert_eq!(resp.headers()["content-type"], "application/json");
         let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -227,8 +288,34 @@ mod tests {
         assert!(v["message"].as_str().unwrap().contains("primary"));
 
         let resp = ProxyError::MissingShardKey("none".into()).to_response();
+        assert!(resp.headers().get("x-shardgate-partition").is_none());
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["partition"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn messages_say_who_failed_and_how() {
+        let e = ProxyError::NoHealthyUpstream {
+            partition: 1,
+            last: Some("10.0.0.2:80".into()),
+            cause: UpstreamCause::BreakerOpenAfter {
+                upstream: "10.0.0.2:80".into(),
+                last: Box::new(UpstreamCause::Timeout),
+            },
+        };
+        assert_eq!(
+            e.to_string(),
+            "partition 1: no healthy node may serve this request (last tried 10.0.0.2:80: \
+             circuit breaker open after 10.0.0.2:80: no response in time)"
+        );
+    }
+
+    #[test]
+    fn a_request_whose_stream_cannot_be_trusted_closes_its_connection() {
+        let bad = ProxyError::BadRequest("two Host headers").to_response();
+        assert_eq!(bad.headers()["connection"], "close");
+        let busy = ProxyError::NoTopology.to_response();
+        assert!(busy.headers().get("connection").is_none());
     }
 }

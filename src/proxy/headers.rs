@@ -80,8 +80,6 @@ fn hop_by_hop_slot(name: &str) -> Option<usize> {
 /// Facts about the client connection a request arrived on, computed once per connection.
 #[derive(Clone, Debug)]
 pub struct ClientInfo {
-    /// The peer's address.
-    pub addr: std::net::SocketAddr,
     /// The peer's IP as an `X-Forwarded-For` element.
     pub forwarded_for: HeaderValue,
     /// Whether the connection is TLS.
@@ -93,11 +91,7 @@ impl ClientInfo {
     pub fn new(addr: std::net::SocketAddr, tls: bool) -> ClientInfo {
         let forwarded_for = HeaderValue::try_from(addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ClientInfo {
-            addr,
-            forwarded_for,
-            tls,
-        }
+        ClientInfo { forwarded_for, tls }
     }
 }
 

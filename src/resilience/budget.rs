@@ -39,9 +39,8 @@ impl RetryBudget {
         self.window.add(Counter::A, at);
     }
 
-    /// Reserve one retry now, when it is decided (before any backoff), or refuse.
-    pub fn try_withdraw(&self) -> bool {
-        let now = Instant::now();
+    /// Reserve one retry at `now`, when it is decided (before any backoff), or refuse.
+    pub fn try_withdraw(&self, now: Instant) -> bool {
         let (requests, retries) = self.window.totals(now);
         let floor = u64::from(self.cfg.min_per_second) * u64::from(self.window.seconds());
         let allowed = (self.cfg.ratio * requests as f64) as u64 + floor;
@@ -72,18 +71,21 @@ mod tests {
         for _ in 0..100 {
             b.deposit(Instant::now());
         }
-        let granted = (0..100).filter(|_| b.try_withdraw()).count();
+        let granted = (0..100).filter(|_| b.try_withdraw(Instant::now())).count();
         assert_eq!(granted, 20);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_floor_allows_retries_with_no_traffic_then_refills_over_time() {
         let b = budget(1);
-        let granted = (0..100).filter(|_| b.try_withdraw()).count();
+        let granted = (0..100).filter(|_| b.try_withdraw(Instant::now())).count();
         assert_eq!(granted, 10, "1/s over a 10 s window");
-        assert!(!b.try_withdraw());
+        assert!(!b.try_withdraw(Instant::now()));
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(b.try_withdraw(), "spent retries leave the window");
+        assert!(
+            b.try_withdraw(Instant::now()),
+            "spent retries leave the window"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -94,8 +96,8 @@ mod tests {
         }
         // Retries decided back to back, all still "in backoff": 20% of 10 is two,
         // and the third is refused because the first two already count.
-        assert!(b.try_withdraw());
-        assert!(b.try_withdraw());
-        assert!(!b.try_withdraw());
+        assert!(b.try_withdraw(Instant::now()));
+        assert!(b.try_withdraw(Instant::now()));
+        assert!(!b.try_withdraw(Instant::now()));
     }
 }

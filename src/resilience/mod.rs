@@ -26,6 +26,25 @@ pub struct RetryPolicy {
     pub buffer_limit: usize,
 }
 
+/// What counts as an upstream failure, and what to do when every node's
+/// breaker is open.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BreakerPolicy {
+    /// Statuses that count as failures.
+    pub failure_statuses: StatusSet,
+    /// Behaviour when all candidates are open.
+    pub when_all_open: AllOpen,
+}
+
+/// What happens when every node a request may use has an open breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllOpen {
+    /// Answer `503 no_healthy_upstream` at once.
+    FailFast,
+    /// Send to the node whose breaker reopens soonest.
+    FailOpen,
+}
+
 /// A set of HTTP status codes, as a 512-bit map so membership is one shift.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct StatusSet([u64; 8]);

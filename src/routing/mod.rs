@@ -8,10 +8,25 @@ mod table;
 pub use key::{KeyError, KeyExtractor, KeySource, PathTemplate, TemplateError};
 pub use preference::{ReadPreference, UnknownReadPreference};
 pub use table::{
-    MapOrigin, PartitionMetrics, Plan, RetryReason, Role, RoutePartition, RouteTable, ServedBy,
+    MapOrigin, PartitionMetrics, RetryReason, Role, RoutePartition, RouteTable, ServedBy,
 };
 
-use http::Method;
+use http::{HeaderName, Method};
+
+/// Request routing settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingConfig {
+    /// Reads shard keys.
+    pub keys: KeyExtractor,
+    /// Partition for keyless requests, if they are routed at all.
+    pub keyless_partition: Option<u32>,
+    /// Default read preference.
+    pub read_preference: ReadPreference,
+    /// Per-request override header, if honoured.
+    pub read_preference_header: Option<HeaderName>,
+    /// Reveal the upstream address in responses.
+    pub expose_upstream: bool,
+}
 
 /// Whether a request may change state; decides which nodes may see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

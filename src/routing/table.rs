@@ -1,15 +1,18 @@
-//! The routing table: a validated shard map bound to live upstreams, and the
-//! choice of which nodes a request may try, in which order.
+//! The routing table: a validated shard map bound to live upstreams.
+//!
+//! A table is built whole and never changed; a new map makes a new table.
+//! Building one has no side effect: upstreams the previous table already had
+//! are carried over (their breakers, pools and latency estimates survive the
+//! swap), and the others are made by the factory in force.
 
-use super::{ReadPreference, RequestClass};
+use super::RequestClass;
 use crate::telemetry::{Lazy, Metrics, names};
-use crate::topology::{Partition, ShardMap};
-use crate::upstream::{Upstream, Upstreams};
+use crate::topology::{NodeAddr, ShardMap};
+use crate::upstream::{Upstream, UpstreamFactory};
 use http::HeaderValue;
 use metrics::{Counter, Histogram};
-use rand::RngExt;
-use smallvec::SmallVec;
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -33,13 +36,14 @@ impl Role {
 }
 
 /// Who produced a response, as `served_by` labels it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ServedBy {
     /// The partition's primary.
     Primary = 0,
     /// One of its replicas.
     Replica = 1,
     /// The proxy itself (an error).
+    #[default]
     Proxy = 2,
 }
 
@@ -147,84 +151,6 @@ pub struct RoutePartition {
     pub metrics: Arc<PartitionMetrics>,
 }
 
-/// The nodes a request may try, best first.
-pub struct Plan<'t> {
-    /// Candidates in the order to try them.
-    pub candidates: SmallVec<[(&'t Arc<Upstream>, Role); 4]>,
-    /// Only the primary may serve (writes, or read preference `primary`).
-    pub primary_only: bool,
-}
-
-impl RoutePartition {
-    /// Which nodes a request of `class` under `pref` may try, in order.
-    ///
-    /// Writes get the primary and nothing else, whatever the preference.
-    pub fn plan(&self, class: RequestClass, pref: ReadPreference) -> Plan<'_> {
-        let primary = (&self.primary, Role::Primary);
-        let mut candidates = SmallVec::new();
-        let pref = match class {
-            RequestClass::Write => ReadPreference::Primary,
-            RequestClass::Read => pref,
-        };
-        match pref {
-            ReadPreference::Primary => candidates.push(primary),
-            ReadPreference::PrimaryPreferred => {
-                candidates.push(primary);
-                self.push_replicas(&mut candidates);
-            }
-            ReadPreference::Secondary => self.push_replicas(&mut candidates),
-            ReadPreference::SecondaryPreferred => {
-                self.push_replicas(&mut candidates);
-                candidates.push(primary);
-            }
-            ReadPreference::Nearest => {
-                candidates.push(primary);
-                self.push_replicas(&mut candidates);
-                order_nearest(&mut candidates);
-            }
-        }
-        Plan {
-            candidates,
-            primary_only: pref == ReadPreference::Primary,
-        }
-    }
-
-    /// Replicas starting at a random one, so reads spread across them.
-    fn push_replicas<'t>(&'t self, out: &mut SmallVec<[(&'t Arc<Upstream>, Role); 4]>) {
-        let n = self.replicas.len();
-        if n == 0 {
-            return;
-        }
-        let start = if n == 1 {
-            0
-        } else {
-            rand::rng().random_range(0..n)
-        };
-        for i in 0..n {
-            out.push((&self.replicas[(start + i) % n], Role::Replica));
-        }
-    }
-}
-
-/// Power of two choices over cost = latency estimate × (in-flight + 1): the
-/// better of two random nodes goes first, the rest follow by cost.
-fn order_nearest(c: &mut [(&Arc<Upstream>, Role)]) {
-    let cost = |u: &Upstream| u.latency().estimate().as_nanos() as f64 * (u.inflight() + 1) as f64;
-    let n = c.len();
-    if n < 2 {
-        return;
-    }
-    let mut rng = rand::rng();
-    let a = rng.random_range(0..n);
-    let mut b = rng.random_range(0..n - 1);
-    if b >= a {
-        b += 1;
-    }
-    let first = if cost(c[a].0) <= cost(c[b].0) { a } else { b };
-    c.swap(0, first);
-    c[1..].sort_by(|x, y| cost(x.0).total_cmp(&cost(y.0)));
-}
-
 /// Where a table's map came from, for `/admin/topology`.
 #[derive(Clone, Debug)]
 pub struct MapOrigin {
@@ -240,39 +166,49 @@ pub struct RouteTable {
     partitions: Box<[RoutePartition]>,
     /// (partition index, slot) sorted by index, for keyless routing.
     by_index: Box<[(u32, usize)]>,
+    /// Every upstream the partitions use, sorted by address.
+    upstreams: Box<[Arc<Upstream>]>,
     epoch_header: HeaderValue,
     origin: MapOrigin,
 }
 
 impl RouteTable {
-    /// Bind `map` to upstreams from `upstreams`, filling in `default_port`.
+    /// Bind `map` to upstreams, filling in `default_port` where the map gives
+    /// none. A node `previous` has keeps its upstream; any other is made by
+    /// `factory` (whose settings `previous`'s upstreams must share).
     pub fn build(
         map: Arc<ShardMap>,
-        upstreams: &Upstreams,
+        previous: Option<&RouteTable>,
+        factory: &UpstreamFactory,
         default_port: u16,
         metrics: &Arc<Metrics>,
         origin: MapOrigin,
     ) -> RouteTable {
-        let mut keep = HashSet::new();
+        let mut bound: HashMap<SocketAddr, Arc<Upstream>> = HashMap::new();
+        let mut bind = |addr: &NodeAddr| {
+            let sa = addr.socket_addr(default_port);
+            bound
+                .entry(sa)
+                .or_insert_with(|| {
+                    previous
+                        .and_then(|t| t.upstream(sa))
+                        .unwrap_or_else(|| factory.make(sa))
+                })
+                .clone()
+        };
         let partitions: Box<[RoutePartition]> = map
             .partitions()
             .iter()
-            .map(|p: &Partition| {
-                let mut bind = |addr: &crate::topology::NodeAddr| {
-                    let sa = addr.socket_addr(default_port);
-                    keep.insert(sa);
-                    upstreams.resolve(sa)
-                };
-                RoutePartition {
-                    index: p.index,
-                    index_header: HeaderValue::from(p.index),
-                    primary: bind(&p.primary),
-                    replicas: p.replicas.iter().map(&mut bind).collect(),
-                    metrics: Arc::new(PartitionMetrics::new(metrics.clone(), &p.index.to_string())),
-                }
+            .map(|p| RoutePartition {
+                index: p.index,
+                index_header: HeaderValue::from(p.index),
+                primary: bind(&p.primary),
+                replicas: p.replicas.iter().map(&mut bind).collect(),
+                metrics: Arc::new(PartitionMetrics::new(metrics.clone(), &p.index.to_string())),
             })
             .collect();
-        upstreams.retain(&keep);
+        let mut upstreams: Vec<Arc<Upstream>> = bound.into_values().collect();
+        upstreams.sort_by_key(|u| u.addr());
         let mut by_index: Vec<(u32, usize)> = partitions
             .iter()
             .enumerate()
@@ -284,8 +220,22 @@ impl RouteTable {
             map,
             partitions,
             by_index: by_index.into(),
+            upstreams: upstreams.into(),
             origin,
         }
+    }
+
+    /// The upstream for `addr`, if this table has one.
+    fn upstream(&self, addr: SocketAddr) -> Option<Arc<Upstream>> {
+        self.upstreams
+            .binary_search_by_key(&addr, |u| u.addr())
+            .ok()
+            .map(|i| self.upstreams[i].clone())
+    }
+
+    /// Every node of the map once, sorted by address.
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
     }
 
     /// The validated map.

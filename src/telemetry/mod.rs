@@ -6,8 +6,27 @@ mod trace;
 pub use registry::{LATENCY_BUCKETS, Lazy, Metrics, names};
 pub use trace::{TraceContext, TraceId};
 
-use crate::config::LogFormat;
 use tracing_subscriber::EnvFilter;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogConfig {
+    /// Filter directive.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+    /// Share of successes written to the access log.
+    pub access_log_sample: f64,
+}
 
 /// Install the process-wide log subscriber: `RUST_LOG` wins over `level`.
 ///

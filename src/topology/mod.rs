@@ -218,6 +218,25 @@ impl fmt::Display for InvalidTopology {
     }
 }
 
+/// Why an edit of a valid map was refused; the map is unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MapEditError {
+    /// No partition has that index.
+    #[error("partition {0} is not in the map")]
+    NoSuchPartition(u32),
+    /// The node named is not one of the partition's replicas.
+    #[error("partition {partition}: {node} is not one of its replicas")]
+    NotAReplica {
+        /// The partition.
+        partition: u32,
+        /// The node named.
+        node: NodeAddr,
+    },
+    /// The epoch is at its largest value; no change can be fenced above it.
+    #[error("the epoch cannot be raised above {0}")]
+    EpochExhausted(u64),
+}
+
 /// What epoch fencing decides for a candidate map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fence {
@@ -385,6 +404,44 @@ impl ShardMap {
     pub fn with_epoch(mut self, epoch: u64) -> ShardMap {
         self.epoch = epoch;
         self
+    }
+
+    /// The epoch after this one; every change to the map takes it.
+    pub fn next_epoch(&self) -> Result<u64, MapEditError> {
+        self.epoch
+            .checked_add(1)
+            .ok_or(MapEditError::EpochExhausted(self.epoch))
+    }
+
+    /// The map after a failover: `replica` becomes partition `index`'s
+    /// primary, the old primary leaves the partition, and the epoch rises by
+    /// one. Every other partition is untouched, so the result is valid by
+    /// construction.
+    pub fn promote(&self, index: u32, replica: NodeAddr) -> Result<ShardMap, MapEditError> {
+        let epoch = self.next_epoch()?;
+        let mut next = self.clone();
+        let p = next
+            .partitions
+            .iter_mut()
+            .find(|p| p.index == index)
+            .ok_or(MapEditError::NoSuchPartition(index))?;
+        let at =
+            p.replicas
+                .iter()
+                .position(|r| *r == replica)
+                .ok_or(MapEditError::NotAReplica {
+                    partition: index,
+                    node: replica,
+                })?;
+        p.replicas.remove(at);
+        p.primary = replica;
+        next.epoch = epoch;
+        Ok(next)
+    }
+
+    /// The partition with index `index`, if the map has it.
+    pub fn partition(&self, index: u32) -> Option<&Partition> {
+        self.partitions.iter().find(|p| p.index == index)
     }
 
     /// Back to the wire format, partitions ordered by index.
@@ -697,6 +754,40 @@ mod tests {
         let map = ShardMap::from_doc(&doc()).unwrap();
         let again = ShardMap::from_doc(&map.to_doc()).unwrap();
         assert_eq!(map, again);
+    }
+
+    #[test]
+    fn a_promotion_moves_a_replica_into_the_primary_slot_under_the_next_epoch() {
+        let map = ShardMap::from_doc(&doc()).unwrap();
+        let replica: NodeAddr = "10.0.1.7".parse().unwrap();
+        let next = map.promote(0, replica).unwrap();
+        assert_eq!(next.epoch(), 10295);
+        let p = next.partition(0).unwrap();
+        assert_eq!(p.primary, replica);
+        assert_eq!(p.replicas, ["10.0.1.6".parse::<NodeAddr>().unwrap()]);
+        assert_eq!(next.partition(1), map.partition(1), "others untouched");
+        assert!(ShardMap::from_doc(&next.to_doc()).is_ok(), "still valid");
+        assert_eq!(
+            map.promote(0, "10.0.2.6".parse().unwrap()),
+            Err(MapEditError::NotAReplica {
+                partition: 0,
+                node: "10.0.2.6".parse().unwrap()
+            })
+        );
+        assert_eq!(
+            map.promote(9, replica),
+            Err(MapEditError::NoSuchPartition(9))
+        );
+    }
+
+    #[test]
+    fn the_epoch_never_wraps() {
+        let map = ShardMap::from_doc(&doc()).unwrap().with_epoch(u64::MAX);
+        assert_eq!(
+            map.next_epoch(),
+            Err(MapEditError::EpochExhausted(u64::MAX))
+        );
+        assert!(map.promote(0, "10.0.1.6".parse().unwrap()).is_err());
     }
 
     #[test]

@@ -59,6 +59,21 @@ impl FromStr for NodeAddr {
     }
 }
 
+/// Addresses travel as the map writes them (`ip`, `ip:port`, `[v6]:port`),
+/// and one that does not parse is an error where it is read, never skipped.
+impl serde::Serialize for NodeAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NodeAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for NodeAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.ip, self.port) {
@@ -100,6 +115,18 @@ mod tests {
             "10.0.0.1:70000".parse::<NodeAddr>(),
             Err(NodeAddrError::Unparseable(_))
         ));
+    }
+
+    #[test]
+    fn addresses_travel_as_text_and_a_bad_one_is_an_error() {
+        let a: NodeAddr = "[::1]:9000".parse().unwrap();
+        assert_eq!(serde_json::to_string(&a).unwrap(), r#""[::1]:9000""#);
+        assert_eq!(
+            serde_json::from_str::<NodeAddr>(r#""[::1]:9000""#).unwrap(),
+            a
+        );
+        let err = serde_json::from_str::<NodeAddr>(r#""db.local:80""#).unwrap_err();
+        assert!(err.to_string().contains("db.local"), "{err}");
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! Shard nodes as the data plane sees them: one `Upstream` per address, with
 //! its connection pool, circuit breaker, latency estimate and in-flight count.
 
-pub mod body;
 mod latency;
-pub mod pool;
+mod pool;
+mod request_body;
+mod response_body;
 
-pub use body::{BodyError, Replayer, RequestBody, UpstreamBody};
 pub use latency::PeakEwma;
 pub use pool::{Conn, ConnectError, Pool, PoolSettings};
+pub use request_body::{Replayer, RequestBody};
+pub use response_body::UpstreamBody;
 
 use crate::resilience::{
     Breaker, BreakerConfig, BreakerObserver, BreakerState, Counter as WindowCounter, RollingWindow,
@@ -17,11 +19,33 @@ use crate::tls::{ALPN_H1, ClientTls, Connector, TlsError};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use metrics::{Counter, Gauge};
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
+
+/// Why a body stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The client sent more than the configured body limit.
+    #[error("request body exceeds the {limit}-byte limit")]
+    TooLarge {
+        /// The limit in force.
+        limit: u64,
+    },
+    /// Reading the client's body failed (it went away or broke framing).
+    #[error("client body: {0}")]
+    Client(#[source] hyper::Error),
+    /// A newer attempt took over this replayable body.
+    #[error("request body was handed to a newer attempt")]
+    Superseded,
+    /// The upstream's response body failed mid-stream.
+    #[error("upstream body: {0}")]
+    Upstream(#[source] hyper::Error),
+    /// The request's overall deadline passed while the response streamed.
+    #[error("request deadline passed while streaming the response")]
+    DeadlineExceeded,
+}
 
 /// How an attempt at an upstream ended, as `shardgate_upstream_attempts_total` labels it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -295,90 +319,44 @@ fn connector(settings: &UpstreamSettings) -> Result<Option<Arc<Connector>>, TlsE
         .transpose()
 }
 
-struct Current {
+/// Makes upstreams under one set of settings.
+///
+/// Settings are fixed per upstream: a change of settings means a new factory,
+/// and a routing table built with it makes every upstream afresh.
+pub struct UpstreamFactory {
     settings: UpstreamSettings,
     tls: Option<Arc<Connector>>,
-}
-
-/// Every upstream the maps in force refer to, one per address, so a breaker's
-/// state survives a map swap that keeps its node.
-pub struct Upstreams {
-    current: Mutex<Current>,
-    by_addr: Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
     metrics: Arc<Metrics>,
 }
 
-impl Upstreams {
-    /// An empty registry; fails if the upstream TLS files are unusable.
-    pub fn new(settings: UpstreamSettings, metrics: Arc<Metrics>) -> Result<Upstreams, TlsError> {
-        Ok(Upstreams {
-            current: Mutex::new(Current {
-                tls: connector(&settings)?,
-                settings,
-            }),
-            by_addr: Mutex::new(HashMap::new()),
+impl UpstreamFactory {
+    /// A factory for `settings`; fails if the upstream TLS files are unusable.
+    pub fn new(settings: UpstreamSettings, metrics: Arc<Metrics>) -> Result<Self, TlsError> {
+        Ok(UpstreamFactory {
+            tls: connector(&settings)?,
+            settings,
             metrics,
         })
     }
 
-    fn current(&self) -> std::sync::MutexGuard<'_, Current> {
-        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    /// The settings every upstream it makes has.
+    pub fn settings(&self) -> &UpstreamSettings {
+        &self.settings
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Upstream>>> {
-        self.by_addr.lock().unwrap_or_else(|e| e.into_inner())
+    /// A new upstream for `addr`.
+    pub fn make(&self, addr: SocketAddr) -> Arc<Upstream> {
+        Arc::new(Upstream::new(
+            addr,
+            &self.settings,
+            self.tls.clone(),
+            &self.metrics,
+        ))
     }
 
-    /// The upstream for `addr`, created on first sight.
-    pub fn resolve(&self, addr: SocketAddr) -> Arc<Upstream> {
-        let current = self.current();
-        self.map()
-            .entry(addr)
-            .or_insert_with(|| {
-                Arc::new(Upstream::new(
-                    addr,
-                    &current.settings,
-                    current.tls.clone(),
-                    &self.metrics,
-                ))
-            })
-            .clone()
-    }
-
-    /// Forget upstreams no map refers to (in-flight requests keep theirs alive).
-    pub fn retain(&self, keep: &HashSet<SocketAddr>) {
-        self.map().retain(|a, _| keep.contains(a));
-    }
-
-    /// Apply new settings; upstreams made under the old ones are replaced
-    /// (`Ok(true)`). Unchanged settings still re-read the TLS files, so a
-    /// renewed CA or client certificate applies to new connections while
-    /// pooled ones and breaker state stay. On error nothing changes.
-    pub fn reconfigure(&self, settings: UpstreamSettings) -> Result<bool, TlsError> {
-        let mut current = self.current();
-        if current.settings == settings {
-            if let Some(tls) = &current.tls {
-                tls.reload()?;
-            }
-            return Ok(false);
-        }
-        current.tls = connector(&settings)?;
-        current.settings = settings;
-        self.map().clear();
-        Ok(true)
-    }
-
-    /// Every upstream, sorted by address.
-    pub fn all(&self) -> Vec<Arc<Upstream>> {
-        let mut v: Vec<_> = self.map().values().cloned().collect();
-        v.sort_by_key(|u| u.addr);
-        v
-    }
-
-    /// Drop expired idle connections everywhere.
-    pub fn evict_idle(&self) {
-        for u in self.all() {
-            u.pool.evict_expired();
-        }
+    /// Re-read the TLS files (a renewed CA or client certificate): new
+    /// connections use them; pooled ones and breaker state stay.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        self.tls.as_ref().map_or(Ok(()), |tls| tls.reload())
     }
 }

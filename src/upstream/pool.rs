@@ -8,7 +8,7 @@
 //! so a confused connection is never reused. With upstream TLS configured,
 //! every connection is TLS; there is no fallback to plain text.
 
-use super::body::RequestBody;
+use super::request_body::RequestBody;
 use crate::tls::{ClientStream, Connector};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;

@@ -6,7 +6,7 @@
 mod support;
 
 use shardgate::coordinator::state::{ClusterState, Persisted};
-use shardgate::coordinator::store::{Commit, PgStore, Store};
+use shardgate::coordinator::store::{Commit, PgStore, SharedStore, Store};
 use shardgate::proto::heartbeat_response::Command;
 use shardgate::topology::ShardMap;
 use std::time::Duration;

@@ -1,10 +1,8 @@
 //! The default store: one JSON file, replaced atomically (see `atomic_file`).
 
-use super::{Commit, RemoteNode, Store, StoreError};
-use crate::coordinator::state::{Assignment, Heartbeat, NodeStatus, Persisted};
-use crate::topology::NodeAddr;
+use super::{Commit, NotShared, Store, StoreError};
+use crate::coordinator::state::Persisted;
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// A state file owned by one coordinator.
 pub struct FileStore {
@@ -44,6 +42,12 @@ impl FileStore {
 }
 
 impl Store for FileStore {
+    type Shared = NotShared;
+
+    fn shared(&self) -> Option<&NotShared> {
+        None
+    }
+
     async fn load(&self) -> Result<Option<Persisted>, StoreError> {
         match tokio::fs::read(&self.path).await {
             Ok(bytes) => {
@@ -70,43 +74,5 @@ impl Store for FileStore {
 
     async fn save_nodes(&self, state: &Persisted) -> Result<(), StoreError> {
         self.write(state).await
-    }
-
-    async fn record_heartbeat(
-        &self,
-        _: &Heartbeat,
-        _: NodeStatus,
-        _: i64,
-        _: Duration,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    async fn mark_dead(&self, _: &[String]) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    async fn claim_told(&self, _: &str, _: Assignment) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-
-    async fn lead(&self) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-
-    async fn remote_nodes(&self) -> Result<Vec<RemoteNode>, StoreError> {
-        Ok(Vec::new())
-    }
-
-    async fn replication_lag(&self) -> Result<Vec<(NodeAddr, u64)>, StoreError> {
-        Ok(Vec::new())
-    }
-
-    async fn prune(&self, _: Duration) -> Result<u64, StoreError> {
-        Ok(0)
-    }
-
-    fn is_shared(&self) -> bool {
-        false
     }
 }

@@ -66,8 +66,15 @@ pub struct RemoteNode {
     pub skew_ms: i64,
 }
 
-/// What every store does.
+/// What every store keeps: the state that must survive a restart.
 pub trait Store: Send + Sync + 'static {
+    /// The duties of a store several coordinators share; [`NotShared`] for
+    /// one that a single coordinator owns.
+    type Shared: SharedStore;
+
+    /// This store's shared duties, if several coordinators may share it.
+    fn shared(&self) -> Option<&Self::Shared>;
+
     /// The persisted state, or `None` if the store is empty.
     fn load(&self) -> impl Future<Output = Result<Option<Persisted>, StoreError>> + Send;
 
@@ -81,8 +88,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Persist node registrations and what nodes were told (no epoch change).
     fn save_nodes(&self, state: &Persisted) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
 
-    /// Record one heartbeat (history, usage, liveness).
+/// What a store shared by several coordinators adds: one of them leads, and
+/// each learns the heartbeats the others heard.
+pub trait SharedStore: Send + Sync + 'static {
+    /// Become or stay the leader; `false` while another coordinator leads.
+    fn lead(&self) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Record one heartbeat (history, usage, liveness) for the others to see.
     fn record_heartbeat(
         &self,
         hb: &Heartbeat,
@@ -91,22 +105,16 @@ pub trait Store: Send + Sync + 'static {
         handling: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Record nodes the leader's sweep found DEAD.
-    fn mark_dead(&self, ids: &[String]) -> impl Future<Output = Result<(), StoreError>> + Send;
-
     /// Atomically note that `node` is being told `assignment`; `true` only for
-    /// the one caller that changed it, so REBALANCE goes out exactly once even
-    /// when several coordinators share the store.
+    /// the one caller that changed it, so REBALANCE goes out exactly once
+    /// however many coordinators hear the node.
     fn claim_told(
         &self,
         node: &str,
         assignment: Assignment,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Become or stay the leader; `false` while another coordinator leads.
-    fn lead(&self) -> impl Future<Output = Result<bool, StoreError>> + Send;
-
-    /// Heartbeats recorded by every coordinator (shared stores), for the leader's sweep.
+    /// Heartbeats every coordinator recorded, for the leader's sweep.
     fn remote_nodes(&self) -> impl Future<Output = Result<Vec<RemoteNode>, StoreError>> + Send;
 
     /// Replication lag per address, where known.
@@ -114,9 +122,50 @@ pub trait Store: Send + Sync + 'static {
         &self,
     ) -> impl Future<Output = Result<Vec<(NodeAddr, u64)>, StoreError>> + Send;
 
+    /// Record nodes the leader's sweep found DEAD.
+    fn mark_dead(&self, ids: &[String]) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Drop heartbeat history older than `retention`.
     fn prune(&self, retention: Duration) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
 
-    /// Whether several coordinators may share this store.
-    fn is_shared(&self) -> bool;
+/// The shared duties of a store no other coordinator shares: there are
+/// none. The type has no values, so none of its methods can ever run.
+#[derive(Debug)]
+pub enum NotShared {}
+
+impl SharedStore for NotShared {
+    async fn lead(&self) -> Result<bool, StoreError> {
+        match *self {}
+    }
+
+    async fn record_heartbeat(
+        &self,
+        _: &Heartbeat,
+        _: NodeStatus,
+        _: i64,
+        _: Duration,
+    ) -> Result<(), StoreError> {
+        match *self {}
+    }
+
+    async fn claim_told(&self, _: &str, _: Assignment) -> Result<bool, StoreError> {
+        match *self {}
+    }
+
+    async fn remote_nodes(&self) -> Result<Vec<RemoteNode>, StoreError> {
+        match *self {}
+    }
+
+    async fn replication_lag(&self) -> Result<Vec<(NodeAddr, u64)>, StoreError> {
+        match *self {}
+    }
+
+    async fn mark_dead(&self, _: &[String]) -> Result<(), StoreError> {
+        match *self {}
+    }
+
+    async fn prune(&self, _: Duration) -> Result<u64, StoreError> {
+        match *self {}
+    }
 }

@@ -13,7 +13,7 @@
 //! - Every connection is re-established when the server drops it, so a
 //!   database restart costs failed calls, not a coordinator restart.
 
-use super::{Commit, RemoteNode, Store, StoreError};
+use super::{Commit, RemoteNode, SharedStore, Store, StoreError};
 use crate::coordinator::state::{Assignment, Heartbeat, NodeStatus, Persisted, PersistedNode};
 use crate::topology::{NodeAddr, PartitionDoc, TopologyDoc};
 use arc_swap::ArcSwapOption;
@@ -215,6 +215,12 @@ fn addr(s: &str) -> Result<NodeAddr, StoreError> {
 }
 
 impl Store for PgStore {
+    type Shared = PgStore;
+
+    fn shared(&self) -> Option<&PgStore> {
+        Some(self)
+    }
+
     async fn load(&self) -> Result<Option<Persisted>, StoreError> {
         let Some(state) = self
             .main
@@ -269,9 +275,9 @@ impl Store for PgStore {
         let mut fenced = BTreeSet::new();
         let mut persisted_nodes = Vec::new();
         for r in &nodes {
-            let ip: String = r.get(1);
+            let ip = addr(r.get(1))?;
             if r.get::<_, bool>(4) {
-                fenced.insert(ip.clone());
+                fenced.insert(ip);
             }
             if let Some(id) = r.get::<_, Option<String>>(0) {
                 let told = r.get::<_, Option<bool>>(3).map(|primary| Assignment {
@@ -346,7 +352,7 @@ impl Store for PgStore {
             &[&primaries],
         )
         .await?;
-        let fenced: Vec<String> = state.fenced.iter().cloned().collect();
+        let fenced: Vec<String> = state.fenced.iter().map(ToString::to_string).collect();
         tx.execute(
             "UPDATE cluster_nodes SET fenced = (ip_address = ANY($1))",
             &[&fenced],
@@ -399,7 +405,7 @@ impl Store for PgStore {
         let (mut addrs, mut partitions, mut primaries) = (Vec::new(), Vec::new(), Vec::new());
         for n in &state.nodes {
             if let Some(told) = n.told {
-                addrs.push(n.addr.as_str());
+                addrs.push(n.addr.to_string());
                 partitions.push(told.partition.map(|p| p as i32));
                 primaries.push(told.primary);
             }
@@ -420,7 +426,9 @@ impl Store for PgStore {
             .await?;
         Ok(())
     }
+}
 
+impl SharedStore for PgStore {
     async fn record_heartbeat(
         &self,
         hb: &Heartbeat,
@@ -575,9 +583,5 @@ impl Store for PgStore {
             )
             .await?;
         Ok(())
-    }
-
-    fn is_shared(&self) -> bool {
-        true
     }
 }

@@ -1,10 +1,7 @@
-//! Bodies that cross the proxy: the request body sent upstream (streamed,
-//! capped, and replayable within a buffer limit) and the upstream's response
-//! body (streamed back, bounded by the request deadline, returning its
-//! connection to the pool only after a clean end).
+//! The request body on its way upstream: streamed once and capped, or kept
+//! (within a buffer limit) so a later attempt can send it again.
 
-use super::InflightGuard;
-use super::pool::Conn;
+use super::BodyError;
 use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -12,30 +9,6 @@ use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
-use tokio::time::{Instant, Sleep};
-
-/// Why a body stopped short.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    /// The client sent more than the configured body limit.
-    #[error("request body exceeds the {limit}-byte limit")]
-    TooLarge {
-        /// The limit in force.
-        limit: u64,
-    },
-    /// Reading the client's body failed (it went away or broke framing).
-    #[error("client body: {0}")]
-    Client(#[source] hyper::Error),
-    /// A newer attempt took over this replayable body.
-    #[error("request body was handed to a newer attempt")]
-    Superseded,
-    /// The upstream's response body failed mid-stream.
-    #[error("upstream body: {0}")]
-    Upstream(#[source] hyper::Error),
-    /// The request's overall deadline passed while the response streamed.
-    #[error("request deadline passed while streaming the response")]
-    DeadlineExceeded,
-}
 
 /// What every copy of a replayable body shares.
 pub struct ReplayState {
@@ -296,121 +269,5 @@ impl Body for RequestBody {
             Kind::Stream { inner, .. } => inner.size_hint(),
             Kind::Replay(h) => h.size_hint,
         }
-    }
-}
-
-/// An upstream's response body on its way to the client.
-pub struct UpstreamBody {
-    inner: Incoming,
-    /// Holds the upstream's in-flight slot until the body is done.
-    guard: InflightGuard,
-    conn: Option<Conn>,
-    deadline: Instant,
-    sleep: Option<Pin<Box<Sleep>>>,
-    finished: bool,
-    /// When the response head arrived: the connection's idle stamp.
-    answered_at: Instant,
-}
-
-impl UpstreamBody {
-    /// Stream `inner` (its head arrived at `answered_at`) from the guarded
-    /// upstream; `conn` returns to its pool at a clean end.
-    pub fn new(
-        inner: Incoming,
-        guard: InflightGuard,
-        conn: Conn,
-        deadline: Instant,
-        answered_at: Instant,
-    ) -> Self {
-        let mut body = UpstreamBody {
-            inner,
-            guard,
-            conn: Some(conn),
-            deadline,
-            sleep: None,
-            finished: false,
-            answered_at,
-        };
-        // HEAD, 204 and 304 responses have no body to poll; the connection is
-        // already free.
-        if body.inner.is_end_stream() {
-            body.finish(true);
-        }
-        body
-    }
-
-    fn finish(&mut self, clean: bool) {
-        if self.finished {
-            return;
-        }
-        self.finished = true;
-        if let (true, Some(conn)) = (clean, self.conn.take()) {
-            self.guard.upstream().pool().checkin(conn, self.answered_at);
-        }
-        self.conn = None;
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // An unfinished body leaves unread bytes on the connection: never reuse it.
-        self.finish(false);
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.get_mut();
-        if this.finished {
-            return Poll::Ready(None);
-        }
-        // The upstream connection's IO runs in whichever task reads its body.
-        let inner = &mut this.inner;
-        let polled = match this.conn.as_mut() {
-            Some(conn) => conn.poll_with(cx, |cx| Pin::new(&mut *inner).poll_frame(cx)),
-            None => Pin::new(inner).poll_frame(cx),
-        };
-        match polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if this.inner.is_end_stream() {
-                    this.finish(true);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.guard.upstream().breaker().record_failure();
-                this.finish(false);
-                Poll::Ready(Some(Err(BodyError::Upstream(e))))
-            }
-            Poll::Ready(None) => {
-                this.finish(true);
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                let deadline = this.deadline;
-                let sleep = this
-                    .sleep
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if sleep.as_mut().poll(cx).is_ready() {
-                    this.finish(false);
-                    return Poll::Ready(Some(Err(BodyError::DeadlineExceeded)));
-                }
-                Poll::Pending
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.finished || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

@@ -2,22 +2,43 @@
 //! text or over TLS (ALPN picks the protocol).
 
 use super::Proxy;
-use super::conn::{ConnActivity, ConnTimeouts, TimedIo};
-use super::service::ClientConn;
-use crate::config::ServerConfig;
-use crate::proxy::headers::{ClientInfo, HostMemo};
+use super::conn::{ConnTimeouts, TimedIo};
+use super::headers::{ClientInfo, HostMemo};
+use super::pipeline::{self, ClientConn, ConnActivity};
+use crate::json_error::JsonError;
 use crate::server::{Accepted, Drain, DrainWatcher, accept_loop, executor};
 use crate::tls::{HandshakeError, Terminator};
+use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+/// Listener settings; fixed for the life of the process.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerConfig {
+    /// Client-facing listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Worker threads (0 = per CPU).
+    pub workers: usize,
+    /// Drain limit on shutdown.
+    pub shutdown_grace: Duration,
+    /// Serve HTTP/2 too.
+    pub http2: bool,
+    /// TLS on the client-facing listener.
+    pub tls: Option<crate::tls::ServerTls>,
+    /// TLS handshake deadline.
+    pub tls_handshake_timeout: Duration,
+    /// TLS on the admin listener.
+    pub admin_tls: Option<crate::tls::ServerTls>,
+}
 
 /// Connections over the cap that get a written 503 rather than a bare close;
 /// beyond this many at once they are simply closed.
@@ -31,8 +52,8 @@ pub(super) async fn serve(
     tls: Option<Arc<Terminator>>,
     shutdown: CancellationToken,
 ) {
-    let rt = proxy.runtime.load_full();
-    let limits = &rt.limits;
+    let snapshot = proxy.live.snapshot();
+    let limits = &snapshot.settings.limits;
     let timeouts = ConnTimeouts {
         header_read: limits.header_read_timeout,
         idle: limits.idle_timeout,
@@ -81,7 +102,7 @@ pub(super) async fn serve(
             };
             let tls = tls.clone();
             let shutdown = shutdown.clone();
-            proxy.connections.fetch_add(1, Ordering::Relaxed);
+            proxy.clients.opened();
             tokio::spawn(async move {
                 let proxy = conn.proxy.clone();
                 match tls {
@@ -94,7 +115,7 @@ pub(super) async fn serve(
                         match accepted {
                             Some(Ok(stream)) => conn.serve(stream, true).await,
                             Some(Err(HandshakeError::PlainHttp(stream))) => {
-                                refuse(stream, PLAIN_HTTP).await;
+                                refuse(stream, &plain_http()).await;
                             }
                             Some(Err(e)) => {
                                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -103,15 +124,15 @@ pub(super) async fn serve(
                         }
                     }
                 }
-                proxy.connections.fetch_sub(1, Ordering::Relaxed);
+                proxy.clients.closed();
                 drop(permit);
             });
         },
         |stream| {
-            proxy.metrics.shed_connections.increment(1);
+            proxy.clients.shed.increment(1);
             if let Ok(slot) = responders.clone().try_acquire_owned() {
                 tokio::spawn(async move {
-                    refuse(stream, OVERLOADED).await;
+                    refuse(stream, &overloaded()).await;
                     drop(slot);
                 });
             }
@@ -142,16 +163,14 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let activity = ConnActivity::new(self.proxy.admission.clone());
-        // Owned by the service, which hyper calls from this connection's task only.
+        let activity = ConnActivity::new(self.proxy.pipeline.limit.clone());
+        // Owned by the pipeline, which hyper calls from this connection's task only.
         let client = ClientConn {
             info: ClientInfo::new(self.peer, tls),
-            activity: activity.clone(),
             hosts: HostMemo::default(),
         };
+        let svc = pipeline::connection(&self.proxy.pipeline, client, activity.clone());
         let io = TokioIo::new(TimedIo::new(stream, activity, self.timeouts));
-        let proxy = self.proxy;
-        let svc = hyper::service::service_fn(move |req| proxy.clone().handle(req, &client));
         let conn = self.builder.serve_connection(io, svc);
         if let Err(e) = self.watcher.watch(conn).await {
             tracing::debug!(peer = %self.peer, error = %e, "client connection ended with an error");
@@ -159,47 +178,29 @@ impl Connection {
     }
 }
 
-/// A canned answer for a connection that is refused before HTTP parsing.
-struct Refusal {
-    status: &'static str,
-    code: &'static str,
-    message: &'static str,
+/// The answer to a connection over the cap.
+fn overloaded() -> JsonError<'static> {
+    JsonError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        "overloaded: too many client connections",
+    )
 }
 
-const OVERLOADED: Refusal = Refusal {
-    status: "503 Service Unavailable",
-    code: "overloaded",
-    message: "overloaded: too many client connections",
-};
+/// The answer to plain HTTP on the TLS port.
+fn plain_http() -> JsonError<'static> {
+    JsonError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "plain HTTP sent to a TLS port; use https",
+    )
+}
 
-const PLAIN_HTTP: Refusal = Refusal {
-    status: "400 Bad Request",
-    code: "bad_request",
-    message: "plain HTTP sent to a TLS port; use https",
-};
-
-/// Answer `stream` with `r` without parsing what it sent, then close.
-async fn refuse(mut stream: TcpStream, r: Refusal) {
-    let body = format!(
-        r#"{{"error":"{}","message":"{}","partition":null}}"#,
-        r.code, r.message
-    );
-    let retry = if r.code == OVERLOADED.code {
-        "retry-after: 1\r\n"
-    } else {
-        ""
-    };
-    let head = format!(
-        "HTTP/1.1 {}\r\ncontent-type: application/json\r\n\
-         x-shardgate-error: {}\r\n{retry}connection: close\r\n\
-         content-length: {}\r\n\r\n",
-        r.status,
-        r.code,
-        body.len()
-    );
+/// Answer `stream` with `e` without parsing what it sent, then close.
+async fn refuse(mut stream: TcpStream, e: &JsonError<'_>) {
+    let answer = e.raw_http1();
     let write = async {
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body.as_bytes()).await?;
+        stream.write_all(&answer).await?;
         stream.shutdown().await?;
         // Drain briefly so closing with unread input does not reset the
         // connection before the client reads the answer.

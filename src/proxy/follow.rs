@@ -4,11 +4,10 @@
 //! the first coordinator that answers, so a new epoch arrives as soon as it
 //! exists. A coordinator that offers no watch is polled with `If-None-Match`.
 //! Failures move on to the next coordinator with jittered backoff. Every map
-//! is validated and epoch-fenced by `Proxy::offer` exactly like a file map;
+//! is validated and epoch-fenced by `LiveMap::offer` exactly like a file map;
 //! the last one applied is saved to the cache file.
 
-use super::{MapUpdate, Proxy};
-use crate::config::WatchConfig;
+use super::live::{LiveMap, MapUpdate};
 use crate::resilience::{Backoff, Jitter};
 use crate::tls::{ALPN_H1, ClientStream, Connector};
 use crate::topology::ShardMap;
@@ -22,6 +21,25 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// How the proxy follows coordinators.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchConfig {
+    /// Watch hold time requested.
+    pub watch_timeout: Duration,
+    /// Polling period without a watch.
+    pub poll_interval: Duration,
+    /// Plain fetch timeout.
+    pub fetch_timeout: Duration,
+    /// Map size cap.
+    pub max_map_bytes: usize,
+    /// Cache file, if any.
+    pub cache_file: Option<std::path::PathBuf>,
+    /// Start-up wait before using the cache.
+    pub startup_wait: Duration,
+    /// TLS for https coordinator URLs.
+    pub client_tls: crate::tls::ClientTls,
+}
 
 /// What one fetch produced.
 enum Fetched {
@@ -120,7 +138,7 @@ fn topology_url(base: &Uri, wait_above: Option<u64>) -> Option<Uri> {
 
 /// Follow `sources` until `shutdown`.
 pub(super) async fn follow(
-    proxy: Arc<Proxy>,
+    live: Arc<LiveMap>,
     sources: Vec<Uri>,
     cfg: WatchConfig,
     shutdown: CancellationToken,
@@ -153,10 +171,10 @@ pub(super) async fn follow(
     let mut fetch_now = false;
     loop {
         let source = &sources[current];
-        let epoch = proxy.epoch();
+        let epoch = live.epoch();
         // Watch only once there is an epoch to watch past; a refresh request
         // (421 from an upstream) asks for the map now, not the next one.
-        let refresh = proxy.refresh.notified();
+        let refresh = live.news().refresh_asked();
         let watching = !fetch_now && watch_supported[current] && epoch.is_some();
         fetch_now = false;
         let Some(url) = topology_url(source, if watching { epoch } else { None }) else {
@@ -194,10 +212,10 @@ pub(super) async fn follow(
                 // Shutdown does not wait for it (the cache file may sit on a
                 // hung mount).
                 let applying = {
-                    let (proxy, cache) = (proxy.clone(), cfg.cache_file.clone());
+                    let (live, cache) = (live.clone(), cfg.cache_file.clone());
                     let source = source_name.clone();
                     tokio::task::spawn_blocking(move || {
-                        apply(&proxy, &body, &source, cache.as_deref())
+                        apply(&live, &body, &source, cache.as_deref())
                     })
                 };
                 let applied = tokio::select! {
@@ -218,7 +236,7 @@ pub(super) async fn follow(
                     }
                     Ok(None) => pause = Some(cfg.poll_interval),
                     Err(e) => {
-                        proxy.refuse(MapUpdate::RejectedInvalid, &source_name, &e.to_string());
+                        live.refuse(MapUpdate::RejectedInvalid, &source_name, &e.to_string());
                         pause = Some(cfg.poll_interval);
                     }
                 }
@@ -228,7 +246,7 @@ pub(super) async fn follow(
             }
             Ok(Fetched::NotModified) => {
                 failures = 0;
-                proxy.confirm();
+                live.confirm();
                 pause = Some(jittered(cfg.poll_interval));
             }
             Ok(Fetched::Status(StatusCode::BAD_REQUEST)) if watching => {
@@ -236,7 +254,7 @@ pub(super) async fn follow(
                 watch_supported[current] = false;
             }
             Ok(Fetched::Status(status)) => {
-                proxy.refuse(
+                live.refuse(
                     MapUpdate::FetchError,
                     &source_name,
                     &format!("answered {status}"),
@@ -245,7 +263,7 @@ pub(super) async fn follow(
                 current = (current + 1) % sources.len();
             }
             Err(e) => {
-                proxy.refuse(MapUpdate::FetchError, &source_name, &e.to_string());
+                live.refuse(MapUpdate::FetchError, &source_name, &e.to_string());
                 pause = Some(next_backoff(&backoff, &mut failures, &mut last_delay));
                 current = (current + 1) % sources.len();
             }
@@ -253,7 +271,7 @@ pub(super) async fn follow(
         if let Some(p) = pause {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = proxy.refresh.notified() => fetch_now = true,
+                () = live.news().refresh_asked() => fetch_now = true,
                 () = tokio::time::sleep(p) => {}
             }
         }
@@ -274,16 +292,16 @@ fn next_backoff(b: &Backoff, failures: &mut u32, last: &mut Option<Duration>) ->
 
 /// Validate `body`, offer it, and save it to `cache` if it was applied.
 /// `None` when it is not a valid map (the refusal is recorded).
-fn apply(proxy: &Proxy, body: &[u8], source: &str, cache: Option<&Path>) -> Option<MapUpdate> {
+fn apply(live: &LiveMap, body: &[u8], source: &str, cache: Option<&Path>) -> Option<MapUpdate> {
     let map = match ShardMap::from_json(body) {
         Ok(map) => map,
         Err(e) => {
-            proxy.refuse(MapUpdate::RejectedInvalid, source, &e.to_string());
+            live.refuse(MapUpdate::RejectedInvalid, source, &e.to_string());
             return None;
         }
     };
     let doc = cache.map(|_| map.to_doc());
-    let update = proxy.offer(map, source);
+    let update = live.offer(map, source);
     if update == MapUpdate::Applied
         && let (Some(path), Some(doc)) = (cache, doc)
     {

@@ -1,0 +1,350 @@
+//! Admission, a layer: the proxy-wide limit on requests in flight. An
+//! admitted request holds a [`Ticket`] until its response body ends (so a
+//! long download counts for as long as it streams); one over the limit is
+//! shed at once with `503 overloaded`, costing no upstream anything.
+//!
+//! The ticket also tells the connection's reader (`conn::TimedIo`) whether a
+//! request is in flight, which decides between the idle and the header-read
+//! deadline.
+
+use super::super::body::ProxyBody;
+use super::super::error::ProxyError;
+use super::{Failed, Forwarded, Inbound};
+use metrics::Counter;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+/// The proxy-wide in-flight request limit.
+pub(crate) struct InflightLimit {
+    inflight: AtomicUsize,
+    max: AtomicUsize,
+    /// `shardgate_load_shed_total{reason="inflight"}`
+    shed: Counter,
+}
+
+impl InflightLimit {
+    /// A limit of `max` requests in flight; sheds are counted on `shed`.
+    pub(crate) fn new(max: usize, shed: Counter) -> InflightLimit {
+        InflightLimit {
+            inflight: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+            shed,
+        }
+    }
+
+    /// Change the limit (config reload).
+    pub(crate) fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// Requests in flight now.
+    pub(crate) fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+}
+
+/// What a connection's IO wrapper and its requests share.
+pub(crate) struct ConnActivity {
+    active: AtomicUsize,
+    /// When the last request ended, in nanoseconds after `born`; 0 before any.
+    idle_since: AtomicU64,
+    born: Instant,
+    limit: Arc<InflightLimit>,
+}
+
+/// Held by a request from arrival until its response body is done.
+pub(crate) struct Ticket(Arc<ConnActivity>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.limit.inflight.fetch_sub(1, Ordering::Relaxed);
+        // Stamped before the count drops, so a reader that sees the connection
+        // idle also sees since when. At least 1: 0 means "no request yet".
+        let now = u64::try_from(a.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        a.idle_since.fetch_max(now.max(1), Ordering::Relaxed);
+        a.active.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl ConnActivity {
+    /// Activity for a new connection under the proxy-wide `limit`.
+    pub(crate) fn new(limit: Arc<InflightLimit>) -> Arc<ConnActivity> {
+        Arc::new(ConnActivity {
+            active: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            born: Instant::now(),
+            limit,
+        })
+    }
+
+    /// Admit a request, or `None` when the proxy-wide limit is reached.
+    pub(crate) fn enter(self: &Arc<Self>) -> Option<Ticket> {
+        let l = &self.limit;
+        let before = l.inflight.fetch_add(1, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::AcqRel);
+        let ticket = Ticket(self.clone());
+        (before < l.max.load(Ordering::Relaxed)).then_some(ticket)
+    }
+
+    /// Whether a request is in flight on the connection.
+    pub(crate) fn busy(&self) -> bool {
+        self.active.load(Ordering::Acquire) > 0
+    }
+
+    /// When the last request ended (the raw stamp; compare with `born`).
+    pub(crate) fn idle_since(&self) -> u64 {
+        self.idle_since.load(Ordering::Relaxed)
+    }
+
+    /// When the connection was accepted.
+    pub(crate) fn born(&self) -> Instant {
+        self.born
+    }
+}
+
+/// Adds [`Admission`] for one connection.
+pub(crate) struct AdmissionLayer {
+    activity: Arc<ConnActivity>,
+}
+
+impl AdmissionLayer {
+    /// Admission of the requests of the connection `activity` tracks.
+    pub(crate) fn new(activity: Arc<ConnActivity>) -> AdmissionLayer {
+        AdmissionLayer { activity }
+    }
+}
+
+impl<S> Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
+    fn layer(&self, inner: S) -> Admission<S> {
+        Admission {
+            inner,
+            activity: self.activity.clone(),
+        }
+    }
+}
+
+/// Admits requests under the in-flight limit, or sheds them.
+pub(crate) struct Admission<S> {
+    inner: S,
+    activity: Arc<ConnActivity>,
+}
+
+impl<S, R> Service<Inbound<R>> for Admission<S>
+where
+    S: Service<Inbound<R>, Response = Forwarded<ProxyBody>, Error = Failed>,
+{
+    type Response = Forwarded<Tracked<ProxyBody>>;
+    type Error = Failed;
+    type Future = AdmissionFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failed>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, inbound: Inbound<R>) -> Self::Future {
+        match self.activity.enter() {
+            Some(ticket) => AdmissionFuture::Admitted {
+                inner: self.inner.call(inbound),
+                ticket: Some(ticket),
+            },
+            None => {
+                self.activity.limit.shed.increment(1);
+                AdmissionFuture::Shed {
+                    error: Some(ProxyError::Overloaded {
+                        reason: "too many requests in flight",
+                        partition: None,
+                    }),
+                }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An admitted request holding its ticket, or a shed one.
+    #[project = Projected]
+    pub(crate) enum AdmissionFuture<F> {
+        Admitted { #[pin] inner: F, ticket: Option<Ticket> },
+        Shed { error: Option<ProxyError> },
+    }
+}
+
+impl<F> Future for AdmissionFuture<F>
+where
+    F: Future<Output = Result<Forwarded<ProxyBody>, Failed>>,
+{
+    type Output = Result<Forwarded<Tracked<ProxyBody>>, Failed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            Projected::Admitted { inner, ticket } => {
+                let Forwarded { response, trail } = ready!(inner.poll(cx))?;
+                let ticket = ticket.take();
+                Poll::Ready(Ok(Forwarded {
+                    response: response.map(|b| Tracked::new(b, ticket)),
+                    trail,
+                }))
+            }
+            Projected::Shed { error } => match error.take() {
+                Some(e) => Poll::Ready(Err(Failed::early(e))),
+                None => Poll::Pending, // polled after completion
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds its request's ticket until it ends.
+    pub(crate) struct Tracked<B> {
+        #[pin]
+        inner: B,
+        ticket: Option<Ticket>,
+    }
+}
+
+impl<B> Tracked<B> {
+    /// Hold `ticket` until `inner` ends or is dropped.
+    pub(crate) fn new(inner: B, ticket: Option<Ticket>) -> Tracked<B> {
+        Tracked { inner, ticket }
+    }
+}
+
+impl From<ProxyBody> for Tracked<ProxyBody> {
+    /// The proxy's own answers hold no ticket: it went when they were decided.
+    fn from(b: ProxyBody) -> Self {
+        Tracked::new(b, None)
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let r = this.inner.poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.ticket.take();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::Metrics;
+
+    fn limit(max: usize) -> Arc<InflightLimit> {
+        let m = Metrics::new();
+        Arc::new(InflightLimit::new(
+            max,
+            m.counter("shardgate_load_shed_total", &[("reason", "inflight")]),
+        ))
+    }
+
+    #[test]
+    fn requests_over_the_limit_are_refused_and_a_ticket_frees_its_place() {
+        let l = limit(2);
+        let conn = ConnActivity::new(l.clone());
+        let a = conn.enter().expect("first");
+        let b = conn.enter().expect("second");
+        assert!(conn.enter().is_none(), "third is over the limit");
+        assert_eq!(l.inflight(), 2, "a refused request holds no place");
+        drop(a);
+        let c = conn.enter().expect("a place was freed");
+        assert!(conn.busy());
+        drop((b, c));
+        assert!(!conn.busy());
+        assert_eq!(l.inflight(), 0);
+    }
+
+    #[test]
+    fn the_limit_is_shared_by_every_connection_and_can_change() {
+        let l = limit(1);
+        let (one, two) = (ConnActivity::new(l.clone()), ConnActivity::new(l.clone()));
+        let t = one.enter().unwrap();
+        assert!(two.enter().is_none());
+        assert!(!two.busy(), "the refused request left no trace");
+        l.set_max(2);
+        let u = two.enter().expect("raised limit");
+        drop((t, u));
+    }
+
+    #[test]
+    fn a_connection_knows_since_when_it_is_idle() {
+        let conn = ConnActivity::new(limit(8));
+        assert_eq!(conn.idle_since(), 0, "no request yet");
+        drop(conn.enter());
+        assert!(conn.idle_since() > 0);
+    }
+}
+
+#[cfg(test)]
+mod layer_tests {
+    use super::super::Trail;
+    use super::super::tests::inbound;
+    use super::*;
+    use crate::telemetry::Metrics;
+    use http::Response;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn an_admitted_request_holds_its_place_until_its_body_ends_and_the_next_is_shed() {
+        let m = Metrics::new();
+        let shed = m.counter("shardgate_load_shed_total", &[("reason", "inflight")]);
+        let limit = Arc::new(InflightLimit::new(1, shed));
+        let conn = ConnActivity::new(limit.clone());
+        let mut svc =
+            AdmissionLayer::new(conn.clone()).layer(tower::service_fn(|_: Inbound<()>| async {
+                Ok::<_, Failed>(Forwarded {
+                    response: Response::new(ProxyBody::full("streamed")),
+                    trail: Trail::default(),
+                })
+            }));
+        let first = svc
+            .call(inbound(http::Request::new(())))
+            .await
+            .unwrap_or_else(|_| panic!("the first request is admitted"));
+        assert_eq!(limit.inflight(), 1, "held while the body is unread");
+        let Err(shed) = svc.call(inbound(http::Request::new(()))).await else {
+            panic!("the second request is over the limit");
+        };
+        assert_eq!(shed.error.code(), "overloaded");
+        assert_eq!(shed.error.status(), 503);
+        assert!(
+            m.render()
+                .contains(r#"shardgate_load_shed_total{reason="inflight"} 1"#)
+        );
+        let body = first
+            .response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"streamed");
+        assert_eq!(limit.inflight(), 0, "the place is freed when the body ends");
+        assert!(!conn.busy());
+    }
+}

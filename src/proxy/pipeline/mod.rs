@@ -1,0 +1,237 @@
+//! The request path, top to bottom. Every request passes these steps in order:
+//!
+//! | step | what happens | module |
+//! |---|---|---|
+//! | entry | the live snapshot, arrival time and trace are taken | [`Entry`], here |
+//! | observe | once answered: metrics, and the access log for errors and a sample | `observe` (layer) |
+//! | respond | the proxy's own answers (errors) become SPEC JSON, in this one place | `respond` (layer) |
+//! | admission | the in-flight limit: a ticket, or `503 overloaded` | `admission` (layer) |
+//! | deadline | one overall deadline, which every later wait honours | `deadline` (layer) |
+//! | key | the request is checked, then its shard key read | `key` |
+//! | placement | the key's ring position picks a partition of the map | `placement` |
+//! | plan | class and read preference order the partition's nodes | `plan` |
+//! | attempts | breakers, retries, backoff, budget; re-placement | `attempts` (I/O), `policy` (decisions) |
+//! | response | the upstream's answer, headers rewritten, body streamed | `response` |
+//!
+//! The first four are tower layers: each wraps everything below it without
+//! looking inside, and none allocates or reads the clock per request. The
+//! forwarding stages below them are one service, `route`, for reasons its
+//! opening comment gives.
+
+mod admission;
+mod attempts;
+mod deadline;
+mod key;
+mod observe;
+mod outgoing;
+mod placement;
+mod plan;
+mod policy;
+mod respond;
+mod response;
+mod route;
+
+pub(crate) use admission::{ConnActivity, InflightLimit, Tracked};
+pub(crate) use attempts::AttemptMetrics;
+pub(crate) use route::{Forwarder, Holds};
+
+use super::body::ProxyBody;
+use super::error::ProxyError;
+use super::headers::{ClientInfo, HostMemo};
+use super::live::{LiveMap, Snapshot};
+use crate::routing::{PartitionMetrics, ServedBy};
+use crate::telemetry::TraceContext;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use tokio::time::Instant;
+use tower::{Service, ServiceBuilder};
+
+/// A request as the pipeline carries it (generic over the body only so the
+/// layers can be tested without a connection).
+pub(crate) struct Inbound<B = Incoming> {
+    /// The client's request.
+    pub(crate) req: Request<B>,
+    /// The map, settings and budget it runs under, start to end.
+    pub(crate) snapshot: Arc<Snapshot>,
+    /// When it arrived.
+    pub(crate) arrived: Instant,
+    /// Its trace: the client's continued (`true`), or a new one.
+    pub(crate) trace: (TraceContext, bool),
+}
+
+/// An inbound request with its overall deadline, as the forwarding stages take it.
+pub(crate) struct Bounded<B = Incoming> {
+    /// The request.
+    pub(crate) inbound: Inbound<B>,
+    /// When it must be answered by.
+    pub(crate) deadline: Instant,
+}
+
+/// What the forwarding stages learned on the way, for metrics and the access log.
+#[derive(Default)]
+pub(crate) struct Trail {
+    /// The partition chosen (index and its metric handles).
+    pub(crate) partition: Option<(u32, Arc<PartitionMetrics>)>,
+    /// Who produced the response.
+    pub(crate) served_by: ServedBy,
+    /// The upstream that answered.
+    pub(crate) upstream: Option<Arc<str>>,
+    /// Attempts sent upstream.
+    pub(crate) attempts: u32,
+    /// When the answer passed on arrived from its upstream: the end of the
+    /// request-duration measurement (`None`: the proxy's own answer, timed
+    /// when observed).
+    pub(crate) answered: Option<Instant>,
+}
+
+/// A response to pass on, and how it came about.
+pub(crate) struct Forwarded<B> {
+    pub(crate) response: Response<B>,
+    pub(crate) trail: Trail,
+}
+
+/// A request the proxy answers itself, and how far it got.
+pub(crate) struct Failed {
+    pub(crate) error: ProxyError,
+    pub(crate) trail: Trail,
+}
+
+impl Failed {
+    /// `error`, before any partition was chosen.
+    pub(crate) fn early(error: ProxyError) -> Failed {
+        Failed {
+            error,
+            trail: Trail::default(),
+        }
+    }
+}
+
+impl From<ProxyError> for Failed {
+    fn from(error: ProxyError) -> Failed {
+        Failed::early(error)
+    }
+}
+
+/// Every request's answer: a response, how it came about, and the error
+/// code when the proxy answered itself.
+pub(crate) struct Answered<B> {
+    pub(crate) response: Response<B>,
+    pub(crate) trail: Trail,
+    pub(crate) error: Option<&'static str>,
+}
+
+/// What a connection's client is, shared by its requests.
+pub(crate) struct ClientConn {
+    /// Forwarding facts.
+    pub(crate) info: ClientInfo,
+    /// The last valid `Host` it sent.
+    pub(crate) hosts: HostMemo,
+}
+
+/// What every connection's pipeline shares.
+pub(crate) struct Shared {
+    pub(crate) live: Arc<LiveMap>,
+    pub(crate) forwarder: Arc<Forwarder>,
+    pub(crate) limit: Arc<InflightLimit>,
+    /// Metric handles for requests no partition took.
+    pub(crate) unrouted: Arc<PartitionMetrics>,
+}
+
+/// The pipeline for one client connection, as hyper calls it.
+pub(crate) fn connection(
+    shared: &Shared,
+    client: ClientConn,
+    activity: Arc<ConnActivity>,
+) -> Entry<
+    impl Service<
+        Inbound,
+        Response = Response<Tracked<ProxyBody>>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Send
+    + use<>,
+> {
+    let route = route::Route::new(shared.forwarder.clone(), client);
+    let stack = ServiceBuilder::new()
+        .layer(observe::ObserveLayer::new(shared.unrouted.clone()))
+        .layer(respond::RespondLayer)
+        .layer(admission::AdmissionLayer::new(activity))
+        .layer(deadline::DeadlineLayer)
+        .service_fn(move |b: Bounded| route.call(b));
+    Entry {
+        stack: RefCell::new(stack),
+        live: shared.live.clone(),
+    }
+}
+
+/// Where hyper hands a request to the pipeline.
+///
+/// hyper calls its service through `&self` and only ever from the
+/// connection's own task, so the tower stack (which `call`s through
+/// `&mut self`) sits in a `RefCell`: no lock, and no clone of the stack per
+/// request.
+pub(crate) struct Entry<S> {
+    stack: RefCell<S>,
+    live: Arc<LiveMap>,
+}
+
+impl<S> hyper::service::Service<Request<Incoming>> for Entry<S>
+where
+    S: Service<Inbound, Response = Response<Tracked<ProxyBody>>, Error = Infallible>,
+{
+    type Response = Response<Tracked<ProxyBody>>;
+    type Error = Infallible;
+    type Future = S::Future;
+
+    fn call(&self, req: Request<Incoming>) -> S::Future {
+        let inbound = Inbound {
+            trace: super::headers::trace_of(req.headers()),
+            snapshot: self.live.snapshot(),
+            arrived: Instant::now(),
+            req,
+        };
+        let mut stack = self.stack.borrow_mut();
+        // Every layer is always ready: the in-flight limit sheds in `call`
+        // with an answer rather than making hyper wait.
+        let ready = stack.poll_ready(&mut Context::from_waker(Waker::noop()));
+        debug_assert!(matches!(ready, Poll::Ready(Ok(()))));
+        stack.call(inbound)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::proxy::{ProxyConfig, RuntimeConfig};
+    use crate::resilience::RetryBudget;
+
+    /// The shipped defaults.
+    pub(crate) fn settings() -> Arc<RuntimeConfig> {
+        ProxyConfig::from_toml(
+            "[topology]\nsources = [\"m.json\"]\n",
+            "t",
+            &Default::default(),
+        )
+        .unwrap()
+        .runtime
+    }
+
+    /// `req` arriving now, with no map yet and the shipped settings.
+    pub(crate) fn inbound<B>(req: Request<B>) -> Inbound<B> {
+        let settings = settings();
+        Inbound {
+            req,
+            snapshot: Arc::new(Snapshot {
+                table: None,
+                budget: Arc::new(RetryBudget::new(settings.budget)),
+                settings,
+            }),
+            arrived: Instant::now(),
+            trace: (TraceContext::start(), false),
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The forwarding stages as one service: key → placement → plan → attempts →
+//! response.
+//!
+//! Unlike the layers above it this is not a tower stack. A layer wraps what
+//! is below it without looking inside; forwarding is a loop over these
+//! stages: the attempts move a request between nodes, a write may be held
+//! through a failover, and a read that a node refused for an old map is
+//! placed again under the newer one. Each of those decisions (`policy`)
+//! needs the request, its placement, its plan and the last outcome in hand at
+//! once; as layers, that state would travel back and forth through every
+//! layer's request and response types.
+//!
+//! Stage 1 and the inputs of the later ones are computed synchronously in
+//! [`Route::call`], before the returned future exists: the client's request
+//! never lives in the future, which hyper moves whole for every request (each
+//! byte of it costs a copy). For the same reason the future awaits through
+//! pinned sub-futures and keeps rare state in boxes.
+
+use super::super::body::ProxyBody;
+use super::super::error::ProxyError;
+use super::super::headers;
+use super::super::live::{LiveMap, Snapshot};
+use super::attempts::{self, AttemptMetrics, Run};
+use super::outgoing::Outgoing;
+use super::placement::{self, Placement};
+use super::plan;
+use super::policy::{self, Replacement, WaitFor};
+use super::response::{self, Delivered};
+use super::{Bounded, ClientConn, Failed, Forwarded, Inbound, Trail};
+use crate::resilience::is_idempotent;
+use crate::routing::{ReadPreference, RequestClass, RoutePartition};
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// What the forwarding stages of every connection share.
+pub(crate) struct Forwarder {
+    /// The map in force, and news of newer ones.
+    pub(crate) live: Arc<LiveMap>,
+    /// Writes held through failovers.
+    pub(crate) holds: Holds,
+    /// The attempt loop's metric handles.
+    pub(crate) metrics: AttemptMetrics,
+}
+
+/// Writes held while their partition has no reachable primary (failover
+/// buffering), at most so many at once.
+pub(crate) struct Holds {
+    slots: Arc<Semaphore>,
+    max: Mutex<usize>,
+}
+
+impl Holds {
+    /// At most `max` writes held at once.
+    pub(crate) fn new(max: usize) -> Holds {
+        Holds {
+            slots: Arc::new(Semaphore::new(max)),
+            max: Mutex::new(max),
+        }
+    }
+
+    /// Change the limit (config reload); holds in progress keep their slots.
+    pub(crate) fn set_max(&self, max: usize) {
+        let mut have = self.max.lock().unwrap_or_else(|e| e.into_inner());
+        if max > *have {
+            self.slots.add_permits(max - *have);
+        } else {
+            self.slots.forget_permits(*have - max);
+        }
+        *have = max;
+    }
+
+    fn try_hold(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+}
+
+/// The forwarding stages for one client connection.
+pub(crate) struct Route {
+    fwd: Arc<Forwarder>,
+    client: ClientConn,
+}
+
+/// A request past stage 1, with everything the later stages need.
+struct Routed {
+    /// The request as it goes upstream.
+    outgoing: Outgoing,
+    /// The map it is placed under (replaced at most once, by a newer one).
+    snapshot: Arc<Snapshot>,
+    placement: Placement,
+    pref: ReadPreference,
+    class: RequestClass,
+    idempotent: bool,
+    arrived: Instant,
+    deadline: Instant,
+    trace_id: u128,
+}
+
+/// Why a request waits for a newer map before it is placed again.
+enum Wait {
+    /// A node that knows a newer map refused a read; its refusal is the
+    /// answer if no newer map arrives in time. Boxed: this is rare.
+    Misdirected(Box<Delivered>),
+    /// A write held through a failover, holding one of the limited slots.
+    Failover {
+        error: ProxyError,
+        _slot: OwnedSemaphorePermit,
+    },
+}
+
+impl Route {
+    /// The stages for a connection from `client`.
+    pub(crate) fn new(fwd: Arc<Forwarder>, client: ClientConn) -> Route {
+        Route { fwd, client }
+    }
+
+    /// Forward one request; never fails to produce a result.
+    pub(crate) fn call(
+        &self,
+        b: Bounded,
+    ) -> RouteFuture<impl Future<Output = Result<Forwarded<ProxyBody>, Failed>> + Send + use<>>
+    {
+        match self.route(b) {
+            Err(error) => RouteFuture::Refused {
+                failed: Some(Failed::early(error)),
+            },
+            Ok(mut routed) => {
+                let fwd = self.fwd.clone();
+                RouteFuture::Forwarding {
+                    inner: async move {
+                        let forward = pin!(forward(&fwd, &mut routed));
+                        forward.await
+                    },
+                }
+            }
+        }
+    }
+
+    /// Stage 1, and the inputs the later stages read from the request.
+    fn route(&self, b: Bounded) -> Result<Routed, ProxyError> {
+        let Bounded {
+            inbound:
+                Inbound {
+                    req,
+                    snapshot,
+                    arrived,
+                    trace,
+                },
+            deadline,
+        } = b;
+        let settings = &snapshot.settings;
+        // 1. key: refuse anything ambiguous before reading a key out of it.
+        let host =
+            headers::check_inbound(&req, settings.limits.max_header_bytes, &self.client.hosts)?;
+        let table = snapshot.table.as_deref().ok_or(ProxyError::NoTopology)?;
+        let placement = super::key::placement(&req, &settings.routing)?;
+        let class = RequestClass::of(req.method());
+        placement::check_fresh(class, settings.max_staleness, || self.fwd.live.age())?;
+        let pref = plan::read_preference(req.headers(), &settings.routing)?;
+        let idempotent = is_idempotent(req.method());
+        let outgoing = Outgoing::prepare(
+            req,
+            host,
+            &self.client.info,
+            table.epoch_header(),
+            trace,
+            settings,
+        )?;
+        Ok(Routed {
+            outgoing,
+            placement,
+            pref,
+            class,
+            idempotent,
+            arrived,
+            deadline,
+            trace_id: trace.0.trace_id,
+            snapshot,
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request refused at stage 1 (ready at once), or being forwarded.
+    #[project = Projected]
+    pub(crate) enum RouteFuture<F> {
+        Refused { failed: Option<Failed> },
+        Forwarding { #[pin] inner: F },
+    }
+}
+
+impl<F> Future for RouteFuture<F>
+where
+    F: Future<Output = Result<Forwarded<ProxyBody>, Failed>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        match self.project() {
+            Projected::Refused { failed } => match failed.take() {
+                Some(f) => Poll::Ready(Err(f)),
+                None => Poll::Pending, // polled after completion
+            },
+            Projected::Forwarding { inner } => inner.poll(cx),
+        }
+    }
+}
+
+/// Stages 2–6 for a routed request: place it, plan, attempt, respond — and
+/// place it once more under a newer map when `policy` says so.
+async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>, Failed> {
+    let mut trail = Trail::default();
+    let mut replacement = Replacement::default();
+    loop {
+        let newer = {
+            let snapshot = &r.snapshot;
+            let Some(table) = snapshot.table.as_deref() else {
+                return Err(Failed {
+                    error: ProxyError::NoTopology,
+                    trail,
+                });
+            };
+            // 2. placement
+            let partition = match placement::place(table, r.placement) {
+                Ok(p) => p,
+                Err(error) => return Err(Failed { error, trail }),
+            };
+            trail.partition = Some((partition.index, partition.metrics.clone()));
+            // 3. plan
+            let plan = match plan::plan(partition, r.class, r.pref) {
+                Ok(p) => p,
+                Err(error) => return Err(Failed { error, trail }),
+            };
+            let run = Run {
+                settings: &snapshot.settings,
+                budget: &snapshot.budget,
+                metrics: &fwd.metrics,
+                arrived: r.arrived,
+                deadline: r.deadline,
+                idempotent: r.idempotent,
+                trace_id: r.trace_id,
+            };
+            let expose = snapshot.settings.routing.expose_upstream;
+            // hyper moves the outermost future for every request, so its size
+            // matters: the attempt loop is pinned in place and awaited through
+            // the pin (a directly awaited call is laid out twice), and its
+            // outcome lives in this block only, not through the rare wait for
+            // a newer map below.
+            let (wait, w): (Wait, WaitFor) = {
+                // 4. attempts
+                let (outcome, made) = {
+                    let attempts = pin!(attempts::run(&mut r.outgoing, &plan, partition, &run));
+                    attempts.await
+                };
+                trail.attempts += made;
+                match outcome {
+                    Ok(delivered) => {
+                        let Some(theirs) = policy::misdirected(
+                            delivered.resp.status(),
+                            delivered.resp.headers(),
+                            table.epoch(),
+                        ) else {
+                            // 5. response
+                            return Ok(finish(delivered, partition, expose, r.deadline, trail));
+                        };
+                        // A node that knows a newer map refused: fetch it now,
+                        // and send a read once more under it.
+                        fwd.live.news().ask_for_refresh();
+                        let again = replacement.after_misdirected(
+                            r.class,
+                            theirs,
+                            r.deadline,
+                            Instant::now(),
+                        );
+                        match again {
+                            Some(w) if r.outgoing.refill() => {
+                                (Wait::Misdirected(Box::new(delivered)), w)
+                            }
+                            _ => {
+                                return Ok(finish(delivered, partition, expose, r.deadline, trail));
+                            }
+                        }
+                    }
+                    Err(error @ ProxyError::PrimaryUnavailable { .. }) => {
+                        // Failover buffering: a write that can be sent again —
+                        // nothing of it was sent, or it is idempotent and kept —
+                        // waits for the new primary instead of failing. A
+                        // non-idempotent write that may have reached the old
+                        // primary has no kept copy and is never sent twice.
+                        let hold = replacement.after_primary_unavailable(
+                            r.class,
+                            snapshot.settings.failover_buffer,
+                            table.epoch(),
+                            r.deadline,
+                            Instant::now(),
+                        );
+                        let slot = hold
+                            .filter(|_| r.outgoing.refill())
+                            .and_then(|w| Some((w, fwd.holds.try_hold()?)));
+                        match slot {
+                            Some((w, slot)) => (Wait::Failover { error, _slot: slot }, w),
+                            None => return Err(Failed { error, trail }),
+                        }
+                    }
+                    Err(error) => return Err(Failed { error, trail }),
+                }
+            };
+            match (fwd.live.newer_than(w.above, w.until).await, wait) {
+                (Some(newer), _) => newer,
+                // With no newer map in time the refusal is the answer; the
+                // read is not sent again under the same map.
+                (None, Wait::Misdirected(delivered)) => {
+                    let mut answer = finish(*delivered, partition, expose, r.deadline, trail);
+                    // Answered only now, after the wait: `observe` reads the clock.
+                    answer.trail.answered = None;
+                    return Ok(answer);
+                }
+                (None, Wait::Failover { error, .. }) => return Err(Failed { error, trail }),
+            }
+        };
+        if let Some(t) = newer.table.as_deref() {
+            r.outgoing.set_epoch(t.epoch_header());
+        }
+        r.snapshot = newer;
+    }
+}
+
+/// Stage 6 for a delivered answer, its facts added to `trail`.
+fn finish(
+    delivered: Delivered,
+    partition: &RoutePartition,
+    expose_upstream: bool,
+    deadline: Instant,
+    mut trail: Trail,
+) -> Forwarded<ProxyBody> {
+    let (response, served) = response::reply(delivered, partition, expose_upstream, deadline);
+    trail.served_by = served.by;
+    trail.upstream = Some(served.upstream);
+    trail.answered = Some(served.at);
+    Forwarded { response, trail }
+}

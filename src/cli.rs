@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 /// shardgate: a layer-7 sharding proxy and its control plane.
 #[derive(Debug, Parser)]
 #[command(name = "shardgate", version, about)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
@@ -18,7 +18,7 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the data plane.
     Proxy(ProxyArgs),
     /// Print, per key: key, hash (8 hex digits), partition index, primary.
@@ -38,7 +38,7 @@ pub enum Command {
 
 /// `shardgate demo` flags.
 #[derive(Debug, Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Proxy listen address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
@@ -55,7 +55,7 @@ pub struct DemoArgs {
 
 /// `shardgate demo-node` flags.
 #[derive(Debug, Args)]
-pub struct DemoNodeArgs {
+pub(crate) struct DemoNodeArgs {
     /// Node id.
     #[arg(long)]
     pub id: String,
@@ -72,7 +72,7 @@ pub struct DemoNodeArgs {
 
 /// `shardgate coordinator` flags; each overrides the config file.
 #[derive(Debug, Args)]
-pub struct CoordinatorArgs {
+pub(crate) struct CoordinatorArgs {
     /// Config file (TOML); built-in defaults when absent.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -104,7 +104,7 @@ pub struct CoordinatorArgs {
 
 impl CoordinatorArgs {
     /// The flags as config overrides.
-    pub fn overrides(&self) -> shardgate::config::CoordinatorOverrides {
+    pub(crate) fn overrides(&self) -> shardgate::config::CoordinatorOverrides {
         shardgate::config::CoordinatorOverrides {
             http_listen: self.http_listen.clone(),
             grpc_listen: self.grpc_listen.clone(),
@@ -120,7 +120,7 @@ impl CoordinatorArgs {
 
 /// `shardgate agent` flags.
 #[derive(Debug, Args)]
-pub struct AgentArgs {
+pub(crate) struct AgentArgs {
     /// Coordinator gRPC address (`host:port` or `http://host:port`).
     #[arg(long)]
     pub coordinator: String,
@@ -152,7 +152,7 @@ pub struct AgentArgs {
 
 impl AgentArgs {
     /// The flags as plain data, for `config` to validate.
-    pub fn flags(&self) -> shardgate::config::AgentFlags {
+    pub(crate) fn flags(&self) -> shardgate::config::AgentFlags {
         shardgate::config::AgentFlags {
             coordinator: self.coordinator.clone(),
             node_id: self.node_id.clone(),
@@ -169,7 +169,7 @@ impl AgentArgs {
 
 /// `shardgate proxy` flags; each overrides the config file.
 #[derive(Debug, Args)]
-pub struct ProxyArgs {
+pub(crate) struct ProxyArgs {
     /// Config file (TOML); built-in defaults when absent.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -192,7 +192,7 @@ pub struct ProxyArgs {
 
 impl ProxyArgs {
     /// The flags as config overrides.
-    pub fn overrides(&self) -> ProxyOverrides {
+    pub(crate) fn overrides(&self) -> ProxyOverrides {
         ProxyOverrides {
             listen: self.listen.clone(),
             admin_listen: self.admin_listen.clone(),
@@ -205,7 +205,7 @@ impl ProxyArgs {
 
 /// `shardgate route` arguments.
 #[derive(Debug, Args)]
-pub struct RouteArgs {
+pub(crate) struct RouteArgs {
     /// Topology file.
     #[arg(long)]
     pub topology: PathBuf,
@@ -216,14 +216,14 @@ pub struct RouteArgs {
 
 /// `shardgate check-config` arguments.
 #[derive(Debug, Args)]
-pub struct CheckArgs {
+pub(crate) struct CheckArgs {
     /// Proxy config (.toml) or topology (.json).
     pub file: PathBuf,
 }
 
 /// A command's input was unusable (exit 1).
 #[derive(Debug, thiserror::Error)]
-pub enum InputError {
+pub(crate) enum InputError {
     /// A config file broke rules.
     #[error("{0}")]
     Config(#[from] ConfigErrors),
@@ -236,7 +236,7 @@ pub enum InputError {
 }
 
 /// `shardgate route`: where each key goes under a topology file.
-pub fn route(args: &RouteArgs, out: &mut impl Write) -> Result<(), InputError> {
+pub(crate) fn route(args: &RouteArgs, out: &mut impl Write) -> Result<(), InputError> {
     let map = shardgate::topology::read_topology_file(&args.topology)?;
     for key in &args.keys {
         let pos = key_position(key.as_bytes());
@@ -248,7 +248,7 @@ pub fn route(args: &RouteArgs, out: &mut impl Write) -> Result<(), InputError> {
 }
 
 /// `shardgate check-config`: validate and summarise, or list every problem.
-pub fn check_config(path: &Path) -> Result<String, InputError> {
+pub(crate) fn check_config(path: &Path) -> Result<String, InputError> {
     let is_json = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));

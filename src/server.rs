@@ -328,3 +328,86 @@ pub fn tls_incoming(
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_drain_lets_the_request_in_hand_finish_then_closes_and_returns() {
+        let drain = Drain::default();
+        let (mut client, server) = tokio::io::duplex(4096);
+        let release = Arc::new(tokio::sync::Notify::new());
+        let answer = release.clone();
+        let svc = hyper::service::service_fn(move |_req| {
+            let answer = answer.clone();
+            async move {
+                answer.notified().await;
+                Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::from_static(b"done"))))
+            }
+        });
+        let conn =
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(server), svc);
+        let served = tokio::spawn(drain.watcher().watch(conn));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+        let mut shutdown = tokio::spawn(drain.shutdown());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut shutdown)
+                .await
+                .is_err(),
+            "the drain waits for the request in hand"
+        );
+        release.notify_one();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("done"), "answered, then closed: {answer}");
+        shutdown.await.unwrap();
+        served.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_refused_and_accepting_goes_on() {
+        let (listener, addr) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let cap = Arc::new(Semaphore::new(1));
+        let shutdown = CancellationToken::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop = shutdown.clone();
+        let looping = tokio::spawn(async move {
+            let mut held = Vec::new();
+            accept_loop(
+                &listener,
+                &cap,
+                &stop,
+                |a| {
+                    let _ = tx.send("served");
+                    held.push(a.permit);
+                },
+                |_| {
+                    let _ = tx.send("refused");
+                },
+            )
+            .await;
+        });
+        let _first = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(rx.recv().await, Some("served"));
+        let _second = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(rx.recv().await, Some("refused"));
+        shutdown.cancel();
+        looping.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_taken_address_is_a_bind_error_naming_it() {
+        let (_held, addr) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let e = bind(addr).await.err().unwrap();
+        assert_eq!(e.addr, addr);
+        assert!(e.to_string().contains(&addr.to_string()), "{e}");
+    }
+}

@@ -4,13 +4,13 @@ use std::path::Path;
 
 /// CPU time counters from the first line of /proc/stat.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CpuTimes {
+pub(super) struct CpuTimes {
     busy: u64,
     total: u64,
 }
 
 /// Parse the aggregate `cpu` line of /proc/stat.
-pub fn parse_cpu(stat: &str) -> Option<CpuTimes> {
+pub(super) fn parse_cpu(stat: &str) -> Option<CpuTimes> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let v: Vec<u64> = line
         .split_whitespace()
@@ -30,7 +30,7 @@ pub fn parse_cpu(stat: &str) -> Option<CpuTimes> {
 }
 
 /// CPU use between two samples, percent.
-pub fn cpu_percent(before: CpuTimes, after: CpuTimes) -> f64 {
+pub(super) fn cpu_percent(before: CpuTimes, after: CpuTimes) -> f64 {
     let total = after.total.saturating_sub(before.total);
     if total == 0 {
         return 0.0;
@@ -40,14 +40,14 @@ pub fn cpu_percent(before: CpuTimes, after: CpuTimes) -> f64 {
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes.
-pub fn parse_mem_available(meminfo: &str) -> Option<i64> {
+pub(super) fn parse_mem_available(meminfo: &str) -> Option<i64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib.saturating_mul(1024))
 }
 
 /// Established connections in a /proc/net/tcp-format table.
-pub fn count_established(table: &str) -> i64 {
+pub(super) fn count_established(table: &str) -> i64 {
     table
         .lines()
         .skip(1)

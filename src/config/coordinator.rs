@@ -13,7 +13,7 @@ use std::time::Duration;
 /// `[coordinator]`: identity, listeners, timing and the store.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
-pub struct CoordinatorSection {
+pub(super) struct CoordinatorSection {
     /// This coordinator's id; maps it serves name it as `masterNodeId` while it leads.
     pub id: String,
     /// HTTP API: topology, nodes, metrics.
@@ -86,7 +86,7 @@ impl Default for CoordinatorSection {
 /// `[log]` for the coordinator.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
-pub struct CoordinatorLogSection {
+pub(super) struct CoordinatorLogSection {
     /// Level or filter; `RUST_LOG` wins.
     pub level: String,
     /// `text` or `json`.

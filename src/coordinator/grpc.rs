@@ -28,7 +28,7 @@ const MAX_NODE_ID: usize = 128;
 const MAX_ADDRESS: usize = 45;
 
 /// Check every field of a heartbeat; nothing changes for a refused one.
-pub fn validate(req: &HeartbeatRequest, now_ms: i64) -> Result<Heartbeat, Status> {
+pub(super) fn validate(req: &HeartbeatRequest, now_ms: i64) -> Result<Heartbeat, Status> {
     let id = req.node_id.as_str();
     if id.trim().is_empty() {
         return Err(Status::invalid_argument("node_id is empty"));

@@ -14,14 +14,14 @@ struct Bucket {
 }
 
 /// Token buckets keyed by node id.
-pub struct RateLimiter {
+pub(super) struct RateLimiter {
     per_second: f64,
     buckets: Mutex<HashMap<String, Bucket>>,
 }
 
 impl RateLimiter {
     /// `per_second` heartbeats per node, with a burst of the same size.
-    pub fn new(per_second: u32) -> RateLimiter {
+    pub(super) fn new(per_second: u32) -> RateLimiter {
         RateLimiter {
             per_second: f64::from(per_second.max(1)),
             buckets: Mutex::new(HashMap::new()),
@@ -29,7 +29,7 @@ impl RateLimiter {
     }
 
     /// Take a token for `node`; `false` when it is over its rate.
-    pub fn allow(&self, node: &str) -> bool {
+    pub(super) fn allow(&self, node: &str) -> bool {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if buckets.len() >= MAX_TRACKED && !buckets.contains_key(node) {

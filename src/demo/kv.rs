@@ -24,7 +24,7 @@ const MAX_VALUE: usize = 1024 * 1024;
 const MAX_KEYS: usize = 100_000;
 
 /// One node's store.
-pub struct KvNode {
+pub(crate) struct KvNode {
     id: String,
     data: Mutex<HashMap<String, Bytes>>,
     newest_epoch: AtomicU64,
@@ -34,7 +34,7 @@ pub struct KvNode {
 
 impl KvNode {
     /// An empty store named `id`.
-    pub fn new(id: &str) -> Arc<KvNode> {
+    pub(crate) fn new(id: &str) -> Arc<KvNode> {
         Arc::new(KvNode {
             id: id.to_owned(),
             data: Mutex::new(HashMap::new()),
@@ -44,7 +44,7 @@ impl KvNode {
     }
 
     /// Stop taking writes (the coordinator said TERMINATE).
-    pub fn fence(&self) {
+    pub(crate) fn fence(&self) {
         self.fenced.store(true, Ordering::SeqCst);
     }
 
@@ -161,7 +161,7 @@ impl KvNode {
 }
 
 /// Serve `node` on `listener` until `shutdown`.
-pub async fn serve(node: Arc<KvNode>, listener: TcpListener, shutdown: CancellationToken) {
+pub(crate) async fn serve(node: Arc<KvNode>, listener: TcpListener, shutdown: CancellationToken) {
     shardgate::server::serve_http1(
         listener,
         None,

@@ -6,7 +6,7 @@
 //! what to try, including how to kill a primary and watch the failover.
 //! Ctrl-C stops everything and removes the temporary directory.
 
-pub mod kv;
+pub(crate) mod kv;
 
 use shardgate::agent::{AgentConfig, AgentExit};
 use shardgate::config::{CoordinatorConfig, CoordinatorOverrides, ProxyConfig, ProxyOverrides};
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Where the demo listens.
 #[derive(Clone, Debug)]
-pub struct DemoConfig {
+pub(crate) struct DemoConfig {
     /// Proxy listener.
     pub proxy: SocketAddr,
     /// Proxy admin listener.
@@ -35,7 +35,7 @@ pub struct DemoConfig {
 
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
-pub enum DemoError {
+pub(crate) enum DemoError {
     /// Setting up files or processes failed.
     #[error("{0}")]
     Setup(String),
@@ -170,7 +170,7 @@ fn topology(nodes: &[Node]) -> serde_json::Value {
 }
 
 /// Run the demo until SIGINT/SIGTERM.
-pub async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
+pub(crate) async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
     let mut signals = Signals::stop()?;
     let dir = TempDir(std::env::temp_dir().join(format!("shardgate-demo-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).map_err(setup)?;
@@ -319,7 +319,7 @@ fn print_instructions<S: shardgate::coordinator::store::Store>(
 }
 
 /// `shardgate demo-node`: one key-value node and its agent in one process.
-pub async fn run_node(
+pub(crate) async fn run_node(
     id: &str,
     listen: SocketAddr,
     addr_file: Option<&Path>,

@@ -24,7 +24,7 @@ use tokio::time::{Instant, Sleep};
 
 /// Timeouts applied by `TimedIo`.
 #[derive(Clone, Copy, Debug)]
-pub struct ConnTimeouts {
+pub(super) struct ConnTimeouts {
     /// From the first byte of a request head to its end.
     pub header_read: Duration,
     /// With no request in flight.
@@ -48,7 +48,7 @@ enum Phase {
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 /// A client stream with connection-level deadlines.
-pub struct TimedIo<S> {
+pub(super) struct TimedIo<S> {
     inner: S,
     activity: Arc<ConnActivity>,
     timeouts: ConnTimeouts,
@@ -72,7 +72,7 @@ fn timed_out(what: &str) -> io::Error {
 impl<S> TimedIo<S> {
     /// Wrap a freshly accepted stream: its first request head is due within
     /// the header-read timeout.
-    pub fn new(inner: S, activity: Arc<ConnActivity>, timeouts: ConnTimeouts) -> TimedIo<S> {
+    pub(super) fn new(inner: S, activity: Arc<ConnActivity>, timeouts: ConnTimeouts) -> TimedIo<S> {
         let deadline = Instant::now() + timeouts.header_read;
         TimedIo {
             inner,
@@ -256,5 +256,108 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::pipeline::InflightLimit;
+    use super::*;
+    use crate::telemetry::Metrics;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    const HEADER: Duration = Duration::from_secs(10);
+    const IDLE: Duration = Duration::from_secs(60);
+
+    fn connection() -> (DuplexStream, TimedIo<DuplexStream>, Arc<ConnActivity>) {
+        let (client, server) = tokio::io::duplex(64);
+        let limit = Arc::new(InflightLimit::new(100, Metrics::new().counter("shed", &[])));
+        let activity = ConnActivity::new(limit);
+        let io = TimedIo::new(
+            server,
+            activity.clone(),
+            ConnTimeouts {
+                header_read: HEADER,
+                idle: IDLE,
+            },
+        );
+        (client, io, activity)
+    }
+
+    /// The timer wheel counts whole milliseconds, rounding up.
+    fn assert_about(took: Duration, expected: Duration) {
+        assert!(
+            took >= expected && took <= expected + Duration::from_millis(2),
+            "{took:?}, expected {expected:?}"
+        );
+    }
+
+    async fn read_err(io: &mut TimedIo<DuplexStream>) -> io::Error {
+        let mut buf = [0u8; 64];
+        loop {
+            match io.read(&mut buf).await {
+                Ok(0) => panic!("closed instead of timing out"),
+                Ok(_) => continue,
+                Err(e) => return e,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_is_closed_at_the_header_read_timeout() {
+        let (_client, mut io, _) = connection();
+        let t0 = Instant::now();
+        let e = read_err(&mut io).await;
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("request head"), "{e}");
+        assert_about(t0.elapsed(), HEADER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() {
+        let (_client, mut io, activity) = connection();
+        drop(activity.enter()); // a request came and went
+        let t0 = Instant::now();
+        let e = read_err(&mut io).await;
+        assert!(e.to_string().contains("idle"), "{e}");
+        assert_about(t0.elapsed(), IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_a_request_in_flight_is_never_timed_out_by_its_reader() {
+        let (_client, mut io, activity) = connection();
+        let _ticket = activity.enter();
+        let mut buf = [0u8; 8];
+        let waited = tokio::time::timeout(10 * IDLE, io.read(&mut buf)).await;
+        assert!(waited.is_err(), "still waiting, no error: {waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_drips_is_cut_at_the_header_read_timeout_not_the_idle_one() {
+        let (mut client, mut io, activity) = connection();
+        drop(activity.enter());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(io.read(&mut buf).await.unwrap() > 0);
+        let t0 = Instant::now();
+        let e = read_err(&mut io).await;
+        assert!(e.to_string().contains("request head"), "{e}");
+        assert_about(t0.elapsed(), HEADER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_after_the_idle_timeout() {
+        let (_client, mut io, activity) = connection();
+        let _ticket = activity.enter();
+        let t0 = Instant::now();
+        let chunk = [b'x'; 64];
+        let e = loop {
+            if let Err(e) = io.write_all(&chunk).await {
+                break e;
+            }
+        };
+        assert!(e.to_string().contains("stopped reading"), "{e}");
+        assert_about(t0.elapsed(), IDLE);
     }
 }

@@ -314,3 +314,95 @@ fn apply(live: &LiveMap, body: &[u8], source: &str, cache: Option<&Path>) -> Opt
     }
     Some(update)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::Metrics;
+
+    fn live() -> LiveMap {
+        let settings = crate::proxy::ProxyConfig::from_toml(
+            "[topology]\nsources = [\"http://127.0.0.1:1\"]\n",
+            "t",
+            &Default::default(),
+        )
+        .unwrap()
+        .runtime;
+        LiveMap::new(settings, 80, Arc::new(Metrics::new())).unwrap()
+    }
+
+    fn map(epoch: u64) -> Vec<u8> {
+        format!(
+            r#"{{"clusterEpoch":{epoch},"masterNodeId":"c","partitionCount":1,"partitions":[
+            {{"partitionIndex":0,"primaryNodeIp":"127.0.0.1:9","replicaNodeIps":[],
+             "hashRangeStart":"00000000","hashRangeEnd":"ffffffff"}}]}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn the_topology_url_is_built_from_a_coordinators_base() {
+        let base: Uri = "http://127.0.0.1:7400".parse().unwrap();
+        assert_eq!(
+            topology_url(&base, None).unwrap(),
+            "http://127.0.0.1:7400/v1/cluster/topology"
+        );
+        assert_eq!(
+            topology_url(&base, Some(7)).unwrap(),
+            "http://127.0.0.1:7400/v1/cluster/topology?waitForEpochAbove=7"
+        );
+        let slash: Uri = "https://c.example:7400/".parse().unwrap();
+        assert_eq!(
+            topology_url(&slash, None).unwrap(),
+            "https://c.example:7400/v1/cluster/topology"
+        );
+    }
+
+    #[test]
+    fn an_applied_map_is_cached_and_a_refused_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache.json");
+        let live = live();
+        assert_eq!(
+            apply(&live, &map(3), "c", Some(&cache)),
+            Some(MapUpdate::Applied)
+        );
+        let cached = crate::topology::read_topology_file(&cache).unwrap();
+        assert_eq!(cached.epoch(), 3);
+        assert_eq!(
+            apply(&live, &map(2), "c", Some(&cache)),
+            Some(MapUpdate::RejectedStale)
+        );
+        assert_eq!(apply(&live, b"{not json", "c", Some(&cache)), None);
+        assert!(live.status().last_error.is_some());
+        assert_eq!(
+            crate::topology::read_topology_file(&cache).unwrap().epoch(),
+            3,
+            "the cache keeps the last map applied"
+        );
+        assert_eq!(live.epoch(), Some(3));
+    }
+
+    #[test]
+    fn polls_are_jittered_and_backoff_grows_after_failures() {
+        let d = Duration::from_secs(1);
+        for _ in 0..100 {
+            let j = jittered(d);
+            assert!(j >= d.mul_f64(0.8) && j <= d.mul_f64(1.2), "{j:?}");
+        }
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+            jitter: Jitter::Decorrelated,
+        };
+        let (mut failures, mut last) = (0, None);
+        let delays: Vec<_> = (0..20)
+            .map(|_| next_backoff(&b, &mut failures, &mut last))
+            .collect();
+        assert_eq!(failures, 20);
+        assert!(
+            delays.iter().all(|d| *d >= b.base && *d <= b.max),
+            "{delays:?}"
+        );
+    }
+}

@@ -11,9 +11,9 @@ use smallvec::SmallVec;
 use std::cell::RefCell;
 
 /// `x-cluster-epoch`: the fencing token sent to shard nodes.
-pub const EPOCH_HEADER: HeaderName = HeaderName::from_static("x-cluster-epoch");
+pub(crate) const EPOCH_HEADER: HeaderName = HeaderName::from_static("x-cluster-epoch");
 /// `x-shardgate-upstream`: the serving node, when configured to expose it.
-pub const UPSTREAM_HEADER: HeaderName = HeaderName::from_static("x-shardgate-upstream");
+pub(crate) const UPSTREAM_HEADER: HeaderName = HeaderName::from_static("x-shardgate-upstream");
 const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 const XF_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const XF_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -79,7 +79,7 @@ fn hop_by_hop_slot(name: &str) -> Option<usize> {
 
 /// Facts about the client connection a request arrived on, computed once per connection.
 #[derive(Clone, Debug)]
-pub struct ClientInfo {
+pub(crate) struct ClientInfo {
     /// The peer's IP as an `X-Forwarded-For` element.
     pub forwarded_for: HeaderValue,
     /// Whether the connection is TLS.
@@ -88,7 +88,7 @@ pub struct ClientInfo {
 
 impl ClientInfo {
     /// Describe a client at `addr`.
-    pub fn new(addr: std::net::SocketAddr, tls: bool) -> ClientInfo {
+    pub(crate) fn new(addr: std::net::SocketAddr, tls: bool) -> ClientInfo {
         let forwarded_for = HeaderValue::try_from(addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ClientInfo { forwarded_for, tls }
@@ -102,7 +102,7 @@ impl ClientInfo {
 /// byte-for-byte equal to the last valid one is taken as valid. Per
 /// connection and never shared between threads: the service's own state.
 #[derive(Debug, Default)]
-pub struct HostMemo(RefCell<Option<HeaderValue>>);
+pub(crate) struct HostMemo(RefCell<Option<HeaderValue>>);
 
 impl HostMemo {
     fn knows(&self, host: &HeaderValue) -> bool {
@@ -127,7 +127,7 @@ fn head_bytes<B>(req: &Request<B>) -> usize {
 ///
 /// Exactly one valid Host: duplicates, a Host that disagrees with an
 /// absolute request target, or userinfo in it make the request ambiguous.
-pub fn check_inbound<B>(
+pub(crate) fn check_inbound<B>(
     req: &Request<B>,
     max_header_bytes: usize,
     known: &HostMemo,
@@ -242,13 +242,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The request's place in a trace: its `traceparent` continued, or a new trace.
 /// Returns the context and whether the client's header was continued.
-pub fn trace_of(headers: &HeaderMap) -> (TraceContext, bool) {
+pub(crate) fn trace_of(headers: &HeaderMap) -> (TraceContext, bool) {
     TraceContext::continue_or_start(headers.get(TRACEPARENT))
 }
 
 /// Turn the client's request head into the one sent upstream, as a hop of
 /// `trace` (`continued`: the client's own trace, so its `tracestate` stays).
-pub fn to_upstream(
+pub(crate) fn to_upstream(
     parts: &mut request::Parts,
     host: Option<HeaderValue>,
     client: &ClientInfo,
@@ -308,7 +308,11 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
 }
 
 /// Turn the upstream's response head into the one sent to the client.
-pub fn to_downstream(headers: &mut HeaderMap, partition: &HeaderValue, upstream: Option<&str>) {
+pub(crate) fn to_downstream(
+    headers: &mut HeaderMap,
+    partition: &HeaderValue,
+    upstream: Option<&str>,
+) {
     strip_hop_by_hop(headers);
     headers.insert(PARTITION_HEADER, partition.clone());
     match upstream.and_then(|u| HeaderValue::from_str(u).ok()) {

@@ -278,3 +278,119 @@ impl RouteTable {
         &self.partitions
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resilience::{Backoff, BreakerConfig, Jitter};
+    use crate::upstream::{PoolSettings, UpstreamSettings};
+    use std::time::Duration;
+
+    fn factory() -> UpstreamFactory {
+        UpstreamFactory::new(
+            UpstreamSettings {
+                pool: PoolSettings {
+                    max_idle: 1,
+                    idle_timeout: Duration::from_secs(1),
+                    connect_timeout: Duration::from_secs(1),
+                },
+                breaker: BreakerConfig {
+                    consecutive_failures: 1,
+                    failure_ratio: 2.0,
+                    window: Duration::from_secs(10),
+                    min_requests: 1,
+                    cool_down: Backoff {
+                        base: Duration::from_secs(5),
+                        max: Duration::from_secs(5),
+                        jitter: Jitter::None,
+                    },
+                    half_open_probes: 1,
+                },
+                tls: None,
+            },
+            Arc::new(Metrics::new()),
+        )
+        .unwrap()
+    }
+
+    /// Partition 5 owns the low half, partition 2 the high half; node
+    /// 10.0.0.3 serves in both, and 10.0.0.1 has no port.
+    fn map(epoch: u64) -> Arc<ShardMap> {
+        let text = format!(
+            r#"{{"clusterEpoch":{epoch},"masterNodeId":"m","partitionCount":2,"partitions":[
+            {{"partitionIndex":2,"primaryNodeIp":"10.0.0.2:81","replicaNodeIps":["10.0.0.3:81"],
+             "hashRangeStart":"80000000","hashRangeEnd":"ffffffff"}},
+            {{"partitionIndex":5,"primaryNodeIp":"10.0.0.1","replicaNodeIps":["10.0.0.3:81"],
+             "hashRangeStart":"00000000","hashRangeEnd":"7fffffff"}}]}}"#
+        );
+        Arc::new(ShardMap::from_json(text.as_bytes()).unwrap())
+    }
+
+    fn build(map: Arc<ShardMap>, previous: Option<&RouteTable>, f: &UpstreamFactory) -> RouteTable {
+        let metrics = Arc::new(Metrics::new());
+        let origin = MapOrigin {
+            source: "test".into(),
+            applied_at: Instant::now(),
+        };
+        RouteTable::build(map, previous, f, 8080, &metrics, origin)
+    }
+
+    #[test]
+    fn positions_and_indexes_find_their_partitions() {
+        let t = build(map(4), None, &factory());
+        assert_eq!(t.epoch(), 4);
+        assert_eq!(t.epoch_header(), "4");
+        assert_eq!(t.partition_for(0).index, 5);
+        assert_eq!(t.partition_for(u32::MAX).index, 2);
+        assert_eq!(t.partition_by_index(2).unwrap().index_header, "2");
+        assert!(t.partition_by_index(3).is_none());
+        assert_eq!(
+            t.partition_by_index(5).unwrap().primary.addr(),
+            "10.0.0.1:8080".parse().unwrap(),
+            "the default port fills in"
+        );
+    }
+
+    #[test]
+    fn a_node_in_two_partitions_is_one_upstream() {
+        let t = build(map(1), None, &factory());
+        assert_eq!(t.upstreams().len(), 3);
+        let shared_low = &t.partition_by_index(5).unwrap().replicas[0];
+        let shared_high = &t.partition_by_index(2).unwrap().replicas[0];
+        assert!(
+            Arc::ptr_eq(shared_low, shared_high),
+            "one breaker, one pool"
+        );
+        let addrs: Vec<_> = t.upstreams().iter().map(|u| u.addr()).collect();
+        let mut sorted = addrs.clone();
+        sorted.sort();
+        assert_eq!(addrs, sorted);
+    }
+
+    #[test]
+    fn a_new_table_keeps_the_state_of_nodes_it_keeps() {
+        let f = factory();
+        let old = build(map(1), None, &f);
+        // The breaker of a node opens under the old table...
+        let node = old.partition_by_index(2).unwrap().primary.clone();
+        node.breaker()
+            .try_acquire()
+            .unwrap()
+            .failure(Instant::now());
+        // ...and is still open under the next one.
+        let new = build(map(2), Some(&old), &f);
+        let same = &new.partition_by_index(2).unwrap().primary;
+        assert!(Arc::ptr_eq(&node, same));
+        assert!(same.breaker().try_acquire().is_none());
+        let fresh = build(map(3), None, &f);
+        assert!(
+            fresh
+                .partition_by_index(2)
+                .unwrap()
+                .primary
+                .breaker()
+                .try_acquire()
+                .is_some()
+        );
+    }
+}

@@ -35,7 +35,7 @@ pub enum BodyError {
     },
     /// Reading the client's body failed (it went away or broke framing).
     #[error("client body: {0}")]
-    Client(#[source] hyper::Error),
+    Client(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A newer attempt took over this replayable body.
     #[error("request body was handed to a newer attempt")]
     Superseded,
@@ -358,5 +358,167 @@ impl UpstreamFactory {
     /// connections use them; pooled ones and breaker state stay.
     pub fn reload_tls(&self) -> Result<(), TlsError> {
         self.tls.as_ref().map_or(Ok(()), |tls| tls.reload())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resilience::{Backoff, Jitter};
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
+
+    fn settings(max_idle: usize) -> UpstreamSettings {
+        UpstreamSettings {
+            pool: PoolSettings {
+                max_idle,
+                idle_timeout: Duration::from_secs(30),
+                connect_timeout: Duration::from_secs(2),
+            },
+            breaker: crate::resilience::BreakerConfig {
+                consecutive_failures: 5,
+                failure_ratio: 2.0,
+                window: Duration::from_secs(10),
+                min_requests: 20,
+                cool_down: Backoff {
+                    base: Duration::from_secs(5),
+                    max: Duration::from_secs(60),
+                    jitter: Jitter::Equal,
+                },
+                half_open_probes: 1,
+            },
+            tls: None,
+        }
+    }
+
+    /// A loopback node answering "ok"; `close` asks every client to hang up.
+    async fn node(close: bool) -> (SocketAddr, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| async move {
+                        let mut r = Response::new(Full::new(Bytes::from_static(b"ok")));
+                        if close {
+                            r.headers_mut()
+                                .insert("connection", http::HeaderValue::from_static("close"));
+                        }
+                        Ok::<_, Infallible>(r)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// One GET through `u`, its body read to the end (which pools the connection).
+    async fn get(u: &Arc<Upstream>, now: Instant) -> bool {
+        let mut slot = Some(
+            Request::get("/")
+                .header("host", "node")
+                .body(RequestBody::empty())
+                .unwrap(),
+        );
+        let (resp, conn) = u.send(&mut slot, now).await.unwrap();
+        let reused = conn.is_reused();
+        let guard = u.try_begin(0).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let body = UpstreamBody::new(resp.into_body(), guard, conn, deadline, Instant::now());
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"ok");
+        reused
+    }
+
+    fn factory(max_idle: usize) -> UpstreamFactory {
+        UpstreamFactory::new(settings(max_idle), Arc::new(Metrics::new())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_response_ended_cleanly_is_used_again() {
+        let (addr, accepted) = node(false).await;
+        let u = factory(4).make(addr);
+        assert!(!get(&u, Instant::now()).await, "the first is new");
+        assert_eq!(u.pool().idle_count(), 1);
+        assert!(get(&u, Instant::now()).await, "the second reuses it");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_past_its_timeout_is_not_used() {
+        let (addr, accepted) = node(false).await;
+        let u = factory(4).make(addr);
+        get(&u, Instant::now()).await;
+        let later = Instant::now() + Duration::from_secs(31);
+        assert!(!get(&u, later).await, "expired: a new connection");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn no_connection_is_kept_beyond_max_idle_or_after_the_node_closed_it() {
+        let (addr, accepted) = node(false).await;
+        let u = factory(0).make(addr);
+        get(&u, Instant::now()).await;
+        assert_eq!(u.pool().idle_count(), 0);
+        let (closing, closed) = node(true).await;
+        let v = factory(4).make(closing);
+        get(&v, Instant::now()).await;
+        assert!(
+            !get(&v, Instant::now()).await,
+            "the node hung up: a new connection"
+        );
+        assert_eq!(closed.load(Ordering::SeqCst), 2);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_leaves_the_request_in_its_slot() {
+        // Bound and not listening: connects are refused.
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let u = factory(4).make(held.local_addr().unwrap());
+        let mut slot = Some(Request::new(RequestBody::empty()));
+        let Err(err) = u.send(&mut slot, Instant::now()).await else {
+            panic!("a refused connect cannot answer");
+        };
+        assert!(matches!(err, SendError::Connect(_)), "{err}");
+        assert!(
+            slot.is_some(),
+            "nothing was sent: the request can go elsewhere"
+        );
+    }
+
+    #[test]
+    fn the_in_flight_limit_counts_guards_and_a_refusal_holds_nothing() {
+        let u = factory(4).make("127.0.0.1:9".parse().unwrap());
+        let a = u.try_begin(2).unwrap();
+        let b = u.try_begin(2).unwrap();
+        assert!(u.try_begin(2).is_none());
+        assert_eq!(u.inflight(), 2);
+        drop(a);
+        let c = u.try_begin(2).expect("a slot was freed");
+        assert!(u.try_begin(0).is_some(), "0 means no limit");
+        drop((b, c));
+        assert_eq!(u.inflight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_are_counted_over_the_last_minute() {
+        let u = factory(4).make("127.0.0.1:9".parse().unwrap());
+        u.count_attempt(AttemptOutcome::Ok);
+        u.count_attempt(AttemptOutcome::Timeout);
+        u.count_attempt(AttemptOutcome::ConnectError);
+        assert_eq!(u.recent_failures(), 2);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(u.recent_failures(), 0);
     }
 }

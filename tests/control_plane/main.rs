@@ -250,7 +250,7 @@ async fn a_silent_primary_is_replaced_and_everyone_hears_about_it() {
     });
 
     let (_, primary) = agents.remove(0);
-    let killed_at = std::time::Instant::now();
+    let killed_at = tokio::time::Instant::now();
     primary.kill().await;
 
     eventually(
@@ -390,7 +390,7 @@ async fn the_topology_endpoint_has_etags_and_a_bounded_watch() {
     .await;
     assert_eq!(b.status, 304);
     // Already above: answered at once.
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let now = coord
         .get_json("/v1/cluster/topology?waitForEpochAbove=3")
         .await;
@@ -399,7 +399,7 @@ async fn the_topology_endpoint_has_etags_and_a_bounded_watch() {
     assert!(started.elapsed() < Duration::from_secs(2));
     // Not above: held until the watch timeout (5 s here, longer than failure
     // detection so a watch opened before a failover sees it), then the current map.
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let held = coord
         .get_json("/v1/cluster/topology?waitForEpochAbove=10")
         .await;

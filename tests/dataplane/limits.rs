@@ -98,7 +98,7 @@ async fn a_hanging_upstream_answers_504_at_the_per_try_timeout() {
         single("[timeouts]\nper_try = \"300ms\"\noverall = \"2s\"\n[retry]\nmax_attempts = 1\n")
             .await;
     up.set(Behavior::Hang);
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     get_key(&client(), &proxy.url("/kv/a"), "a")
         .await
         .assert_error(504, "upstream_timeout");
@@ -118,7 +118,7 @@ async fn a_dripping_response_is_cut_at_the_overall_deadline() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     use http_body_util::BodyExt;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect()).await;
     assert!(
         matches!(body, Ok(Err(_))),
@@ -135,7 +135,7 @@ async fn a_slow_client_is_closed_at_the_header_read_timeout() {
     s.write_all(b"GET /kv/a HTTP/1.1\r\nhost: a\r\n")
         .await
         .unwrap();
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let mut buf = [0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
     assert!(
@@ -164,7 +164,7 @@ async fn idle_after_one_request(addr: std::net::SocketAddr) -> Duration {
         "a request in flight is never timed out as idle: {:?}",
         String::from_utf8_lossy(&buf[..n])
     );
-    let idle_from = std::time::Instant::now();
+    let idle_from = tokio::time::Instant::now();
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
         .await
         .expect("the idle connection must be closed");
@@ -213,7 +213,7 @@ async fn an_http2_connection_is_closed_at_the_idle_timeout_after_its_last_stream
     resp.into_body().collect().await.unwrap();
     // The stream ended in its own task; the connection's reader must still
     // notice that the connection went idle.
-    let idle_from = std::time::Instant::now();
+    let idle_from = tokio::time::Instant::now();
     tokio::time::timeout(Duration::from_secs(5), conn)
         .await
         .expect("the idle HTTP/2 connection must be closed")
@@ -238,7 +238,7 @@ async fn requests_beyond_max_inflight_get_503_overloaded_at_once() {
         || async { up.arrivals() >= 2 },
     )
     .await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     get_key(&client(), &url, "a")
         .await
         .assert_error(503, "overloaded");

@@ -9,8 +9,9 @@ mod support;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::*;
+use tokio::time::Instant;
 
 /// A proxy binary following `sources`, with `extra` TOML.
 async fn proxy_following(sources: &[String], dir: &Path, extra: &str) -> BinProxy {

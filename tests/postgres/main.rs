@@ -471,7 +471,7 @@ async fn a_promotion_is_served_only_once_it_is_committed() {
 
     // p0's primary falls silent; the coordinator marks it dead and decides
     // the promotion in the same sweep, then waits on the row.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         beat_all(&mut grpc, &live).await;
         let primary = coord.node("p0-primary").await.unwrap();
@@ -479,7 +479,7 @@ async fn a_promotion_is_served_only_once_it_is_committed() {
             break;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "p0's primary never died"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -491,10 +491,10 @@ async fn a_promotion_is_served_only_once_it_is_committed() {
     }
 
     held.rollback().await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while coord.epoch().await != 11 {
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "the promotion never committed"
         );
         beat_all(&mut grpc, &live).await;

@@ -5,8 +5,9 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::*;
+use tokio::time::Instant;
 
 /// Breakers that trip after 5 failures and stay open `min_open`; no ratio trigger.
 fn breaker_config(min_open: &str) -> String {

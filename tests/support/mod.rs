@@ -6,7 +6,7 @@
 //! bounded poll of a condition, never a fixed sleep.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-pub mod tls;
+pub(crate) mod tls;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
-pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+pub(crate) type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 // ---------------------------------------------------------------------------
 // Upstreams
@@ -36,7 +36,7 @@ pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 /// What a test upstream does with the next requests.
 #[derive(Clone, Debug)]
-pub enum Behavior {
+pub(crate) enum Behavior {
     /// 200 with the node's name as the body.
     Ok,
     /// This status, the node's name as the body.
@@ -66,7 +66,7 @@ pub enum Behavior {
 
 /// One request as it reached an upstream.
 #[derive(Clone, Debug)]
-pub struct Recorded {
+pub(crate) struct Recorded {
     pub method: http::Method,
     pub uri: http::Uri,
     pub version: http::Version,
@@ -77,7 +77,7 @@ pub struct Recorded {
 }
 
 impl Recorded {
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
@@ -101,7 +101,7 @@ struct UpstreamState {
 }
 
 /// A recording HTTP/1.1 upstream on 127.0.0.1.
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub addr: SocketAddr,
     state: Arc<UpstreamState>,
     task: AbortHandle,
@@ -118,12 +118,12 @@ impl Drop for Upstream {
 
 impl Upstream {
     /// A well-behaved upstream named `name`.
-    pub async fn start(name: &str) -> Upstream {
+    pub(crate) async fn start(name: &str) -> Upstream {
         Upstream::start_with(name, None).await
     }
 
     /// A well-behaved upstream speaking HTTP/1.1 over TLS with `cert` and `key` (PEM files).
-    pub async fn start_tls(name: &str, cert: &Path, key: &Path) -> Upstream {
+    pub(crate) async fn start_tls(name: &str, cert: &Path, key: &Path) -> Upstream {
         let spec = shardgate::tls::ServerTls {
             default: shardgate::tls::CertFiles {
                 cert: cert.to_owned(),
@@ -158,34 +158,34 @@ impl Upstream {
         Upstream { addr, state, task }
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.state.name
     }
 
-    pub fn set(&self, b: Behavior) {
+    pub(crate) fn set(&self, b: Behavior) {
         *self.state.behavior.lock().unwrap() = b;
     }
 
     /// Use `bs` for the next requests, one each, then the standing behaviour again.
-    pub fn script(&self, bs: Vec<Behavior>) {
+    pub(crate) fn script(&self, bs: Vec<Behavior>) {
         *self.state.script.lock().unwrap() = bs.into();
     }
 
     /// Stop listening and drop every connection: connects are refused.
-    pub fn refuse(&self) {
+    pub(crate) fn refuse(&self) {
         *self.state.refusing.lock().unwrap() = true;
         self.state.restart.notify_one();
         self.kill_connections();
     }
 
     /// Listen again on the same port.
-    pub fn resume(&self) {
+    pub(crate) fn resume(&self) {
         *self.state.refusing.lock().unwrap() = false;
         self.state.restart.notify_one();
     }
 
     /// Drop every open connection (a crash, as the proxy sees it).
-    pub fn kill_connections(&self) {
+    pub(crate) fn kill_connections(&self) {
         for c in self.state.connections.lock().unwrap().drain(..) {
             c.abort();
         }
@@ -193,7 +193,7 @@ impl Upstream {
 
     /// Close every open connection and wait until each is closed: a node that
     /// restarted between two requests, as the proxy's idle pool sees it.
-    pub async fn close_connections(&self) {
+    pub(crate) async fn close_connections(&self) {
         let open: Vec<AbortHandle> = self.state.connections.lock().unwrap().drain(..).collect();
         for c in &open {
             c.abort();
@@ -204,35 +204,35 @@ impl Upstream {
     }
 
     /// Every request received so far.
-    pub fn log(&self) -> Vec<Recorded> {
+    pub(crate) fn log(&self) -> Vec<Recorded> {
         self.state.log.lock().unwrap().clone()
     }
 
-    pub fn requests(&self) -> usize {
+    pub(crate) fn requests(&self) -> usize {
         self.state.log.lock().unwrap().len()
     }
 
     /// Requests whose head arrived, including ones still reading their body.
-    pub fn arrivals(&self) -> u64 {
+    pub(crate) fn arrivals(&self) -> u64 {
         self.state.arrivals.load(Ordering::SeqCst)
     }
 
     /// Requests abandoned mid-way because the proxy closed the connection.
-    pub fn cancelled(&self) -> u64 {
+    pub(crate) fn cancelled(&self) -> u64 {
         self.state.cancelled.load(Ordering::SeqCst)
     }
 
     /// TCP connections accepted so far.
-    pub fn connections_accepted(&self) -> u64 {
+    pub(crate) fn connections_accepted(&self) -> u64 {
         self.state.accepted.load(Ordering::SeqCst)
     }
 
-    pub fn clear_log(&self) {
+    pub(crate) fn clear_log(&self) {
         self.state.log.lock().unwrap().clear();
     }
 
     /// Writes (non-read methods) that reached this node.
-    pub fn writes(&self) -> Vec<Recorded> {
+    pub(crate) fn writes(&self) -> Vec<Recorded> {
         self.log()
             .into_iter()
             .filter(|r| !matches!(r.method.as_str(), "GET" | "HEAD" | "OPTIONS"))
@@ -507,9 +507,10 @@ impl futures_core::Stream for ChannelStream {
 /// Coordinator flags for failure detection in clusters whose agents beat every
 /// 0.2 s: a timeout of ten intervals, so a loaded machine stalling an agent does
 /// not fail over a node the test keeps alive, and a quick sweep.
-pub const DETECTION_FLAGS: [&str; 4] = ["--heartbeat-timeout", "2", "--sweep-interval", "0.1"];
+pub(crate) const DETECTION_FLAGS: [&str; 4] =
+    ["--heartbeat-timeout", "2", "--sweep-interval", "0.1"];
 
-pub fn two_partition_map(epoch: u64) -> String {
+pub(crate) fn two_partition_map(epoch: u64) -> String {
     let a = |s: &str| s.parse().unwrap();
     topology(
         epoch,
@@ -520,7 +521,7 @@ pub fn two_partition_map(epoch: u64) -> String {
     )
 }
 
-pub fn topology(epoch: u64, partitions: &[(SocketAddr, Vec<SocketAddr>)]) -> String {
+pub(crate) fn topology(epoch: u64, partitions: &[(SocketAddr, Vec<SocketAddr>)]) -> String {
     let n = partitions.len() as u64;
     let span = (1u64 << 32) / n;
     let parts: Vec<_> = partitions
@@ -552,11 +553,11 @@ pub fn topology(epoch: u64, partitions: &[(SocketAddr, Vec<SocketAddr>)]) -> Str
 }
 
 /// The SPEC §2 example map (epoch 10294).
-pub const SPEC_EXAMPLE: &str = include_str!("../fixtures/spec_example.json");
+pub(crate) const SPEC_EXAMPLE: &str = include_str!("../fixtures/spec_example.json");
 
 /// One broken variant of a valid map per validation rule of SPEC §2:
 /// (rule, map text, a fragment the error message must contain).
-pub fn invalid_maps(valid: &str) -> Vec<(&'static str, String, &'static str)> {
+pub(crate) fn invalid_maps(valid: &str) -> Vec<(&'static str, String, &'static str)> {
     let base: serde_json::Value = serde_json::from_str(valid).unwrap();
     let edit = |f: &dyn Fn(&mut serde_json::Value)| {
         let mut v = base.clone();
@@ -652,7 +653,7 @@ pub fn invalid_maps(valid: &str) -> Vec<(&'static str, String, &'static str)> {
 // ---------------------------------------------------------------------------
 
 /// A proxy running inside the test process.
-pub struct TestProxy {
+pub(crate) struct TestProxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub running: Option<shardgate::proxy::RunningProxy>,
@@ -661,7 +662,7 @@ pub struct TestProxy {
 
 impl TestProxy {
     /// Start with `topology_json` and extra TOML appended to a loopback base config.
-    pub async fn start(topology_json: &str, extra_toml: &str) -> TestProxy {
+    pub(crate) async fn start(topology_json: &str, extra_toml: &str) -> TestProxy {
         let dir = tempfile::tempdir().unwrap();
         let topo = dir.path().join("topology.json");
         std::fs::write(&topo, topology_json).unwrap();
@@ -678,19 +679,19 @@ impl TestProxy {
         }
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
 
-    pub fn topology_path(&self) -> PathBuf {
+    pub(crate) fn topology_path(&self) -> PathBuf {
         self.dir.path().join("topology.json")
     }
 
-    pub fn proxy(&self) -> &Arc<shardgate::proxy::Proxy> {
+    pub(crate) fn proxy(&self) -> &Arc<shardgate::proxy::Proxy> {
         &self.running.as_ref().unwrap().proxy
     }
 
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
         }
@@ -698,7 +699,7 @@ impl TestProxy {
 }
 
 /// A loopback config: ephemeral ports, the given topology file, then `extra`.
-pub fn base_config(topology: &Path, extra: &str) -> String {
+pub(crate) fn base_config(topology: &Path, extra: &str) -> String {
     let mut text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
          [topology]\nsources = [{:?}]\n",
@@ -741,26 +742,26 @@ where
 }
 
 /// The real `shardgate` binary, started with `args`.
-pub struct BinProxy {
+pub(crate) struct BinProxy {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub stderr: Arc<Mutex<String>>,
 }
 
-pub fn binary() -> PathBuf {
+pub(crate) fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_shardgate"))
 }
 
 impl BinProxy {
     /// Spawn `shardgate proxy <args>` and wait for its listening line.
-    pub async fn spawn(args: &[&str]) -> BinProxy {
+    pub(crate) async fn spawn(args: &[&str]) -> BinProxy {
         let mut cmd = tokio::process::Command::new(binary());
         cmd.arg("proxy").args(args);
         BinProxy::spawn_cmd(cmd).await
     }
 
-    pub async fn spawn_cmd(mut cmd: tokio::process::Command) -> BinProxy {
+    pub(crate) async fn spawn_cmd(mut cmd: tokio::process::Command) -> BinProxy {
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -787,11 +788,11 @@ impl BinProxy {
         }
     }
 
-    pub fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.child.id().unwrap() as i32
     }
 
-    pub fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let ok = std::process::Command::new("kill")
             .args([&format!("-{sig}"), &self.pid().to_string()])
             .status()
@@ -800,12 +801,12 @@ impl BinProxy {
         assert!(ok, "kill -{sig} failed");
     }
 
-    pub fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 
     /// Wait (at most 10 s) for the proxy to exit, and check it exited 0.
-    pub async fn exits_zero(&mut self) {
+    pub(crate) async fn exits_zero(&mut self) {
         let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
             .await
             .expect("the proxy did not exit within 10 s")
@@ -814,7 +815,7 @@ impl BinProxy {
     }
 
     /// Peak resident memory so far, in KiB.
-    pub fn peak_rss_kib(&self) -> u64 {
+    pub(crate) fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         status
             .lines()
@@ -826,7 +827,7 @@ impl BinProxy {
 }
 
 /// A process started from the real binary whose stderr is collected.
-pub struct BinProcess {
+pub(crate) struct BinProcess {
     pub child: tokio::process::Child,
     pub stderr: Arc<Mutex<String>>,
     /// Everything printed to stdout after the first line.
@@ -838,7 +839,7 @@ pub struct BinProcess {
 
 impl BinProcess {
     /// Spawn `shardgate <args>`; with `wait_for_line`, wait for its first stdout line.
-    pub async fn spawn(args: &[&str], wait_for_line: bool) -> BinProcess {
+    pub(crate) async fn spawn(args: &[&str], wait_for_line: bool) -> BinProcess {
         let mut cmd = tokio::process::Command::new(binary());
         cmd.args(args)
             .stdout(Stdio::piped())
@@ -868,15 +869,15 @@ impl BinProcess {
         }
     }
 
-    pub fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.child.id().unwrap() as i32
     }
 
-    pub fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 
-    pub fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let ok = std::process::Command::new("kill")
             .args([&format!("-{sig}"), &self.pid().to_string()])
             .status()
@@ -886,12 +887,12 @@ impl BinProcess {
     }
 
     /// Kill (SIGKILL) and reap.
-    pub async fn kill(mut self) {
+    pub(crate) async fn kill(mut self) {
         let _ = self.child.kill().await;
     }
 
     /// Wait for exit; afterwards `stderr()` and `stdout` hold everything it printed.
-    pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+    pub(crate) async fn exit_code(&mut self, within: Duration) -> Option<i32> {
         let readers = std::mem::take(&mut self.readers);
         tokio::time::timeout(within, async {
             let status = self.child.wait().await.unwrap();
@@ -906,14 +907,14 @@ impl BinProcess {
 }
 
 /// `shardgate coordinator` from the real binary.
-pub struct BinCoordinator {
+pub(crate) struct BinCoordinator {
     pub proc: BinProcess,
     pub http: SocketAddr,
     pub grpc: SocketAddr,
 }
 
 impl BinCoordinator {
-    pub async fn spawn(args: &[&str]) -> BinCoordinator {
+    pub(crate) async fn spawn(args: &[&str]) -> BinCoordinator {
         let mut all = vec!["coordinator"];
         for flag in ["--http-listen", "--grpc-listen"] {
             if !args.contains(&flag) {
@@ -929,11 +930,11 @@ impl BinCoordinator {
         BinCoordinator { proc, http, grpc }
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.http, path)
     }
 
-    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+    pub(crate) async fn get_json(&self, path: &str) -> serde_json::Value {
         let a = send(
             &client(),
             Request::get(self.url(path)).body(empty()).unwrap(),
@@ -943,14 +944,14 @@ impl BinCoordinator {
         a.json()
     }
 
-    pub async fn epoch(&self) -> u64 {
+    pub(crate) async fn epoch(&self) -> u64 {
         self.get_json("/v1/cluster/topology").await["clusterEpoch"]
             .as_u64()
             .unwrap()
     }
 
     /// The node's entry in /v1/cluster/nodes.
-    pub async fn node(&self, id: &str) -> Option<serde_json::Value> {
+    pub(crate) async fn node(&self, id: &str) -> Option<serde_json::Value> {
         let v = self.get_json("/v1/cluster/nodes").await;
         v["nodes"]
             .as_array()
@@ -960,7 +961,7 @@ impl BinCoordinator {
             .cloned()
     }
 
-    pub async fn grpc_client(
+    pub(crate) async fn grpc_client(
         &self,
     ) -> shardgate::proto::cluster_discovery_service_client::ClusterDiscoveryServiceClient<
         tonic::transport::Channel,
@@ -974,7 +975,7 @@ impl BinCoordinator {
 }
 
 /// Now, Unix milliseconds.
-pub fn unix_ms() -> i64 {
+pub(crate) fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -982,7 +983,7 @@ pub fn unix_ms() -> i64 {
 }
 
 /// A heartbeat request as an agent would send it.
-pub fn heartbeat_req(id: &str, ip: &str, ts: i64) -> shardgate::proto::HeartbeatRequest {
+pub(crate) fn heartbeat_req(id: &str, ip: &str, ts: i64) -> shardgate::proto::HeartbeatRequest {
     shardgate::proto::HeartbeatRequest {
         node_id: id.into(),
         ip_address: ip.into(),
@@ -996,7 +997,7 @@ pub fn heartbeat_req(id: &str, ip: &str, ts: i64) -> shardgate::proto::Heartbeat
 }
 
 /// Spawn `shardgate agent` for a node.
-pub async fn spawn_agent(
+pub(crate) async fn spawn_agent(
     grpc: SocketAddr,
     id: &str,
     ip: &str,
@@ -1023,7 +1024,7 @@ pub async fn spawn_agent(
 /// proxy's watcher can be driven exactly. A watch (`waitForEpochAbove=N`) is
 /// answered at once when the map's epoch is above N, else when the test
 /// publishes a map (whatever its epoch: a coordinator gone wrong) or after 30 s.
-pub struct FakeCoordinator {
+pub(crate) struct FakeCoordinator {
     pub addr: SocketAddr,
     state: Arc<Mutex<(String, u64)>>,
     published: tokio::sync::watch::Sender<u64>,
@@ -1038,12 +1039,12 @@ impl Drop for FakeCoordinator {
 }
 
 impl FakeCoordinator {
-    pub async fn start(map: &str) -> FakeCoordinator {
+    pub(crate) async fn start(map: &str) -> FakeCoordinator {
         FakeCoordinator::with_watch_hold(map, Duration::from_secs(30)).await
     }
 
     /// Watches are held at most `hold`, then answered with the current map.
-    pub async fn with_watch_hold(map: &str, hold: Duration) -> FakeCoordinator {
+    pub(crate) async fn with_watch_hold(map: &str, hold: Duration) -> FakeCoordinator {
         let epoch = epoch_of(map);
         let state = Arc::new(Mutex::new((map.to_owned(), epoch)));
         let (published, _) = tokio::sync::watch::channel(epoch);
@@ -1093,19 +1094,19 @@ impl FakeCoordinator {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// Serve `map` and answer every waiting watch with it.
-    pub fn publish(&self, map: &str) {
+    pub(crate) fn publish(&self, map: &str) {
         let epoch = epoch_of(map);
         *self.state.lock().unwrap() = (map.to_owned(), epoch);
         self.published.send_modify(|generation| *generation += 1);
     }
 
     /// Serve `map` to plain fetches only; watches keep waiting.
-    pub fn set_silently(&self, map: &str) {
+    pub(crate) fn set_silently(&self, map: &str) {
         let epoch = epoch_of(map);
         *self.state.lock().unwrap() = (map.to_owned(), epoch);
     }
@@ -1119,7 +1120,7 @@ fn epoch_of(map: &str) -> u64 {
 }
 
 /// The value of an unlabelled or fully written metric line on an admin listener.
-pub async fn metric(admin: SocketAddr, line_prefix: &str) -> f64 {
+pub(crate) async fn metric(admin: SocketAddr, line_prefix: &str) -> f64 {
     let text = admin_get(admin, "/metrics").await.text();
     text.lines()
         .find(|l| l.starts_with(line_prefix))
@@ -1133,7 +1134,7 @@ pub async fn metric(admin: SocketAddr, line_prefix: &str) -> f64 {
 // ---------------------------------------------------------------------------
 
 /// A fresh, empty database on the throwaway server `scripts/test` started.
-pub async fn pg_database() -> String {
+pub(crate) async fn pg_database() -> String {
     let admin = std::env::var("SHARDGATE_TEST_PG").expect(
         "SHARDGATE_TEST_PG is not set: run scripts/test, which starts a throwaway PostgreSQL",
     );
@@ -1157,7 +1158,7 @@ pub async fn pg_database() -> String {
 }
 
 /// A connected client for `url`.
-pub async fn pg_client(url: &str) -> tokio_postgres::Client {
+pub(crate) async fn pg_client(url: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -1170,26 +1171,26 @@ pub async fn pg_client(url: &str) -> tokio_postgres::Client {
 // ---------------------------------------------------------------------------
 
 /// A pooled HTTP/1.1 test client.
-pub fn client() -> Client<HttpConnector, BoxBody> {
+pub(crate) fn client() -> Client<HttpConnector, BoxBody> {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(5))
         .build_http()
 }
 
 /// An HTTP/2 prior-knowledge test client.
-pub fn h2_client() -> Client<HttpConnector, BoxBody> {
+pub(crate) fn h2_client() -> Client<HttpConnector, BoxBody> {
     Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http()
 }
 
-pub fn empty() -> BoxBody {
+pub(crate) fn empty() -> BoxBody {
     Full::new(Bytes::new())
         .map_err(|e: Infallible| match e {})
         .boxed()
 }
 
-pub fn full(b: impl Into<Bytes>) -> BoxBody {
+pub(crate) fn full(b: impl Into<Bytes>) -> BoxBody {
     Full::new(b.into())
         .map_err(|e: Infallible| match e {})
         .boxed()
@@ -1197,28 +1198,28 @@ pub fn full(b: impl Into<Bytes>) -> BoxBody {
 
 /// A response read whole.
 #[derive(Debug)]
-pub struct Answer {
+pub(crate) struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
 
 impl Answer {
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
-    pub fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
     /// Assert this is a proxy error with the SPEC shape and `code`.
-    pub fn assert_error(&self, status: u16, code: &str) {
+    pub(crate) fn assert_error(&self, status: u16, code: &str) {
         assert_eq!(self.status.as_u16(), status, "{}", self.text());
         assert_eq!(self.header("content-type"), Some("application/json"));
         assert_eq!(self.header("x-shardgate-error"), Some(code));
@@ -1235,7 +1236,7 @@ impl Answer {
     }
 }
 
-pub async fn send(client: &Client<HttpConnector, BoxBody>, req: Request<BoxBody>) -> Answer {
+pub(crate) async fn send(client: &Client<HttpConnector, BoxBody>, req: Request<BoxBody>) -> Answer {
     let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
         .await
         .expect("request timed out")
@@ -1250,7 +1251,11 @@ pub async fn send(client: &Client<HttpConnector, BoxBody>, req: Request<BoxBody>
 }
 
 /// GET `url` with an `x-shard-key` header.
-pub async fn get_key(client: &Client<HttpConnector, BoxBody>, url: &str, key: &str) -> Answer {
+pub(crate) async fn get_key(
+    client: &Client<HttpConnector, BoxBody>,
+    url: &str,
+    key: &str,
+) -> Answer {
     send(
         client,
         Request::get(url)
@@ -1264,7 +1269,7 @@ pub async fn get_key(client: &Client<HttpConnector, BoxBody>, url: &str, key: &s
 /// A request with a key header.
 /// Start `n` GETs of `key` at `url` and leave them in flight (for an upstream
 /// told to hang); abort the returned handles to end them.
-pub fn requests_in_flight(url: &str, key: &str, n: usize) -> Vec<tokio::task::AbortHandle> {
+pub(crate) fn requests_in_flight(url: &str, key: &str, n: usize) -> Vec<tokio::task::AbortHandle> {
     (0..n)
         .map(|_| {
             let req = keyed("GET", url, key, "");
@@ -1273,7 +1278,12 @@ pub fn requests_in_flight(url: &str, key: &str, n: usize) -> Vec<tokio::task::Ab
         .collect()
 }
 
-pub fn keyed(method: &str, url: &str, key: &str, body: impl Into<Bytes>) -> Request<BoxBody> {
+pub(crate) fn keyed(
+    method: &str,
+    url: &str,
+    key: &str,
+    body: impl Into<Bytes>,
+) -> Request<BoxBody> {
     Request::builder()
         .method(method)
         .uri(url)
@@ -1283,7 +1293,7 @@ pub fn keyed(method: &str, url: &str, key: &str, body: impl Into<Bytes>) -> Requ
 }
 
 /// GET a path on an admin listener.
-pub async fn admin_get(admin: SocketAddr, path: &str) -> Answer {
+pub(crate) async fn admin_get(admin: SocketAddr, path: &str) -> Answer {
     send(
         &client(),
         Request::get(format!("http://{admin}{path}"))
@@ -1294,7 +1304,7 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> Answer {
 }
 
 /// Poll `cond` every few milliseconds until it holds or `within` passes.
-pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
+pub(crate) async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -1315,7 +1325,7 @@ where
 /// Make `path` a FIFO (replacing any file there): opening or reading it
 /// blocks until the test opens the other end, as a file on a hung network
 /// mount would.
-pub fn make_fifo(path: &Path) {
+pub(crate) fn make_fifo(path: &Path) {
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1329,7 +1339,7 @@ pub fn make_fifo(path: &Path) {
 }
 
 /// Raw bytes over a fresh TCP connection; returns everything read until close or `within`.
-pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], within: Duration) -> Vec<u8> {
+pub(crate) async fn raw_exchange(addr: SocketAddr, bytes: &[u8], within: Duration) -> Vec<u8> {
     use tokio::io::AsyncReadExt;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(bytes).await.unwrap();
@@ -1339,7 +1349,7 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], within: Duration) -> V
 }
 
 /// A key whose hash lands in partition `index` of an even `n`-way split.
-pub fn key_for_partition(index: usize, n: usize) -> String {
+pub(crate) fn key_for_partition(index: usize, n: usize) -> String {
     let span = (1u64 << 32) / n as u64;
     (0..)
         .map(|i| format!("k{i}"))

@@ -19,14 +19,14 @@ use tokio::net::TcpStream;
 
 /// A certificate chain file and its key file.
 #[derive(Clone, Debug)]
-pub struct CertPair {
+pub(crate) struct CertPair {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
 impl CertPair {
     /// The leaf certificate, DER.
-    pub fn leaf_der(&self) -> Vec<u8> {
+    pub(crate) fn leaf_der(&self) -> Vec<u8> {
         CertificateDer::pem_file_iter(&self.cert)
             .unwrap()
             .next()
@@ -35,17 +35,17 @@ impl CertPair {
             .to_vec()
     }
 
-    pub fn cert_str(&self) -> &str {
+    pub(crate) fn cert_str(&self) -> &str {
         self.cert.to_str().unwrap()
     }
 
-    pub fn key_str(&self) -> &str {
+    pub(crate) fn key_str(&self) -> &str {
         self.key.to_str().unwrap()
     }
 }
 
 /// A private CA issuing server and client certificates into a directory.
-pub struct Pki {
+pub(crate) struct Pki {
     dir: PathBuf,
     ca: CertifiedIssuer<'static, KeyPair>,
     /// The CA certificate (PEM), for clients and servers to trust.
@@ -61,7 +61,7 @@ fn write_atomically(path: &Path, text: &str) {
 
 impl Pki {
     /// A new CA named `name`, its certificate written to `dir/<name>-ca.pem`.
-    pub fn new(dir: &Path, name: &str) -> Pki {
+    pub(crate) fn new(dir: &Path, name: &str) -> Pki {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params
@@ -109,18 +109,18 @@ impl Pki {
 
     /// A server certificate for `names` (DNS names or IPs), written to `<stem>.pem`/`.key`
     /// (replacing any earlier one: a renewal).
-    pub fn server(&self, stem: &str, names: &[&str]) -> CertPair {
+    pub(crate) fn server(&self, stem: &str, names: &[&str]) -> CertPair {
         self.issue(stem, names[0], names, ExtendedKeyUsagePurpose::ServerAuth)
     }
 
     /// A client certificate with common name `cn`.
-    pub fn client(&self, stem: &str, cn: &str) -> CertPair {
+    pub(crate) fn client(&self, stem: &str, cn: &str) -> CertPair {
         self.issue(stem, cn, &[cn], ExtendedKeyUsagePurpose::ClientAuth)
     }
 }
 
 /// What the server presented in a handshake.
-pub struct Handshake {
+pub(crate) struct Handshake {
     pub stream: tokio_rustls::client::TlsStream<TcpStream>,
     pub leaf: Vec<u8>,
     pub alpn: Option<Vec<u8>>,
@@ -128,7 +128,7 @@ pub struct Handshake {
 
 /// A rustls handshake with `addr`, asking for `server_name`, trusting `ca`,
 /// offering `alpn`, presenting `identity` if given.
-pub async fn handshake(
+pub(crate) async fn handshake(
     addr: SocketAddr,
     server_name: &str,
     ca: &Path,
@@ -162,7 +162,7 @@ pub async fn handshake(
 }
 
 /// An HTTP/1.1 keep-alive connection over an established TLS stream.
-pub async fn http1(
+pub(crate) async fn http1(
     stream: tokio_rustls::client::TlsStream<TcpStream>,
 ) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -174,14 +174,14 @@ pub async fn http1(
 
 /// What a command-line client printed.
 #[derive(Debug)]
-pub struct Output {
+pub(crate) struct Output {
     pub ok: bool,
     pub stdout: String,
     pub stderr: String,
 }
 
 impl Output {
-    pub fn all(&self) -> String {
+    pub(crate) fn all(&self) -> String {
         format!("{}\n{}", self.stdout, self.stderr)
     }
 }
@@ -207,14 +207,14 @@ async fn run(program: &str, args: &[&str]) -> Output {
 }
 
 /// Run curl with a 10 s limit; `-w` output lands at the end of stdout.
-pub async fn curl(args: &[&str]) -> Output {
+pub(crate) async fn curl(args: &[&str]) -> Output {
     let mut all = vec!["-sS", "--max-time", "10"];
     all.extend_from_slice(args);
     run("curl", &all).await
 }
 
 /// curl `https://<name>:<port><path>` with `name` resolved to `addr`, trusting `ca`.
-pub async fn curl_https(addr: SocketAddr, name: &str, ca: &Path, path: &str) -> Output {
+pub(crate) async fn curl_https(addr: SocketAddr, name: &str, ca: &Path, path: &str) -> Output {
     let port = addr.port();
     curl(&[
         "--cacert",
@@ -228,7 +228,7 @@ pub async fn curl_https(addr: SocketAddr, name: &str, ca: &Path, path: &str) -> 
 
 /// Run `openssl s_client` against `addr` with extra arguments; stdin is empty,
 /// so it disconnects right after the handshake.
-pub async fn s_client(addr: SocketAddr, args: &[&str]) -> Output {
+pub(crate) async fn s_client(addr: SocketAddr, args: &[&str]) -> Output {
     let connect = addr.to_string();
     let mut all = vec!["s_client", "-connect", &connect];
     all.extend_from_slice(args);

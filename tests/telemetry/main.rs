@@ -337,9 +337,9 @@ async fn the_coordinator_exports_its_metrics_and_they_pass_promtool() {
         .await
         .unwrap_err();
     // Only the replica keeps beating: the primary dies and is replaced.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while coord.epoch().await != 2 {
-        assert!(std::time::Instant::now() < deadline, "no failover");
+        assert!(tokio::time::Instant::now() < deadline, "no failover");
         grpc.report_heartbeat(heartbeat_req("r", "127.0.0.11:9000", unix_ms()))
             .await
             .unwrap();

@@ -176,7 +176,7 @@ impl PgStore {
 }
 
 /// Apply every migration not yet applied, each in its own transaction.
-pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+pub(super) async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -401,3 +401,172 @@ fn client_fault(error: hyper::Error) -> ProxyError {
         _ => ProxyError::ClientBodyFailed(error),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::plan::plan;
+    use super::super::tests::settings;
+    use super::*;
+    use crate::routing::{PartitionMetrics, ReadPreference, RequestClass};
+    use crate::telemetry::Metrics;
+    use crate::upstream::UpstreamFactory;
+    use http::HeaderValue;
+
+    struct Fixture {
+        partition: RoutePartition,
+        settings: Arc<RuntimeConfig>,
+        budget: RetryBudget,
+        metrics: AttemptMetrics,
+        registry: Arc<Metrics>,
+    }
+
+    fn fixture(settings: Arc<RuntimeConfig>) -> Fixture {
+        let registry = Arc::new(Metrics::new());
+        let f = UpstreamFactory::new(settings.upstream.clone(), registry.clone()).unwrap();
+        let node = |p: u16| f.make(format!("127.0.0.1:{p}").parse().unwrap());
+        Fixture {
+            partition: RoutePartition {
+                index: 1,
+                index_header: HeaderValue::from(1),
+                primary: node(1001),
+                replicas: vec![node(1002)].into(),
+                metrics: Arc::new(PartitionMetrics::new(registry.clone(), "1")),
+            },
+            budget: RetryBudget::new(settings.budget),
+            metrics: AttemptMetrics {
+                budget_exhausted: registry.counter("budget", &[]),
+                shed_upstream: registry.counter("shed_upstream", &[]),
+                shed_breaker: registry.counter("shed_breaker", &[]),
+                breaker_fail_open: registry.counter("fail_open", &[]),
+            },
+            settings,
+            registry,
+        }
+    }
+
+    impl Fixture {
+        fn run(&self) -> Run<'_> {
+            Run {
+                settings: &self.settings,
+                budget: &self.budget,
+                metrics: &self.metrics,
+                arrived: Instant::now(),
+                deadline: Instant::now() + std::time::Duration::from_secs(30),
+                idempotent: true,
+                trace_id: 1,
+            }
+        }
+
+        fn open(&self, u: &Upstream) {
+            for _ in 0..5 {
+                u.breaker().try_acquire().unwrap().failure(Instant::now());
+            }
+            assert!(u.breaker().try_acquire().is_none());
+        }
+    }
+
+    fn connect_refused() -> Failure {
+        Failure::NotSent(SendError::Connect(crate::upstream::ConnectError::Io(
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        )))
+    }
+
+    #[tokio::test]
+    async fn the_last_failure_becomes_the_spec_error_for_who_may_serve() {
+        let fx = fixture(settings());
+        let write = plan(&fx.partition, RequestClass::Write, ReadPreference::Nearest).unwrap();
+        let read = plan(
+            &fx.partition,
+            RequestClass::Read,
+            ReadPreference::PrimaryPreferred,
+        )
+        .unwrap();
+        let node: Arc<str> = "127.0.0.1:1001".into();
+        let code = |r: Result<Delivered, ProxyError>| r.err().unwrap().code();
+        let last = |f| Some((f, node.clone()));
+        assert_eq!(
+            code(give_up(last(connect_refused()), &write, &fx.partition)),
+            "primary_unavailable"
+        );
+        assert_eq!(
+            code(give_up(last(connect_refused()), &read, &fx.partition)),
+            "no_healthy_upstream"
+        );
+        assert_eq!(
+            code(give_up(last(Failure::Timeout), &read, &fx.partition)),
+            "upstream_timeout"
+        );
+        assert_eq!(
+            code(give_up(
+                last(Failure::Broken(UpstreamCause::UnexpectedUpgrade)),
+                &read,
+                &fx.partition
+            )),
+            "upstream_failed"
+        );
+    }
+
+    #[tokio::test]
+    async fn breakers_admit_the_first_closed_node_from_the_cursor_and_no_open_one() {
+        let fx = fixture(settings());
+        let read = plan(
+            &fx.partition,
+            RequestClass::Read,
+            ReadPreference::PrimaryPreferred,
+        )
+        .unwrap();
+        let r = fx.run();
+        let (slot, _permit, _guard) = admit(&read, 0, &r).unwrap();
+        assert_eq!(slot, 0, "the primary first");
+        fx.open(&fx.partition.primary);
+        let (slot, _permit, _guard) = admit(&read, 0, &r).unwrap();
+        assert_eq!(slot, 1, "its breaker is open: the replica");
+        fx.open(&fx.partition.replicas[0]);
+        assert!(admit(&read, 0, &r).is_none(), "fail fast: no network wait");
+        let err = refused(&read, &fx.partition, None, &r);
+        assert_eq!(err.code(), "no_healthy_upstream");
+        assert!(err.to_string().contains("circuit breaker open"), "{err}");
+        assert!(fx.registry.render().contains("shed_breaker 1"));
+    }
+
+    #[tokio::test]
+    async fn fail_open_sends_to_the_node_that_reopens_soonest() {
+        let mut s = (*settings()).clone();
+        s.breaker.when_all_open = AllOpen::FailOpen;
+        let fx = fixture(Arc::new(s));
+        let write = plan(&fx.partition, RequestClass::Write, ReadPreference::Primary).unwrap();
+        fx.open(&fx.partition.primary);
+        let (slot, _permit, _guard) = admit(&write, 0, &fx.run()).expect("fail open");
+        assert_eq!(slot, 0);
+        assert!(fx.registry.render().contains("fail_open 1"));
+    }
+
+    #[tokio::test]
+    async fn a_full_upstream_sheds_before_any_attempt_as_overloaded() {
+        let mut s = (*settings()).clone();
+        s.limits.max_inflight_per_upstream = 1;
+        let fx = fixture(Arc::new(s));
+        let write = plan(&fx.partition, RequestClass::Write, ReadPreference::Primary).unwrap();
+        let _busy = fx.partition.primary.try_begin(1).unwrap();
+        let r = fx.run();
+        assert!(admit(&write, 0, &r).is_none());
+        let err = refused(&write, &fx.partition, None, &r);
+        assert_eq!(err.code(), "overloaded");
+        assert_eq!(err.partition(), Some(1));
+        let after = refused(
+            &write,
+            &fx.partition,
+            Some((Failure::Timeout, "n".into())),
+            &r,
+        );
+        assert_eq!(
+            after.code(),
+            "primary_unavailable",
+            "after a failed attempt it is the primary that is missing"
+        );
+        assert!(
+            after.to_string().contains("after n: no response in time"),
+            "{after}"
+        );
+    }
+}

@@ -117,3 +117,57 @@ fn request_body(
         Ok(RequestBody::streaming(body, max))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outgoing(method: &str, kept: bool) -> Outgoing {
+        let req = Request::builder()
+            .method(method)
+            .uri("/kv/a")
+            .header("host", "shard")
+            .header(headers::EPOCH_HEADER, "7")
+            .body(RequestBody::empty())
+            .unwrap();
+        let (parts, body) = req.into_parts();
+        Outgoing {
+            head: kept.then(|| Head::of(&parts)),
+            replayer: if kept { body.replayer() } else { None },
+            ready: Some(Request::from_parts(parts, body)),
+        }
+    }
+
+    #[test]
+    fn a_request_used_up_by_an_attempt_is_rebuilt_from_its_copy() {
+        let mut o = outgoing("GET", true);
+        let sent = o.slot().take().unwrap();
+        assert!(o.can_resend());
+        assert!(o.refill());
+        let again = o.slot().take().unwrap();
+        assert_eq!(again.method(), sent.method());
+        assert_eq!(again.uri(), sent.uri());
+        assert_eq!(again.headers(), sent.headers());
+    }
+
+    #[test]
+    fn a_request_without_a_copy_goes_again_only_if_it_came_back_unsent() {
+        let mut o = outgoing("POST", false);
+        assert!(o.can_resend(), "still in hand: nothing of it was sent");
+        let _sent = o.slot().take();
+        assert!(!o.can_resend());
+        assert!(!o.refill(), "a POST that may have arrived is never rebuilt");
+        assert_eq!(o.why_not_again(), (false, false));
+    }
+
+    #[test]
+    fn a_request_placed_again_carries_the_newer_epoch_in_hand_and_in_its_copy() {
+        let mut o = outgoing("GET", true);
+        o.set_epoch(&HeaderValue::from(9));
+        let in_hand = o.slot().take().unwrap();
+        assert_eq!(in_hand.headers()[headers::EPOCH_HEADER], "9");
+        assert!(o.refill());
+        let rebuilt = o.slot().take().unwrap();
+        assert_eq!(rebuilt.headers()[headers::EPOCH_HEADER], "9");
+    }
+}

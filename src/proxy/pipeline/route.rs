@@ -342,3 +342,24 @@ fn finish(
     trail.answered = Some(served.at);
     Forwarded { response, trail }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_are_bounded_and_their_limit_follows_a_reload() {
+        let h = Holds::new(2);
+        let a = h.try_hold().unwrap();
+        let _b = h.try_hold().unwrap();
+        assert!(h.try_hold().is_none(), "two at most");
+        h.set_max(3);
+        let c = h.try_hold().expect("raised");
+        drop((a, c));
+        h.set_max(1);
+        assert!(
+            h.try_hold().is_none(),
+            "lowered: the hold in progress uses the one slot"
+        );
+    }
+}

@@ -1,33 +1,36 @@
 //! What resilience and metrics add to one proxied request, in nanoseconds.
 //!
-//! Each benchmark performs exactly the bookkeeping `proxy::service` does for a
-//! successful request, with the shipped defaults: the retry-budget deposit,
-//! the breaker permit and its success, the peak-EWMA latency update (resilience);
-//! the request counter, the duration histogram and the attempt counter
-//! (metrics). Divide by the CPU per request from `benches/compare.py`
-//! (about 20 µs on the reference machine) for the share of the hot path.
+//! Each benchmark calls the very functions the request path calls for a
+//! successful request (`shardgate::proxy::bench`), with the shipped
+//! defaults: the retry-budget deposit, the breaker permit and its verdict,
+//! the attempt counter and the peak-EWMA latency update (resilience); the
+//! request counter and the duration histogram (metrics). Divide by the CPU
+//! per request from `benches/compare.py` (about 15 µs on the reference
+//! machine) for their share of the hot path.
 //!
 //! Run: `cargo bench --bench hot_path`.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, missing_docs)]
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use shardgate::resilience::{Backoff, Breaker, BreakerConfig, BudgetConfig, Jitter, RetryBudget};
-use shardgate::routing::{PartitionMetrics, RequestClass, ServedBy};
-use shardgate::telemetry::{Metrics, names};
-use shardgate::upstream::PeakEwma;
+use shardgate::proxy::bench;
+use shardgate::resilience::{Backoff, BreakerConfig, BudgetConfig, Jitter, RetryBudget};
+use shardgate::routing::PartitionMetrics;
+use shardgate::telemetry::Metrics;
+use shardgate::upstream::{PoolSettings, UpstreamFactory, UpstreamSettings};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-fn resilience(c: &mut Criterion) {
-    let budget = RetryBudget::new(BudgetConfig {
-        ratio: 0.2,
-        window: Duration::from_secs(10),
-        min_per_second: 10,
-    });
-    let breaker = Breaker::new(
-        BreakerConfig {
+/// The shipped `[breaker]` and `[upstream]` defaults.
+fn settings() -> UpstreamSettings {
+    UpstreamSettings {
+        pool: PoolSettings {
+            max_idle: 64,
+            idle_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(1),
+        },
+        breaker: BreakerConfig {
             consecutive_failures: 5,
             failure_ratio: 0.5,
             window: Duration::from_secs(10),
@@ -35,41 +38,40 @@ fn resilience(c: &mut Criterion) {
             cool_down: Backoff {
                 base: Duration::from_secs(5),
                 max: Duration::from_secs(60),
-                jitter: Jitter::Full,
+                jitter: Jitter::Equal,
             },
             half_open_probes: 3,
         },
-        Box::new(()),
-    );
-    let latency = PeakEwma::new(Duration::from_millis(1));
+        tls: None,
+    }
+}
+
+fn resilience(c: &mut Criterion) {
+    let registry = Arc::new(Metrics::new());
+    let upstream = UpstreamFactory::new(settings(), registry)
+        .unwrap()
+        .make("127.0.0.1:8080".parse().unwrap());
+    let budget = RetryBudget::new(BudgetConfig {
+        ratio: 0.2,
+        window: Duration::from_secs(10),
+        min_per_second: 10,
+    });
     c.bench_function("per_request/resilience", |b| {
         b.iter(|| {
-            let started = Instant::now();
-            budget.deposit(started);
-            let permit = black_box(breaker.try_acquire()).unwrap();
-            let answered = Instant::now();
-            latency.observe(answered - started, answered);
-            permit.success(answered);
+            let sent = Instant::now();
+            bench::resilience(black_box(&upstream), &budget, sent, Instant::now());
         });
     });
 }
 
 fn metrics(c: &mut Criterion) {
     let registry = Arc::new(Metrics::new());
-    let partition = PartitionMetrics::new(registry.clone(), "0");
-    let attempts = registry.counter(
-        names::UPSTREAM_ATTEMPTS,
-        &[("upstream", "127.0.0.1:8080"), ("outcome", "ok")],
-    );
+    let partition = Arc::new(PartitionMetrics::new(registry.clone(), "0"));
+    let unrouted = PartitionMetrics::new(registry, "none");
     c.bench_function("per_request/metrics", |b| {
         b.iter(|| {
-            attempts.increment(1);
-            partition.request(
-                RequestClass::Read,
-                black_box(200),
-                ServedBy::Primary,
-                black_box(0.000_2),
-            );
+            let arrived = Instant::now();
+            bench::metrics(black_box(&partition), &unrouted, arrived, Instant::now());
         });
     });
 }

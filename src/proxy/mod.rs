@@ -31,6 +31,8 @@ pub use follow::WatchConfig;
 pub use lifecycle::{ReloadError, Reread, RunningProxy, StartError, run, start};
 pub use listener::ServerConfig;
 pub use live::MapUpdate;
+#[doc(hidden)]
+pub use pipeline::bench;
 pub use settings::{FailoverBuffer, Limits, ProxyConfig, RuntimeConfig, Timeouts, TopologySource};
 
 use crate::routing::{PartitionMetrics, RouteTable};

@@ -196,13 +196,7 @@ fn settle(
     sent_at: Instant,
     r: &Run<'_>,
 ) -> Settled {
-    let outcome = |o: AttemptOutcome, permit: Permit<'_>, at: Instant| {
-        upstream.count_attempt(o);
-        match o {
-            AttemptOutcome::Ok => permit.success(at),
-            _ => permit.failure(at),
-        }
-    };
+    let outcome = |o, permit, at| verdict(upstream, permit, o, at);
     match result {
         Ok(Ok((resp, conn))) => {
             let answered_at = Instant::now();
@@ -211,9 +205,7 @@ fn settle(
                 reused = conn.is_reused(),
                 "answered"
             );
-            upstream
-                .latency()
-                .observe(answered_at - sent_at, answered_at);
+            learn_latency(upstream, sent_at, answered_at);
             let status = resp.status();
             let delivered = Delivered {
                 resp,
@@ -258,6 +250,29 @@ fn settle(
             outcome(AttemptOutcome::Timeout, permit, Instant::now());
             Settled::Failed(Failure::Timeout)
         }
+    }
+}
+
+/// Every answer teaches the node's latency estimate (for `nearest`).
+#[inline]
+pub(crate) fn learn_latency(upstream: &Upstream, sent_at: Instant, answered_at: Instant) {
+    upstream
+        .latency()
+        .observe(answered_at - sent_at, answered_at);
+}
+
+/// An attempt's verdict: counted, and settled with its breaker.
+#[inline]
+pub(crate) fn verdict(
+    upstream: &Upstream,
+    permit: Permit<'_>,
+    outcome: AttemptOutcome,
+    at: Instant,
+) {
+    upstream.count_attempt(outcome);
+    match outcome {
+        AttemptOutcome::Ok => permit.success(at),
+        _ => permit.failure(at),
     }
 }
 

@@ -141,6 +141,49 @@ pub(crate) struct Shared {
     pub(crate) unrouted: Arc<PartitionMetrics>,
 }
 
+/// The bookkeeping one successful request does, for `benches/hot_path.rs`:
+/// the same functions the stages call, so the bench times what requests do.
+#[doc(hidden)]
+pub mod bench {
+    use super::*;
+    use crate::resilience::RetryBudget;
+    use crate::upstream::{AttemptOutcome, Upstream};
+
+    /// Resilience: the retry-budget deposit, the breaker's permit, the
+    /// latency estimate and the attempt's verdict.
+    pub fn resilience(upstream: &Upstream, budget: &RetryBudget, sent: Instant, answered: Instant) {
+        budget.deposit(sent);
+        let Some(permit) = upstream.breaker().try_acquire() else {
+            return;
+        };
+        attempts::learn_latency(upstream, sent, answered);
+        attempts::verdict(upstream, permit, AttemptOutcome::Ok, answered);
+    }
+
+    /// Metrics: the request counter and duration histogram of a 200 from a
+    /// primary (the access log's sampling draws nothing at the shipped rate).
+    pub fn metrics(
+        partition: &Arc<PartitionMetrics>,
+        unrouted: &PartitionMetrics,
+        arrived: Instant,
+        answered: Instant,
+    ) {
+        observe::count(
+            arrived,
+            &http::Method::GET,
+            http::StatusCode::OK,
+            &Trail {
+                partition: Some((0, partition.clone())),
+                served_by: ServedBy::Primary,
+                upstream: None,
+                attempts: 1,
+                answered: Some(answered),
+            },
+            unrouted,
+        );
+    }
+}
+
 /// The pipeline for one client connection, as hyper calls it.
 pub(crate) fn connection(
     shared: &Shared,

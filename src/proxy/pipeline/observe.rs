@@ -112,13 +112,26 @@ where
     }
 }
 
+/// The metrics of one answered request; returns its duration in seconds.
+#[inline]
+pub(super) fn count(
+    arrived: Instant,
+    method: &Method,
+    status: StatusCode,
+    trail: &Trail,
+    unrouted: &PartitionMetrics,
+) -> f64 {
+    let class = RequestClass::of(method);
+    let ended = trail.answered.unwrap_or_else(Instant::now);
+    let secs = ended.saturating_duration_since(arrived).as_secs_f64();
+    let partition = trail.partition.as_ref().map_or(unrouted, |(_, m)| &**m);
+    partition.request(class, status.as_u16(), trail.served_by, secs);
+    secs
+}
+
 /// Metrics and the sampled access log for one answered request.
 fn record(a: &Arrival, status: StatusCode, trail: &Trail, error: Option<&'static str>) {
-    let class = RequestClass::of(&a.method);
-    let ended = trail.answered.unwrap_or_else(Instant::now);
-    let secs = ended.saturating_duration_since(a.arrived).as_secs_f64();
-    let partition = trail.partition.as_ref().map_or(&a.unrouted, |(_, m)| m);
-    partition.request(class, status.as_u16(), trail.served_by, secs);
+    let secs = count(a.arrived, &a.method, status, trail, &a.unrouted);
     let is_error = error.is_some() || status.is_server_error();
     // Sampling draws a random number; at a rate of 0 it need not.
     let sampled = a.sample > 0.0 && rand::rng().random_bool(a.sample);

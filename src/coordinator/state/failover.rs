@@ -1,0 +1,326 @@
+//! Liveness and failover: silent nodes become DEAD, and a dead primary's
+//! most caught-up live replica takes its place under the next epoch.
+
+use super::{ClusterState, NodeStatus, Rules};
+use crate::topology::{NodeAddr, Partition};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A partition's health as its nodes' statuses show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartitionHealth {
+    /// The primary is alive.
+    Ok,
+    /// The primary is dead or unheard, but a replica is alive.
+    PrimaryDown,
+    /// No node of the partition is alive.
+    Unavailable,
+}
+
+impl PartitionHealth {
+    /// As the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartitionHealth::Ok => "ok",
+            PartitionHealth::PrimaryDown => "primary_down",
+            PartitionHealth::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A replica promoted to primary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Promotion {
+    /// Partition index.
+    pub partition: u32,
+    /// The dead primary, now fenced.
+    pub from: NodeAddr,
+    /// The promoted replica.
+    pub to: NodeAddr,
+    /// The epoch the promotion created.
+    pub epoch: u64,
+}
+
+/// What a sweep found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Nodes that just became DEAD.
+    pub newly_dead: Vec<String>,
+    /// Promotions made, one epoch each.
+    pub promotions: Vec<Promotion>,
+    /// Partitions with no live node at all (kept in the map, reported).
+    pub unavailable: Vec<u32>,
+    /// Partitions whose primary is dead but no replica could take over.
+    pub stuck: Vec<u32>,
+}
+
+impl ClusterState {
+    /// Whether the node at `addr` is alive (ACTIVE or DEGRADED); a node the
+    /// map names but nobody has heard from is alive until the startup grace ends.
+    fn alive(&self, addr: &NodeAddr, now: Instant, timeout: Duration) -> Option<NodeStatus> {
+        let node = self
+            .nodes
+            .values()
+            .filter(|n| n.addr == *addr)
+            .max_by_key(|n| n.last_seen);
+        match node {
+            Some(n)
+                if n.last_seen.is_some()
+                    || now.saturating_duration_since(self.started) < timeout =>
+            {
+                (n.status != NodeStatus::Dead).then_some(n.status)
+            }
+            Some(_) => None,
+            None if now.saturating_duration_since(self.started) < timeout => {
+                Some(NodeStatus::Active)
+            }
+            None => None,
+        }
+    }
+
+    /// Mark silent nodes DEAD and promote replicas of dead primaries (the
+    /// leader only). `lag` gives a replica's replication lag when known.
+    pub fn sweep(
+        &mut self,
+        now: Instant,
+        rules: &Rules,
+        lag: &dyn Fn(&NodeAddr) -> Option<u64>,
+    ) -> SweepReport {
+        let mut report = SweepReport::default();
+        let timeout = rules.heartbeat_timeout;
+        let grace_over = now.saturating_duration_since(self.started) >= timeout;
+        for n in self.nodes.values_mut() {
+            let silent = match n.last_seen {
+                Some(t) => now.saturating_duration_since(t) > timeout,
+                None => grace_over,
+            };
+            if silent && n.status != NodeStatus::Dead {
+                n.status = NodeStatus::Dead;
+                report.newly_dead.push(n.id.clone());
+            }
+        }
+
+        // Decide on the map as it stood when the sweep began; each promotion
+        // then raises the epoch by one.
+        let mut decided = Vec::new();
+        for p in self.map.partitions() {
+            if self.alive(&p.primary, now, timeout).is_some() {
+                continue;
+            }
+            let mut candidates: Vec<(usize, NodeAddr)> = p
+                .replicas
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|(_, r)| {
+                    self.alive(r, now, timeout) == Some(NodeStatus::Active)
+                        && !self.fenced.contains(r)
+                })
+                .collect();
+            // Least-lagged first where lag is known; unknown lag keeps map order, after known.
+            candidates.sort_by_key(|(i, r)| (lag(r).unwrap_or(u64::MAX), *i));
+            let Some(&(_, to)) = candidates.first() else {
+                if p.replicas
+                    .iter()
+                    .all(|r| self.alive(r, now, timeout).is_none())
+                {
+                    report.unavailable.push(p.index);
+                } else {
+                    report.stuck.push(p.index);
+                }
+                continue;
+            };
+            let held = self
+                .last_failover
+                .get(&p.index)
+                .is_some_and(|t| now.saturating_duration_since(*t) < rules.failover_hold_down);
+            if held {
+                report.stuck.push(p.index);
+                continue;
+            }
+            decided.push((p.index, p.primary, to));
+        }
+        for (partition, from, to) in decided {
+            match self.map.promote(partition, to) {
+                Ok(map) => {
+                    self.map = map;
+                    self.fenced.insert(from);
+                    self.last_failover.insert(partition, now);
+                    report.promotions.push(Promotion {
+                        partition,
+                        from,
+                        to,
+                        epoch: self.map.epoch(),
+                    });
+                }
+                // Only an exhausted epoch refuses a promotion decided on this
+                // map; keeping the map in force is the safe side.
+                Err(e) => {
+                    tracing::error!(partition, "failover refused: {e}");
+                    report.stuck.push(partition);
+                }
+            }
+        }
+        report
+    }
+
+    /// Whether `p` can take writes, and if not, whether it can serve reads.
+    pub fn health(&self, p: &Partition) -> PartitionHealth {
+        let live = |a: &NodeAddr| {
+            matches!(
+                self.status_of(a),
+                Some(NodeStatus::Active | NodeStatus::Degraded)
+            )
+        };
+        if live(&p.primary) {
+            PartitionHealth::Ok
+        } else if p.replicas.iter().any(live) {
+            PartitionHealth::PrimaryDown
+        } else {
+            PartitionHealth::Unavailable
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::*;
+    use super::super::*;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_primary_dies_and_its_first_active_replica_is_promoted_once() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        all_beat(&mut s, &[]);
+        tokio::time::advance(10 * SEC).await;
+        all_beat(&mut s, &["a"]);
+        tokio::time::advance(6 * SEC).await;
+        let r = s.sweep(Instant::now(), &rules(), &no_lag);
+        assert_eq!(r.newly_dead, ["a"]);
+        assert_eq!(r.promotions.len(), 1);
+        let p = &r.promotions[0];
+        assert_eq!(
+            (p.partition, p.to.to_string().as_str(), p.epoch),
+            (0, "10.0.0.2:80", 8)
+        );
+        assert_eq!(s.epoch(), 8, "one epoch per promotion");
+        let part = &s.map().partitions()[0];
+        assert_eq!(part.primary.to_string(), "10.0.0.2:80");
+        assert_eq!(part.replicas.len(), 1, "the old primary left the partition");
+        // A second sweep changes nothing.
+        let again = s.sweep(Instant::now(), &rules(), &no_lag);
+        assert!(again.promotions.is_empty());
+        assert_eq!(s.epoch(), 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_least_lagged_active_replica_is_preferred() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        all_beat(&mut s, &[]);
+        tokio::time::advance(16 * SEC).await;
+        all_beat(&mut s, &["a"]);
+        let lag = |r: &NodeAddr| match r.to_string().as_str() {
+            "10.0.0.2:80" => Some(5000),
+            "10.0.0.3:80" => Some(10),
+            _ => None,
+        };
+        let r = s.sweep(Instant::now(), &rules(), &lag);
+        assert_eq!(r.promotions[0].to.to_string(), "10.0.0.3:80");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_promotion_ping_pong_within_the_hold_down() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        all_beat(&mut s, &[]);
+        tokio::time::advance(16 * SEC).await;
+        all_beat(&mut s, &["a"]);
+        assert_eq!(
+            s.sweep(Instant::now(), &rules(), &no_lag).promotions.len(),
+            1
+        );
+        // The promoted node dies right away; c is alive but the partition is held.
+        tokio::time::advance(10 * SEC).await;
+        all_beat(&mut s, &["a", "b"]);
+        tokio::time::advance(6 * SEC).await;
+        all_beat(&mut s, &["a", "b"]);
+        let r = s.sweep(Instant::now(), &rules(), &no_lag);
+        assert!(r.promotions.is_empty());
+        assert_eq!(r.stuck, [0]);
+        tokio::time::advance(15 * SEC).await;
+        all_beat(&mut s, &["a", "b"]);
+        let r = s.sweep(Instant::now(), &rules(), &no_lag);
+        assert_eq!(
+            r.promotions.len(),
+            1,
+            "after the hold-down the next replica takes over"
+        );
+        assert_eq!(s.epoch(), 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_whose_every_node_died_is_kept_and_reported() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        all_beat(&mut s, &[]);
+        tokio::time::advance(16 * SEC).await;
+        all_beat(&mut s, &["d", "e"]);
+        let r = s.sweep(Instant::now(), &rules(), &no_lag);
+        assert_eq!(r.unavailable, [1]);
+        assert!(r.promotions.is_empty());
+        assert_eq!(s.map().partitions().len(), 2);
+        assert_eq!(s.epoch(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn degraded_replicas_are_not_promoted() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        all_beat(&mut s, &[]);
+        tokio::time::advance(16 * SEC).await;
+        beat(&mut s, "e", "10.0.1.2:80");
+        s.heartbeat(
+            &hb("b", "10.0.0.2:80", 500),
+            Instant::now(),
+            1_000_000,
+            &rules(),
+        );
+        beat(&mut s, "c", "10.0.0.3:80");
+        let r = s.sweep(Instant::now(), &rules(), &no_lag);
+        let p0 = r.promotions.iter().find(|p| p.partition == 0).unwrap();
+        assert_eq!(p0.to.to_string(), "10.0.0.3:80");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nodes_never_heard_get_a_startup_grace() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        tokio::time::advance(5 * SEC).await;
+        beat(&mut s, "b", "10.0.0.2:80");
+        assert!(
+            s.sweep(Instant::now(), &rules(), &no_lag)
+                .promotions
+                .is_empty()
+        );
+        tokio::time::advance(11 * SEC).await;
+        beat(&mut s, "b", "10.0.0.2:80");
+        let r = s.sweep(Instant::now(), &rules(), &no_lag);
+        assert_eq!(
+            r.promotions.len(),
+            1,
+            "a never-heard primary is dead after the grace"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn partition_health_follows_its_nodes_statuses() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        all_beat(&mut s, &[]);
+        let p0 = s.map().partitions()[0].clone();
+        assert_eq!(s.health(&p0), PartitionHealth::Ok);
+        tokio::time::advance(16 * SEC).await;
+        all_beat(&mut s, &["a", "b", "c"]);
+        // Mark the silent ones dead without promoting (the replicas are silent too).
+        s.sweep(Instant::now(), &rules(), &no_lag);
+        assert_eq!(s.health(&p0), PartitionHealth::Unavailable);
+        beat(&mut s, "c", "10.0.0.3:80");
+        assert_eq!(s.health(&p0), PartitionHealth::PrimaryDown);
+        assert_eq!(s.status_of(&"10.0.0.9:80".parse().unwrap()), None);
+    }
+}

@@ -1,0 +1,489 @@
+//! The cluster as the coordinator sees it, and the rules that change it
+//! (SPEC §4). Pure state transitions: no IO, time passed in, so every rule is
+//! tested deterministically.
+//!
+//! Here: nodes and their heartbeats, assignments and commands, operator map
+//! changes. `failover`: liveness, promotion, partition health. `persist`:
+//! what survives a restart.
+
+mod failover;
+mod persist;
+
+pub use failover::{PartitionHealth, Promotion, SweepReport};
+pub use persist::{Persisted, PersistedNode};
+
+use crate::topology::{InvalidTopology, MapEditError, NodeAddr, ShardMap, TopologyDoc};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A node's health as the coordinator judges it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum NodeStatus {
+    /// Heartbeating, clock in line.
+    Active,
+    /// Heartbeating, but its clock is off by more than the limit.
+    Degraded,
+    /// Silent for longer than the heartbeat timeout.
+    Dead,
+}
+
+impl NodeStatus {
+    /// The status as the schema and API spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Active => "ACTIVE",
+            NodeStatus::Degraded => "DEGRADED",
+            NodeStatus::Dead => "DEAD",
+        }
+    }
+
+    /// Parse the schema spelling.
+    pub fn parse(s: &str) -> Option<NodeStatus> {
+        match s {
+            "ACTIVE" => Some(NodeStatus::Active),
+            "DEGRADED" => Some(NodeStatus::Degraded),
+            "DEAD" => Some(NodeStatus::Dead),
+            _ => None,
+        }
+    }
+}
+
+/// An operator's map that was refused; the map in force is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum MapChangeError {
+    /// It breaks the rules of SPEC §2.
+    #[error(transparent)]
+    Invalid(#[from] InvalidTopology),
+    /// The map in force cannot be changed (its epoch is exhausted).
+    #[error(transparent)]
+    Edit(#[from] MapEditError),
+}
+
+/// What the coordinator tells a node in reply to a heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Carry on.
+    Continue,
+    /// Your role or partition changed: re-read the map.
+    Rebalance,
+    /// You were removed or fenced: stop serving (an old primary must stop taking writes).
+    Terminate,
+}
+
+/// Where a node sits in the map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The partition it belongs to, if any.
+    pub partition: Option<u32>,
+    /// Whether it is that partition's primary.
+    pub primary: bool,
+}
+
+impl Assignment {
+    /// The schema's role: `MASTER` for a partition primary, `WORKER` otherwise.
+    pub fn role(self) -> &'static str {
+        if self.primary { "MASTER" } else { "WORKER" }
+    }
+}
+
+/// A node's reported resource usage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    /// CPU in use, percent.
+    pub cpu_percent: f64,
+    /// Free memory, bytes.
+    pub free_memory_bytes: i64,
+    /// Open TCP connections.
+    pub active_connections: i64,
+}
+
+/// A heartbeat that passed validation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Heartbeat {
+    /// The node's stable name.
+    pub node_id: String,
+    /// The node's address, as the map writes it.
+    pub addr: NodeAddr,
+    /// The node's own clock, Unix milliseconds.
+    pub node_time_ms: i64,
+    /// Reported usage.
+    pub usage: Usage,
+}
+
+/// One node known to the coordinator.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Stable name.
+    pub id: String,
+    /// Address.
+    pub addr: NodeAddr,
+    /// Health.
+    pub status: NodeStatus,
+    /// Last reported usage.
+    pub usage: Usage,
+    /// When the last heartbeat arrived (coordinator's monotonic clock).
+    pub last_seen: Option<Instant>,
+    /// When the last heartbeat arrived, Unix milliseconds (for display).
+    pub last_seen_unix_ms: Option<i64>,
+    /// Node clock minus coordinator clock at the last heartbeat, milliseconds.
+    pub skew_ms: i64,
+    /// The assignment the node last heard about.
+    pub told: Option<Assignment>,
+}
+
+/// Timing rules for liveness and failover.
+#[derive(Clone, Copy, Debug)]
+pub struct Rules {
+    /// Silence before DEAD.
+    pub heartbeat_timeout: Duration,
+    /// Skew before DEGRADED.
+    pub max_clock_skew: Duration,
+    /// No second failover in a partition within this long.
+    pub failover_hold_down: Duration,
+}
+
+/// The coordinator's view of the cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterState {
+    leader_id: String,
+    map: ShardMap,
+    nodes: BTreeMap<String, Node>,
+    fenced: BTreeSet<NodeAddr>,
+    last_failover: HashMap<u32, Instant>,
+    /// Nodes named by the map but never heard get this much grace from here.
+    started: Instant,
+}
+
+impl ClusterState {
+    /// A fresh state around `map`.
+    pub fn new(map: ShardMap, leader_id: &str, now: Instant) -> ClusterState {
+        ClusterState {
+            leader_id: leader_id.to_owned(),
+            map,
+            nodes: BTreeMap::new(),
+            fenced: BTreeSet::new(),
+            last_failover: HashMap::new(),
+            started: now,
+        }
+    }
+
+    /// The map in force.
+    pub fn map(&self) -> &ShardMap {
+        &self.map
+    }
+
+    /// The epoch in force.
+    pub fn epoch(&self) -> u64 {
+        self.map.epoch()
+    }
+
+    /// The map as served: `masterNodeId` names the leading coordinator.
+    pub fn doc(&self) -> TopologyDoc {
+        let mut doc = self.map.to_doc();
+        doc.master_node_id = self.leader_id.clone();
+        doc
+    }
+
+    /// The leading coordinator's id.
+    pub fn leader_id(&self) -> &str {
+        &self.leader_id
+    }
+
+    /// Name the leading coordinator.
+    pub fn set_leader(&mut self, id: &str) {
+        id.clone_into(&mut self.leader_id);
+    }
+
+    /// Known nodes.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    /// Whether `addr` is fenced.
+    pub fn is_fenced(&self, addr: &NodeAddr) -> bool {
+        self.fenced.contains(addr)
+    }
+
+    /// Where `addr` sits in the map.
+    pub fn assignment_of(&self, addr: &NodeAddr) -> Assignment {
+        for p in self.map.partitions() {
+            if p.primary == *addr {
+                return Assignment {
+                    partition: Some(p.index),
+                    primary: true,
+                };
+            }
+            if p.replicas.contains(addr) {
+                return Assignment {
+                    partition: Some(p.index),
+                    primary: false,
+                };
+            }
+        }
+        Assignment {
+            partition: None,
+            primary: false,
+        }
+    }
+
+    /// Record a heartbeat received at `now` (coordinator wall clock `now_unix_ms`)
+    /// and decide the node's command. Returns whether anything persistent changed.
+    pub fn heartbeat(
+        &mut self,
+        hb: &Heartbeat,
+        now: Instant,
+        now_unix_ms: i64,
+        rules: &Rules,
+    ) -> (Command, bool) {
+        let assignment = self.assignment_of(&hb.addr);
+        let fenced = self.fenced.contains(&hb.addr);
+        let skew_ms = hb.node_time_ms.saturating_sub(now_unix_ms);
+        let degraded = skew_ms.unsigned_abs() > rules.max_clock_skew.as_millis() as u64;
+        let mut persist = false;
+        let node = self.nodes.entry(hb.node_id.clone()).or_insert_with(|| {
+            persist = true;
+            Node {
+                id: hb.node_id.clone(),
+                addr: hb.addr,
+                status: NodeStatus::Active,
+                usage: Usage::default(),
+                last_seen: None,
+                last_seen_unix_ms: None,
+                skew_ms: 0,
+                // First contact: nothing has changed since it last heard.
+                told: Some(assignment),
+            }
+        });
+        if node.addr != hb.addr {
+            node.addr = hb.addr;
+            persist = true;
+        }
+        node.usage = hb.usage;
+        node.last_seen = Some(now);
+        node.last_seen_unix_ms = Some(now_unix_ms);
+        node.skew_ms = skew_ms;
+        node.status = if degraded {
+            NodeStatus::Degraded
+        } else {
+            NodeStatus::Active
+        };
+        if fenced {
+            return (Command::Terminate, persist);
+        }
+        if node.told != Some(assignment) {
+            node.told = Some(assignment);
+            return (Command::Rebalance, true);
+        }
+        (Command::Continue, persist)
+    }
+
+    /// Merge a heartbeat another coordinator recorded (shared store); `age` is
+    /// how long ago it arrived by the store's clock.
+    pub fn merge_remote(
+        &mut self,
+        id: &str,
+        addr: NodeAddr,
+        age: Duration,
+        usage: Usage,
+        skew_ms: i64,
+        now: Instant,
+    ) {
+        let seen = now.checked_sub(age).unwrap_or(now);
+        let node = self.nodes.entry(id.to_owned()).or_insert_with(|| Node {
+            id: id.to_owned(),
+            addr,
+            status: NodeStatus::Active,
+            usage,
+            last_seen: None,
+            last_seen_unix_ms: None,
+            skew_ms,
+            told: None,
+        });
+        if node.last_seen.is_none_or(|t| seen > t) {
+            node.addr = addr;
+            node.usage = usage;
+            node.skew_ms = skew_ms;
+            node.last_seen = Some(seen);
+            if node.status == NodeStatus::Dead {
+                node.status = NodeStatus::Active;
+            }
+        }
+    }
+
+    /// An operator's new map: validated, epoch raised above the one in force,
+    /// nodes it drops fenced and nodes it names unfenced.
+    pub fn replace_map(&mut self, mut doc: TopologyDoc) -> Result<u64, MapChangeError> {
+        doc.cluster_epoch = doc.cluster_epoch.max(self.map.next_epoch()?);
+        doc.master_node_id = self.leader_id.clone();
+        let map = ShardMap::from_doc(&doc)?;
+        let named: BTreeSet<NodeAddr> = map
+            .partitions()
+            .iter()
+            .flat_map(|p| p.nodes().copied())
+            .collect();
+        for gone in self.map.partitions().iter().flat_map(|p| p.nodes()) {
+            if !named.contains(gone) {
+                self.fenced.insert(*gone);
+            }
+        }
+        self.fenced.retain(|a| !named.contains(a));
+        self.map = map;
+        Ok(self.map.epoch())
+    }
+
+    /// The status of the node at `addr` (the one heard last, if several
+    /// have claimed it); `None` if none has been heard.
+    pub fn status_of(&self, addr: &NodeAddr) -> Option<NodeStatus> {
+        self.nodes
+            .values()
+            .filter(|n| n.addr == *addr)
+            .max_by_key(|n| n.last_seen)
+            .map(|n| n.status)
+    }
+
+    /// Counts of nodes by status.
+    pub fn status_counts(&self) -> [(NodeStatus, usize); 3] {
+        let count = |s| self.nodes.values().filter(|n| n.status == s).count();
+        [
+            (NodeStatus::Active, count(NodeStatus::Active)),
+            (NodeStatus::Degraded, count(NodeStatus::Degraded)),
+            (NodeStatus::Dead, count(NodeStatus::Dead)),
+        ]
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    pub(super) const SEC: Duration = Duration::from_secs(1);
+
+    pub(super) fn rules() -> Rules {
+        Rules {
+            heartbeat_timeout: 15 * SEC,
+            max_clock_skew: Duration::from_millis(100),
+            failover_hold_down: 30 * SEC,
+        }
+    }
+
+    pub(super) fn map() -> ShardMap {
+        let text = r#"{"clusterEpoch":7,"masterNodeId":"x","partitionCount":2,"partitions":[
+            {"partitionIndex":0,"primaryNodeIp":"10.0.0.1:80","replicaNodeIps":["10.0.0.2:80","10.0.0.3:80"],
+             "hashRangeStart":"00000000","hashRangeEnd":"7fffffff"},
+            {"partitionIndex":1,"primaryNodeIp":"10.0.1.1:80","replicaNodeIps":["10.0.1.2:80"],
+             "hashRangeStart":"80000000","hashRangeEnd":"ffffffff"}]}"#;
+        ShardMap::from_json(text.as_bytes()).unwrap()
+    }
+
+    pub(super) fn hb(id: &str, addr: &str, skew_ms: i64) -> Heartbeat {
+        Heartbeat {
+            node_id: id.into(),
+            addr: addr.parse().unwrap(),
+            node_time_ms: 1_000_000 + skew_ms,
+            usage: Usage::default(),
+        }
+    }
+
+    pub(super) fn beat(s: &mut ClusterState, id: &str, addr: &str) -> Command {
+        s.heartbeat(&hb(id, addr, 0), Instant::now(), 1_000_000, &rules())
+            .0
+    }
+
+    pub(super) fn all_beat(s: &mut ClusterState, except: &[&str]) {
+        for (id, addr) in [
+            ("a", "10.0.0.1:80"),
+            ("b", "10.0.0.2:80"),
+            ("c", "10.0.0.3:80"),
+            ("d", "10.0.1.1:80"),
+            ("e", "10.0.1.2:80"),
+        ] {
+            if !except.contains(&id) {
+                beat(s, id, addr);
+            }
+        }
+    }
+
+    pub(super) fn no_lag(_: &NodeAddr) -> Option<u64> {
+        None
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_register_nodes_and_continue() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        let (cmd, persist) = s.heartbeat(
+            &hb("a", "10.0.0.1:80", 0),
+            Instant::now(),
+            1_000_000,
+            &rules(),
+        );
+        assert_eq!((cmd, persist), (Command::Continue, true));
+        assert_eq!(beat(&mut s, "a", "10.0.0.1:80"), Command::Continue);
+        assert_eq!(beat(&mut s, "stranger", "10.9.9.9:80"), Command::Continue);
+        let stranger = s.nodes().find(|n| n.id == "stranger").unwrap();
+        assert_eq!(stranger.told.unwrap().role(), "WORKER");
+        assert_eq!(stranger.told.unwrap().partition, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn skewed_clocks_degrade_a_node() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        s.heartbeat(
+            &hb("a", "10.0.0.1:80", 250),
+            Instant::now(),
+            1_000_000,
+            &rules(),
+        );
+        let a = s.nodes().next().unwrap();
+        assert_eq!(a.status, NodeStatus::Degraded);
+        assert_eq!(a.skew_ms, 250);
+        s.heartbeat(
+            &hb("a", "10.0.0.1:80", -50),
+            Instant::now(),
+            1_000_000,
+            &rules(),
+        );
+        assert_eq!(s.nodes().next().unwrap().status, NodeStatus::Active);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_promoted_node_hears_rebalance_once_and_the_old_primary_terminate() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        all_beat(&mut s, &[]);
+        tokio::time::advance(16 * SEC).await;
+        all_beat(&mut s, &["a"]);
+        s.sweep(Instant::now(), &rules(), &no_lag);
+        assert_eq!(beat(&mut s, "b", "10.0.0.2:80"), Command::Rebalance);
+        assert_eq!(beat(&mut s, "b", "10.0.0.2:80"), Command::Continue);
+        assert_eq!(
+            beat(&mut s, "c", "10.0.0.3:80"),
+            Command::Continue,
+            "c's role did not change"
+        );
+        assert_eq!(beat(&mut s, "a", "10.0.0.1:80"), Command::Terminate);
+        assert_eq!(
+            beat(&mut s, "a", "10.0.0.1:80"),
+            Command::Terminate,
+            "fenced stays fenced"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn operator_maps_raise_the_epoch_and_fence_dropped_nodes() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        let mut doc = s.doc();
+        doc.partitions[1].replica_node_ips = vec!["10.0.1.9:80".into()];
+        doc.cluster_epoch = 3;
+        assert_eq!(s.replace_map(doc.clone()).unwrap(), 8);
+        assert!(s.is_fenced(&"10.0.1.2:80".parse().unwrap()));
+        doc.cluster_epoch = 100;
+        assert_eq!(s.replace_map(doc).unwrap(), 100);
+        let mut bad = s.doc();
+        bad.partition_count = 9;
+        assert!(s.replace_map(bad).is_err());
+        assert_eq!(s.epoch(), 100);
+    }
+}

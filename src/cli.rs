@@ -100,6 +100,10 @@ pub(crate) struct CoordinatorArgs {
     /// The certificate's private key (PEM).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<String>,
+    /// Accept unauthenticated heartbeats on a gRPC listener reachable beyond
+    /// this machine (by default such a coordinator refuses to start).
+    #[arg(long)]
+    pub insecure_heartbeats: bool,
 }
 
 impl CoordinatorArgs {
@@ -114,6 +118,7 @@ impl CoordinatorArgs {
             sweep_interval: self.sweep_interval,
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
+            insecure_heartbeats: self.insecure_heartbeats,
         }
     }
 }

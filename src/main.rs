@@ -58,6 +58,21 @@ fn done(r: Result<(), cli::InputError>) -> ExitCode {
     }
 }
 
+/// Raise the open-file limit as far as allowed, and say so if that is still
+/// short of the `wanted` descriptors the configured limits could use.
+fn open_files_for(wanted: usize) {
+    match shardgate::server::raise_open_files_limit() {
+        Ok(have) if (have as usize) < wanted => tracing::warn!(
+            open_files = have,
+            wanted,
+            "the open-file limit is below what the configured connection limits could use; \
+             raise it (systemd LimitNOFILE, ulimit -Hn) or lower the limits"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
 /// The async runtime, or the exit code after saying why it could not start.
 ///
 /// One worker (asked for, or all the machine has) means one thread: a
@@ -97,6 +112,8 @@ fn run_proxy(args: &cli::ProxyArgs) -> ExitCode {
         Err(e) => return done(Err(e.into())),
     };
     shardgate::telemetry::init_logging(&config.log.level, config.log.format);
+    // Each client connection may take an upstream one too.
+    open_files_for(config.runtime.limits.max_connections.saturating_mul(2));
     let rt = match runtime(config.server.workers) {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -132,6 +149,7 @@ fn run_coordinator(args: &cli::CoordinatorArgs) -> ExitCode {
             Err(e) => return done(Err(e.into())),
         };
     shardgate::telemetry::init_logging(&config.log_level, config.log_format);
+    open_files_for(config.http_max_connections.saturating_add(256));
     let rt = match runtime(0) {
         Ok(rt) => rt,
         Err(code) => return code,

@@ -34,11 +34,14 @@ impl Secret {
         bool::from(given.ct_eq(self.0.as_bytes()))
     }
 
-    /// Whether an `Authorization` value is `Bearer <secret>`, in constant time.
+    /// Whether an `Authorization` value is `Bearer <secret>`, in constant
+    /// time. The scheme is matched case-insensitively and may be followed by
+    /// several spaces (RFC 9110 §11.1, §11.4).
     pub fn matches_bearer(&self, authorization: Option<&str>) -> bool {
         let given = authorization
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim_start_matches(' '));
         self.matches(given.as_bytes())
     }
 
@@ -63,6 +66,13 @@ mod tests {
     fn bearer_matching_needs_the_exact_token() {
         let s = Secret::from("abc".to_owned());
         assert!(s.matches_bearer(Some("Bearer abc")));
+        assert!(
+            s.matches_bearer(Some("bearer abc")),
+            "the scheme ignores case"
+        );
+        assert!(s.matches_bearer(Some("BEARER  abc")));
+        assert!(!s.matches_bearer(Some("Basic abc")));
+        assert!(!s.matches_bearer(Some("Bearerabc")));
         assert!(!s.matches_bearer(Some("Bearer abcd")));
         assert!(!s.matches_bearer(Some("Bearer ab")));
         assert!(!s.matches_bearer(Some("abc")));

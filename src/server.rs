@@ -139,6 +139,14 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BindErr
     Ok((listener, bound))
 }
 
+/// Raise this process's open-file limit to the most it may have, and return
+/// it. A server holding thousands of connections needs far more than the
+/// 1,024 most systems give a process by default; the hard limit (systemd's
+/// `LimitNOFILE`, `ulimit -Hn`) stays the operator's to set.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}
+
 /// How long to pause accepting after a resource error (EMFILE, ENOBUFS...).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 

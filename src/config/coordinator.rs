@@ -41,6 +41,20 @@ pub(super) struct CoordinatorSection {
     pub watch_timeout: Duration,
     /// Heartbeats one node may send per second before RESOURCE_EXHAUSTED.
     pub max_heartbeats_per_second: u32,
+    /// Nodes the map does not name that may register at once; more are
+    /// refused (RESOURCE_EXHAUSTED), and silent ones are forgotten.
+    pub max_unknown_nodes: usize,
+    /// Connections the HTTP API holds at once (proxies' watches, operators,
+    /// health checks); further ones are closed.
+    pub http_max_connections: usize,
+    /// Watches (`waitForEpochAbove`) held open at once; further ones are
+    /// answered at once with the map in force, so watches never take the
+    /// connections operators and health checks need. Below http_max_connections.
+    pub max_watches: usize,
+    /// Accept unauthenticated heartbeats on a listener reachable beyond this
+    /// machine (no heartbeat_token, no grpc_client_ca). Off: such a
+    /// coordinator refuses to start.
+    pub insecure_heartbeats: bool,
     /// Bearer token required by PUT /v1/cluster/topology; empty refuses every change.
     pub admin_token: String,
     /// Bearer token agents must send with heartbeats; empty accepts any.
@@ -72,6 +86,10 @@ impl Default for CoordinatorSection {
             failover_hold_down: Duration::from_secs(30),
             watch_timeout: Duration::from_secs(30),
             max_heartbeats_per_second: 10,
+            max_unknown_nodes: 1024,
+            http_max_connections: 16_384,
+            max_watches: 8_192,
+            insecure_heartbeats: false,
             admin_token: String::new(),
             heartbeat_token: String::new(),
             heartbeat_retention: Duration::from_secs(3600),
@@ -121,6 +139,8 @@ pub struct CoordinatorOverrides {
     pub tls_cert: Option<String>,
     /// `--tls-key`
     pub tls_key: Option<String>,
+    /// `--insecure-heartbeats`
+    pub insecure_heartbeats: bool,
 }
 
 fn secs(v: f64, key: &str, issues: &mut Issues<'_>) -> Option<Duration> {
@@ -258,6 +278,12 @@ impl CoordinatorConfig {
                 issues.push(key, "must be above zero");
             }
         }
+        if c.max_watches >= c.http_max_connections {
+            issues.push(
+                "coordinator.max_watches",
+                "must be below http_max_connections, so operators and health checks always get in",
+            );
+        }
         if c.max_heartbeats_per_second == 0 {
             issues.push(
                 "coordinator.max_heartbeats_per_second",
@@ -265,6 +291,26 @@ impl CoordinatorConfig {
             );
         }
         let log_format = parse_log(&log.level, &log.format, &mut issues);
+        if let Some(grpc) = grpc_listen
+            && !grpc.ip().is_loopback()
+            && c.heartbeat_token.is_empty()
+            && c.grpc_client_ca.is_empty()
+            && !(c.insecure_heartbeats || o.insecure_heartbeats)
+        {
+            issues.push(
+                flag(
+                    o.grpc_listen.is_some(),
+                    "--grpc-listen",
+                    "coordinator.grpc_listen",
+                ),
+                format!(
+                    "{grpc} is reachable beyond this machine, and anyone who reaches it could \
+                     forge heartbeats and fail primaries over: set heartbeat_token or \
+                     grpc_client_ca, or pass --insecure-heartbeats (insecure_heartbeats = true) \
+                     to accept that"
+                ),
+            );
+        }
         let (Some(http_listen), Some(grpc_listen)) = (http_listen, grpc_listen) else {
             return Err(issues.into_errors(name));
         };
@@ -280,6 +326,9 @@ impl CoordinatorConfig {
             failover_hold_down: c.failover_hold_down,
             watch_timeout: c.watch_timeout,
             max_heartbeats_per_second: c.max_heartbeats_per_second,
+            max_unknown_nodes: c.max_unknown_nodes,
+            http_max_connections: c.http_max_connections,
+            max_watches: c.max_watches,
             admin_token: c.admin_token.into(),
             heartbeat_token: c.heartbeat_token.into(),
             heartbeat_retention: c.heartbeat_retention,

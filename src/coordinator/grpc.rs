@@ -1,9 +1,9 @@
 //! The gRPC listener: `ClusterDiscoveryService.ReportHeartbeat` and
 //! `grpc.health.v1.Health`.
 
-use super::state::{Command, Heartbeat, Usage};
+use super::state::{Command, Heartbeat, Refusal, Usage};
 use super::store::Store;
-use super::{Coordinator, unix_ms};
+use super::{Coordinator, HeartbeatError, unix_ms};
 use crate::proto::cluster_discovery_service_server::{
     ClusterDiscoveryService, ClusterDiscoveryServiceServer,
 };
@@ -122,7 +122,17 @@ impl<S: Store> ClusterDiscoveryService for Service<S> {
         }
         let command = match c.heartbeat(hb).await {
             Ok(cmd) => cmd,
-            Err(e) => {
+            Err(HeartbeatError::Refused(r @ Refusal::TooManyStrangers { .. })) => {
+                c.metrics.heartbeat("too_many_nodes");
+                tracing::debug!("heartbeat refused: {r}");
+                return Err(Status::resource_exhausted(r.to_string()));
+            }
+            Err(HeartbeatError::Refused(r)) => {
+                c.metrics.heartbeat("refused");
+                tracing::warn!("heartbeat refused: {r}");
+                return Err(Status::failed_precondition(r.to_string()));
+            }
+            Err(HeartbeatError::Store(e)) => {
                 c.metrics.heartbeat("store_error");
                 tracing::error!("heartbeat not recorded: {e}");
                 return Err(Status::unavailable(
@@ -143,6 +153,93 @@ impl<S: Store> ClusterDiscoveryService for Service<S> {
     }
 }
 
+/// A request body whose gRPC messages may be no larger than `max` bytes.
+///
+/// A larger one is refused as gRPC answers a message over a size limit,
+/// `RESOURCE_EXHAUSTED`, as soon as its length prefix arrives — before
+/// anything of it is buffered. (tonic's own limit answers `OUT_OF_RANGE`;
+/// it still backs this one up.)
+struct MessageLimit<B> {
+    inner: B,
+    max: usize,
+    /// The length prefix being read (flag byte, then four bytes).
+    header: [u8; 5],
+    header_read: usize,
+    /// Bytes of the current message still to pass.
+    message_left: usize,
+}
+
+impl<B> MessageLimit<B> {
+    fn new(inner: B, max: usize) -> MessageLimit<B> {
+        MessageLimit {
+            inner,
+            max,
+            header: [0; 5],
+            header_read: 0,
+            message_left: 0,
+        }
+    }
+
+    /// Follow the message framing over `data`; an error for a message too large.
+    fn inspect(&mut self, mut data: &[u8]) -> Result<(), Status> {
+        while !data.is_empty() {
+            if self.message_left > 0 {
+                let n = self.message_left.min(data.len());
+                self.message_left -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.header_read).min(data.len());
+            self.header[self.header_read..self.header_read + n].copy_from_slice(&data[..n]);
+            self.header_read += n;
+            data = &data[n..];
+            if self.header_read == 5 {
+                self.header_read = 0;
+                let [_, a, b, c, d] = self.header;
+                let len = u32::from_be_bytes([a, b, c, d]) as usize;
+                if len > self.max {
+                    return Err(Status::resource_exhausted(format!(
+                        "a {len}-byte message is over the {}-byte limit",
+                        self.max
+                    )));
+                }
+                self.message_left = len;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<B> http_body::Body for MessageLimit<B>
+where
+    B: http_body::Body<Data = bytes::Bytes, Error = Status> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+            && let Err(e) = self.inspect(data)
+        {
+            return std::task::Poll::Ready(Some(Err(e)));
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Serve heartbeats and health until `shutdown`.
 pub(super) async fn serve<S: Store>(
     coordinator: Arc<Coordinator<S>>,
@@ -160,6 +257,11 @@ pub(super) async fn serve<S: Store>(
         .concurrency_limit_per_connection(64)
         .max_concurrent_streams(128)
         .timeout(Duration::from_secs(10))
+        .layer(tower::layer::layer_fn(|inner| {
+            tower::util::MapRequest::new(inner, |req: http::Request<tonic::body::Body>| {
+                req.map(|b| tonic::body::Body::new(MessageLimit::new(b, MAX_MESSAGE)))
+            })
+        }))
         .add_service(health_service)
         .add_service(service);
     // TLS is terminated by our own acceptor rather than tonic's so both
@@ -201,6 +303,22 @@ mod tests {
                 active_connections: 7,
             }),
         }
+    }
+
+    #[test]
+    fn a_message_over_the_limit_is_refused_as_soon_as_its_length_arrives() {
+        let mut m = MessageLimit::new((), 16);
+        // Two messages of 16 bytes, framed, split at awkward places.
+        let mut stream = Vec::new();
+        for _ in 0..2 {
+            stream.extend_from_slice(&[0, 0, 0, 0, 16]);
+            stream.extend_from_slice(&[7; 16]);
+        }
+        for piece in stream.chunks(3) {
+            assert!(m.inspect(piece).is_ok());
+        }
+        let e = m.inspect(&[0, 0, 0]).and(m.inspect(&[0, 17])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
     }
 
     #[test]

@@ -10,7 +10,9 @@ use crate::server::serve_http1;
 use crate::tls::Terminator;
 use crate::topology::TopologyDoc;
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
+use http::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, ETAG, IF_MATCH, IF_NONE_MATCH,
+};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -33,10 +35,11 @@ pub(super) async fn serve<S: Store>(
     shutdown: CancellationToken,
 ) {
     let stop = shutdown.clone();
+    let max_connections = c.cfg.http_max_connections;
     serve_http1(
         listener,
         tls,
-        1024,
+        max_connections,
         shutdown,
         Duration::from_secs(2),
         move |req, _| {
@@ -80,6 +83,9 @@ async fn route<S: Store>(
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/metrics") => {
             c.refresh_gauges();
+            c.metrics
+                .watches
+                .set((c.cfg.max_watches - c.watches.available_permits()) as f64);
             respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
@@ -125,14 +131,26 @@ async fn topology<S: Store>(
         );
     };
     let mut published = c.published();
+    let mut shed = false;
     if let Some(n) = wait {
-        let waited = tokio::time::timeout(c.cfg.watch_timeout, async {
-            tokio::select! {
-                r = published.wait_for(|d| d.cluster_epoch > n) => r.is_ok(),
-                () = stop.cancelled() => false,
+        // Watches hold connections; past their bound one is answered at once
+        // (the watcher polls instead), and closed, so the connections left
+        // stay free for operators and health checks.
+        match c.watches.try_acquire() {
+            Ok(_held) => {
+                let waited = tokio::time::timeout(c.cfg.watch_timeout, async {
+                    tokio::select! {
+                        r = published.wait_for(|d| d.cluster_epoch > n) => r.is_ok(),
+                        () = stop.cancelled() => false,
+                    }
+                });
+                let _ = waited.await;
             }
-        });
-        let _ = waited.await;
+            Err(_) => {
+                c.metrics.watches_shed.increment(1);
+                shed = true;
+            }
+        }
     }
     // Only a committed map is served; the leader may change without a new one.
     let mut doc = TopologyDoc::clone(&published.borrow());
@@ -152,6 +170,10 @@ async fn topology<S: Store>(
     r.headers_mut().insert(ETAG, tag);
     r.headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if shed {
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     r
 }
 
@@ -203,6 +225,16 @@ fn nodes<S: Store>(c: &Coordinator<S>) -> Response<Body> {
     )
 }
 
+/// `409 Conflict` naming the epoch in force (header and ETag), so the
+/// operator can read the map again and retry.
+fn conflict(code: &str, message: String, in_force: u64) -> Response<Body> {
+    let mut r = JsonError::new(StatusCode::CONFLICT, code, message).response::<Body>();
+    r.headers_mut()
+        .insert("x-cluster-epoch", HeaderValue::from(in_force));
+    r.headers_mut().insert(ETAG, etag(in_force));
+    r
+}
+
 fn bearer_ok(expected: &Secret, given: Option<&HeaderValue>) -> bool {
     !expected.is_empty() && expected.matches_bearer(given.and_then(|v| v.to_str().ok()))
 }
@@ -219,6 +251,7 @@ async fn put_topology<S: Store>(c: &Coordinator<S>, req: Request<Incoming>) -> R
             .insert("www-authenticate", HeaderValue::from_static("Bearer"));
         return r;
     }
+    let if_match = req.headers().get(IF_MATCH).cloned();
     let body = match Limited::new(req.into_body(), MAX_MAP_BYTES).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, "bad_request", &e.to_string()),
@@ -240,19 +273,33 @@ async fn put_topology<S: Store>(c: &Coordinator<S>, req: Request<Incoming>) -> R
     let (before, snapshot) = {
         let mut st = c.lock();
         let before = st.epoch();
+        // Optimistic concurrency: a change made from an older version of the
+        // map must not silently undo a newer one.
+        if let Some(tag) = if_match
+            && tag != "*"
+            && tag != etag(before)
+        {
+            return conflict(
+                "conflict",
+                format!("If-Match {tag:?} names an older map; the epoch in force is {before}"),
+                before,
+            );
+        }
         let mut candidate = st.clone();
         if let Err(e) = candidate.replace_map(doc) {
-            let errors: Vec<String> = match &e {
-                MapChangeError::Invalid(invalid) => {
-                    invalid.0.iter().map(ToString::to_string).collect()
+            return match &e {
+                MapChangeError::Stale { in_force, .. } => {
+                    conflict("stale_epoch", e.to_string(), *in_force)
                 }
-                MapChangeError::Edit(edit) => vec![edit.to_string()],
+                MapChangeError::OutOfRange(_) => {
+                    error(StatusCode::BAD_REQUEST, "epoch_exhausted", &e.to_string())
+                }
+                MapChangeError::Invalid(invalid) => JsonError {
+                    errors: invalid.0.iter().map(ToString::to_string).collect(),
+                    ..JsonError::new(StatusCode::BAD_REQUEST, "invalid_topology", e.to_string())
+                }
+                .response(),
             };
-            return JsonError {
-                errors,
-                ..JsonError::new(StatusCode::BAD_REQUEST, "invalid_topology", e.to_string())
-            }
-            .response();
         }
         let snapshot = candidate.persisted();
         *st = candidate;

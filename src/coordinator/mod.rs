@@ -72,23 +72,40 @@ impl Failure for StartError {
     }
 }
 
+/// A heartbeat that was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum HeartbeatError {
+    /// The state machine refused it (binding, too many strangers).
+    #[error(transparent)]
+    Refused(#[from] state::Refusal),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Coordinator metric handles.
 struct CoordinatorMetrics {
     registry: Arc<Metrics>,
     nodes: [Gauge; 3],
     leader: Gauge,
     heartbeats: HashMap<&'static str, Counter>,
+    /// Watches held now (sampled when scraped).
+    watches: Gauge,
+    /// Watches answered at once because too many were held.
+    watches_shed: Counter,
     failovers: Mutex<HashMap<u32, Counter>>,
     skew: Mutex<HashMap<String, Lazy<Gauge>>>,
 }
 
 /// Heartbeat results as `shardgate_coordinator_heartbeats_total` labels them.
-const HEARTBEAT_RESULTS: [&str; 5] = [
+const HEARTBEAT_RESULTS: [&str; 7] = [
     "ok",
     "invalid",
     "rate_limited",
     "unauthenticated",
     "store_error",
+    "refused",
+    "too_many_nodes",
 ];
 
 impl CoordinatorMetrics {
@@ -107,6 +124,8 @@ impl CoordinatorMetrics {
                     )
                 })
                 .collect(),
+            watches: r.gauge(names::COORDINATOR_WATCHES, &[]),
+            watches_shed: r.counter(names::COORDINATOR_WATCHES_SHED, &[]),
             failovers: Mutex::new(HashMap::new()),
             skew: Mutex::new(HashMap::new()),
             registry,
@@ -132,6 +151,8 @@ pub struct Coordinator<S: Store> {
     published: watch::Sender<Arc<TopologyDoc>>,
     leading: AtomicBool,
     limiter: RateLimiter,
+    /// Topology watches held open; bounded so they never take every connection.
+    watches: tokio::sync::Semaphore,
     metrics: CoordinatorMetrics,
 }
 
@@ -166,6 +187,7 @@ impl<S: Store> Coordinator<S> {
         let registry = Arc::new(Metrics::new());
         Ok(Arc::new(Coordinator {
             limiter: RateLimiter::new(cfg.max_heartbeats_per_second),
+            watches: tokio::sync::Semaphore::new(cfg.max_watches),
             metrics: CoordinatorMetrics::new(registry),
             leading: AtomicBool::new(false),
             state: Mutex::new(state),
@@ -184,6 +206,7 @@ impl<S: Store> Coordinator<S> {
             heartbeat_timeout: self.cfg.heartbeat_timeout,
             max_clock_skew: self.cfg.max_clock_skew,
             failover_hold_down: self.cfg.failover_hold_down,
+            max_strangers: self.cfg.max_unknown_nodes,
         }
     }
 
@@ -218,13 +241,13 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// Handle one validated heartbeat; the command to send back.
-    pub async fn heartbeat(&self, hb: Heartbeat) -> Result<Command, StoreError> {
+    pub async fn heartbeat(&self, hb: Heartbeat) -> Result<Command, HeartbeatError> {
         let started = Instant::now();
         let now_ms = unix_ms();
         let rules = self.rules();
         let (mut command, persist, status, skew_ms, assignment, snapshot) = {
             let mut st = self.lock();
-            let (command, persist) = st.heartbeat(&hb, started, now_ms, &rules);
+            let (command, persist) = st.heartbeat(&hb, started, now_ms, &rules)?;
             let node = st.nodes().find(|n| n.id == hb.node_id);
             let status = node.map_or(NodeStatus::Active, |n| n.status);
             let skew_ms = node.map_or(0, |n| n.skew_ms);
@@ -244,7 +267,11 @@ impl<S: Store> Coordinator<S> {
         if let (true, Some(snapshot)) = (persist, snapshot) {
             self.store.save_nodes(&snapshot).await?;
         }
-        self.set_skew(&hb.node_id, skew_ms);
+        // Only nodes the map names get a skew series: label values stay
+        // bounded whatever ids strangers send.
+        if assignment.partition.is_some() {
+            self.set_skew(&hb.node_id, skew_ms);
+        }
         Ok(command)
     }
 
@@ -302,6 +329,12 @@ impl<S: Store> Coordinator<S> {
                 partition = p,
                 "every node of the partition is dead; kept in the map"
             );
+        }
+        for p in &report.available_again {
+            tracing::info!(partition = p, "a node of the partition is alive again");
+        }
+        if !report.forgotten.is_empty() {
+            tracing::info!(nodes = ?report.forgotten, "forgot silent nodes the map does not name");
         }
         if let Some(snapshot) = snapshot {
             match self.store.commit(Some(before), &snapshot).await? {

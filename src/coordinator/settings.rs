@@ -42,6 +42,12 @@ pub struct CoordinatorConfig {
     pub watch_timeout: Duration,
     /// Per-node heartbeat rate.
     pub max_heartbeats_per_second: u32,
+    /// Nodes the map does not name that may be registered at once.
+    pub max_unknown_nodes: usize,
+    /// Connections the HTTP API holds at once.
+    pub http_max_connections: usize,
+    /// Topology watches held at once; more are answered at once.
+    pub max_watches: usize,
     /// PUT token (empty: changes refused).
     pub admin_token: Secret,
     /// Heartbeat token (empty: none required).

@@ -55,6 +55,10 @@ pub mod names {
     pub const COORDINATOR_FAILOVERS: &str = "shardgate_coordinator_failovers_total";
     /// Clock skew per node.
     pub const COORDINATOR_CLOCK_SKEW: &str = "shardgate_coordinator_node_clock_skew_seconds";
+    /// Topology watches held open.
+    pub const COORDINATOR_WATCHES: &str = "shardgate_coordinator_watches";
+    /// Topology watches answered at once because too many were held.
+    pub const COORDINATOR_WATCHES_SHED: &str = "shardgate_coordinator_watches_shed_total";
 }
 
 /// A private metrics registry with Prometheus text rendering.
@@ -139,6 +143,11 @@ impl Metrics {
         g(
             COORDINATOR_CLOCK_SKEW,
             "Node clock minus coordinator clock, in seconds.",
+        );
+        g(COORDINATOR_WATCHES, "Topology watches held open.");
+        c(
+            COORDINATOR_WATCHES_SHED,
+            "Topology watches answered at once because too many were held.",
         );
     }
 

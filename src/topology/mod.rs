@@ -93,6 +93,10 @@ pub struct ShardMap {
     starts: Vec<u32>,
 }
 
+/// The largest epoch a map may carry: every store can hold it (PostgreSQL's
+/// `BIGINT` is signed), and a coordinator never raises an epoch past it.
+pub const MAX_EPOCH: u64 = i64::MAX as u64;
+
 /// Why an edit of a valid map was refused; the map is unchanged.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MapEditError {
@@ -107,8 +111,9 @@ pub enum MapEditError {
         /// The node named.
         node: NodeAddr,
     },
-    /// The epoch is at its largest value; no change can be fenced above it.
-    #[error("the epoch cannot be raised above {0}")]
+    /// The epoch is at its largest value ([`MAX_EPOCH`]); no change can be
+    /// fenced above it.
+    #[error("epoch {0} leaves no room to raise it (epochs stop at {MAX_EPOCH})")]
     EpochExhausted(u64),
 }
 
@@ -177,9 +182,10 @@ impl ShardMap {
 
     /// The epoch after this one; every change to the map takes it.
     pub fn next_epoch(&self) -> Result<u64, MapEditError> {
-        self.epoch
-            .checked_add(1)
-            .ok_or(MapEditError::EpochExhausted(self.epoch))
+        match self.epoch.checked_add(1) {
+            Some(next) if next <= MAX_EPOCH => Ok(next),
+            _ => Err(MapEditError::EpochExhausted(self.epoch)),
+        }
     }
 
     /// The map after a failover: `replica` becomes partition `index`'s
@@ -343,13 +349,22 @@ mod tests {
     }
 
     #[test]
-    fn the_epoch_never_wraps() {
+    fn the_epoch_never_wraps_or_leaves_what_every_store_can_hold() {
         let map = ShardMap::from_doc(&doc()).unwrap().with_epoch(u64::MAX);
         assert_eq!(
             map.next_epoch(),
             Err(MapEditError::EpochExhausted(u64::MAX))
         );
         assert!(map.promote(0, "10.0.1.6".parse().unwrap()).is_err());
+        let last = ShardMap::from_doc(&doc())
+            .unwrap()
+            .with_epoch(MAX_EPOCH - 1);
+        assert_eq!(last.next_epoch(), Ok(MAX_EPOCH));
+        let at_max = last.with_epoch(MAX_EPOCH);
+        assert_eq!(
+            at_max.next_epoch(),
+            Err(MapEditError::EpochExhausted(MAX_EPOCH))
+        );
     }
 
     #[test]

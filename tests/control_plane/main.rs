@@ -4,6 +4,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod abuse;
+
 use shardgate::proto::heartbeat_response::Command;
 use std::path::Path;
 use std::time::Duration;
@@ -445,12 +447,17 @@ async fn operators_change_the_map_only_with_the_token_and_a_valid_map() {
     let mut new = serde_json::from_str::<serde_json::Value>(&two_partition_map(2)).unwrap();
     new["partitions"][1]["replicaNodeIps"] = serde_json::json!(["127.0.0.22:9000"]);
     let r = put(Some("s3cret"), new.to_string()).await;
-    assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
-        r.json()["clusterEpoch"],
-        11,
-        "the epoch is raised past the one in force"
+        r.status,
+        409,
+        "a map older than the one in force: {}",
+        r.text()
     );
+    assert_eq!(coord.epoch().await, 10);
+    new["clusterEpoch"] = 11.into();
+    let r = put(Some("s3cret"), new.to_string()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["clusterEpoch"], 11);
     assert_eq!(coord.epoch().await, 11);
     // The dropped replica is fenced.
     assert_eq!(

@@ -46,10 +46,15 @@ pub struct Promotion {
 pub struct SweepReport {
     /// Nodes that just became DEAD.
     pub newly_dead: Vec<String>,
+    /// Silent nodes the map does not name, forgotten.
+    pub forgotten: Vec<String>,
     /// Promotions made, one epoch each.
     pub promotions: Vec<Promotion>,
-    /// Partitions with no live node at all (kept in the map, reported).
+    /// Partitions that just lost every live node (kept in the map). Reported
+    /// once, when it happens, not on every sweep while it lasts.
     pub unavailable: Vec<u32>,
+    /// Partitions that had no live node and have one again.
+    pub available_again: Vec<u32>,
     /// Partitions whose primary is dead but no replica could take over.
     pub stuck: Vec<u32>,
 }
@@ -99,6 +104,20 @@ impl ClusterState {
                 report.newly_dead.push(n.id.clone());
             }
         }
+        // A stranger silent for twice the timeout is forgotten, so forged or
+        // departed node ids cannot pile up; one that returns registers again.
+        let named = &self.named;
+        self.nodes.retain(|id, n| {
+            let long_silent = n.last_seen.map_or(grace_over, |t| {
+                now.saturating_duration_since(t) > 2 * timeout
+            });
+            let forget = !named.contains(&n.addr) && n.status == NodeStatus::Dead && long_silent;
+            if forget {
+                report.forgotten.push(id.clone());
+            }
+            !forget
+        });
+        let mut unavailable = std::collections::BTreeSet::new();
 
         // Decide on the map as it stood when the sweep began; each promotion
         // then raises the epoch by one.
@@ -124,7 +143,7 @@ impl ClusterState {
                     .iter()
                     .all(|r| self.alive(r, now, timeout).is_none())
                 {
-                    report.unavailable.push(p.index);
+                    unavailable.insert(p.index);
                 } else {
                     report.stuck.push(p.index);
                 }
@@ -140,10 +159,13 @@ impl ClusterState {
             }
             decided.push((p.index, p.primary, to));
         }
+        report.unavailable = unavailable.difference(&self.unavailable).copied().collect();
+        report.available_again = self.unavailable.difference(&unavailable).copied().collect();
+        self.unavailable = unavailable;
         for (partition, from, to) in decided {
             match self.map.promote(partition, to) {
                 Ok(map) => {
-                    self.map = map;
+                    self.set_map(map);
                     self.fenced.insert(from);
                     self.last_failover.insert(partition, now);
                     report.promotions.push(Promotion {
@@ -258,6 +280,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn silent_strangers_are_forgotten_and_the_maps_nodes_are_not() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        all_beat(&mut s, &[]);
+        beat(&mut s, "stray", "10.9.9.9:80");
+        tokio::time::advance(16 * SEC).await;
+        let r = s.sweep(Instant::now(), &rules(), &no_lag);
+        assert!(r.forgotten.is_empty(), "dead, but not yet for long");
+        tokio::time::advance(15 * SEC).await;
+        let r = s.sweep(Instant::now(), &rules(), &no_lag);
+        assert_eq!(r.forgotten, ["stray"]);
+        assert!(
+            s.nodes().any(|n| n.id == "a"),
+            "the map's nodes stay, dead or not"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_partition_whose_every_node_died_is_kept_and_reported() {
         let mut s = ClusterState::new(map(), "coord", Instant::now());
         all_beat(&mut s, &[]);
@@ -268,6 +307,15 @@ mod tests {
         assert!(r.promotions.is_empty());
         assert_eq!(s.map().partitions().len(), 2);
         assert_eq!(s.epoch(), 7);
+        all_beat(&mut s, &["d", "e"]);
+        let again = s.sweep(Instant::now(), &rules(), &no_lag);
+        assert!(
+            again.unavailable.is_empty(),
+            "reported once, not every sweep"
+        );
+        beat(&mut s, "e", "10.0.1.2:80");
+        let back = s.sweep(Instant::now(), &rules(), &no_lag);
+        assert_eq!(back.available_again, [1]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -281,7 +329,8 @@ mod tests {
             Instant::now(),
             1_000_000,
             &rules(),
-        );
+        )
+        .unwrap();
         beat(&mut s, "c", "10.0.0.3:80");
         let r = s.sweep(Instant::now(), &rules(), &no_lag);
         let p0 = r.promotions.iter().find(|p| p.partition == 0).unwrap();

@@ -12,9 +12,9 @@ mod persist;
 pub use failover::{PartitionHealth, Promotion, SweepReport};
 pub use persist::{Persisted, PersistedNode};
 
-use crate::topology::{InvalidTopology, MapEditError, NodeAddr, ShardMap, TopologyDoc};
+use crate::topology::{InvalidTopology, MAX_EPOCH, NodeAddr, ShardMap, TopologyDoc};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -57,9 +57,53 @@ pub enum MapChangeError {
     /// It breaks the rules of SPEC §2.
     #[error(transparent)]
     Invalid(#[from] InvalidTopology),
-    /// The map in force cannot be changed (its epoch is exhausted).
-    #[error(transparent)]
-    Edit(#[from] MapEditError),
+    /// Its epoch is not above the one in force: it was made from an older
+    /// map, or would undo a newer one.
+    #[error("the map's epoch {given} is not above the epoch in force, {in_force}")]
+    Stale {
+        /// The epoch the map carries.
+        given: u64,
+        /// The epoch in force.
+        in_force: u64,
+    },
+    /// Its epoch would leave no room for the failovers that must follow it.
+    #[error(
+        "epoch {0} is out of range: epochs stop at {MAX_EPOCH}, and a map must leave room to raise it"
+    )]
+    OutOfRange(u64),
+}
+
+/// A heartbeat that is refused: it is logged and changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A known node heartbeating from an address other than its own.
+    #[error("node {id} is bound to {bound}; its heartbeat from {given} is refused")]
+    IdBound {
+        /// The node id.
+        id: String,
+        /// The address it is bound to.
+        bound: NodeAddr,
+        /// The address the heartbeat claimed.
+        given: NodeAddr,
+    },
+    /// A heartbeat for an address bound to another node.
+    #[error("{addr} is bound to node {owner}; a heartbeat from {id} for it is refused")]
+    AddressBound {
+        /// The address.
+        addr: NodeAddr,
+        /// The node bound to it.
+        owner: String,
+        /// The node id that claimed it.
+        id: String,
+    },
+    /// Too many nodes the map does not name are registered already.
+    #[error("{max} nodes the map does not name are registered; {id} is not")]
+    TooManyStrangers {
+        /// The limit.
+        max: usize,
+        /// The node id refused.
+        id: String,
+    },
 }
 
 /// What the coordinator tells a node in reply to a heartbeat.
@@ -144,6 +188,8 @@ pub struct Rules {
     pub max_clock_skew: Duration,
     /// No second failover in a partition within this long.
     pub failover_hold_down: Duration,
+    /// Nodes the map does not name that may be registered at once.
+    pub max_strangers: usize,
 }
 
 /// The coordinator's view of the cluster.
@@ -151,11 +197,23 @@ pub struct Rules {
 pub struct ClusterState {
     leader_id: String,
     map: ShardMap,
+    /// Every address `map` names.
+    named: HashSet<NodeAddr>,
     nodes: BTreeMap<String, Node>,
     fenced: BTreeSet<NodeAddr>,
     last_failover: HashMap<u32, Instant>,
+    /// Partitions with no live node at the last sweep.
+    unavailable: BTreeSet<u32>,
     /// Nodes named by the map but never heard get this much grace from here.
     started: Instant,
+}
+
+/// Every address `map` names.
+fn named(map: &ShardMap) -> HashSet<NodeAddr> {
+    map.partitions()
+        .iter()
+        .flat_map(|p| p.nodes().copied())
+        .collect()
 }
 
 impl ClusterState {
@@ -163,10 +221,12 @@ impl ClusterState {
     pub fn new(map: ShardMap, leader_id: &str, now: Instant) -> ClusterState {
         ClusterState {
             leader_id: leader_id.to_owned(),
+            named: named(&map),
             map,
             nodes: BTreeMap::new(),
             fenced: BTreeSet::new(),
             last_failover: HashMap::new(),
+            unavailable: BTreeSet::new(),
             started: now,
         }
     }
@@ -174,6 +234,17 @@ impl ClusterState {
     /// The map in force.
     pub fn map(&self) -> &ShardMap {
         &self.map
+    }
+
+    /// Put `map` in force.
+    fn set_map(&mut self, map: ShardMap) {
+        self.named = named(&map);
+        self.map = map;
+    }
+
+    /// Whether the map in force names `addr`.
+    fn is_named(&self, addr: &NodeAddr) -> bool {
+        self.named.contains(addr)
     }
 
     /// The epoch in force.
@@ -230,22 +301,29 @@ impl ClusterState {
         }
     }
 
-    /// Record a heartbeat received at `now` (coordinator wall clock `now_unix_ms`)
-    /// and decide the node's command. Returns whether anything persistent changed.
+    /// Record a heartbeat received at `now` (coordinator wall clock
+    /// `now_unix_ms`) and decide the node's command; also whether anything
+    /// persistent changed. A heartbeat that would break a node's binding to
+    /// its address, or register one stranger too many, is refused and
+    /// changes nothing.
     pub fn heartbeat(
         &mut self,
         hb: &Heartbeat,
         now: Instant,
         now_unix_ms: i64,
         rules: &Rules,
-    ) -> (Command, bool) {
+    ) -> Result<(Command, bool), Refusal> {
+        self.admit(hb, rules)?;
         let assignment = self.assignment_of(&hb.addr);
+        let named = self.is_named(&hb.addr);
         let fenced = self.fenced.contains(&hb.addr);
         let skew_ms = hb.node_time_ms.saturating_sub(now_unix_ms);
         let degraded = skew_ms.unsigned_abs() > rules.max_clock_skew.as_millis() as u64;
+        // Only nodes the map names are persisted: a stranger holds nothing
+        // that must survive a restart, and it registers again.
         let mut persist = false;
         let node = self.nodes.entry(hb.node_id.clone()).or_insert_with(|| {
-            persist = true;
+            persist = named;
             Node {
                 id: hb.node_id.clone(),
                 addr: hb.addr,
@@ -259,8 +337,9 @@ impl ClusterState {
             }
         });
         if node.addr != hb.addr {
+            // A move `admit` allowed: its old address left the map.
             node.addr = hb.addr;
-            persist = true;
+            persist = named;
         }
         node.usage = hb.usage;
         node.last_seen = Some(now);
@@ -272,13 +351,60 @@ impl ClusterState {
             NodeStatus::Active
         };
         if fenced {
-            return (Command::Terminate, persist);
+            return Ok((Command::Terminate, persist));
         }
         if node.told != Some(assignment) {
             node.told = Some(assignment);
-            return (Command::Rebalance, true);
+            return Ok((Command::Rebalance, named));
         }
-        (Command::Continue, persist)
+        Ok((Command::Continue, persist))
+    }
+
+    /// Whether `hb` may be recorded.
+    ///
+    /// A node id and its address are bound once known: a known node may move
+    /// only once the map no longer names its old address (an operator moved
+    /// it), and no other id may heartbeat for an address a node holds. So a
+    /// forged heartbeat can neither demote a live primary nor keep a dead
+    /// replica looking alive. Strangers (nodes the map does not name) are
+    /// bounded, and those that fall silent are forgotten (`sweep`).
+    fn admit(&self, hb: &Heartbeat, rules: &Rules) -> Result<(), Refusal> {
+        let known = self.nodes.get(&hb.node_id);
+        if let Some(n) = known
+            && n.addr != hb.addr
+            && self.is_named(&n.addr)
+        {
+            return Err(Refusal::IdBound {
+                id: hb.node_id.clone(),
+                bound: n.addr,
+                given: hb.addr,
+            });
+        }
+        if let Some(owner) = self
+            .nodes
+            .values()
+            .find(|n| n.addr == hb.addr && n.id != hb.node_id)
+        {
+            return Err(Refusal::AddressBound {
+                addr: hb.addr,
+                owner: owner.id.clone(),
+                id: hb.node_id.clone(),
+            });
+        }
+        if known.is_none() && !self.is_named(&hb.addr) && !self.fenced.contains(&hb.addr) {
+            let strangers = self
+                .nodes
+                .values()
+                .filter(|n| !self.is_named(&n.addr))
+                .count();
+            if strangers >= rules.max_strangers {
+                return Err(Refusal::TooManyStrangers {
+                    max: rules.max_strangers,
+                    id: hb.node_id.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Merge a heartbeat another coordinator recorded (shared store); `age` is
@@ -314,10 +440,20 @@ impl ClusterState {
         }
     }
 
-    /// An operator's new map: validated, epoch raised above the one in force,
-    /// nodes it drops fenced and nodes it names unfenced.
+    /// An operator's new map: validated, its epoch above the one in force
+    /// (and below [`MAX_EPOCH`]), nodes it drops fenced and nodes it names
+    /// unfenced.
     pub fn replace_map(&mut self, mut doc: TopologyDoc) -> Result<u64, MapChangeError> {
-        doc.cluster_epoch = doc.cluster_epoch.max(self.map.next_epoch()?);
+        let in_force = self.map.epoch();
+        if doc.cluster_epoch <= in_force {
+            return Err(MapChangeError::Stale {
+                given: doc.cluster_epoch,
+                in_force,
+            });
+        }
+        if doc.cluster_epoch >= MAX_EPOCH {
+            return Err(MapChangeError::OutOfRange(doc.cluster_epoch));
+        }
         doc.master_node_id = self.leader_id.clone();
         let map = ShardMap::from_doc(&doc)?;
         let named: BTreeSet<NodeAddr> = map
@@ -331,7 +467,7 @@ impl ClusterState {
             }
         }
         self.fenced.retain(|a| !named.contains(a));
-        self.map = map;
+        self.set_map(map);
         Ok(self.map.epoch())
     }
 
@@ -367,6 +503,7 @@ pub(super) mod tests {
             heartbeat_timeout: 15 * SEC,
             max_clock_skew: Duration::from_millis(100),
             failover_hold_down: 30 * SEC,
+            max_strangers: 3,
         }
     }
 
@@ -389,8 +526,12 @@ pub(super) mod tests {
     }
 
     pub(super) fn beat(s: &mut ClusterState, id: &str, addr: &str) -> Command {
+        try_beat(s, id, addr).unwrap()
+    }
+
+    pub(super) fn try_beat(s: &mut ClusterState, id: &str, addr: &str) -> Result<Command, Refusal> {
         s.heartbeat(&hb(id, addr, 0), Instant::now(), 1_000_000, &rules())
-            .0
+            .map(|(c, _)| c)
     }
 
     pub(super) fn all_beat(s: &mut ClusterState, except: &[&str]) {
@@ -414,18 +555,79 @@ pub(super) mod tests {
     #[tokio::test(start_paused = true)]
     async fn heartbeats_register_nodes_and_continue() {
         let mut s = ClusterState::new(map(), "coord", Instant::now());
-        let (cmd, persist) = s.heartbeat(
-            &hb("a", "10.0.0.1:80", 0),
-            Instant::now(),
-            1_000_000,
-            &rules(),
-        );
+        let (cmd, persist) = s
+            .heartbeat(
+                &hb("a", "10.0.0.1:80", 0),
+                Instant::now(),
+                1_000_000,
+                &rules(),
+            )
+            .unwrap();
         assert_eq!((cmd, persist), (Command::Continue, true));
         assert_eq!(beat(&mut s, "a", "10.0.0.1:80"), Command::Continue);
-        assert_eq!(beat(&mut s, "stranger", "10.9.9.9:80"), Command::Continue);
+        let (cmd, persist) = s
+            .heartbeat(
+                &hb("stranger", "10.9.9.9:80", 0),
+                Instant::now(),
+                1_000_000,
+                &rules(),
+            )
+            .unwrap();
+        assert_eq!(
+            (cmd, persist),
+            (Command::Continue, false),
+            "a stranger is not persisted"
+        );
         let stranger = s.nodes().find(|n| n.id == "stranger").unwrap();
         assert_eq!(stranger.told.unwrap().role(), "WORKER");
         assert_eq!(stranger.told.unwrap().partition, None);
+        assert!(s.persisted().nodes.iter().all(|n| n.id != "stranger"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_and_its_address_are_bound_once_known() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        beat(&mut s, "a", "10.0.0.1:80");
+        beat(&mut s, "b", "10.0.0.2:80");
+        assert!(matches!(
+            try_beat(&mut s, "a", "10.0.0.9:80"),
+            Err(Refusal::IdBound { .. })
+        ));
+        assert!(matches!(
+            try_beat(&mut s, "forger", "10.0.0.2:80"),
+            Err(Refusal::AddressBound { .. })
+        ));
+        let a = s.nodes().find(|n| n.id == "a").unwrap();
+        assert_eq!(
+            a.addr.to_string(),
+            "10.0.0.1:80",
+            "the refusal changed nothing"
+        );
+        assert!(s.nodes().all(|n| n.id != "forger"));
+        // Once an operator's map moves the node, it may follow.
+        let mut doc = s.doc();
+        doc.partitions[0].primary_node_ip = "10.0.0.9:80".into();
+        doc.cluster_epoch = 8;
+        s.replace_map(doc).unwrap();
+        assert_eq!(beat(&mut s, "a", "10.0.0.9:80"), Command::Continue);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn strangers_are_bounded_but_the_maps_nodes_always_get_in() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        for i in 0..3 {
+            beat(&mut s, &format!("s{i}"), &format!("10.9.0.{i}:80"));
+        }
+        assert!(matches!(
+            try_beat(&mut s, "s3", "10.9.0.3:80"),
+            Err(Refusal::TooManyStrangers { max: 3, .. })
+        ));
+        assert_eq!(
+            beat(&mut s, "s0", "10.9.0.0:80"),
+            Command::Continue,
+            "known ones carry on"
+        );
+        assert_eq!(beat(&mut s, "d", "10.0.1.1:80"), Command::Continue);
     }
 
     #[tokio::test(start_paused = true)]
@@ -436,7 +638,8 @@ pub(super) mod tests {
             Instant::now(),
             1_000_000,
             &rules(),
-        );
+        )
+        .unwrap();
         let a = s.nodes().next().unwrap();
         assert_eq!(a.status, NodeStatus::Degraded);
         assert_eq!(a.skew_ms, 250);
@@ -445,7 +648,8 @@ pub(super) mod tests {
             Instant::now(),
             1_000_000,
             &rules(),
-        );
+        )
+        .unwrap();
         assert_eq!(s.nodes().next().unwrap().status, NodeStatus::Active);
     }
 
@@ -472,18 +676,36 @@ pub(super) mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn operator_maps_raise_the_epoch_and_fence_dropped_nodes() {
+    async fn operator_maps_must_raise_the_epoch_and_fence_dropped_nodes() {
         let mut s = ClusterState::new(map(), "coord", Instant::now());
         let mut doc = s.doc();
         doc.partitions[1].replica_node_ips = vec!["10.0.1.9:80".into()];
-        doc.cluster_epoch = 3;
+        for stale in [3, 7] {
+            doc.cluster_epoch = stale;
+            assert!(matches!(
+                s.replace_map(doc.clone()),
+                Err(MapChangeError::Stale { in_force: 7, .. })
+            ));
+        }
+        doc.cluster_epoch = 8;
         assert_eq!(s.replace_map(doc.clone()).unwrap(), 8);
         assert!(s.is_fenced(&"10.0.1.2:80".parse().unwrap()));
         doc.cluster_epoch = 100;
-        assert_eq!(s.replace_map(doc).unwrap(), 100);
+        assert_eq!(s.replace_map(doc.clone()).unwrap(), 100);
+        for huge in [MAX_EPOCH, u64::MAX] {
+            doc.cluster_epoch = huge;
+            assert!(matches!(
+                s.replace_map(doc.clone()),
+                Err(MapChangeError::OutOfRange(_))
+            ));
+        }
         let mut bad = s.doc();
+        bad.cluster_epoch = 101;
         bad.partition_count = 9;
-        assert!(s.replace_map(bad).is_err());
+        assert!(matches!(
+            s.replace_map(bad),
+            Err(MapChangeError::Invalid(_))
+        ));
         assert_eq!(s.epoch(), 100);
     }
 }

@@ -63,9 +63,11 @@ impl ClusterState {
         Persisted {
             map: self.doc(),
             fenced: self.fenced.clone(),
+            // Strangers hold nothing that must survive a restart.
             nodes: self
                 .nodes
                 .values()
+                .filter(|n| self.is_named(&n.addr))
                 .map(|n| PersistedNode {
                     id: n.id.clone(),
                     addr: n.addr,
@@ -80,7 +82,7 @@ impl ClusterState {
         if p.map.cluster_epoch <= self.map.epoch() {
             return Ok(false);
         }
-        self.map = ShardMap::from_doc(&p.map)?;
+        self.set_map(ShardMap::from_doc(&p.map)?);
         self.fenced.clone_from(&p.fenced);
         Ok(true)
     }

@@ -101,6 +101,7 @@ impl Proxy {
                 shed_upstream: shed("upstream_inflight"),
                 shed_breaker: shed("breaker_open"),
                 breaker_fail_open: r.counter(names::BREAKER_FAIL_OPEN, &[]),
+                shed_descriptors: shed("descriptors"),
             },
         });
         Ok(Arc::new(Proxy {

@@ -8,7 +8,7 @@ mod response_body;
 
 pub use latency::PeakEwma;
 pub use pool::{Conn, ConnectError, Pool, PoolSettings};
-pub use request_body::{Replayer, RequestBody};
+pub use request_body::{Replayer, RequestBody, Upload};
 pub use response_body::UpstreamBody;
 
 use crate::resilience::{
@@ -434,7 +434,7 @@ mod tests {
         let reused = conn.is_reused();
         let guard = u.try_begin(0).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        let body = UpstreamBody::new(resp.into_body(), guard, conn, deadline, Instant::now());
+        let body = UpstreamBody::new(resp.into_body(), guard, conn, deadline, Instant::now(), None);
         assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"ok");
         reused
     }

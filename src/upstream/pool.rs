@@ -38,9 +38,13 @@ pub enum ConnectError {
     /// The TCP connect did not finish in time.
     #[error("connect timed out after {0:?}")]
     Timeout(Duration),
-    /// The TCP connect failed (refused, unreachable, out of descriptors...).
+    /// The TCP connect failed (refused, unreachable...).
     #[error("connect failed: {0}")]
     Io(#[from] std::io::Error),
+    /// This process could not open a socket: it is out of file descriptors
+    /// or buffer memory. The proxy's own overload, not the node's failure.
+    #[error("no socket for the connect: {0}")]
+    Local(std::io::Error),
     /// The TLS handshake failed (untrusted certificate, wrong name...).
     #[error("TLS handshake failed: {0}")]
     Tls(std::io::Error),
@@ -241,7 +245,14 @@ impl Pool {
     }
 
     async fn open(&self) -> Result<ClientStream, ConnectError> {
-        let stream = TcpStream::connect(self.addr).await?;
+        let stream = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                    ConnectError::Local(e)
+                }
+                _ => ConnectError::Io(e),
+            })?;
         stream.set_nodelay(true)?;
         match &self.tls {
             None => Ok(ClientStream::Plain(stream)),

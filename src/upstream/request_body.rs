@@ -1,16 +1,21 @@
 //! The request body on its way upstream: streamed once and capped, or kept
 //! (within a buffer limit) so a later attempt can send it again.
 //!
-//! Generic over the client's body only so the replay rules can be tested
-//! without a connection; the proxy sends hyper's `Incoming`.
+//! Every non-empty body's state is shared between the attempts that send it
+//! and the response that answers it ([`Upload`]): an upstream may answer
+//! before it has read the whole body, and once its answer is complete the
+//! rest of the client's body is cut off, never left unread and unanswered.
+//!
+//! Generic over the client's body only so these rules can be tested without
+//! a connection; the proxy sends hyper's `Incoming`.
 
 use super::BodyError;
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
 /// What a client's body must be to be sent upstream.
@@ -24,22 +29,31 @@ impl<B> Source for B where
 {
 }
 
-/// What every copy of a replayable body shares.
+/// What every copy of a body, and its [`Upload`], share.
 pub struct ReplayState<B = Incoming> {
+    /// The client's body, until it ends, breaks or is cut off.
     source: Option<B>,
-    /// Everything read so far, while it fits in `limit`.
+    /// Everything read so far, while it fits in `limit` (and the body may be
+    /// sent again at all).
     chunks: Vec<Bytes>,
     buffered: usize,
     limit: usize,
+    /// Something read was not kept: no copy can be made.
     overflowed: bool,
     broken: bool,
+    /// The rest of the body was cut off after the upstream's answer ended.
+    cut: bool,
     trailers: Option<HeaderMap>,
     seen: u64,
     max_body: u64,
     generation: u64,
 }
 
-/// One attempt's view of a replayable body.
+fn lock<B>(m: &Mutex<ReplayState<B>>) -> MutexGuard<'_, ReplayState<B>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One attempt's view of a body.
 struct ReplayHandle<B> {
     shared: Arc<Mutex<ReplayState<B>>>,
     generation: u64,
@@ -50,8 +64,7 @@ struct ReplayHandle<B> {
 
 enum Kind<B> {
     Empty,
-    Stream { inner: B, seen: u64, max_body: u64 },
-    Replay(ReplayHandle<B>),
+    Shared(ReplayHandle<B>),
 }
 
 /// The body of a request on its way upstream.
@@ -67,27 +80,27 @@ impl<B: Source> RequestBody<B> {
 
     /// Stream `inner` once, refusing more than `max_body` bytes.
     pub fn streaming(inner: B, max_body: u64) -> RequestBody<B> {
-        RequestBody {
-            kind: Kind::Stream {
-                inner,
-                seen: 0,
-                max_body,
-            },
-        }
+        RequestBody::shared(inner, None, max_body)
     }
 
     /// Stream `inner`, keeping up to `buffer_limit` bytes so it can be sent again.
     pub fn replayable(inner: B, buffer_limit: usize, max_body: u64) -> RequestBody<B> {
+        RequestBody::shared(inner, Some(buffer_limit), max_body)
+    }
+
+    fn shared(inner: B, keep: Option<usize>, max_body: u64) -> RequestBody<B> {
         let size_hint = inner.size_hint();
         RequestBody {
-            kind: Kind::Replay(ReplayHandle {
+            kind: Kind::Shared(ReplayHandle {
                 shared: Arc::new(Mutex::new(ReplayState {
                     source: Some(inner),
                     chunks: Vec::new(),
                     buffered: 0,
-                    limit: buffer_limit,
-                    overflowed: false,
+                    limit: keep.unwrap_or(0),
+                    // A streamed body keeps nothing from the start.
+                    overflowed: keep.is_none(),
                     broken: false,
+                    cut: false,
                     trailers: None,
                     seen: 0,
                     max_body,
@@ -105,12 +118,50 @@ impl<B: Source> RequestBody<B> {
     pub fn replayer(&self) -> Option<Replayer<B>> {
         match &self.kind {
             Kind::Empty => Some(Replayer::Empty),
-            Kind::Stream { .. } => None,
-            Kind::Replay(h) => Some(Replayer::Shared {
+            Kind::Shared(h) if lock(&h.shared).overflowed => None,
+            Kind::Shared(h) => Some(Replayer::Shared {
                 shared: h.shared.clone(),
                 size_hint: h.size_hint,
             }),
         }
+    }
+
+    /// How the response sees this body; `None` for an empty one, which is
+    /// always complete.
+    pub fn upload(&self) -> Option<Upload<B>> {
+        match &self.kind {
+            Kind::Empty => None,
+            Kind::Shared(h) => Some(Upload(h.shared.clone())),
+        }
+    }
+}
+
+/// A request body as its response sees it: finished, or still coming from
+/// the client.
+pub struct Upload<B = Incoming>(Arc<Mutex<ReplayState<B>>>);
+
+impl<B: Source> Upload<B> {
+    /// Whether the client is still to send some of the body.
+    pub fn unfinished(&self) -> bool {
+        let st = lock(&self.0);
+        !st.cut && st.source.as_ref().is_some_and(|s| !s.is_end_stream())
+    }
+
+    /// The upstream's answer is complete: whatever of the body the client
+    /// still has to send is cut off (the client's body is dropped, so its
+    /// connection reads no more of it and closes after the response), and
+    /// the attempt sending it waits forever rather than end the body early.
+    /// Returns whether anything was cut; the upstream connection that was
+    /// sending it must then not be used again.
+    pub fn cut_if_unfinished(&self) -> bool {
+        let mut st = lock(&self.0);
+        if st.cut || st.source.as_ref().is_none_or(Body::is_end_stream) {
+            return false;
+        }
+        st.source = None;
+        st.cut = true;
+        st.broken = true;
+        true
     }
 }
 
@@ -133,7 +184,7 @@ impl<B: Source> Replayer<B> {
         match self {
             Replayer::Empty => true,
             Replayer::Shared { shared, .. } => {
-                let st = shared.lock().unwrap_or_else(|e| e.into_inner());
+                let st = lock(shared);
                 !st.overflowed && !st.broken
             }
         }
@@ -147,13 +198,13 @@ impl<B: Source> Replayer<B> {
         match self {
             Replayer::Empty => Some(RequestBody::empty()),
             Replayer::Shared { shared, size_hint } => {
-                let mut st = shared.lock().unwrap_or_else(|e| e.into_inner());
+                let mut st = lock(shared);
                 if st.overflowed || st.broken {
                     return None;
                 }
                 st.generation += 1;
                 Some(RequestBody {
-                    kind: Kind::Replay(ReplayHandle {
+                    kind: Kind::Shared(ReplayHandle {
                         shared: shared.clone(),
                         generation: st.generation,
                         pos: 0,
@@ -172,9 +223,15 @@ fn too_large(seen: u64, max_body: u64) -> Option<BodyError> {
 
 impl<B: Source> ReplayHandle<B> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let mut st = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = lock(&self.shared);
         if st.generation != self.generation {
             return Poll::Ready(Some(Err(BodyError::Superseded)));
+        }
+        if st.cut {
+            // Neither an end (the upstream would take a short body for a
+            // whole one) nor an error (which would break the answer still
+            // streaming on the same connection): this attempt sends no more.
+            return Poll::Pending;
         }
         if let Some(chunk) = st.chunks.get(self.pos) {
             self.pos += 1;
@@ -244,40 +301,18 @@ impl<B: Source> Body for RequestBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.get_mut().kind {
             Kind::Empty => Poll::Ready(None),
-            Kind::Stream {
-                inner,
-                seen,
-                max_body,
-            } => match ready!(Pin::new(inner).poll_frame(cx)) {
-                Some(Ok(frame)) => {
-                    if let Some(d) = frame.data_ref() {
-                        *seen += d.remaining() as u64;
-                        if let Some(e) = too_large(*seen, *max_body) {
-                            return Poll::Ready(Some(Err(e)));
-                        }
-                    }
-                    Poll::Ready(Some(Ok(frame)))
-                }
-                Some(Err(e)) => Poll::Ready(Some(Err(BodyError::Client(e.into())))),
-                None => Poll::Ready(None),
-            },
-            Kind::Replay(h) => h.poll(cx),
+            Kind::Shared(h) => h.poll(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Empty => true,
-            Kind::Stream { inner, .. } => inner.is_end_stream(),
-            Kind::Replay(_) => false,
-        }
+        matches!(self.kind, Kind::Empty)
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Empty => SizeHint::with_exact(0),
-            Kind::Stream { inner, .. } => inner.size_hint(),
-            Kind::Replay(h) => h.size_hint,
+            Kind::Shared(h) => h.size_hint,
         }
     }
 }
@@ -392,9 +427,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_upload_still_coming_when_the_answer_ends_is_cut_off_and_never_ended_early() {
+        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> =
+            vec![Ok(Frame::data(Bytes::from_static(b"ab")))];
+        // A body that declares more than it has sent so far.
+        let source = StreamBody::new(tokio_stream::iter(frames));
+        let mut body = RequestBody::streaming(source, 1024);
+        let upload = body.upload().unwrap();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(&first.into_data().unwrap()[..], b"ab");
+        // The stream above ends after one frame; it is finished once polled
+        // to its end, and nothing is cut from a finished body.
+        assert!(body.frame().await.is_none());
+        assert!(!upload.unfinished());
+        assert!(!upload.cut_if_unfinished());
+
+        let pending =
+            StreamBody::new(tokio_stream::pending::<Result<Frame<Bytes>, std::io::Error>>());
+        let mut body = RequestBody::replayable(pending, 64, 1024);
+        let upload = body.upload().unwrap();
+        let replayer = body.replayer().unwrap();
+        assert!(upload.unfinished(), "the client still owes the rest");
+        assert!(upload.cut_if_unfinished());
+        assert!(!upload.unfinished());
+        assert!(!replayer.can_replay(), "a cut body is never sent again");
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(
+            Pin::new(&mut body).poll_frame(&mut cx).is_pending(),
+            "the attempt sends no more, but does not end the body early"
+        );
+    }
+
+    #[tokio::test]
     async fn an_empty_body_is_always_replayable() {
         let body: RequestBody<StreamBody<Frames>> = RequestBody::empty();
         assert!(body.is_end_stream());
+        assert!(body.upload().is_none(), "nothing to finish");
         let replayer = body.replayer().unwrap();
         assert!(replayer.can_replay());
         assert!(read_all(replayer.next().unwrap()).await.unwrap().is_empty());

@@ -3,7 +3,7 @@
 //! the pool only after a clean end.
 
 use super::pool::Conn;
-use super::{BodyError, InflightGuard};
+use super::{BodyError, InflightGuard, Upload};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -22,17 +22,23 @@ pub struct UpstreamBody {
     finished: bool,
     /// When the response head arrived: the connection's idle stamp.
     answered_at: Instant,
+    /// The request body, when it was still coming as the answer began.
+    upload: Option<Upload>,
 }
 
 impl UpstreamBody {
     /// Stream `inner` (its head arrived at `answered_at`) from the guarded
-    /// upstream; `conn` returns to its pool at a clean end.
+    /// upstream; `conn` returns to its pool at a clean end. `upload` is the
+    /// request's body if the client may still be sending it: once the answer
+    /// ends, whatever it has not sent is cut off (and the connection, left
+    /// mid-request, is not pooled).
     pub fn new(
         inner: Incoming,
         guard: InflightGuard,
         conn: Conn,
         deadline: Instant,
         answered_at: Instant,
+        upload: Option<Upload>,
     ) -> Self {
         let mut body = UpstreamBody {
             inner,
@@ -42,6 +48,7 @@ impl UpstreamBody {
             sleep: None,
             finished: false,
             answered_at,
+            upload,
         };
         // HEAD, 204 and 304 responses have no body to poll; the connection is
         // already free.
@@ -56,7 +63,8 @@ impl UpstreamBody {
             return;
         }
         self.finished = true;
-        if let (true, Some(conn)) = (clean, self.conn.take()) {
+        let cut = self.upload.take().is_some_and(|u| u.cut_if_unfinished());
+        if let (true, false, Some(conn)) = (clean, cut, self.conn.take()) {
             self.guard.upstream().pool().checkin(conn, self.answered_at);
         }
         self.conn = None;

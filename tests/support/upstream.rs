@@ -480,3 +480,58 @@ impl futures_core::Stream for ChannelStream {
         self.0.poll_recv(cx)
     }
 }
+
+/// A bare TCP upstream that answers every request as soon as its head has
+/// arrived and never reads its body — a node refusing an upload at once (a
+/// 401 or 413), or nginx's `return 200`. Its connections stay open, unread,
+/// until it is dropped.
+pub(crate) struct EarlyAnswer {
+    pub(crate) addr: SocketAddr,
+    heads: Arc<AtomicU64>,
+    task: AbortHandle,
+}
+
+impl Drop for EarlyAnswer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EarlyAnswer {
+    /// Answer `status` (e.g. "413 Payload Too Large") with a two-byte body.
+    pub(crate) async fn start(status: &'static str) -> EarlyAnswer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(AtomicU64::new(0));
+        let counted = heads.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = listener.accept().await {
+                let counted = counted.clone();
+                held.push(tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 2\r\n\r\nno");
+                    let _ = s.write_all(answer.as_bytes()).await;
+                    // Hold the connection, reading nothing more.
+                    std::future::pending::<()>().await;
+                }));
+            }
+        })
+        .abort_handle();
+        EarlyAnswer { addr, heads, task }
+    }
+
+    /// Request heads received so far.
+    pub(crate) fn heads(&self) -> u64 {
+        self.heads.load(Ordering::SeqCst)
+    }
+}

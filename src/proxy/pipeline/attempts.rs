@@ -13,7 +13,9 @@ use super::response::Delivered;
 use crate::resilience::{AllOpen, Permit, Reach, RetryBudget};
 use crate::routing::{RetryReason, RoutePartition};
 use crate::telemetry::TraceId;
-use crate::upstream::{AttemptOutcome, BodyError, Conn, InflightGuard, SendError, Upstream};
+use crate::upstream::{
+    AttemptOutcome, BodyError, Conn, ConnectError, InflightGuard, SendError, Upstream,
+};
 use http::{Response, StatusCode};
 use hyper::body::Incoming;
 use metrics::Counter;
@@ -31,6 +33,8 @@ pub(crate) struct AttemptMetrics {
     pub(crate) shed_breaker: Counter,
     /// `shardgate_breaker_fail_open_total`
     pub(crate) breaker_fail_open: Counter,
+    /// `shardgate_load_shed_total{reason="descriptors"}`
+    pub(crate) shed_descriptors: Counter,
 }
 
 /// What the attempts run under.
@@ -136,6 +140,14 @@ pub(crate) async fn run(
             let failure = match settle(result, upstream, permit, guard, role, sent_at, r) {
                 Settled::Deliver(d) => return (Ok(d), attempts.made()),
                 Settled::ClientFault(e) => return (Err(e), attempts.made()),
+                Settled::Local => {
+                    r.metrics.shed_descriptors.increment(1);
+                    let error = ProxyError::Overloaded {
+                        reason: "out of file descriptors for upstream connections",
+                        partition: Some(partition.index),
+                    };
+                    return (Err(error), attempts.made());
+                }
                 Settled::Failed(f) => f,
             };
             let label = upstream.label().clone();
@@ -184,6 +196,10 @@ enum Settled {
     Failed(Failure),
     /// The client broke the exchange (its body); no retry, no breaker verdict.
     ClientFault(ProxyError),
+    /// This process could not open a socket: its own overload. No breaker
+    /// verdict (the node did nothing wrong), no retry (every node would fail
+    /// alike).
+    Local,
 }
 
 /// Classify an attempt's result, settle its breaker permit and count it.
@@ -229,6 +245,11 @@ fn settle(
                 outcome(AttemptOutcome::Ok, permit, answered_at);
                 Settled::Deliver(delivered)
             }
+        }
+        Ok(Err(SendError::Connect(ConnectError::Local(e)))) => {
+            tracing::debug!(error = %e, "no socket for an upstream connection");
+            drop(permit);
+            Settled::Local
         }
         Ok(Err(unsent @ (SendError::Connect(_) | SendError::NotSent(_)))) => {
             outcome(AttemptOutcome::ConnectError, permit, Instant::now());
@@ -453,6 +474,7 @@ mod tests {
                 shed_upstream: registry.counter("shed_upstream", &[]),
                 shed_breaker: registry.counter("shed_breaker", &[]),
                 breaker_fail_open: registry.counter("fail_open", &[]),
+                shed_descriptors: registry.counter("shed_descriptors", &[]),
             },
             settings,
             registry,

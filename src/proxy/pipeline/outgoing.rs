@@ -10,7 +10,7 @@ use super::super::head::Head;
 use super::super::headers::{self, ClientInfo};
 use crate::resilience::is_idempotent;
 use crate::telemetry::TraceContext;
-use crate::upstream::{Replayer, RequestBody};
+use crate::upstream::{Replayer, RequestBody, Upload};
 use http::{HeaderValue, Method, Request};
 use http_body::Body;
 use hyper::body::Incoming;
@@ -25,6 +25,8 @@ pub(crate) struct Outgoing {
     head: Option<Head>,
     /// The body again, likewise.
     replayer: Option<Replayer>,
+    /// The body as the response sees it (none for an empty body).
+    upload: Option<Upload>,
 }
 
 impl Outgoing {
@@ -46,10 +48,12 @@ impl Outgoing {
         let head = (is_idempotent(&parts.method) && settings.retry.max_attempts > 1)
             .then(|| Head::of(&parts));
         let replayer = head.as_ref().and_then(|_| body.replayer());
+        let upload = body.upload();
         Ok(Outgoing {
             ready: Some(Request::from_parts(parts, body)),
             head,
             replayer,
+            upload,
         })
     }
 
@@ -89,6 +93,12 @@ impl Outgoing {
         if let Some(head) = self.head.as_mut() {
             head.set_epoch(epoch);
         }
+    }
+
+    /// The request's body if the client is still sending it: an answer that
+    /// arrives before it ends closes the client's connection after it.
+    pub(crate) fn unfinished_upload(&mut self) -> Option<Upload> {
+        self.upload.take_if(|u| u.unfinished())
     }
 
     /// What `debug` logging says about a request that could not be sent again.
@@ -134,6 +144,7 @@ mod tests {
         Outgoing {
             head: kept.then(|| Head::of(&parts)),
             replayer: if kept { body.replayer() } else { None },
+            upload: body.upload(),
             ready: Some(Request::from_parts(parts, body)),
         }
     }

@@ -5,8 +5,8 @@
 use super::super::body::ProxyBody;
 use super::super::headers;
 use crate::routing::{Role, RoutePartition, ServedBy};
-use crate::upstream::{Conn, InflightGuard, UpstreamBody};
-use http::{Response, Version};
+use crate::upstream::{Conn, InflightGuard, Upload, UpstreamBody};
+use http::{HeaderValue, Response, Version};
 use hyper::body::Incoming;
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -30,11 +30,19 @@ pub(crate) struct Served {
 
 /// The response to send the client for `d`, from `partition`; the upstream's
 /// address is named only when `expose_upstream`.
+///
+/// `upload` is the request's body if the client is still sending it. The
+/// body keeps flowing to the upstream while the answer streams (an upstream
+/// may answer early and read on), but the client's connection can carry no
+/// further request before that body ends, so the answer says
+/// `Connection: close`; whatever is left unsent when the answer ends is cut
+/// off (as Envoy does, and nginx's lingering close).
 pub(crate) fn reply(
     d: Delivered,
     partition: &RoutePartition,
     expose_upstream: bool,
     deadline: Instant,
+    upload: Option<Upload>,
 ) -> (Response<ProxyBody>, Served) {
     let upstream = d.guard.upstream().label().clone();
     let served = Served {
@@ -47,7 +55,12 @@ pub(crate) fn reply(
     parts.version = Version::HTTP_11;
     let exposed = expose_upstream.then_some(&*upstream);
     headers::to_downstream(&mut parts.headers, &partition.index_header, exposed);
-    let body = UpstreamBody::new(incoming, d.guard, d.conn, deadline, d.answered_at);
+    if upload.is_some() {
+        parts
+            .headers
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    let body = UpstreamBody::new(incoming, d.guard, d.conn, deadline, d.answered_at, upload);
     (
         Response::from_parts(parts, ProxyBody::Upstream(body)),
         served,

@@ -29,6 +29,7 @@ use super::response::{self, Delivered};
 use super::{Bounded, ClientConn, Failed, Forwarded, Inbound, Trail};
 use crate::resilience::is_idempotent;
 use crate::routing::{ReadPreference, RequestClass, RoutePartition};
+use crate::upstream::Upload;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex};
@@ -264,7 +265,14 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                             table.epoch(),
                         ) else {
                             // 5. response
-                            return Ok(finish(delivered, partition, expose, r.deadline, trail));
+                            return Ok(finish(
+                                delivered,
+                                partition,
+                                expose,
+                                r.deadline,
+                                r.outgoing.unfinished_upload(),
+                                trail,
+                            ));
                         };
                         // A node that knows a newer map refused: fetch it now,
                         // and send a read once more under it.
@@ -280,7 +288,14 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                                 (Wait::Misdirected(Box::new(delivered)), w)
                             }
                             _ => {
-                                return Ok(finish(delivered, partition, expose, r.deadline, trail));
+                                return Ok(finish(
+                                    delivered,
+                                    partition,
+                                    expose,
+                                    r.deadline,
+                                    r.outgoing.unfinished_upload(),
+                                    trail,
+                                ));
                             }
                         }
                     }
@@ -313,7 +328,14 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                 // With no newer map in time the refusal is the answer; the
                 // read is not sent again under the same map.
                 (None, Wait::Misdirected(delivered)) => {
-                    let mut answer = finish(*delivered, partition, expose, r.deadline, trail);
+                    let mut answer = finish(
+                        *delivered,
+                        partition,
+                        expose,
+                        r.deadline,
+                        r.outgoing.unfinished_upload(),
+                        trail,
+                    );
                     // Answered only now, after the wait: `observe` reads the clock.
                     answer.trail.answered = None;
                     return Ok(answer);
@@ -334,9 +356,11 @@ fn finish(
     partition: &RoutePartition,
     expose_upstream: bool,
     deadline: Instant,
+    upload: Option<Upload>,
     mut trail: Trail,
 ) -> Forwarded<ProxyBody> {
-    let (response, served) = response::reply(delivered, partition, expose_upstream, deadline);
+    let (response, served) =
+        response::reply(delivered, partition, expose_upstream, deadline, upload);
     trail.served_by = served.by;
     trail.upstream = Some(served.upstream);
     trail.answered = Some(served.at);

@@ -1,6 +1,7 @@
 //! The body of every response the proxy sends: the upstream's, streamed, or
 //! one the proxy wrote itself.
 
+use super::pipeline::Ticket;
 use crate::upstream::{BodyError, UpstreamBody};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -12,7 +13,24 @@ pub enum ProxyBody {
     /// Written by the proxy (errors, admin pages).
     Full(Option<Bytes>),
     /// Streamed from an upstream.
-    Upstream(UpstreamBody),
+    Upstream(Streamed),
+}
+
+/// An upstream's body, holding its request's place under the in-flight
+/// limit until it is done (hyper drops a body as it ends).
+pub struct Streamed {
+    body: UpstreamBody,
+    _admitted: Option<Ticket>,
+}
+
+impl ProxyBody {
+    /// `body`, holding `admitted` until it is dropped.
+    pub(crate) fn upstream(body: UpstreamBody, admitted: Option<Ticket>) -> ProxyBody {
+        ProxyBody::Upstream(Streamed {
+            body,
+            _admitted: admitted,
+        })
+    }
 }
 
 impl ProxyBody {
@@ -44,21 +62,21 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Upstream(u) => Pin::new(u).poll_frame(cx),
+            ProxyBody::Upstream(u) => Pin::new(&mut u.body).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Full(b) => b.is_none(),
-            ProxyBody::Upstream(u) => u.is_end_stream(),
+            ProxyBody::Upstream(u) => u.body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            ProxyBody::Upstream(u) => u.size_hint(),
+            ProxyBody::Upstream(u) => u.body.size_hint(),
         }
     }
 }

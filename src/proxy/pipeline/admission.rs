@@ -1,13 +1,14 @@
 //! Admission, a layer: the proxy-wide limit on requests in flight. An
-//! admitted request holds a [`Ticket`] until its response body ends (so a
-//! long download counts for as long as it streams); one over the limit is
-//! shed at once with `503 overloaded`, costing no upstream anything.
+//! admitted request carries a [`Ticket`] (`Inbound::admitted`), which the
+//! forwarding stages hand to the response body, so it is held until that
+//! body ends (a long download counts for as long as it streams); one over
+//! the limit is shed at once with `503 overloaded`, costing no upstream
+//! anything.
 //!
 //! The ticket also tells the connection's reader (`conn::TimedIo`) whether a
 //! request is in flight, which decides between the idle and the header-read
 //! deadline.
 
-use super::super::body::ProxyBody;
 use super::super::error::ProxyError;
 use super::{Failed, Forwarded, Inbound};
 use metrics::Counter;
@@ -15,7 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
@@ -136,11 +137,11 @@ pub(crate) struct Admission<S> {
     activity: Arc<ConnActivity>,
 }
 
-impl<S, R> Service<Inbound<R>> for Admission<S>
+impl<S, B, R> Service<Inbound<R>> for Admission<S>
 where
-    S: Service<Inbound<R>, Response = Forwarded<ProxyBody>, Error = Failed>,
+    S: Service<Inbound<R>, Response = Forwarded<B>, Error = Failed>,
 {
-    type Response = Forwarded<Tracked<ProxyBody>>;
+    type Response = Forwarded<B>;
     type Error = Failed;
     type Future = AdmissionFuture<S::Future>;
 
@@ -149,13 +150,15 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
-    fn call(&mut self, inbound: Inbound<R>) -> Self::Future {
+    #[inline(always)] // see `respond`
+    fn call(&mut self, mut inbound: Inbound<R>) -> Self::Future {
         match self.activity.enter() {
-            Some(ticket) => AdmissionFuture::Admitted {
-                inner: self.inner.call(inbound),
-                ticket: Some(ticket),
-            },
+            Some(ticket) => {
+                inbound.admitted = Some(ticket);
+                AdmissionFuture::Admitted {
+                    inner: self.inner.call(inbound),
+                }
+            }
             None => {
                 self.activity.limit.shed.increment(1);
                 AdmissionFuture::Shed {
@@ -170,83 +173,29 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// An admitted request holding its ticket, or a shed one.
+    /// An admitted request, or a shed one.
     #[project = Projected]
     pub(crate) enum AdmissionFuture<F> {
-        Admitted { #[pin] inner: F, ticket: Option<Ticket> },
+        Admitted { #[pin] inner: F },
         Shed { error: Option<ProxyError> },
     }
 }
 
-impl<F> Future for AdmissionFuture<F>
+impl<F, B> Future for AdmissionFuture<F>
 where
-    F: Future<Output = Result<Forwarded<ProxyBody>, Failed>>,
+    F: Future<Output = Result<Forwarded<B>, Failed>>,
 {
-    type Output = Result<Forwarded<Tracked<ProxyBody>>, Failed>;
+    type Output = F::Output;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            Projected::Admitted { inner, ticket } => {
-                let Forwarded { response, trail } = ready!(inner.poll(cx))?;
-                let ticket = ticket.take();
-                Poll::Ready(Ok(Forwarded {
-                    response: response.map(|b| Tracked::new(b, ticket)),
-                    trail,
-                }))
-            }
+            Projected::Admitted { inner } => inner.poll(cx),
             Projected::Shed { error } => match error.take() {
                 Some(e) => Poll::Ready(Err(Failed::early(e))),
                 None => Poll::Pending, // polled after completion
             },
         }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that holds its request's ticket until it ends.
-    pub(crate) struct Tracked<B> {
-        #[pin]
-        inner: B,
-        ticket: Option<Ticket>,
-    }
-}
-
-impl<B> Tracked<B> {
-    /// Hold `ticket` until `inner` ends or is dropped.
-    pub(crate) fn new(inner: B, ticket: Option<Ticket>) -> Tracked<B> {
-        Tracked { inner, ticket }
-    }
-}
-
-impl From<ProxyBody> for Tracked<ProxyBody> {
-    /// The proxy's own answers hold no ticket: it went when they were decided.
-    fn from(b: ProxyBody) -> Self {
-        Tracked::new(b, None)
-    }
-}
-
-impl<B: http_body::Body> http_body::Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let r = this.inner.poll_frame(cx);
-        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.ticket.take();
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -307,18 +256,18 @@ mod layer_tests {
     use super::*;
     use crate::telemetry::Metrics;
     use http::Response;
-    use http_body_util::BodyExt;
 
     #[tokio::test]
-    async fn an_admitted_request_holds_its_place_until_its_body_ends_and_the_next_is_shed() {
+    async fn an_admitted_request_carries_the_ticket_that_holds_its_place_and_the_next_is_shed() {
         let m = Metrics::new();
         let shed = m.counter("shardgate_load_shed_total", &[("reason", "inflight")]);
         let limit = Arc::new(InflightLimit::new(1, shed));
         let conn = ConnActivity::new(limit.clone());
+        // As the forwarding stages do: the ticket goes with the response body.
         let mut svc =
-            AdmissionLayer::new(conn.clone()).layer(tower::service_fn(|_: Inbound<()>| async {
+            AdmissionLayer::new(conn.clone()).layer(tower::service_fn(|i: Inbound<()>| async {
                 Ok::<_, Failed>(Forwarded {
-                    response: Response::new(ProxyBody::full("streamed")),
+                    response: Response::new(i.admitted),
                     trail: Trail::default(),
                 })
             }));
@@ -326,7 +275,8 @@ mod layer_tests {
             .call(inbound(http::Request::new(())))
             .await
             .unwrap_or_else(|_| panic!("the first request is admitted"));
-        assert_eq!(limit.inflight(), 1, "held while the body is unread");
+        assert!(first.response.body().is_some(), "it carried a ticket");
+        assert_eq!(limit.inflight(), 1, "held while the body is alive");
         let Err(shed) = svc.call(inbound(http::Request::new(()))).await else {
             panic!("the second request is over the limit");
         };
@@ -336,15 +286,8 @@ mod layer_tests {
             m.render()
                 .contains(r#"shardgate_load_shed_total{reason="inflight"} 1"#)
         );
-        let body = first
-            .response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes();
-        assert_eq!(&body[..], b"streamed");
-        assert_eq!(limit.inflight(), 0, "the place is freed when the body ends");
+        drop(first);
+        assert_eq!(limit.inflight(), 0, "the place is freed with the body");
         assert!(!conn.busy());
     }
 }

@@ -36,7 +36,7 @@ impl<S: Service<Bounded<B>>, B> Service<Inbound<B>> for Deadline<S> {
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
+    #[inline(always)] // see `observe`
     fn call(&mut self, inbound: Inbound<B>) -> S::Future {
         let deadline = inbound.arrived + inbound.snapshot.settings.timeouts.overall;
         self.inner.call(Bounded { inbound, deadline })

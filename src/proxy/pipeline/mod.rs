@@ -3,8 +3,8 @@
 //! | step | what happens | module |
 //! |---|---|---|
 //! | entry | the live snapshot, arrival time and trace are taken | [`Entry`], here |
-//! | observe | once answered: metrics, and the access log for errors and a sample | `observe` (layer) |
 //! | respond | the proxy's own answers (errors) become SPEC JSON, in this one place | `respond` (layer) |
+//! | observe | once answered: metrics, and the access log for errors and a sample | `observe` (layer) |
 //! | admission | the in-flight limit: a ticket, or `503 overloaded` | `admission` (layer) |
 //! | deadline | one overall deadline, which every later wait honours | `deadline` (layer) |
 //! | key | the request is checked, then its shard key read | `key` |
@@ -31,7 +31,7 @@ mod respond;
 mod response;
 mod route;
 
-pub(crate) use admission::{ConnActivity, InflightLimit, Tracked};
+pub(crate) use admission::{ConnActivity, InflightLimit, Ticket};
 pub(crate) use attempts::AttemptMetrics;
 pub(crate) use route::{Forwarder, Holds};
 
@@ -61,6 +61,9 @@ pub(crate) struct Inbound<B = Incoming> {
     pub(crate) arrived: Instant,
     /// Its trace: the client's continued (`true`), or a new one.
     pub(crate) trace: (TraceContext, bool),
+    /// Its place under the in-flight limit, once admitted: it goes with the
+    /// response body and is held until that ends.
+    pub(crate) admitted: Option<Ticket>,
 }
 
 /// An inbound request with its overall deadline, as the forwarding stages take it.
@@ -116,14 +119,6 @@ impl From<ProxyError> for Failed {
     }
 }
 
-/// Every request's answer: a response, how it came about, and the error
-/// code when the proxy answered itself.
-pub(crate) struct Answered<B> {
-    pub(crate) response: Response<B>,
-    pub(crate) trail: Trail,
-    pub(crate) error: Option<&'static str>,
-}
-
 /// What a connection's client is, shared by its requests.
 pub(crate) struct ClientConn {
     /// Forwarding facts.
@@ -172,6 +167,7 @@ pub mod bench {
             arrived,
             &http::Method::GET,
             http::StatusCode::OK,
+            ServedBy::Primary,
             &Trail {
                 partition: Some((0, partition.clone())),
                 served_by: ServedBy::Primary,
@@ -190,18 +186,14 @@ pub(crate) fn connection(
     client: ClientConn,
     activity: Arc<ConnActivity>,
 ) -> Entry<
-    impl Service<
-        Inbound,
-        Response = Response<Tracked<ProxyBody>>,
-        Error = Infallible,
-        Future: Send + 'static,
-    > + Send
+    impl Service<Inbound, Response = Response<ProxyBody>, Error = Infallible, Future: Send + 'static>
+    + Send
     + use<>,
 > {
     let route = route::Route::new(shared.forwarder.clone(), client);
     let stack = ServiceBuilder::new()
-        .layer(observe::ObserveLayer::new(shared.unrouted.clone()))
         .layer(respond::RespondLayer)
+        .layer(observe::ObserveLayer::new(shared.unrouted.clone()))
         .layer(admission::AdmissionLayer::new(activity))
         .layer(deadline::DeadlineLayer)
         .service_fn(move |b: Bounded| route.call(b));
@@ -224,18 +216,20 @@ pub(crate) struct Entry<S> {
 
 impl<S> hyper::service::Service<Request<Incoming>> for Entry<S>
 where
-    S: Service<Inbound, Response = Response<Tracked<ProxyBody>>, Error = Infallible>,
+    S: Service<Inbound, Response = Response<ProxyBody>, Error = Infallible>,
 {
-    type Response = Response<Tracked<ProxyBody>>;
+    type Response = Response<ProxyBody>;
     type Error = Infallible;
     type Future = S::Future;
 
+    #[inline(always)] // see `observe`
     fn call(&self, req: Request<Incoming>) -> S::Future {
         let inbound = Inbound {
             trace: super::headers::trace_of(req.headers()),
             snapshot: self.live.snapshot(),
             arrived: Instant::now(),
             req,
+            admitted: None,
         };
         let mut stack = self.stack.borrow_mut();
         // Every layer is always ready: the in-flight limit sheds in `call`
@@ -275,6 +269,7 @@ pub(crate) mod tests {
             }),
             arrived: Instant::now(),
             trace: (TraceContext::start(), false),
+            admitted: None,
         }
     }
 }

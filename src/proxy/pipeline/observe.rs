@@ -1,13 +1,17 @@
 //! Observe, a layer: once a request is answered, its metrics (SPEC §5) and,
 //! for every error and a sampled share of successes, an access-log line
 //! (SPEC §6). Nothing is logged per request at info level otherwise.
+//!
+//! It sits just inside `respond` and sees the outcome as it is (a response
+//! passed on, or the proxy's own error, which it counts with the status
+//! `respond` will give it), and passes it on untouched.
 
-use super::{Answered, Inbound, Trail};
+use super::{Failed, Forwarded, Inbound, Trail};
+use crate::routing::ServedBy;
 use crate::routing::{PartitionMetrics, RequestClass};
 use crate::telemetry::TraceId;
-use http::{Method, Response, StatusCode};
+use http::{Method, StatusCode};
 use rand::RngExt;
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -55,18 +59,18 @@ struct Arrival {
 
 impl<S, B, R> Service<Inbound<R>> for Observe<S>
 where
-    S: Service<Inbound<R>, Response = Answered<B>, Error = Infallible>,
+    S: Service<Inbound<R>, Response = Forwarded<B>, Error = Failed>,
 {
-    type Response = Response<B>;
-    type Error = Infallible;
+    type Response = Forwarded<B>;
+    type Error = Failed;
     type Future = ObserveFuture<S::Future>;
 
     #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failed>> {
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
+    #[inline(always)] // see `respond`
     fn call(&mut self, inbound: Inbound<R>) -> Self::Future {
         let arrival = Arrival {
             arrived: inbound.arrived,
@@ -83,7 +87,7 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// The inner answer, recorded as it passes.
+    /// The inner outcome, recorded as it passes.
     pub(crate) struct ObserveFuture<F> {
         #[pin]
         inner: F,
@@ -93,22 +97,20 @@ pin_project_lite::pin_project! {
 
 impl<F, B> Future for ObserveFuture<F>
 where
-    F: Future<Output = Result<Answered<B>, Infallible>>,
+    F: Future<Output = Result<Forwarded<B>, Failed>>,
 {
-    type Output = Result<Response<B>, Infallible>;
+    type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let Ok(answered) = ready!(this.inner.poll(cx));
+        let outcome = ready!(this.inner.poll(cx));
         if let Some(arrival) = this.arrival.take() {
-            record(
-                &arrival,
-                answered.response.status(),
-                &answered.trail,
-                answered.error,
-            );
+            match &outcome {
+                Ok(f) => record(&arrival, f.response.status(), &f.trail, None),
+                Err(f) => record(&arrival, f.error.status(), &f.trail, Some(f.error.code())),
+            }
         }
-        Poll::Ready(Ok(answered.response))
+        Poll::Ready(outcome)
     }
 }
 
@@ -118,6 +120,7 @@ pub(super) fn count(
     arrived: Instant,
     method: &Method,
     status: StatusCode,
+    served_by: ServedBy,
     trail: &Trail,
     unrouted: &PartitionMetrics,
 ) -> f64 {
@@ -125,13 +128,19 @@ pub(super) fn count(
     let ended = trail.answered.unwrap_or_else(Instant::now);
     let secs = ended.saturating_duration_since(arrived).as_secs_f64();
     let partition = trail.partition.as_ref().map_or(unrouted, |(_, m)| &**m);
-    partition.request(class, status.as_u16(), trail.served_by, secs);
+    partition.request(class, status.as_u16(), served_by, secs);
     secs
 }
 
 /// Metrics and the sampled access log for one answered request.
 fn record(a: &Arrival, status: StatusCode, trail: &Trail, error: Option<&'static str>) {
-    let secs = count(a.arrived, &a.method, status, trail, &a.unrouted);
+    // The proxy's own answers are served by the proxy, however far they got.
+    let served_by = if error.is_some() {
+        ServedBy::Proxy
+    } else {
+        trail.served_by
+    };
+    let secs = count(a.arrived, &a.method, status, served_by, trail, &a.unrouted);
     let is_error = error.is_some() || status.is_server_error();
     // Sampling draws a random number; at a rate of 0 it need not.
     let sampled = a.sample > 0.0 && rand::rng().random_bool(a.sample);
@@ -142,7 +151,7 @@ fn record(a: &Arrival, status: StatusCode, trail: &Trail, error: Option<&'static
             status = status.as_u16(),
             partition = trail.partition.as_ref().map(|(i, _)| *i),
             upstream = trail.upstream.as_deref(),
-            served_by = ?trail.served_by,
+            served_by = ?served_by,
             attempts = trail.attempts,
             duration_ms = secs * 1000.0,
             error,
@@ -154,10 +163,12 @@ fn record(a: &Arrival, status: StatusCode, trail: &Trail, error: Option<&'static
 
 #[cfg(test)]
 mod tests {
+    use super::super::super::error::ProxyError;
     use super::super::tests::inbound;
     use super::*;
     use crate::routing::ServedBy;
     use crate::telemetry::Metrics;
+    use http::Response;
     use std::time::Duration;
 
     fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
@@ -178,7 +189,7 @@ mod tests {
                 // wait is not the request's duration.
                 let answered = i.arrived + Duration::from_millis(50);
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                Ok::<_, Infallible>(Answered {
+                Ok::<_, Failed>(Forwarded {
                     response: Response::new(()),
                     trail: Trail {
                         partition: Some((2, partition)),
@@ -187,15 +198,16 @@ mod tests {
                         attempts: 1,
                         upstream: None,
                     },
-                    error: None,
                 })
             }
         }));
-        let resp = svc
+        let Ok(forwarded) = svc
             .call(inbound(http::Request::get("/").body(()).unwrap()))
             .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
+        else {
+            panic!("passed on untouched")
+        };
+        assert_eq!(forwarded.response.status(), 200);
         let m = registry.render();
         assert_eq!(
             line(
@@ -215,21 +227,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_request_no_partition_took_is_counted_as_none() {
+    async fn the_proxys_own_answer_is_counted_with_its_status_as_served_by_the_proxy() {
         let registry = Arc::new(Metrics::new());
         let unrouted = Arc::new(PartitionMetrics::new(registry.clone(), "none"));
         let mut svc =
             ObserveLayer::new(unrouted).layer(tower::service_fn(|_: Inbound<()>| async {
-                let mut response = Response::new(());
-                *response.status_mut() = StatusCode::BAD_REQUEST;
-                Ok::<_, Infallible>(Answered {
-                    response,
-                    trail: Trail::default(),
-                    error: Some("missing_shard_key"),
+                Err::<Forwarded<()>, _>(Failed {
+                    error: ProxyError::MissingShardKey("no x-shard-key".into()),
+                    // An upstream was tried before the proxy gave up.
+                    trail: Trail {
+                        served_by: ServedBy::Primary,
+                        ..Trail::default()
+                    },
                 })
             }));
         let req = http::Request::post("/").body(()).unwrap();
-        svc.call(inbound(req)).await.unwrap();
+        let failed = svc.call(inbound(req)).await.err().expect("passed on");
+        assert_eq!(failed.error.code(), "missing_shard_key");
         let m = registry.render();
         assert_eq!(
             line(

@@ -4,6 +4,7 @@
 
 use super::super::body::ProxyBody;
 use super::super::headers;
+use super::Ticket;
 use crate::routing::{Role, RoutePartition, ServedBy};
 use crate::upstream::{Conn, InflightGuard, Upload, UpstreamBody};
 use http::{HeaderValue, Response, Version};
@@ -43,6 +44,7 @@ pub(crate) fn reply(
     expose_upstream: bool,
     deadline: Instant,
     upload: Option<Upload>,
+    admitted: Option<Ticket>,
 ) -> (Response<ProxyBody>, Served) {
     let upstream = d.guard.upstream().label().clone();
     let served = Served {
@@ -62,7 +64,7 @@ pub(crate) fn reply(
     }
     let body = UpstreamBody::new(incoming, d.guard, d.conn, deadline, d.answered_at, upload);
     (
-        Response::from_parts(parts, ProxyBody::Upstream(body)),
+        Response::from_parts(parts, ProxyBody::upstream(body, admitted)),
         served,
     )
 }

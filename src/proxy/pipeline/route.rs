@@ -26,7 +26,7 @@ use super::placement::{self, Placement};
 use super::plan;
 use super::policy::{self, Replacement, WaitFor};
 use super::response::{self, Delivered};
-use super::{Bounded, ClientConn, Failed, Forwarded, Inbound, Trail};
+use super::{Bounded, ClientConn, Failed, Forwarded, Inbound, Ticket, Trail};
 use crate::resilience::is_idempotent;
 use crate::routing::{ReadPreference, RequestClass, RoutePartition};
 use crate::upstream::Upload;
@@ -98,6 +98,8 @@ struct Routed {
     arrived: Instant,
     deadline: Instant,
     trace_id: u128,
+    /// Its admission ticket, for the response body to hold.
+    admitted: Option<Ticket>,
 }
 
 /// Why a request waits for a newer map before it is placed again.
@@ -119,6 +121,7 @@ impl Route {
     }
 
     /// Forward one request; never fails to produce a result.
+    #[inline(always)] // see `observe`
     pub(crate) fn call(
         &self,
         b: Bounded,
@@ -149,6 +152,7 @@ impl Route {
                     snapshot,
                     arrived,
                     trace,
+                    admitted,
                 },
             deadline,
         } = b;
@@ -180,6 +184,7 @@ impl Route {
             deadline,
             trace_id: trace.0.trace_id,
             snapshot,
+            admitted,
         })
     }
 }
@@ -271,6 +276,7 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                                 expose,
                                 r.deadline,
                                 r.outgoing.unfinished_upload(),
+                                r.admitted.take(),
                                 trail,
                             ));
                         };
@@ -294,6 +300,7 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                                     expose,
                                     r.deadline,
                                     r.outgoing.unfinished_upload(),
+                                    r.admitted.take(),
                                     trail,
                                 ));
                             }
@@ -334,6 +341,7 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                         expose,
                         r.deadline,
                         r.outgoing.unfinished_upload(),
+                        r.admitted.take(),
                         trail,
                     );
                     // Answered only now, after the wait: `observe` reads the clock.
@@ -357,10 +365,17 @@ fn finish(
     expose_upstream: bool,
     deadline: Instant,
     upload: Option<Upload>,
+    admitted: Option<Ticket>,
     mut trail: Trail,
 ) -> Forwarded<ProxyBody> {
-    let (response, served) =
-        response::reply(delivered, partition, expose_upstream, deadline, upload);
+    let (response, served) = response::reply(
+        delivered,
+        partition,
+        expose_upstream,
+        deadline,
+        upload,
+        admitted,
+    );
     trail.served_by = served.by;
     trail.upstream = Some(served.upstream);
     trail.answered = Some(served.at);

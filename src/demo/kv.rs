@@ -4,6 +4,10 @@
 //! fencing token: a request carrying an `x-cluster-epoch` older than the
 //! newest it has seen is answered `421 Misdirected Request` with that newer
 //! epoch, so a proxy on an old map corrects itself at once.
+//!
+//! It does not replicate and keeps nothing on disk: a write it acknowledges
+//! lives in this process's memory only, and every `PUT` answer says so
+//! (`"replicated": false, "durable": false`), as do the demo's instructions.
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -137,7 +141,12 @@ impl KvNode {
                 data.insert(key.clone(), body);
                 self.answer(
                     StatusCode::OK,
-                    &json!({ "node": self.id, "key": key, "stored": true }),
+                    // Says what the acknowledgement is worth: this node's
+                    // memory only, until replication ships.
+                    &json!({
+                        "node": self.id, "key": key, "stored": true,
+                        "replicated": false, "durable": false,
+                    }),
                 )
             }
             Method::DELETE => {

@@ -245,6 +245,15 @@ fn coordinator_config(cfg: &DemoConfig, dir: &Path) -> Result<CoordinatorConfig,
     CoordinatorConfig::from_toml(text, "demo", &overrides).map_err(setup)
 }
 
+/// What the demo's nodes do not do, printed with its instructions so no one
+/// mistakes an acknowledged write for a kept one.
+const NOT_GUARANTEED: &[&str] = &[
+    "replicas do not replicate: a write lives only in its primary's memory",
+    "acknowledged writes are lost when a primary dies: the promoted replica never saw them",
+    "reads from a replica (x-read-preference: secondary) do not see writes made on the primary",
+    "nothing is written to disk: stopping the demo loses every key",
+];
+
 fn print_instructions<S: shardgate::coordinator::store::Store>(
     proxy: &shardgate::proxy::RunningProxy,
     coordinator: &shardgate::coordinator::RunningCoordinator<S>,
@@ -310,6 +319,13 @@ fn print_instructions<S: shardgate::coordinator::store::Store>(
         out,
         "  curl -X PUT --data again http://{p}/kv/user:42   # writes go to the promoted replica"
     );
+    let _ = writeln!(
+        out,
+        "\nWhat this demo does NOT guarantee (replication is not built yet):"
+    );
+    for line in NOT_GUARANTEED {
+        let _ = writeln!(out, "  - {line}");
+    }
     let _ = writeln!(
         out,
         "\nNode logs: {}/*.log   Ctrl-C stops everything.",

@@ -682,6 +682,15 @@ async fn the_demo_runs_a_cluster_that_answers_and_stops_cleanly() {
     )
     .await;
     assert_eq!(put.status, 200, "{}", put.text());
+    assert_eq!(
+        (
+            put.json()["replicated"].clone(),
+            put.json()["durable"].clone()
+        ),
+        (serde_json::json!(false), serde_json::json!(false)),
+        "a demo write says what its acknowledgement is worth: {}",
+        put.text()
+    );
     let get = send(
         &client(),
         http::Request::get(format!("http://{proxy}/kv/user:42"))
@@ -702,6 +711,10 @@ async fn the_demo_runs_a_cluster_that_answers_and_stops_cleanly() {
     })
     .await;
     let text = demo.stdout.lock().unwrap().clone();
+    assert!(
+        text.contains("does NOT guarantee") && text.contains("acknowledged writes are lost"),
+        "until replication ships the demo says it can lose acknowledged writes:\n{text}"
+    );
     let words: Vec<&str> = text.split_whitespace().collect();
     let pids: Vec<u32> = words
         .windows(2)

@@ -22,6 +22,9 @@ use std::sync::Arc;
 // API, whose slow path hyper's two 8 KiB read buffers per request take (they
 // are replaced, not reused, while the previous message still borrows them):
 // 34,661 -> 33,877 instructions per request with jemalloc (benches/instructions.py).
+// Built with background threads on (Cargo.toml): freed memory goes back to
+// the system within jemalloc's decay time even when the process is idle
+// after a burst, instead of waiting for allocations that never come.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -63,6 +63,7 @@ impl Drain {
 }
 
 /// One connection's share of a `Drain`; `shutdown` waits for it until dropped.
+/// Three handles: [`DrainWatcher::follow`] makes the part a task pins.
 pub struct DrainWatcher {
     draining: Arc<AtomicBool>,
     signal: CancellationToken,
@@ -70,10 +71,9 @@ pub struct DrainWatcher {
 }
 
 impl DrainWatcher {
-    /// Follow `conn`, so the drain can close it gracefully.
-    pub fn watch<C: GracefulConnection>(self, conn: C) -> Draining<C> {
-        Draining {
-            conn,
+    /// Start following the drain from the task that serves the connection.
+    pub fn follow(self) -> Following {
+        Following {
             signal: self.signal.cancelled_owned(),
             draining: self.draining,
             registered: None,
@@ -81,13 +81,20 @@ impl DrainWatcher {
             _live: self.live,
         }
     }
+
+    /// Follow `conn`, so the drain can close it gracefully.
+    pub fn watch<C: GracefulConnection>(self, conn: C) -> Draining<C> {
+        Draining {
+            conn,
+            following: self.follow(),
+            shut: false,
+        }
+    }
 }
 
 pin_project_lite::pin_project! {
-    /// A connection that closes gracefully once its `Drain` shuts down.
-    pub struct Draining<C> {
-        #[pin]
-        conn: C,
+    /// A connection's task following a `Drain`.
+    pub struct Following {
         #[pin]
         signal: WaitForCancellationFutureOwned,
         draining: Arc<AtomicBool>,
@@ -98,24 +105,81 @@ pin_project_lite::pin_project! {
     }
 }
 
+impl Following {
+    /// Whether the drain has begun. Until it has, makes sure this task is
+    /// woken when it does (reading one flag when the waker is unchanged).
+    pub fn poll_drain(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+        let this = self.project();
+        if *this.told {
+            return true;
+        }
+        let stale = this
+            .registered
+            .as_ref()
+            .is_none_or(|w| !w.will_wake(cx.waker()));
+        if stale || this.draining.load(Ordering::Acquire) {
+            if this.signal.poll(cx).is_ready() {
+                *this.told = true;
+            } else if stale {
+                *this.registered = Some(cx.waker().clone());
+            }
+        }
+        *this.told
+    }
+
+    /// Whether the drain has begun, as of the last poll.
+    pub fn told(&self) -> bool {
+        self.told
+    }
+
+    /// Wait for the drain to begin.
+    pub async fn drained(mut self: Pin<&mut Self>) {
+        std::future::poll_fn(|cx| {
+            if self.as_mut().poll_drain(cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    /// Run `conn` to its end, closing it gracefully once the drain begins.
+    pub async fn serve<C: GracefulConnection>(
+        mut self: Pin<&mut Self>,
+        mut conn: Pin<&mut C>,
+    ) -> C::Output {
+        let mut shut = false;
+        std::future::poll_fn(|cx| {
+            if !shut && self.as_mut().poll_drain(cx) {
+                shut = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            conn.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection that closes gracefully once its `Drain` shuts down.
+    pub struct Draining<C> {
+        #[pin]
+        conn: C,
+        #[pin]
+        following: Following,
+        shut: bool,
+    }
+}
+
 impl<C: GracefulConnection> Future for Draining<C> {
     type Output = C::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         let mut this = self.project();
-        if !*this.told {
-            let stale = this
-                .registered
-                .as_ref()
-                .is_none_or(|w| !w.will_wake(cx.waker()));
-            if stale || this.draining.load(Ordering::Acquire) {
-                if this.signal.as_mut().poll(cx).is_ready() {
-                    *this.told = true;
-                    this.conn.as_mut().graceful_shutdown();
-                } else if stale {
-                    *this.registered = Some(cx.waker().clone());
-                }
-            }
+        if !*this.shut && this.following.poll_drain(cx) {
+            *this.shut = true;
+            this.conn.as_mut().graceful_shutdown();
         }
         this.conn.poll(cx)
     }

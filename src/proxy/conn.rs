@@ -7,6 +7,13 @@
 //! `header_read_timeout` once the first byte of a new request head arrives,
 //! and a write-stall limit for clients that stop reading.
 //!
+//! An HTTP/1 connection idle for [`PARK_AFTER`] is *parked*: the reader
+//! tells hyper the client is gone (an end of stream, which hyper meets
+//! between requests by letting go), withholds the real shutdown, and the
+//! listener drops hyper's connection state and buffers, keeping only the
+//! socket until the client sends again. Bytes read while parked (or while
+//! telling HTTP/1 from HTTP/2) are handed back first to the next reader.
+//!
 //! A request ending does not wake the connection's reader (it often ends in
 //! the reader's own task, where a wake costs a whole extra pass over the
 //! connection). It stamps the time instead; the reader picks the stamp up the
@@ -14,6 +21,8 @@
 //! armed so that it does run, even if nothing else happens on the connection.
 
 use super::pipeline::ConnActivity;
+use bytes::{Bytes, BytesMut};
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -45,7 +54,33 @@ enum Phase {
     Idle,
 }
 
+/// The start of the HTTP/2 connection preface: enough to tell it from any
+/// HTTP/1 request line.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// How long an HTTP/1 connection sits idle before its hyper state is dropped.
+///
+/// nginx frees an idle connection's buffers at once, but its buffers come
+/// from a pool that costs nothing to refill; rebuilding a hyper connection
+/// costs a few allocations, which a client under load would pay on every
+/// request. After a second of silence the rebuild is noise, and idle
+/// connections (most of a large population) cost only their socket.
+pub(super) const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// What a client speaks, from its first bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Why the deadline poll stopped the reader.
+enum Due {
+    /// An idle HTTP/1 connection should let go of its hyper state.
+    Park,
+    /// A deadline passed: the connection is closed with this error.
+    Expired(io::Error),
+}
 
 /// A client stream with connection-level deadlines.
 pub(super) struct TimedIo<S> {
@@ -58,11 +93,22 @@ pub(super) struct TimedIo<S> {
     armed: Instant,
     /// The timer holds this task's waker (it was polled since its last reset).
     timer_live: bool,
+    /// The timer was armed by [`TimedIo::keep_armed`] (at most a tick
+    /// away), not for a deadline.
+    ticking: bool,
     /// The `idle_since` stamp this reader last acted on.
     idle_seen: u64,
-    /// Unknown until the first bytes arrive.
-    http2: Option<bool>,
+    /// Set once the first bytes are read ([`TimedIo::sniff`]).
+    http2: bool,
     write_stall: Option<Pin<Box<Sleep>>>,
+    /// Bytes read but not yet handed to a reader: served first.
+    prefix: Bytes,
+    /// While set, `deadline` is the point to park at, and this the idle
+    /// deadline that follows it.
+    park_then: Option<Instant>,
+    /// The reader was told "end of stream" to make hyper let go; the
+    /// stream is still open.
+    parked: bool,
 }
 
 fn timed_out(what: &str) -> io::Error {
@@ -83,10 +129,83 @@ impl<S> TimedIo<S> {
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             armed: deadline,
             timer_live: false,
+            ticking: false,
             idle_seen: 0,
-            http2: None,
+            http2: false,
             write_stall: None,
+            prefix: Bytes::new(),
+            park_then: None,
+            parked: false,
         }
+    }
+
+    /// Read the client's first bytes and tell HTTP/1 from HTTP/2 (prior
+    /// knowledge, or ALPN's "h2" over TLS: both start with the preface).
+    /// `None`: the client closed before sending anything. The bytes are
+    /// kept for the protocol's reader.
+    pub(super) async fn sniff(&mut self) -> io::Result<Option<Protocol>>
+    where
+        S: AsyncRead + Unpin,
+    {
+        loop {
+            let have = self.prefix.len();
+            let may_be_h2 = H2_PREFACE.starts_with(&self.prefix[..have.min(H2_PREFACE.len())]);
+            if have > 0 && (have >= H2_PREFACE.len() || !may_be_h2) {
+                let h2 = may_be_h2;
+                self.http2 = h2;
+                if h2 {
+                    // HTTP/2 multiplexes; only "no stream in flight" matters.
+                    self.set_deadline(Phase::Idle, self.timeouts.idle);
+                }
+                return Ok(Some(if h2 { Protocol::Http2 } else { Protocol::Http1 }));
+            }
+            if !poll_fn(|cx| self.poll_fill(cx)).await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Wait, holding nothing but the stream, until the client sends more.
+    /// `false`: it closed instead. Deadlines apply as to any read.
+    pub(super) async fn wait_for_bytes(&mut self) -> io::Result<bool>
+    where
+        S: AsyncRead + Unpin,
+    {
+        if !self.prefix.is_empty() {
+            return Ok(true);
+        }
+        poll_fn(|cx| self.poll_fill(cx)).await
+    }
+
+    /// Read what the stream has into `prefix`; `false` at end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>>
+    where
+        S: AsyncRead + Unpin,
+    {
+        // On the stack of this poll, not in the parked future's state.
+        let mut space = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut space);
+        std::task::ready!(self.poll_read_tracked(cx, &mut buf))?;
+        let got = buf.filled();
+        if got.is_empty() {
+            return Poll::Ready(Ok(false));
+        }
+        let mut joined = BytesMut::with_capacity(self.prefix.len() + got.len());
+        joined.extend_from_slice(&self.prefix);
+        joined.extend_from_slice(got);
+        self.prefix = joined.freeze();
+        Poll::Ready(Ok(true))
+    }
+
+    /// Whether hyper let go because the connection was parked (rather
+    /// than because the client left). Clears the mark, and keeps `unread`
+    /// (what hyper had read but not parsed) for the next reader.
+    pub(super) fn unpark(&mut self, unread: Bytes) -> bool {
+        let parked = std::mem::take(&mut self.parked);
+        if parked && !unread.is_empty() {
+            self.prefix = unread;
+        }
+        parked
     }
 
     fn set_deadline(&mut self, phase: Phase, after: Duration) {
@@ -100,26 +219,39 @@ impl<S> TimedIo<S> {
     /// request on a keep-alive connection) leaves the armed timer alone, and a
     /// timer that fires early is simply re-armed. Only a deadline moving
     /// earlier touches the timer wheel at once.
-    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Result<(), Due> {
         if self.armed > self.deadline {
             self.timer.as_mut().reset(self.deadline);
             self.armed = self.deadline;
             self.timer_live = false;
+            self.ticking = false;
         } else if self.timer_waiting() {
             return Ok(()); // armed no later than the deadline
         }
         while self.timer.as_mut().poll(cx).is_ready() {
             if Instant::now() >= self.deadline {
-                return Err(timed_out(match self.phase {
+                if let Some(idle_end) = self.park_then.take() {
+                    self.deadline = idle_end;
+                    self.timer_live = false;
+                    return Err(Due::Park);
+                }
+                return Err(Due::Expired(timed_out(match self.phase {
                     Phase::Head => "client did not send a complete request head in time",
                     _ => "client connection idle too long",
-                }));
+                })));
             }
             self.timer.as_mut().reset(self.deadline);
             self.armed = self.deadline;
+            self.ticking = false;
         }
         self.timer_live = true;
         Ok(())
+    }
+
+    /// Whether an idle spell can end in parking (HTTP/1, and an idle
+    /// timeout longer than the wait before parking).
+    fn may_park(&self) -> bool {
+        !self.http2 && PARK_AFTER < self.timeouts.idle
     }
 
     /// Whether the timer is pending with this task's waker.
@@ -132,11 +264,28 @@ impl<S> TimedIo<S> {
     /// stream's task, a body dropped late) nothing else may wake this reader
     /// to start the idle deadline.
     fn keep_armed(&mut self, cx: &mut Context<'_>) {
+        // An HTTP/1 connection may be parked a second after its last request
+        // ends; the reader must run by then to see that it has. A timer
+        // armed for a deadline (the header-read one of a new connection) is
+        // brought in once per busy spell; a ticking one is left alone, so a
+        // connection under load pays nothing per request.
+        let every = if self.may_park() {
+            if !self.ticking {
+                let next = Instant::now() + PARK_AFTER;
+                self.timer.as_mut().reset(next);
+                self.armed = next;
+                self.ticking = true;
+                self.timer_live = false;
+            }
+            PARK_AFTER
+        } else {
+            self.timeouts.idle
+        };
         if self.timer_waiting() {
             return;
         }
         while self.timer.as_mut().poll(cx).is_ready() {
-            let next = Instant::now() + self.timeouts.idle;
+            let next = Instant::now() + every;
             self.timer.as_mut().reset(next);
             self.armed = next;
         }
@@ -144,13 +293,14 @@ impl<S> TimedIo<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
+impl<S: AsyncRead + Unpin> TimedIo<S> {
+    /// Read from the stream under the connection's deadlines.
+    fn poll_read_tracked(
+        &mut self,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
+        let this = self;
         if this.activity.busy() {
             let r = Pin::new(&mut this.inner).poll_read(cx, buf);
             if r.is_pending() {
@@ -163,24 +313,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
             // A request ended since this reader last looked: idle from then.
             this.idle_seen = since;
             this.phase = Phase::Idle;
-            this.deadline = this.activity.born() + Duration::from_nanos(since) + this.timeouts.idle;
+            let ended = this.activity.born() + Duration::from_nanos(since);
+            this.deadline = ended + this.timeouts.idle;
+            this.park_then = None;
+            if this.may_park() {
+                this.park_then = Some(this.deadline);
+                this.deadline = ended + PARK_AFTER;
+            }
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                let fresh = &buf.filled()[before..];
-                if !fresh.is_empty() {
-                    if this.http2.is_none() {
-                        let h2 = fresh.starts_with(H2_PREFACE);
-                        this.http2 = Some(h2);
-                        if h2 {
-                            // HTTP/2 multiplexes; only "no stream in flight" matters.
-                            this.set_deadline(Phase::Idle, this.timeouts.idle);
-                        }
-                    }
-                    if this.phase == Phase::Idle && this.http2 == Some(false) {
-                        this.phase = Phase::HeadBegun;
-                    }
+                if buf.filled().len() > before && this.phase == Phase::Idle && !this.http2 {
+                    this.phase = Phase::HeadBegun;
+                    this.park_then = None;
                 }
                 Poll::Ready(Ok(()))
             }
@@ -190,11 +336,40 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
                 }
                 match this.poll_deadline(cx) {
                     Ok(()) => Poll::Pending,
-                    Err(e) => Poll::Ready(Err(e)),
+                    // A response still being written to a slow client
+                    // keeps its connection as it is; its write-stall limit
+                    // applies.
+                    Err(Due::Park) if this.write_stall.is_some() => match this.poll_deadline(cx) {
+                        Ok(()) | Err(Due::Park) => Poll::Pending,
+                        Err(Due::Expired(e)) => Poll::Ready(Err(e)),
+                    },
+                    Err(Due::Park) => {
+                        // End of stream, as hyper sees it: it lets go of an
+                        // idle connection. `poll_shutdown` keeps the socket.
+                        this.parked = true;
+                        Poll::Ready(Ok(()))
+                    }
+                    Err(Due::Expired(e)) => Poll::Ready(Err(e)),
                 }
             }
             other => other,
         }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        this.poll_read_tracked(cx, buf)
     }
 }
 
@@ -255,7 +430,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.parked {
+            // hyper closing a parked connection: the client is still there.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -314,12 +494,185 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() {
+    async fn an_idle_http1_connection_parks_after_a_second_and_closes_at_the_idle_timeout() {
         let (_client, mut io, activity) = connection();
         drop(activity.enter()); // a request came and went
         let t0 = Instant::now();
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            io.read(&mut buf).await.unwrap(),
+            0,
+            "hyper is told to let go"
+        );
+        assert_about(t0.elapsed(), PARK_AFTER);
+        assert!(io.unpark(Bytes::new()), "parked, not closed by the client");
+        assert!(!io.unpark(Bytes::new()), "the mark is cleared");
         let e = read_err(&mut io).await;
         assert!(e.to_string().contains("idle"), "{e}");
+        assert_about(t0.elapsed(), IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_ending_while_the_reader_waits_still_parks_about_a_second_later() {
+        let (_client, mut io, activity) = connection();
+        let ticket = activity.enter();
+        // The reader waits in its own task, polled again only when woken.
+        let read = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            let n = io.read(&mut buf).await;
+            (n.unwrap(), Instant::now())
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!read.is_finished());
+        // The request ends elsewhere (its body finished in hyper's write
+        // path), which wakes nothing.
+        drop(ticket);
+        let t0 = Instant::now();
+        let (n, at) = read.await.unwrap();
+        assert_eq!(n, 0, "parked");
+        assert!(
+            at - t0 <= 2 * PARK_AFTER,
+            "parked {:?} after the request ended, not at the header deadline",
+            at - t0
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_request_parks_a_second_after_it_ends_not_at_the_header_deadline() {
+        let (mut client, mut io, activity) = connection();
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let (head_read, admitted) = (
+            tokio::sync::oneshot::channel(),
+            tokio::sync::oneshot::channel(),
+        );
+        let read = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            // The head arrives under the header deadline.
+            assert!(io.read(&mut buf).await.unwrap() > 0);
+            head_read.0.send(()).unwrap();
+            admitted.1.await.unwrap();
+            let n = io.read(&mut buf).await;
+            (n.unwrap(), Instant::now())
+        });
+        head_read.1.await.unwrap();
+        let ticket = activity.enter();
+        admitted.0.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!read.is_finished());
+        drop(ticket);
+        let t0 = Instant::now();
+        let (n, at) = read.await.unwrap();
+        assert_eq!(n, 0, "parked");
+        assert!(
+            at - t0 <= 2 * PARK_AFTER,
+            "parked {:?} after the request ended; the header deadline is {HEADER:?}",
+            at - t0
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_connection_keeps_its_socket_when_hyper_shuts_it_down() {
+        let (mut client, mut io, activity) = connection();
+        drop(activity.enter());
+        let mut buf = [0u8; 8];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 0);
+        io.shutdown().await.unwrap();
+        let mut got = [0u8; 8];
+        let still_open = tokio::time::timeout(Duration::from_secs(1), client.read(&mut got)).await;
+        assert!(
+            still_open.is_err(),
+            "the client saw no end of stream: {still_open:?}"
+        );
+        assert!(io.unpark(Bytes::new()));
+        io.shutdown().await.unwrap();
+        assert_eq!(
+            client.read(&mut got).await.unwrap(),
+            0,
+            "a real shutdown once unparked"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_read_while_parked_and_hypers_unread_bytes_come_first() {
+        let (mut client, mut io, activity) = connection();
+        drop(activity.enter());
+        let mut buf = [0u8; 64];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 0);
+        assert!(io.unpark(Bytes::from_static(b"GET /a")));
+        client.write_all(b" HTTP/1.1\r\n").await.unwrap();
+        assert!(io.wait_for_bytes().await.unwrap());
+        let mut got = Vec::new();
+        while got.len() < 17 {
+            let n = io.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"GET /a HTTP/1.1\r\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_preface_tells_http2_from_http1_even_when_it_arrives_in_pieces() {
+        let (mut client, mut io, _) = connection();
+        client.write_all(b"PRI * HT").await.unwrap();
+        let sniffed = tokio::spawn(async move {
+            let p = io.sniff().await.unwrap();
+            (p, io)
+        });
+        tokio::task::yield_now().await;
+        client.write_all(b"TP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        let (p, mut io) = sniffed.await.unwrap();
+        assert_eq!(p, Some(Protocol::Http2));
+        let mut buf = [0u8; 24];
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "nothing lost");
+
+        let (mut client, mut io, _) = connection();
+        client.write_all(b"P").await.unwrap();
+        client.write_all(b"UT / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(io.sniff().await.unwrap(), Some(Protocol::Http1));
+        let (client, mut io, _) = connection();
+        drop(client);
+        assert_eq!(io.sniff().await.unwrap(), None, "closed before a byte");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_connections_are_never_parked() {
+        let (mut client, mut io, activity) = connection();
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(io.sniff().await.unwrap(), Some(Protocol::Http2));
+        let mut buf = [0u8; 24];
+        io.read_exact(&mut buf).await.unwrap();
+        drop(activity.enter());
+        let t0 = Instant::now();
+        let e = read_err(&mut io).await;
+        assert!(e.to_string().contains("idle"), "{e}");
+        assert_about(t0.elapsed(), IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_stalled_on_a_slow_client_is_not_parked() {
+        let (_client, mut io, activity) = connection();
+        let ticket = activity.enter();
+        // Fill the pipe until the write stalls, then let the request end.
+        let chunk = [b'x'; 64];
+        let write = async {
+            loop {
+                io.write_all(&chunk).await?;
+            }
+            #[allow(unreachable_code)]
+            Ok::<_, io::Error>(())
+        };
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), write)
+                .await
+                .is_err()
+        );
+        drop(ticket);
+        let t0 = Instant::now();
+        let e = read_err(&mut io).await;
+        assert!(e.to_string().contains("idle"), "closed, never parked: {e}");
         assert_about(t0.elapsed(), IDLE);
     }
 

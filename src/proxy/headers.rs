@@ -110,7 +110,11 @@ impl HostMemo {
     }
 
     fn remember(&self, host: &HeaderValue) {
-        *self.0.borrow_mut() = Some(host.clone());
+        // A copy, not a clone: a parsed header value shares hyper's whole
+        // read buffer (8 KiB and up), which a clone would keep alive for
+        // the life of the connection, idle or not.
+        let own = HeaderValue::from_bytes(host.as_bytes()).unwrap_or_else(|_| host.clone());
+        *self.0.borrow_mut() = Some(own);
     }
 }
 

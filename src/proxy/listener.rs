@@ -2,16 +2,18 @@
 //! text or over TLS (ALPN picks the protocol).
 
 use super::Proxy;
-use super::conn::{ConnTimeouts, TimedIo};
+use super::conn::{ConnTimeouts, Protocol, TimedIo};
 use super::headers::{ClientInfo, HostMemo};
 use super::pipeline::{self, ClientConn, ConnActivity};
 use crate::json_error::JsonError;
 use crate::server::{Accepted, Drain, DrainWatcher, accept_loop, executor};
 use crate::tls::{HandshakeError, Terminator};
 use http::StatusCode;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -58,9 +60,8 @@ pub(super) async fn serve(
         header_read: limits.header_read_timeout,
         idle: limits.idle_timeout,
     };
-    let mut builder = auto::Builder::new(executor());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         // TimedIo enforces header-read and idle deadlines; hyper's own timer
         // would conflate the two.
@@ -68,16 +69,17 @@ pub(super) async fn serve(
         .writev(false)
         .keep_alive(true)
         .max_buf_size(limits.max_header_bytes.max(8192) * 4);
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(executor());
+    http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
         .max_header_list_size(u32::try_from(limits.max_header_bytes * 2).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
-    if !cfg.http2 {
-        builder = builder.http1_only();
-    }
+    let builder = Builders {
+        http1,
+        http2: cfg.http2.then_some(http2),
+    };
 
     let builder = Arc::new(builder);
     let drain = Drain::default();
@@ -93,21 +95,28 @@ pub(super) async fn serve(
              permit,
          }| {
             let _ = stream.set_nodelay(true);
+            proxy.clients.opened();
             let conn = Connection {
+                closed: Closed {
+                    proxy: proxy.clone(),
+                    _permit: permit,
+                },
                 proxy: proxy.clone(),
                 builder: builder.clone(),
                 watcher: drain.watcher(),
                 timeouts,
                 peer,
             };
-            let tls = tls.clone();
-            let shutdown = shutdown.clone();
-            proxy.clients.opened();
-            tokio::spawn(async move {
-                let proxy = conn.proxy.clone();
-                match tls {
-                    None => conn.serve(stream, false).await,
-                    Some(tls) => {
+            // Two task types, so a clear-text connection's task is not sized
+            // for a TLS stream it never holds.
+            match &tls {
+                None => {
+                    tokio::spawn(conn.serve(stream, false));
+                }
+                Some(tls) => {
+                    let tls = tls.clone();
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move {
                         let accepted = tokio::select! {
                             () = shutdown.cancelled() => None,
                             r = tls.accept(stream) => Some(r),
@@ -122,11 +131,9 @@ pub(super) async fn serve(
                             }
                             None => {}
                         }
-                    }
+                    });
                 }
-                proxy.clients.closed();
-                drop(permit);
-            });
+            }
         },
         |stream| {
             proxy.clients.shed.increment(1);
@@ -148,10 +155,32 @@ pub(super) async fn serve(
     }
 }
 
+/// hyper's per-protocol connection settings.
+struct Builders {
+    http1: http1::Builder,
+    /// `None`: HTTP/1 only.
+    http2: Option<http2::Builder<TokioExecutor>>,
+}
+
+/// Counts a client connection closed, and frees its place under the cap,
+/// however its task ends.
+struct Closed {
+    proxy: Arc<Proxy>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        self.proxy.clients.closed();
+    }
+}
+
 /// Everything a client connection needs once it is past the cap (and TLS).
 struct Connection {
+    /// Dropped when the connection's task ends.
+    closed: Closed,
     proxy: Arc<Proxy>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<Builders>,
     watcher: DrainWatcher,
     timeouts: ConnTimeouts,
     peer: SocketAddr,
@@ -159,21 +188,81 @@ struct Connection {
 
 impl Connection {
     /// Serve HTTP on `stream` until the client leaves or shutdown drains it.
-    async fn serve<S>(self, stream: S, tls: bool)
+    ///
+    /// Nothing of hyper's is built until the client's first bytes arrive,
+    /// and an HTTP/1 connection that goes idle is parked (see `conn`): a
+    /// connection waiting for its client holds its socket, its deadlines,
+    /// its pipeline and a few hundred bytes of task. To keep it that small,
+    /// everything is built before the future, which captures each piece
+    /// once, and hyper's connections are boxed.
+    fn serve<S>(self, stream: S, tls: bool) -> impl Future<Output = ()> + Send + use<S>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let activity = ConnActivity::new(self.proxy.pipeline.limit.clone());
+        let Connection {
+            closed,
+            proxy,
+            builder,
+            watcher,
+            timeouts,
+            peer,
+        } = self;
+        let activity = ConnActivity::new(proxy.pipeline.limit.clone());
         // Owned by the pipeline, which hyper calls from this connection's task only.
         let client = ClientConn {
-            info: ClientInfo::new(self.peer, tls),
+            info: ClientInfo::new(peer, tls),
             hosts: HostMemo::default(),
         };
-        let svc = pipeline::connection(&self.proxy.pipeline, client, activity.clone());
-        let io = TokioIo::new(TimedIo::new(stream, activity, self.timeouts));
-        let conn = self.builder.serve_connection(io, svc);
-        if let Err(e) = self.watcher.watch(conn).await {
-            tracing::debug!(peer = %self.peer, error = %e, "client connection ended with an error");
+        let mut svc = pipeline::connection(&proxy.pipeline, client, activity.clone());
+        let mut io = TimedIo::new(stream, activity, timeouts);
+        async move {
+            let _open = &closed;
+            let mut watcher = pin!(watcher.follow());
+            let protocol = tokio::select! {
+                r = io.sniff() => r,
+                () = watcher.as_mut().drained() => return,
+            };
+            let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> =
+                match (protocol, &builder.http2) {
+                    (Ok(None), _) => return,
+                    (Err(e), _) => Err(e.into()),
+                    (Ok(Some(Protocol::Http2)), Some(http2)) => {
+                        let mut conn = Box::pin(http2.serve_connection(TokioIo::new(io), svc));
+                        watcher
+                            .as_mut()
+                            .serve(conn.as_mut())
+                            .await
+                            .map_err(Into::into)
+                    }
+                    (Ok(Some(_)), _) => loop {
+                        let mut conn =
+                            Box::new(builder.http1.serve_connection(TokioIo::new(io), svc));
+                        if let Err(e) = watcher.as_mut().serve(Pin::new(&mut *conn)).await {
+                            break Err(e.into());
+                        }
+                        let parked = {
+                            let parts = conn.into_parts();
+                            (io, svc) = (parts.io.into_inner(), parts.service);
+                            io.unpark(parts.read_buf)
+                        };
+                        if !parked || watcher.told() {
+                            break Ok(());
+                        }
+                        // Parked: hyper's state is gone; wait for the client.
+                        let more = tokio::select! {
+                            r = io.wait_for_bytes() => r,
+                            () = watcher.as_mut().drained() => Ok(false),
+                        };
+                        match more {
+                            Ok(true) => continue,
+                            Ok(false) => break Ok(()),
+                            Err(e) => break Err(e.into()),
+                        }
+                    },
+                };
+            if let Err(e) = ended {
+                tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+            }
         }
     }
 }

@@ -434,7 +434,14 @@ mod tests {
         let reused = conn.is_reused();
         let guard = u.try_begin(0).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        let body = UpstreamBody::new(resp.into_body(), guard, conn, deadline, Instant::now(), None);
+        let body = UpstreamBody::new(
+            resp.into_body(),
+            guard,
+            conn,
+            deadline,
+            Instant::now(),
+            None,
+        );
         assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"ok");
         reused
     }

@@ -18,6 +18,17 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+
+/// The most an upstream connection's read buffer grows to.
+///
+/// A response body chunk is a slice of this buffer and keeps all of it
+/// alive until the client has taken the chunk; a client that stops reading
+/// holds up to hyper's 16 queued chunks. At 1 MiB that was ~4 MiB per slow
+/// reader; at 64 KiB (nginx reads 8 x 8 KiB, Envoy 1 MiB per connection in
+/// all) it is at most 1 MiB and usually a few hundred KiB, at no cost in
+/// throughput on loopback. Response heads must fit: 64 KiB is far more than
+/// any proxy forwards (nginx's default is 4-8 KiB).
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -226,7 +237,7 @@ impl Pool {
             .map_err(|_| ConnectError::Timeout(timeout))??;
         let (sender, driver) = http1::Builder::new()
             .writev(false)
-            .max_buf_size(1024 * 1024)
+            .max_buf_size(UPSTREAM_READ_BUFFER)
             .handshake(TokioIo::new(io))
             .await?;
         let mut conn = Conn {

@@ -6,6 +6,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -377,4 +379,96 @@ async fn an_idle_keep_alive_connection_costs_little_more_than_its_socket() {
         || async { rss(pid) <= base + base / 10 },
     )
     .await;
+}
+
+/// A bare upstream that answers every request with `len` bytes, written as
+/// fast as the proxy takes them. Counts the request heads it has seen.
+async fn big_body_upstream(len: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let counted = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let (head, _) = read_until(&mut s, Duration::from_secs(60), |b| {
+                    b.windows(4).any(|w| w == b"\r\n\r\n")
+                })
+                .await;
+                if head.is_empty() {
+                    return;
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                s.write_all(answer.as_bytes()).await.unwrap_or(());
+                let chunk = vec![b'b'; 64 * 1024];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if s.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test]
+async fn clients_that_stop_reading_a_large_response_hold_a_bounded_amount_of_proxy_memory() {
+    const READERS: usize = 16;
+    // nginx holds ~80 KiB per such client, HAProxy ~50 KiB; shardgate held
+    // ~4 MiB (a slow client pinned up to 16 of the upstream connection's
+    // 1 MiB read buffers) and now ~300 KiB.
+    const PER_READER: u64 = 1024 * 1024;
+    let (up, heads) = big_body_upstream(256 * 1024 * 1024).await;
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("map.json");
+    std::fs::write(&map, topology(1, &[(up, vec![])])).unwrap();
+    let config = dir.path().join("p.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 1\n\
+             [topology]\nsources = [{:?}]\n",
+            map.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut cmd = tokio::process::Command::new(binary());
+    cmd.arg("proxy").arg("--config").arg(&config);
+    cmd.env("_RJEM_MALLOC_CONF", "dirty_decay_ms:100,muzzy_decay_ms:0");
+    let proxy = BinProxy::spawn_cmd(cmd).await;
+    let base = settled_rss(proxy.pid()).await;
+
+    let mut readers = Vec::new();
+    for i in 0..READERS {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(proxy.addr).await.unwrap();
+        let get = format!("GET /big HTTP/1.1\r\nhost: p\r\nx-shard-key: user:{i}\r\n\r\n");
+        s.write_all(get.as_bytes()).await.unwrap();
+        readers.push(s); // and never read
+    }
+    eventually(
+        Duration::from_secs(10),
+        "every request reached the upstream",
+        || async { heads.load(Ordering::SeqCst) == READERS },
+    )
+    .await;
+    // The proxy fills what it may buffer and stops reading its upstreams.
+    let held = settled_rss(proxy.pid()).await.saturating_sub(base);
+    assert!(
+        held / READERS as u64 <= PER_READER,
+        "{} KiB per client that stopped reading",
+        held / READERS as u64 / 1024
+    );
+    assert_eq!(
+        metric(proxy.admin, "shardgate_downstream_connections").await,
+        READERS as f64,
+        "slow, not yet cut"
+    );
 }

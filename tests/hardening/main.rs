@@ -179,22 +179,43 @@ async fn a_keep_alive_client_never_meets_a_silent_close_even_without_idle_poolin
     assert!(announced <= 100, "only uploads may close ({announced})");
 }
 
-#[tokio::test]
-async fn running_out_of_descriptors_is_the_proxys_overload_not_an_upstream_failure() {
-    let up = Upstream::start("node").await;
-    let dir = tempfile::tempdir().unwrap();
-    let map = dir.path().join("map.json");
-    std::fs::write(&map, topology(1, &[(up.addr, vec![])])).unwrap();
-    let config = dir.path().join("p.toml");
+/// A one-worker proxy config over a one-partition map to `node`, with
+/// `extra` TOML appended; written into `dir`.
+fn proxy_config(
+    dir: &std::path::Path,
+    node: std::net::SocketAddr,
+    extra: &str,
+) -> std::path::PathBuf {
+    let map = dir.join("map.json");
+    std::fs::write(&map, topology(1, &[(node, vec![])])).unwrap();
+    let config = dir.join("p.toml");
     std::fs::write(
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 1\n\
-             [topology]\nsources = [{:?}]\n[upstream]\npool_max_idle = 0\n",
+             [topology]\nsources = [{:?}]\n{extra}",
             map.display().to_string()
         ),
     )
     .unwrap();
+    config
+}
+
+/// The real binary on `config`, its allocator handing freed pages back within
+/// a tenth of a second (by default over ten), so that resident memory tracks
+/// what the proxy holds.
+async fn measured_proxy(config: &std::path::Path) -> BinProxy {
+    let mut cmd = tokio::process::Command::new(binary());
+    cmd.arg("proxy").arg("--config").arg(config);
+    cmd.env("_RJEM_MALLOC_CONF", "dirty_decay_ms:100,muzzy_decay_ms:0");
+    BinProxy::spawn_cmd(cmd).await
+}
+
+#[tokio::test]
+async fn running_out_of_descriptors_is_the_proxys_overload_not_an_upstream_failure() {
+    let up = Upstream::start("node").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = proxy_config(dir.path(), up.addr, "[upstream]\npool_max_idle = 0\n");
     // A process allowed 48 descriptors: a few dozen idle clients exhaust them.
     let mut cmd = tokio::process::Command::new("bash");
     cmd.arg("-c").arg(format!(
@@ -315,26 +336,11 @@ async fn an_idle_keep_alive_connection_costs_little_more_than_its_socket() {
     const PER_IDLE_CLIENT: u64 = 4096;
     let up = Upstream::start("node").await;
     let dir = tempfile::tempdir().unwrap();
-    let map = dir.path().join("map.json");
-    std::fs::write(&map, topology(1, &[(up.addr, vec![])])).unwrap();
-    let config = dir.path().join("p.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 1\n\
-             [topology]\nsources = [{:?}]\n\
-             [limits]\nmax_connections = {}\nidle_timeout = \"300s\"\n",
-            map.display().to_string(),
-            CLIENTS + 100
-        ),
-    )
-    .unwrap();
-    let mut cmd = tokio::process::Command::new(binary());
-    cmd.arg("proxy").arg("--config").arg(&config);
-    // The allocator hands freed pages back within a tenth of a second (by
-    // default over ten), so resident memory tracks what the proxy holds.
-    cmd.env("_RJEM_MALLOC_CONF", "dirty_decay_ms:100,muzzy_decay_ms:0");
-    let proxy = BinProxy::spawn_cmd(cmd).await;
+    let limits = format!(
+        "[limits]\nmax_connections = {}\nidle_timeout = \"300s\"\n",
+        CLIENTS + 100
+    );
+    let proxy = measured_proxy(&proxy_config(dir.path(), up.addr, &limits)).await;
     let mut warm = TcpStream::connect(proxy.addr).await.unwrap();
     for key in 0..100 {
         assert!(keyed_get(&mut warm, key).await.starts_with("HTTP/1.1 200"));
@@ -426,22 +432,7 @@ async fn clients_that_stop_reading_a_large_response_hold_a_bounded_amount_of_pro
     const PER_READER: u64 = 1024 * 1024;
     let (up, heads) = big_body_upstream(256 * 1024 * 1024).await;
     let dir = tempfile::tempdir().unwrap();
-    let map = dir.path().join("map.json");
-    std::fs::write(&map, topology(1, &[(up, vec![])])).unwrap();
-    let config = dir.path().join("p.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 1\n\
-             [topology]\nsources = [{:?}]\n",
-            map.display().to_string()
-        ),
-    )
-    .unwrap();
-    let mut cmd = tokio::process::Command::new(binary());
-    cmd.arg("proxy").arg("--config").arg(&config);
-    cmd.env("_RJEM_MALLOC_CONF", "dirty_decay_ms:100,muzzy_decay_ms:0");
-    let proxy = BinProxy::spawn_cmd(cmd).await;
+    let proxy = measured_proxy(&proxy_config(dir.path(), up, "")).await;
     let base = settled_rss(proxy.pid()).await;
 
     let mut readers = Vec::new();

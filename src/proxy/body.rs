@@ -2,6 +2,7 @@
 //! one the proxy wrote itself.
 
 use super::pipeline::Ticket;
+use super::stall::Watch;
 use crate::upstream::{BodyError, UpstreamBody};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -21,14 +22,21 @@ pub enum ProxyBody {
 pub struct Streamed {
     body: UpstreamBody,
     _admitted: Option<Ticket>,
+    /// An HTTP/2 stream's send timeout watches the body being polled.
+    watch: Option<Watch>,
 }
 
 impl ProxyBody {
     /// `body`, holding `admitted` until it is dropped.
-    pub(crate) fn upstream(body: UpstreamBody, admitted: Option<Ticket>) -> ProxyBody {
+    pub(crate) fn upstream(
+        body: UpstreamBody,
+        admitted: Option<Ticket>,
+        watch: Option<Watch>,
+    ) -> ProxyBody {
         ProxyBody::Upstream(Streamed {
             body,
             _admitted: admitted,
+            watch,
         })
     }
 }
@@ -62,7 +70,12 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Upstream(u) => Pin::new(&mut u.body).poll_frame(cx),
+            ProxyBody::Upstream(u) => {
+                if let Some(w) = &u.watch {
+                    w.polled();
+                }
+                Pin::new(&mut u.body).poll_frame(cx)
+            }
         }
     }
 

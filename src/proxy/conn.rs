@@ -38,6 +38,8 @@ pub(super) struct ConnTimeouts {
     pub header_read: Duration,
     /// With no request in flight.
     pub idle: Duration,
+    /// A write that makes no progress.
+    pub send: Duration,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -381,7 +383,7 @@ impl<S: AsyncWrite + Unpin> TimedIo<S> {
     ) -> Poll<io::Result<T>> {
         match r {
             Poll::Pending => {
-                let limit = self.timeouts.idle;
+                let limit = self.timeouts.send;
                 let stall = self
                     .write_stall
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
@@ -448,6 +450,7 @@ mod tests {
 
     const HEADER: Duration = Duration::from_secs(10);
     const IDLE: Duration = Duration::from_secs(60);
+    const SEND: Duration = Duration::from_secs(30);
 
     fn connection() -> (DuplexStream, TimedIo<DuplexStream>, Arc<ConnActivity>) {
         let (client, server) = tokio::io::duplex(64);
@@ -459,6 +462,7 @@ mod tests {
             ConnTimeouts {
                 header_read: HEADER,
                 idle: IDLE,
+                send: SEND,
             },
         );
         (client, io, activity)
@@ -697,7 +701,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_client_that_stops_reading_is_cut_after_the_idle_timeout() {
+    async fn a_client_that_stops_reading_is_cut_after_the_send_timeout() {
         let (_client, mut io, activity) = connection();
         let _ticket = activity.enter();
         let t0 = Instant::now();
@@ -708,6 +712,6 @@ mod tests {
             }
         };
         assert!(e.to_string().contains("stopped reading"), "{e}");
-        assert_about(t0.elapsed(), IDLE);
+        assert_about(t0.elapsed(), SEND);
     }
 }

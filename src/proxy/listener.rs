@@ -5,12 +5,13 @@ use super::Proxy;
 use super::conn::{ConnTimeouts, Protocol, TimedIo};
 use super::headers::{ClientInfo, HostMemo};
 use super::pipeline::{self, ClientConn, ConnActivity};
+use super::stall::StreamExecutor;
 use crate::json_error::JsonError;
-use crate::server::{Accepted, Drain, DrainWatcher, accept_loop, executor};
+use crate::server::{Accepted, Drain, DrainWatcher, accept_loop};
 use crate::tls::{HandshakeError, Terminator};
 use http::StatusCode;
 use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
@@ -59,6 +60,7 @@ pub(super) async fn serve(
     let timeouts = ConnTimeouts {
         header_read: limits.header_read_timeout,
         idle: limits.idle_timeout,
+        send: limits.send_timeout,
     };
     let mut http1 = http1::Builder::new();
     http1
@@ -69,7 +71,7 @@ pub(super) async fn serve(
         .writev(false)
         .keep_alive(true)
         .max_buf_size(limits.max_header_bytes.max(8192) * 4);
-    let mut http2 = http2::Builder::new(executor());
+    let mut http2 = http2::Builder::new(StreamExecutor::new(limits.send_timeout));
     http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
@@ -159,7 +161,7 @@ pub(super) async fn serve(
 struct Builders {
     http1: http1::Builder,
     /// `None`: HTTP/1 only.
-    http2: Option<http2::Builder<TokioExecutor>>,
+    http2: Option<http2::Builder<StreamExecutor>>,
 }
 
 /// Counts a client connection closed, and frees its place under the cap,

@@ -26,6 +26,7 @@ mod listener;
 mod live;
 mod pipeline;
 mod settings;
+mod stall;
 
 pub use follow::WatchConfig;
 pub use lifecycle::{ReloadError, Reread, RunningProxy, StartError, run, start};

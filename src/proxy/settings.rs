@@ -88,6 +88,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Idle connection lifetime.
     pub idle_timeout: Duration,
+    /// Time a client may take nothing of a response before it is cut off.
+    pub send_timeout: Duration,
 }
 
 /// Upstream timeouts.

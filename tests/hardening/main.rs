@@ -463,3 +463,81 @@ async fn clients_that_stop_reading_a_large_response_hold_a_bounded_amount_of_pro
         "slow, not yet cut"
     );
 }
+
+/// An HTTP/2 connection to `addr` (prior knowledge) whose streams are each
+/// granted `window` bytes, and no more until the body is read.
+async fn h2_connection(
+    addr: std::net::SocketAddr,
+    window: u32,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(window)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn big_get(proxy: &BinProxy, key: usize) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::get(format!("http://{}/big", proxy.addr))
+        .header("x-shard-key", format!("user:{key}"))
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_http2_stream_granted_no_window_is_reset_at_the_send_timeout() {
+    let (up, heads) = big_body_upstream(256 * 1024 * 1024).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = proxy_config(
+        dir.path(),
+        up,
+        "[limits]\nsend_timeout = \"1s\"\n[timeouts]\noverall = \"60s\"\n",
+    );
+    let proxy = measured_proxy(&config).await;
+    let mut sender = h2_connection(proxy.addr, 16 * 1024).await;
+    // Streams whose client never reads: their window runs out at 16 KiB.
+    let mut stalled = Vec::new();
+    for key in 0..8 {
+        let resp = sender.send_request(big_get(&proxy, key)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        stalled.push(resp.into_body());
+    }
+    assert_eq!(heads.load(Ordering::SeqCst), 8);
+    assert_eq!(
+        metric(proxy.admin, "shardgate_inflight_requests").await,
+        8.0
+    );
+    // Cut after one to two send timeouts, long before the overall deadline:
+    // the streams' places, upstream connections and buffers are given back.
+    eventually(
+        Duration::from_secs(10),
+        "stalled streams are cut",
+        || async { metric(proxy.admin, "shardgate_inflight_requests").await == 0.0 },
+    )
+    .await;
+    use http_body_util::BodyExt;
+    for body in stalled {
+        let read = tokio::time::timeout(Duration::from_secs(10), body.collect()).await;
+        assert!(
+            matches!(read, Ok(Err(_))),
+            "the stream was reset, not ended as if complete"
+        );
+    }
+    // The connection itself is fine: a stream whose client reads is served.
+    let mut reading = h2_connection(proxy.addr, 64 * 1024).await;
+    let resp = reading.send_request(big_get(&proxy, 99)).await.unwrap();
+    let mut body = resp.into_body();
+    let mut got = 0usize;
+    // Read slowly, a frame at a time, for longer than the send timeout.
+    let until = tokio::time::Instant::now() + Duration::from_millis(2500);
+    while tokio::time::Instant::now() < until {
+        let frame = body.frame().await.expect("stream open").expect("not reset");
+        got += frame.data_ref().map_or(0, |d| d.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(got > 0);
+}

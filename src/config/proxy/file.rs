@@ -242,6 +242,11 @@ pub struct LimitsSection {
     /// Time an idle client connection (no request in flight) is kept open.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Time a client may take nothing of a response (an HTTP/1 socket that
+    /// accepts no byte, an HTTP/2 stream granted no window) before it is cut
+    /// off. nginx's `send_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
 }
 
 impl Default for LimitsSection {
@@ -254,6 +259,7 @@ impl Default for LimitsSection {
             max_inflight_per_upstream: 0,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -424,6 +424,7 @@ fn validate_limits(l: &LimitsSection, issues: &mut Issues<'_>) -> Limits {
     for (key, d) in [
         ("limits.header_read_timeout", l.header_read_timeout),
         ("limits.idle_timeout", l.idle_timeout),
+        ("limits.send_timeout", l.send_timeout),
     ] {
         if d.is_zero() {
             issues.push(key, "must be above zero");
@@ -437,6 +438,7 @@ fn validate_limits(l: &LimitsSection, issues: &mut Issues<'_>) -> Limits {
         max_inflight_per_upstream: l.max_inflight_per_upstream,
         header_read_timeout: l.header_read_timeout,
         idle_timeout: l.idle_timeout,
+        send_timeout: l.send_timeout,
     }
 }
 

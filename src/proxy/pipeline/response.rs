@@ -4,6 +4,7 @@
 
 use super::super::body::ProxyBody;
 use super::super::headers;
+use super::super::stall::Watch;
 use super::Ticket;
 use crate::routing::{Role, RoutePartition, ServedBy};
 use crate::upstream::{Conn, InflightGuard, Upload, UpstreamBody};
@@ -64,7 +65,10 @@ pub(crate) fn reply(
     }
     let body = UpstreamBody::new(incoming, d.guard, d.conn, deadline, d.answered_at, upload);
     (
-        Response::from_parts(parts, ProxyBody::upstream(body, admitted)),
+        Response::from_parts(
+            parts,
+            ProxyBody::upstream(body, admitted, Watch::current(deadline)),
+        ),
         served,
     )
 }

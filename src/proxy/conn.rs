@@ -454,7 +454,12 @@ mod tests {
 
     fn connection() -> (DuplexStream, TimedIo<DuplexStream>, Arc<ConnActivity>) {
         let (client, server) = tokio::io::duplex(64);
-        let limit = Arc::new(InflightLimit::new(100, Metrics::new().counter("shed", &[])));
+        let m = Metrics::new();
+        let limit = Arc::new(InflightLimit::new(
+            100,
+            m.counter("shed", &[]),
+            m.counter("memory", &[]),
+        ));
         let activity = ConnActivity::new(limit);
         let io = TimedIo::new(
             server,
@@ -540,7 +545,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_ending_while_the_reader_waits_still_parks_about_a_second_later() {
         let (_client, mut io, activity) = connection();
-        let ticket = activity.enter();
+        let ticket = activity.enter().ok();
         let read = tokio::spawn(async move {
             let n = io.read(&mut [0u8; 8]).await;
             (n.unwrap(), Instant::now())
@@ -566,7 +571,7 @@ mod tests {
             (n.unwrap(), Instant::now())
         });
         head_read.1.await.unwrap();
-        let ticket = activity.enter();
+        let ticket = activity.enter().ok();
         admitted.0.send(()).unwrap();
         ends_and_parks(read, ticket).await;
     }
@@ -655,7 +660,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_response_stalled_on_a_slow_client_is_not_parked() {
         let (_client, mut io, activity) = connection();
-        let ticket = activity.enter();
+        let ticket = activity.enter().ok();
         // Fill the pipe until the write stalls, then let the request end.
         let chunk = [b'x'; 64];
         let write = async {
@@ -680,7 +685,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_connection_with_a_request_in_flight_is_never_timed_out_by_its_reader() {
         let (_client, mut io, activity) = connection();
-        let _ticket = activity.enter();
+        let _ticket = activity.enter().ok();
         let mut buf = [0u8; 8];
         let waited = tokio::time::timeout(10 * IDLE, io.read(&mut buf)).await;
         assert!(waited.is_err(), "still waiting, no error: {waited:?}");
@@ -703,7 +708,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_stops_reading_is_cut_after_the_send_timeout() {
         let (_client, mut io, activity) = connection();
-        let _ticket = activity.enter();
+        let _ticket = activity.enter().ok();
         let t0 = Instant::now();
         let chunk = [b'x'; 64];
         let e = loop {

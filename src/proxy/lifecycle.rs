@@ -3,11 +3,11 @@
 //! `start` binds both listeners, loads the first map and spawns the tasks;
 //! `run` adds the signals (SIGHUP reloads, SIGTERM/SIGINT drain).
 
-use super::{Proxy, ProxyConfig, TopologySource, admin, follow, listener};
+use super::{Proxy, ProxyConfig, TopologySource, admin, follow, listener, memory};
 use crate::exit::{Exit, Failure};
 use crate::server::{BindError, bind};
 use crate::signals::{Signal, SignalError, Signals};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, names};
 use crate::tls::{ALPN_H1, ALPN_H2_H1, Terminator, TlsError};
 use crate::topology::{TopologyFileError, read_topology_file};
 use std::net::SocketAddr;
@@ -129,6 +129,11 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             shutdown.clone(),
         )),
         tokio::spawn(housekeeping(proxy.clone(), shutdown.clone())),
+        tokio::spawn(memory::watch(
+            proxy.pipeline.limit.clone(),
+            proxy.registry.gauge(names::MEMORY_ALLOCATED, &[]),
+            shutdown.clone(),
+        )),
     ]);
     tracing::info!(%addr, %admin_addr, tls = tls.is_some(), "proxy listening");
     Ok(RunningProxy {

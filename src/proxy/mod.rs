@@ -24,6 +24,7 @@ pub(crate) mod headers;
 mod lifecycle;
 mod listener;
 mod live;
+mod memory;
 mod pipeline;
 mod settings;
 mod stall;
@@ -105,14 +106,17 @@ impl Proxy {
                 shed_descriptors: shed("descriptors"),
             },
         });
+        let limit = Arc::new(InflightLimit::new(
+            settings.limits.max_inflight,
+            shed("inflight"),
+            shed("memory"),
+        ));
+        limit.set_max_memory(settings.limits.max_memory_bytes);
         Ok(Arc::new(Proxy {
             pipeline: pipeline::Shared {
                 live: live.clone(),
                 forwarder,
-                limit: Arc::new(InflightLimit::new(
-                    settings.limits.max_inflight,
-                    shed("inflight"),
-                )),
+                limit,
                 unrouted: Arc::new(PartitionMetrics::new(registry.clone(), "none")),
             },
             clients: Clients {
@@ -154,9 +158,11 @@ impl Proxy {
         let limits = (
             settings.limits.max_inflight,
             settings.failover_buffer.map_or(0, |b| b.max_requests),
+            settings.limits.max_memory_bytes,
         );
         self.live.reconfigure(settings)?;
         self.pipeline.limit.set_max(limits.0);
+        self.pipeline.limit.set_max_memory(limits.2);
         self.pipeline.forwarder.holds.set_max(limits.1);
         Ok(())
     }

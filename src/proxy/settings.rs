@@ -90,6 +90,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Time a client may take nothing of a response before it is cut off.
     pub send_timeout: Duration,
+    /// The process-wide memory bound in bytes (0 = none).
+    pub max_memory_bytes: u64,
 }
 
 /// Upstream timeouts.

@@ -45,6 +45,8 @@ pub mod names {
     pub const DOWNSTREAM_CONNECTIONS: &str = "shardgate_downstream_connections";
     /// Requests or connections refused to protect the proxy.
     pub const LOAD_SHED: &str = "shardgate_load_shed_total";
+    /// Bytes the proxy's allocator has handed out.
+    pub const MEMORY_ALLOCATED: &str = "shardgate_memory_allocated_bytes";
     /// Nodes known to the coordinator, by status.
     pub const COORDINATOR_NODES: &str = "shardgate_coordinator_nodes";
     /// Whether this coordinator leads.
@@ -123,6 +125,10 @@ impl Metrics {
         );
         g(INFLIGHT, "Requests being proxied.");
         g(DOWNSTREAM_CONNECTIONS, "Client connections open.");
+        g(
+            MEMORY_ALLOCATED,
+            "Bytes the proxy's allocator has handed out (sampled every 100 ms).",
+        );
         c(
             LOAD_SHED,
             "Requests or connections refused to protect the proxy, by reason.",

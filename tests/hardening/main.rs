@@ -387,8 +387,9 @@ async fn an_idle_keep_alive_connection_costs_little_more_than_its_socket() {
     .await;
 }
 
-/// A bare upstream that answers every request with `len` bytes, written as
-/// fast as the proxy takes them. Counts the request heads it has seen.
+/// A bare upstream that answers `GET /big` with `len` bytes, written as fast
+/// as the proxy takes them, and anything else with two. Counts the request
+/// heads for `/big` it has seen.
 async fn big_body_upstream(len: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -403,6 +404,12 @@ async fn big_body_upstream(len: usize) -> (std::net::SocketAddr, Arc<AtomicUsize
                 })
                 .await;
                 if head.is_empty() {
+                    return;
+                }
+                if !head.starts_with(b"GET /big ") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
                     return;
                 }
                 counted.fetch_add(1, Ordering::SeqCst);
@@ -540,4 +547,68 @@ async fn an_http2_stream_granted_no_window_is_reset_at_the_send_timeout() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(got > 0);
+}
+
+#[tokio::test]
+async fn over_its_memory_bound_the_proxy_refuses_new_requests_until_memory_is_back() {
+    const BOUND: u64 = 24 * 1024 * 1024;
+    let (up, _) = big_body_upstream(256 * 1024 * 1024).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = proxy_config(
+        dir.path(),
+        up,
+        &format!("[limits]\nmax_memory_bytes = {BOUND}\nsend_timeout = \"300s\"\n"),
+    );
+    let proxy = measured_proxy(&config).await;
+    let get = |key: usize| {
+        let url = format!("http://{}/kv/a", proxy.addr);
+        async move {
+            let c = client();
+            get_key(&c, &url, &format!("small:{key}")).await
+        }
+    };
+    let allocated = || metric(proxy.admin, "shardgate_memory_allocated_bytes");
+    eventually(Duration::from_secs(5), "memory is sampled", || async {
+        allocated().await > 0.0
+    })
+    .await;
+    assert!(allocated().await < BOUND as f64, "starts under its bound");
+
+    // Clients that stop reading large responses, each holding a few hundred
+    // KiB, until the process is over its bound.
+    let mut readers = Vec::new();
+    while allocated().await <= BOUND as f64 {
+        assert!(readers.len() < 2000, "memory never grew past the bound");
+        for _ in 0..8 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            let mut s = socket.connect(proxy.addr).await.unwrap();
+            let key = readers.len();
+            let get = format!("GET /big HTTP/1.1\r\nhost: p\r\nx-shard-key: user:{key}\r\n\r\n");
+            s.write_all(get.as_bytes()).await.unwrap();
+            readers.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A sample later, new requests are refused as the proxy's overload.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        let r = get(1).await;
+        if r.status == 503 || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    refused.assert_error(503, "overloaded");
+    assert!(refused.text().contains("memory"), "{}", refused.text());
+    assert!(metric(proxy.admin, "shardgate_load_shed_total{reason=\"memory\"}").await >= 1.0);
+
+    // The slow clients leave; memory goes back and so does service.
+    drop(readers);
+    eventually(
+        Duration::from_secs(20),
+        "requests are served again",
+        || async { get(2).await.status == 200 },
+    )
+    .await;
 }

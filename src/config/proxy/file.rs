@@ -247,6 +247,9 @@ pub struct LimitsSection {
     /// off. nginx's `send_timeout`.
     #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
+    /// Bytes the process may hold (allocated); above it new requests get
+    /// `503 overloaded` until it is back under 90 %. 0 = no bound.
+    pub max_memory_bytes: u64,
 }
 
 impl Default for LimitsSection {
@@ -260,6 +263,7 @@ impl Default for LimitsSection {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
+            max_memory_bytes: 1024 * 1024 * 1024,
         }
     }
 }

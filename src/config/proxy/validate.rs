@@ -439,6 +439,7 @@ fn validate_limits(l: &LimitsSection, issues: &mut Issues<'_>) -> Limits {
         header_read_timeout: l.header_read_timeout,
         idle_timeout: l.idle_timeout,
         send_timeout: l.send_timeout,
+        max_memory_bytes: l.max_memory_bytes,
     }
 }
 

@@ -15,27 +15,62 @@ use metrics::Counter;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-/// The proxy-wide in-flight request limit.
+/// The proxy-wide in-flight request limit, and the process-wide memory
+/// bound's verdict.
 pub(crate) struct InflightLimit {
     inflight: AtomicUsize,
     max: AtomicUsize,
     /// `shardgate_load_shed_total{reason="inflight"}`
     shed: Counter,
+    /// Set by the memory watch (`proxy::memory`) while the process is over
+    /// its bound: new requests are refused until it is back under.
+    over_memory: AtomicBool,
+    /// The bound in bytes (0: none); the watch reads it, a reload sets it.
+    max_memory: AtomicU64,
+    /// `shardgate_load_shed_total{reason="memory"}`
+    shed_memory: Counter,
+}
+
+/// Why a request was not admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// `max_inflight` requests are in flight.
+    Inflight,
+    /// The process is over its memory bound.
+    Memory,
 }
 
 impl InflightLimit {
     /// A limit of `max` requests in flight; sheds are counted on `shed`.
-    pub(crate) fn new(max: usize, shed: Counter) -> InflightLimit {
+    pub(crate) fn new(max: usize, shed: Counter, shed_memory: Counter) -> InflightLimit {
         InflightLimit {
             inflight: AtomicUsize::new(0),
             max: AtomicUsize::new(max),
             shed,
+            over_memory: AtomicBool::new(false),
+            max_memory: AtomicU64::new(0),
+            shed_memory,
         }
+    }
+
+    /// Change the memory bound (start, config reload); 0 = none.
+    pub(crate) fn set_max_memory(&self, bytes: u64) {
+        self.max_memory.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The memory bound in bytes; 0 = none.
+    pub(crate) fn max_memory(&self) -> u64 {
+        self.max_memory.load(Ordering::Relaxed)
+    }
+
+    /// The memory watch's verdict: over the bound or not.
+    pub(crate) fn set_over_memory(&self, over: bool) {
+        self.over_memory.store(over, Ordering::Relaxed);
     }
 
     /// Change the limit (config reload).
@@ -84,13 +119,19 @@ impl ConnActivity {
         })
     }
 
-    /// Admit a request, or `None` when the proxy-wide limit is reached.
-    pub(crate) fn enter(self: &Arc<Self>) -> Option<Ticket> {
+    /// Admit a request, or say why not.
+    pub(crate) fn enter(self: &Arc<Self>) -> Result<Ticket, Refused> {
         let l = &self.limit;
         let before = l.inflight.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::AcqRel);
         let ticket = Ticket(self.clone());
-        (before < l.max.load(Ordering::Relaxed)).then_some(ticket)
+        if before >= l.max.load(Ordering::Relaxed) {
+            Err(Refused::Inflight)
+        } else if l.over_memory.load(Ordering::Relaxed) {
+            Err(Refused::Memory)
+        } else {
+            Ok(ticket)
+        }
     }
 
     /// Whether a request is in flight on the connection.
@@ -153,17 +194,27 @@ where
     #[inline(always)] // see `respond`
     fn call(&mut self, mut inbound: Inbound<R>) -> Self::Future {
         match self.activity.enter() {
-            Some(ticket) => {
+            Ok(ticket) => {
                 inbound.admitted = Some(ticket);
                 AdmissionFuture::Admitted {
                     inner: self.inner.call(inbound),
                 }
             }
-            None => {
-                self.activity.limit.shed.increment(1);
+            Err(refused) => {
+                let l = &self.activity.limit;
+                let reason = match refused {
+                    Refused::Inflight => {
+                        l.shed.increment(1);
+                        "too many requests in flight"
+                    }
+                    Refused::Memory => {
+                        l.shed_memory.increment(1);
+                        "the proxy is over its memory bound"
+                    }
+                };
                 AdmissionFuture::Shed {
                     error: Some(ProxyError::Overloaded {
-                        reason: "too many requests in flight",
+                        reason,
                         partition: None,
                     }),
                 }
@@ -209,6 +260,7 @@ mod tests {
         Arc::new(InflightLimit::new(
             max,
             m.counter("shardgate_load_shed_total", &[("reason", "inflight")]),
+            m.counter("shardgate_load_shed_total", &[("reason", "memory")]),
         ))
     }
 
@@ -218,7 +270,11 @@ mod tests {
         let conn = ConnActivity::new(l.clone());
         let a = conn.enter().expect("first");
         let b = conn.enter().expect("second");
-        assert!(conn.enter().is_none(), "third is over the limit");
+        assert_eq!(
+            conn.enter().err(),
+            Some(Refused::Inflight),
+            "third is over the limit"
+        );
         assert_eq!(l.inflight(), 2, "a refused request holds no place");
         drop(a);
         let c = conn.enter().expect("a place was freed");
@@ -233,7 +289,7 @@ mod tests {
         let l = limit(1);
         let (one, two) = (ConnActivity::new(l.clone()), ConnActivity::new(l.clone()));
         let t = one.enter().unwrap();
-        assert!(two.enter().is_none());
+        assert!(two.enter().is_err());
         assert!(!two.busy(), "the refused request left no trace");
         l.set_max(2);
         let u = two.enter().expect("raised limit");
@@ -261,7 +317,7 @@ mod layer_tests {
     async fn an_admitted_request_carries_the_ticket_that_holds_its_place_and_the_next_is_shed() {
         let m = Metrics::new();
         let shed = m.counter("shardgate_load_shed_total", &[("reason", "inflight")]);
-        let limit = Arc::new(InflightLimit::new(1, shed));
+        let limit = Arc::new(InflightLimit::new(1, shed, m.counter("memory", &[])));
         let conn = ConnActivity::new(limit.clone());
         // As the forwarding stages do: the ticket goes with the response body.
         let mut svc =

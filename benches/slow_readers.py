@@ -9,7 +9,7 @@ the upstream nginx answers every request with a 64 MiB file. For each proxy:
      GET on each and read nothing; poll RSS for --hold seconds, keep the peak;
   3. close them and read RSS once it settles ("after close");
   4. HTTP/2 (shardgate only, with --h2): h2load with a zero stream window
-     (-w 0 -W 0), C connections x 256 streams, for --hold seconds; peak RSS.
+     (-w 1: a one-byte stream window; -W 30: the connection window is no limit), C connections x 256 streams, for --hold seconds; peak RSS.
 
 Per slow reader is (peak - baseline) / N. With --baseline PATH another
 shardgate build runs as "baseline", for a before/after in one run.
@@ -62,7 +62,7 @@ def slow_http1(pid, port, n, hold):
 def zero_window_h2(pid, port, conns, hold):
     # h2load opens the streams and never grants them a window; it is
     # stopped by PID after `hold` seconds.
-    argv = ["h2load", "-c", str(conns), "-m", "256", "-n", str(conns * 256), "-w", "0", "-W", "0",
+    argv = ["h2load", "-c", str(conns), "-m", "256", "-n", str(conns * 256), "-w", "1", "-W", "30",
             "-H", "x-shard-key: user:1", f"http://127.0.0.1:{port}/big"]
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -9,6 +9,12 @@
 //! is created for the run and dropped after); without it only the file
 //! store is measured.
 //!
+//! With `SHARDGATE_BENCH_FORGED=N` the heartbeats instead come from N node
+//! ids the map does not know (what anyone reaching the gRPC port can send),
+//! and the coordinator's peak and final RSS are reported too. With
+//! `SHARDGATE_BENCH_BINARY=PATH` another build's coordinator is measured
+//! (a before/after).
+//!
 //! Run: `cargo bench --bench heartbeats`. Talks only to 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -73,8 +79,32 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// `VmHWM` and `VmRSS` of `pid`, in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Node ids the heartbeats come from: the map's, or `SHARDGATE_BENCH_FORGED`
+/// unknown ones.
+fn forged() -> usize {
+    std::env::var("SHARDGATE_BENCH_FORGED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 struct Result {
     store: &'static str,
+    peak_kib: u64,
+    rss_kib: u64,
     per_second: f64,
     p50: Duration,
     p99: Duration,
@@ -92,7 +122,9 @@ async fn measure(store: &'static str, store_url: &str, dir: &std::path::Path) ->
          sweep_interval = \"1s\"\n[log]\nlevel = \"warn\"\n",
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+    let binary = std::env::var("SHARDGATE_BENCH_BINARY")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_shardgate").to_owned());
+    let mut child = tokio::process::Command::new(binary)
         .args(["coordinator", "--config", config.to_str().unwrap()])
         .args(["--topology", topo.to_str().unwrap(), "--store", store_url])
         .args([
@@ -134,11 +166,19 @@ async fn measure(store: &'static str, store_url: &str, dir: &std::path::Path) ->
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0u64;
-            let mut i = t;
+            let (ids, forged) = match forged() {
+                0 => (NODES, false),
+                n => (n, true),
+            };
+            let mut i = t % ids;
             while !stop.load(Ordering::Relaxed) {
                 let req = HeartbeatRequest {
-                    node_id: format!("node-{i}"),
-                    ip_address: node_addr(i),
+                    node_id: if forged {
+                        format!("forged-{i}")
+                    } else {
+                        format!("node-{i}")
+                    },
+                    ip_address: node_addr(if forged { NODES + i } else { i }),
                     epoch_timestamp_ms: std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .unwrap()
@@ -152,13 +192,12 @@ async fn measure(store: &'static str, store_url: &str, dir: &std::path::Path) ->
                 let sent = Instant::now();
                 let ok = client.report_heartbeat(req).await.is_ok();
                 if measuring.load(Ordering::Relaxed) {
-                    if ok {
-                        latencies.push(sent.elapsed());
-                    } else {
-                        errors += 1;
-                    }
+                    // Answered either way: a refusal of a forged id is the
+                    // coordinator doing its job, and is timed like the rest.
+                    latencies.push(sent.elapsed());
+                    errors += u64::from(!ok);
                 }
-                i = (i + IN_FLIGHT) % NODES;
+                i = (i + IN_FLIGHT) % ids;
             }
             (latencies, errors)
         }));
@@ -171,6 +210,7 @@ async fn measure(store: &'static str, store_url: &str, dir: &std::path::Path) ->
     measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
     let cpu1 = cpu_seconds(pid);
+    let (peak_kib, rss_kib) = rss_kib(pid);
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
     let mut errors = 0;
@@ -184,6 +224,8 @@ async fn measure(store: &'static str, store_url: &str, dir: &std::path::Path) ->
     let n = all.len().max(1);
     Result {
         store,
+        peak_kib,
+        rss_kib,
         per_second: all.len() as f64 / elapsed.as_secs_f64(),
         p50: all.get(n / 2).copied().unwrap_or_default(),
         p99: all.get(n * 99 / 100).copied().unwrap_or_default(),
@@ -229,22 +271,30 @@ fn main() {
             }
             Err(_) => eprintln!("SHARDGATE_BENCH_PG not set: PostgreSQL store skipped"),
         }
+        let ids = match forged() {
+            0 => format!("{NODES} node ids of the map"),
+            n => format!("{n} forged node ids the map does not know"),
+        };
         println!(
-            "\n{IN_FLIGHT} heartbeats in flight from {NODES} node ids, {}s after {}s warm-up\n",
+            "\n{IN_FLIGHT} heartbeats in flight from {ids}, {}s after {}s warm-up\n",
             MEASURE.as_secs(),
             WARM_UP.as_secs()
         );
-        println!("| store | heartbeats/s | p50 | p99 | coordinator CPU µs/heartbeat | errors |");
-        println!("|---|---:|---:|---:|---:|---:|");
+        println!(
+            "| store | heartbeats/s | p50 | p99 | coordinator CPU µs/heartbeat | errors (refusals) | peak RSS | RSS at end |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
         for r in results {
             println!(
-                "| {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} | {} |",
+                "| {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} | {} | {:.1} MiB | {:.1} MiB |",
                 r.store,
                 r.per_second,
                 r.p50.as_secs_f64() * 1e3,
                 r.p99.as_secs_f64() * 1e3,
                 r.cpu_us,
-                r.errors
+                r.errors,
+                r.peak_kib as f64 / 1024.0,
+                r.rss_kib as f64 / 1024.0
             );
         }
     });

@@ -64,6 +64,7 @@ impl Drain {
 
 /// One connection's share of a `Drain`; `shutdown` waits for it until dropped.
 /// Three handles: [`DrainWatcher::follow`] makes the part a task pins.
+#[derive(Clone)]
 pub struct DrainWatcher {
     draining: Arc<AtomicBool>,
     signal: CancellationToken,
@@ -74,11 +75,12 @@ impl DrainWatcher {
     /// Start following the drain from the task that serves the connection.
     pub fn follow(self) -> Following {
         Following {
+            token: self.signal.clone(),
             signal: self.signal.cancelled_owned(),
             draining: self.draining,
             registered: None,
             told: false,
-            _live: self.live,
+            live: self.live,
         }
     }
 
@@ -97,11 +99,13 @@ pin_project_lite::pin_project! {
     pub struct Following {
         #[pin]
         signal: WaitForCancellationFutureOwned,
+        token: CancellationToken,
         draining: Arc<AtomicBool>,
         // The waker the signal holds; polled again only when it changes.
         registered: Option<Waker>,
         told: bool,
-        _live: watch::Receiver<()>,
+        // Held: the drain waits until every connection has let go of it.
+        live: watch::Receiver<()>,
     }
 }
 
@@ -130,6 +134,15 @@ impl Following {
     /// Whether the drain has begun, as of the last poll.
     pub fn told(&self) -> bool {
         self.told
+    }
+
+    /// A handle for the task that takes the connection over from this one.
+    pub fn hand_over(&self) -> DrainWatcher {
+        DrainWatcher {
+            draining: self.draining.clone(),
+            signal: self.token.clone(),
+            live: self.live.clone(),
+        }
     }
 
     /// Wait for the drain to begin.

@@ -118,10 +118,14 @@ fn timed_out(what: &str) -> io::Error {
 }
 
 impl<S> TimedIo<S> {
-    /// Wrap a freshly accepted stream: its first request head is due within
-    /// the header-read timeout.
-    pub(super) fn new(inner: S, activity: Arc<ConnActivity>, timeouts: ConnTimeouts) -> TimedIo<S> {
-        let deadline = Instant::now() + timeouts.header_read;
+    /// Wrap a stream whose next request head is due by `head_by`.
+    pub(super) fn new(
+        inner: S,
+        activity: Arc<ConnActivity>,
+        timeouts: ConnTimeouts,
+        head_by: Instant,
+    ) -> TimedIo<S> {
+        let deadline = head_by;
         TimedIo {
             inner,
             activity,
@@ -197,6 +201,21 @@ impl<S> TimedIo<S> {
         joined.extend_from_slice(got);
         self.prefix = joined.freeze();
         Poll::Ready(Ok(true))
+    }
+
+    /// Whether bytes were read ahead of the next reader (they would be
+    /// lost with the wrapper).
+    pub(super) fn read_ahead(&self) -> bool {
+        !self.prefix.is_empty()
+    }
+
+    /// The stream again, once parked (with nothing [read ahead]), and when
+    /// the idle timeout closes it.
+    ///
+    /// [read ahead]: TimedIo::read_ahead
+    pub(super) fn into_parked(self) -> (S, Instant) {
+        debug_assert!(self.prefix.is_empty());
+        (self.inner, self.deadline)
     }
 
     /// Whether hyper let go because the connection was parked (rather
@@ -469,6 +488,7 @@ mod tests {
                 idle: IDLE,
                 send: SEND,
             },
+            Instant::now() + HEADER,
         );
         (client, io, activity)
     }

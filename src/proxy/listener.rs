@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Listener settings; fixed for the life of the process.
@@ -113,7 +114,8 @@ pub(super) async fn serve(
             // for a TLS stream it never holds.
             match &tls {
                 None => {
-                    tokio::spawn(conn.serve(stream, false));
+                    let head_by = Instant::now() + timeouts.header_read;
+                    tokio::spawn(conn.wait(stream, head_by));
                 }
                 Some(tls) => {
                     let tls = tls.clone();
@@ -124,7 +126,10 @@ pub(super) async fn serve(
                             r = tls.accept(stream) => Some(r),
                         };
                         match accepted {
-                            Some(Ok(stream)) => conn.serve(stream, true).await,
+                            Some(Ok(stream)) => {
+                                let head_by = Instant::now() + conn.timeouts.header_read;
+                                conn.serve(stream, true, head_by, None).await;
+                            }
                             Some(Err(HandshakeError::PlainHttp(stream))) => {
                                 refuse(stream, &plain_http()).await;
                             }
@@ -188,16 +193,61 @@ struct Connection {
     peer: SocketAddr,
 }
 
+/// How an HTTP/1 connection is parked: its task hands the socket to a new,
+/// small one ([`Connection::wait`]; clear text), or waits in place (TLS,
+/// whose stream may hold decrypted bytes the socket no longer shows).
+type HandOff<S> = Option<fn(Connection, S, Instant)>;
+
 impl Connection {
-    /// Serve HTTP on `stream` until the client leaves or shutdown drains it.
+    /// Wait, as a task that holds the socket and little else, until the
+    /// client sends (then serve it, as a new task), closes, or lets `until`
+    /// pass (then close: the header-read deadline of a connection that
+    /// never sent, the idle deadline of a parked one).
+    ///
+    /// A task's size is fixed by its largest state, so a connection that
+    /// waits inside the task that serves it costs as much as one being
+    /// served; most connections of a large population are waiting.
+    // Not `async fn`: the declared `Send` breaks the cycle the compiler
+    // cannot infer through (`wait` spawns `serve`, which spawns `wait`).
+    #[allow(clippy::manual_async_fn)]
+    fn wait(self, stream: TcpStream, until: Instant) -> impl Future<Output = ()> + Send {
+        async move {
+            let readable = {
+                let following = pin!(self.watcher.clone().follow());
+                tokio::select! {
+                    biased;
+                    () = following.drained() => false,
+                    r = stream.readable() => r.is_ok(),
+                    () = tokio::time::sleep_until(until) => {
+                        tracing::debug!(peer = %self.peer, "client connection closed: nothing sent in time");
+                        false
+                    }
+                }
+            };
+            if readable {
+                let head_by = Instant::now() + self.timeouts.header_read;
+                tokio::spawn(self.serve(stream, false, head_by, Some(park)));
+            }
+        }
+    }
+
+    /// Serve HTTP on `stream` until the client leaves, shutdown drains it,
+    /// or (HTTP/1) it goes idle and is parked; its next request head is due
+    /// by `head_by`.
     ///
     /// Nothing of hyper's is built until the client's first bytes arrive,
-    /// and an HTTP/1 connection that goes idle is parked (see `conn`): a
-    /// connection waiting for its client holds its socket, its deadlines,
-    /// its pipeline and a few hundred bytes of task. To keep it that small,
-    /// everything is built before the future, which captures each piece
-    /// once, and hyper's connections are boxed.
-    fn serve<S>(self, stream: S, tls: bool) -> impl Future<Output = ()> + Send + use<S>
+    /// and an HTTP/1 connection that goes idle is parked (see `conn`): hyper
+    /// lets go, and `hand_off` (or, without one, this task) waits for the
+    /// client with the socket alone. To keep the task small, everything is
+    /// built before the future, which captures each piece once, and hyper's
+    /// connections are boxed.
+    fn serve<S>(
+        self,
+        stream: S,
+        tls: bool,
+        head_by: Instant,
+        hand_off: HandOff<S>,
+    ) -> impl Future<Output = ()> + Send + use<S>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -216,9 +266,8 @@ impl Connection {
             hosts: HostMemo::default(),
         };
         let mut svc = pipeline::connection(&proxy.pipeline, client, activity.clone());
-        let mut io = TimedIo::new(stream, activity, timeouts);
+        let mut io = TimedIo::new(stream, activity, timeouts, head_by);
         async move {
-            let _open = &closed;
             let mut watcher = pin!(watcher.follow());
             let protocol = tokio::select! {
                 r = io.sniff() => r,
@@ -250,7 +299,21 @@ impl Connection {
                         if !parked || watcher.told() {
                             break Ok(());
                         }
-                        // Parked: hyper's state is gone; wait for the client.
+                        if let Some(hand_off) = hand_off.filter(|_| !io.read_ahead()) {
+                            let (stream, until) = io.into_parked();
+                            let watcher = watcher.hand_over();
+                            drop(svc);
+                            let conn = Connection {
+                                closed,
+                                proxy,
+                                builder,
+                                watcher,
+                                timeouts,
+                                peer,
+                            };
+                            return hand_off(conn, stream, until);
+                        }
+                        // Parked in place: hyper's state is gone; wait for the client.
                         let more = tokio::select! {
                             r = io.wait_for_bytes() => r,
                             () = watcher.as_mut().drained() => Ok(false),
@@ -262,11 +325,17 @@ impl Connection {
                         }
                     },
                 };
+            drop(closed);
             if let Err(e) = ended {
                 tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
             }
         }
     }
+}
+
+/// Park a clear-text connection: a small task waits for its client.
+fn park(conn: Connection, stream: TcpStream, until: Instant) {
+    tokio::spawn(conn.wait(stream, until));
 }
 
 /// The answer to a connection over the cap.

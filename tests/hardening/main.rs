@@ -332,7 +332,8 @@ async fn an_idle_keep_alive_connection_costs_little_more_than_its_socket() {
     // nginx keeps ~1 KiB per idle connection, HAProxy ~2 KiB; shardgate
     // kept ~14 KiB (hyper's read and write buffers, and a remembered Host
     // header that pinned the read buffer) until idle connections were
-    // parked. A parked one keeps ~3 KiB here (a debug build).
+    // parked. A parked one keeps ~2.7 KiB here (a debug build; 2.6 KiB in
+    // a release build at 9,900 connections, benches/idle.py).
     const PER_IDLE_CLIENT: u64 = 4096;
     let up = Upstream::start("node").await;
     let dir = tempfile::tempdir().unwrap();

@@ -289,6 +289,43 @@ access_log_sample = 0.0
     return upstream, proxies
 
 
+class Bench:
+    """Ports, builds and a work directory for one side-by-side run of the job."""
+
+    def __init__(self, prefix, binary, baseline=None):
+        self.work = tempfile.mkdtemp(prefix=prefix)
+        self.ups = [free_port() for _ in range(3)]
+        names = ["nginx", "haproxy", "shardgate"] + (["baseline"] if baseline else [])
+        self.ports = {x: free_port() for x in names}
+        self.admin = {"shardgate": free_port(), "baseline": free_port()}
+        self.builds = [("shardgate", binary)] + ([("baseline", baseline)] if baseline else [])
+
+    def job(self):
+        """compare.py's job over these ports: (upstream argv, [(name, argv)])."""
+        return job(self.work, self.ups, self.ports, self.admin, self.builds)
+
+    def each_proxy(self, upstream_argv, proxies, only, measure):
+        """Start the upstream (CPU 1), then each proxy in turn (CPU 0, one at
+        a time): measure(name, pid, port) once it listens, then stop it."""
+        upstream = Proc("upstream", upstream_argv, self.work, cpu=1)
+        rows = []
+        try:
+            for p in self.ups:
+                wait_port(p)
+            for name, argv in proxies:
+                if only and name not in only:
+                    continue
+                proc = Proc(name, argv, self.work, cpu=0)
+                try:
+                    wait_port(self.ports[name], timeout=30)
+                    rows.append(measure(name, proc.p.pid, self.ports[name]))
+                finally:
+                    proc.stop()
+        finally:
+            upstream.stop()
+        return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)

@@ -32,11 +32,10 @@ import resource
 import selectors
 import socket
 import sys
-import tempfile
 import time
 
-from benchlib import ROOT, free_port, wait_port
-from compare import Proc, children, job
+from benchlib import ROOT
+from compare import Bench, children
 
 BATCH = 64
 REQUEST = b"GET /kv/idle HTTP/1.1\r\nHost: bench\r\nx-shard-key: user:%d\r\n\r\n"
@@ -159,18 +158,14 @@ def main():
     if hard < n + 200:
         sys.exit(f"descriptor limit {hard} too low for {n} connections")
 
-    work = tempfile.mkdtemp(prefix="shardgate-idle-")
-    ups = [free_port() for _ in range(3)]
-    names = ["nginx", "haproxy", "shardgate"] + (["baseline"] if args.baseline else [])
-    ports = {x: free_port() for x in names}
-    admin = {"shardgate": free_port(), "baseline": free_port()}
-    builds = [("shardgate", args.binary)] + ([("baseline", args.baseline)] if args.baseline else [])
+    bench = Bench("shardgate-idle-", args.binary, args.baseline)
+    work = bench.work
     # Room for n clients, and no proxy closes them while the run waits for
     # memory to settle (minutes at most).
     os.environ["SHARDGATE_BENCH_EXTRA"] = (
         f"[limits]\nmax_connections = {n + 1000}\nheader_read_timeout = \"300s\"\nidle_timeout = \"300s\"\n"
     )
-    upstream_argv, proxies = job(work, ups, ports, admin, builds)
+    upstream_argv, proxies = bench.job()
     # Room for n clients in every proxy; the job's own limits are sized for load tests.
     for conf in ("nginx.conf", "upstream.conf"):
         path = os.path.join(work, conf)
@@ -188,25 +183,13 @@ def main():
         "timeout client 300s\n  timeout http-request 300s\n  timeout http-keep-alive 300s")
     open(hap, "w").write(text)
 
-    upstream = Proc("upstream", upstream_argv, work, cpu=1)
-    rows = []
-    try:
-        for p in ups:
-            wait_port(p)
-        for name, argv in proxies:
-            if args.only and name not in args.only:
-                continue
-            proc = Proc(name, argv, work, cpu=0)
-            try:
-                wait_port(ports[name], timeout=30)
-                rows.append(measure(name, proc.p.pid, ports[name], n, args.settle))
-                r = rows[-1]
-                print(f"{name}: base {r['base']} KiB, idle {r['idle']:.0f} B/conn, after close {r['after']} KiB",
-                      file=sys.stderr)
-            finally:
-                proc.stop()
-    finally:
-        upstream.stop()
+    def one(name, pid, port):
+        r = measure(name, pid, port, n, args.settle)
+        print(f"{name}: base {r['base']} KiB, idle {r['idle']:.0f} B/conn, after close {r['after']} KiB",
+              file=sys.stderr)
+        return r
+
+    rows = bench.each_proxy(upstream_argv, proxies, args.only, one)
 
     print(f"\nRSS per client connection ({n:,} connections, one worker each)\n")
     print("| proxy | baseline RSS | per fresh connection | per idle keep-alive connection "

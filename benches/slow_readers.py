@@ -25,11 +25,10 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
-from benchlib import ROOT, free_port, wait_port
-from compare import Proc, job
+from benchlib import ROOT
+from compare import Bench
 from idle import rss_kib, settled_rss
 
 BIG = 64 * 1024 * 1024
@@ -82,49 +81,32 @@ def main():
     ap.add_argument("--only", nargs="*", default=None)
     args = ap.parse_args()
 
-    work = tempfile.mkdtemp(prefix="shardgate-slow-")
+    bench = Bench("shardgate-slow-", args.binary, args.baseline)
+    work = bench.work
     with open(os.path.join(work, "big.bin"), "wb") as f:
         f.write(b"x" * BIG)
-    ups = [free_port() for _ in range(3)]
-    names = ["nginx", "haproxy", "shardgate"] + (["baseline"] if args.baseline else [])
-    ports = {x: free_port() for x in names}
-    admin = {"shardgate": free_port(), "baseline": free_port()}
-    builds = [("shardgate", args.binary)] + ([("baseline", args.baseline)] if args.baseline else [])
     os.environ["SHARDGATE_BENCH_EXTRA"] = ""  # HTTP/2 is on by default
-    upstream_argv, proxies = job(work, ups, ports, admin, builds)
+    upstream_argv, proxies = bench.job()
     up_conf = os.path.join(work, "upstream.conf")
     text = open(up_conf).read().replace('return 200 "ok\\n";', f"root {work}; try_files /big.bin =404;")
     open(up_conf, "w").write(text)
 
-    upstream = Proc("upstream", upstream_argv, work, cpu=1)
-    rows = []
-    try:
-        for p in ups:
-            wait_port(p)
-        for name, argv in proxies:
-            if args.only and name not in args.only:
-                continue
-            proc = Proc(name, argv, work, cpu=0)
-            try:
-                wait_port(ports[name], timeout=30)
-                pid = proc.p.pid
-                base = settled_rss(pid, 30)
-                peak = slow_http1(pid, ports[name], args.readers, args.hold)
-                after = settled_rss(pid, 30, target=base * 1.10)
-                row = {"name": name, "base": base, "peak": peak, "after": after, "h2": None}
-                if args.h2 and name in ("shardgate", "baseline"):
-                    row["h2"] = zero_window_h2(pid, ports[name], 4, args.hold)
-                    row["h2_after"] = settled_rss(pid, 30, target=base * 1.10)
-                rows.append(row)
-                per = (peak - base) / args.readers
-                print(f"{name}: base {base} KiB, peak {peak} KiB ({per:,.0f} KiB per slow reader), "
-                      f"after close {after} KiB" + (f", h2 zero-window peak {row['h2']} KiB, after "
-                                                    f"{row['h2_after']} KiB" if row["h2"] else ""),
-                      flush=True)
-            finally:
-                proc.stop()
-    finally:
-        upstream.stop()
+    def one(name, pid, port):
+        base = settled_rss(pid, 30)
+        peak = slow_http1(pid, port, args.readers, args.hold)
+        after = settled_rss(pid, 30, target=base * 1.10)
+        row = {"name": name, "base": base, "peak": peak, "after": after, "h2": None}
+        if args.h2 and name in ("shardgate", "baseline"):
+            row["h2"] = zero_window_h2(pid, port, 4, args.hold)
+            row["h2_after"] = settled_rss(pid, 30, target=base * 1.10)
+        per = (peak - base) / args.readers
+        print(f"{name}: base {base} KiB, peak {peak} KiB ({per:,.0f} KiB per slow reader), "
+              f"after close {after} KiB" + (f", h2 one-byte-window peak {row['h2']} KiB, after "
+                                            f"{row['h2_after']} KiB" if row["h2"] else ""),
+              flush=True)
+        return row
+
+    rows = bench.each_proxy(upstream_argv, proxies, args.only, one)
     if not rows:
         sys.exit("nothing measured")
 

@@ -3,12 +3,11 @@
 //!
 //! Per-connection buffers are bounded (hyper's queues, capped upstream read
 //! buffers, send timeouts), but many slow clients together can still hold a
-//! lot. Every [`SAMPLE_EVERY`] the watch reads the bytes the allocator has
+//! lot. Every [`SAMPLE_EVERY`] (a second) the watch reads the bytes the allocator has
 //! handed out; over `max_memory_bytes`, new requests are refused with
 //! `503 overloaded` (`shardgate_load_shed_total{reason="memory"}`) until it
 //! is back under 90 % of the bound, while requests already admitted finish.
-//! Reading the allocator's counters costs microseconds, and the request path
-//! pays one relaxed load.
+//! The request path pays one relaxed load.
 
 use super::pipeline::InflightLimit;
 use metrics::Gauge;
@@ -16,8 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// How often the allocator's counters are read.
-pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// How often the allocator's counters are read: Envoy's overload manager
+/// refreshes every second too. Refreshing jemalloc's counters merges every
+/// arena's (tens of thousands of instructions): at ten a second it was
+/// visible in `benches/instructions.py`, whose requests crawl under valgrind.
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// Bytes allocated and not yet freed, as the allocator counts them.
 ///

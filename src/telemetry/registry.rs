@@ -127,7 +127,7 @@ impl Metrics {
         g(DOWNSTREAM_CONNECTIONS, "Client connections open.");
         g(
             MEMORY_ALLOCATED,
-            "Bytes the proxy's allocator has handed out (sampled every 100 ms).",
+            "Bytes the proxy's allocator has handed out (sampled every second).",
         );
         c(
             LOAD_SHED,

@@ -217,7 +217,11 @@ impl Connection {
                 tokio::select! {
                     biased;
                     () = following.drained() => false,
-                    r = stream.readable() => r.is_ok(),
+                    // `poll_read_ready`, not `readable()`: it takes the
+                    // socket's reader slot, dropping the waker the serving
+                    // task left there, which otherwise keeps that task's
+                    // whole memory allocated while the connection waits.
+                    r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => r.is_ok(),
                     () = tokio::time::sleep_until(until) => {
                         tracing::debug!(peer = %self.peer, "client connection closed: nothing sent in time");
                         false

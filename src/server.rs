@@ -4,7 +4,7 @@
 use crate::tls::Terminator;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use std::convert::Infallible;
 use std::future::Future;
@@ -75,12 +75,11 @@ impl DrainWatcher {
     /// Start following the drain from the task that serves the connection.
     pub fn follow(self) -> Following {
         Following {
-            token: self.signal.clone(),
             signal: self.signal.cancelled_owned(),
             draining: self.draining,
             registered: None,
             told: false,
-            live: self.live,
+            _live: self.live,
         }
     }
 
@@ -99,13 +98,11 @@ pin_project_lite::pin_project! {
     pub struct Following {
         #[pin]
         signal: WaitForCancellationFutureOwned,
-        token: CancellationToken,
         draining: Arc<AtomicBool>,
         // The waker the signal holds; polled again only when it changes.
         registered: Option<Waker>,
         told: bool,
-        // Held: the drain waits until every connection has let go of it.
-        live: watch::Receiver<()>,
+        _live: watch::Receiver<()>,
     }
 }
 
@@ -134,15 +131,6 @@ impl Following {
     /// Whether the drain has begun, as of the last poll.
     pub fn told(&self) -> bool {
         self.told
-    }
-
-    /// A handle for the task that takes the connection over from this one.
-    pub fn hand_over(&self) -> DrainWatcher {
-        DrainWatcher {
-            draining: self.draining.clone(),
-            signal: self.token.clone(),
-            live: self.live.clone(),
-        }
     }
 
     /// Wait for the drain to begin.
@@ -368,11 +356,6 @@ pub async fn serve_http1<F, Fut, B>(
     .await;
     drop(listener);
     let _ = tokio::time::timeout(grace, drain.shutdown()).await;
-}
-
-/// The executor hyper uses for HTTP/2 streams.
-pub fn executor() -> TokioExecutor {
-    TokioExecutor::new()
 }
 
 /// TLS connections accepted on `listener`, for servers that take a stream of

@@ -501,6 +501,14 @@ mod tests {
         );
     }
 
+    /// The next read fails as idle, the idle timeout from now.
+    async fn closed_when_idle_times_out(io: &mut TimedIo<DuplexStream>) {
+        let t0 = Instant::now();
+        let e = read_err(io).await;
+        assert!(e.to_string().contains("idle"), "{e}");
+        assert_about(t0.elapsed(), IDLE);
+    }
+
     async fn read_err(io: &mut TimedIo<DuplexStream>) -> io::Error {
         let mut buf = [0u8; 64];
         loop {
@@ -671,10 +679,7 @@ mod tests {
         let mut buf = [0u8; 24];
         io.read_exact(&mut buf).await.unwrap();
         drop(activity.enter());
-        let t0 = Instant::now();
-        let e = read_err(&mut io).await;
-        assert!(e.to_string().contains("idle"), "{e}");
-        assert_about(t0.elapsed(), IDLE);
+        closed_when_idle_times_out(&mut io).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -696,10 +701,8 @@ mod tests {
                 .is_err()
         );
         drop(ticket);
-        let t0 = Instant::now();
-        let e = read_err(&mut io).await;
-        assert!(e.to_string().contains("idle"), "closed, never parked: {e}");
-        assert_about(t0.elapsed(), IDLE);
+        // Closed, never parked.
+        closed_when_idle_times_out(&mut io).await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -100,7 +100,7 @@ pub(super) async fn serve(
             let _ = stream.set_nodelay(true);
             proxy.clients.opened();
             let conn = Connection {
-                closed: Closed {
+                _closed: Closed {
                     proxy: proxy.clone(),
                     _permit: permit,
                 },
@@ -185,7 +185,7 @@ impl Drop for Closed {
 /// Everything a client connection needs once it is past the cap (and TLS).
 struct Connection {
     /// Dropped when the connection's task ends.
-    closed: Closed,
+    _closed: Closed,
     proxy: Arc<Proxy>,
     builder: Arc<Builders>,
     watcher: DrainWatcher,
@@ -255,48 +255,42 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Connection {
-            closed,
-            proxy,
-            builder,
-            watcher,
-            timeouts,
-            peer,
-        } = self;
-        let activity = ConnActivity::new(proxy.pipeline.limit.clone());
+        let conn = self;
+        let activity = ConnActivity::new(conn.proxy.pipeline.limit.clone());
         // Owned by the pipeline, which hyper calls from this connection's task only.
         let client = ClientConn {
-            info: ClientInfo::new(peer, tls),
+            info: ClientInfo::new(conn.peer, tls),
             hosts: HostMemo::default(),
         };
-        let mut svc = pipeline::connection(&proxy.pipeline, client, activity.clone());
-        let mut io = TimedIo::new(stream, activity, timeouts, head_by);
+        let mut svc = pipeline::connection(&conn.proxy.pipeline, client, activity.clone());
+        let mut io = TimedIo::new(stream, activity, conn.timeouts, head_by);
         async move {
-            let mut watcher = pin!(watcher.follow());
+            // Followed through a copy: `conn` stays whole to hand over.
+            let mut watcher = pin!(conn.watcher.clone().follow());
             let protocol = tokio::select! {
                 r = io.sniff() => r,
                 () = watcher.as_mut().drained() => return,
             };
             let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> =
-                match (protocol, &builder.http2) {
+                match (protocol, &conn.builder.http2) {
                     (Ok(None), _) => return,
                     (Err(e), _) => Err(e.into()),
                     (Ok(Some(Protocol::Http2)), Some(http2)) => {
-                        let mut conn = Box::pin(http2.serve_connection(TokioIo::new(io), svc));
+                        let mut http = Box::pin(http2.serve_connection(TokioIo::new(io), svc));
                         watcher
                             .as_mut()
-                            .serve(conn.as_mut())
+                            .serve(http.as_mut())
                             .await
                             .map_err(Into::into)
                     }
                     (Ok(Some(_)), _) => loop {
-                        let mut conn =
-                            Box::new(builder.http1.serve_connection(TokioIo::new(io), svc));
-                        if let Err(e) = watcher.as_mut().serve(Pin::new(&mut *conn)).await {
+                        let mut http =
+                            Box::new(conn.builder.http1.serve_connection(TokioIo::new(io), svc));
+                        if let Err(e) = watcher.as_mut().serve(Pin::new(&mut *http)).await {
                             break Err(e.into());
                         }
                         let parked = {
-                            let parts = conn.into_parts();
+                            let parts = http.into_parts();
                             (io, svc) = (parts.io.into_inner(), parts.service);
                             io.unpark(parts.read_buf)
                         };
@@ -305,16 +299,7 @@ impl Connection {
                         }
                         if let Some(hand_off) = hand_off.filter(|_| !io.read_ahead()) {
                             let (stream, until) = io.into_parked();
-                            let watcher = watcher.hand_over();
                             drop(svc);
-                            let conn = Connection {
-                                closed,
-                                proxy,
-                                builder,
-                                watcher,
-                                timeouts,
-                                peer,
-                            };
                             return hand_off(conn, stream, until);
                         }
                         // Parked in place: hyper's state is gone; wait for the client.
@@ -329,9 +314,8 @@ impl Connection {
                         }
                     },
                 };
-            drop(closed);
             if let Err(e) = ended {
-                tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+                tracing::debug!(peer = %conn.peer, error = %e, "client connection ended with an error");
             }
         }
     }

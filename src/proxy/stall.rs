@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::task::futures::TaskLocalFuture;
 use tokio::time::{Instant, Sleep};
 
 tokio::task_local! {
@@ -88,9 +89,11 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
+        let progress = Arc::<Progress>::default();
         tokio::spawn(Guarded {
-            fut,
-            progress: Arc::default(),
+            // Set for every poll of the stream's task without a clone per poll.
+            fut: STREAM.scope(progress.clone(), fut),
+            progress,
             timer: tokio::time::sleep(self.send_timeout),
             limit: self.send_timeout,
             seen: None,
@@ -103,7 +106,7 @@ pin_project_lite::pin_project! {
     /// or its deadline.
     struct Guarded<F> {
         #[pin]
-        fut: F,
+        fut: TaskLocalFuture<Arc<Progress>, F>,
         progress: Arc<Progress>,
         #[pin]
         timer: Sleep,
@@ -118,11 +121,7 @@ impl<F: Future<Output = ()>> Future for Guarded<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
-        let fut = this.fut;
-        if STREAM
-            .sync_scope(this.progress.clone(), || fut.poll(cx))
-            .is_ready()
-        {
+        if this.fut.poll(cx).is_ready() {
             return Poll::Ready(());
         }
         let p = &**this.progress;

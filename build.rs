@@ -6,10 +6,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // variable: setting the environment is unsafe, and the crate forbids it.
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    // Replicated values are passed on without a copy.
+    config.bytes([".shardgate.node.v1"]);
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_with_config(config, &["proto/cluster_discovery.proto"], &["proto"])?;
+        .compile_with_config(
+            config,
+            &[
+                "proto/cluster_discovery.proto",
+                "proto/node_replication.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto/cluster_discovery.proto");
+    println!("cargo:rerun-if-changed=proto/node_replication.proto");
     Ok(())
 }

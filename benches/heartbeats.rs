@@ -188,6 +188,7 @@ async fn measure(store: &'static str, store_url: &str, dir: &std::path::Path) ->
                         free_memory_bytes: 1 << 30,
                         active_connections: 40,
                     }),
+                    replication: None,
                 };
                 let sent = Instant::now();
                 let ok = client.report_heartbeat(req).await.is_ok();

@@ -31,9 +31,8 @@ pub(crate) enum Command {
     Agent(AgentArgs),
     /// Run a whole cluster on loopback and print what to try.
     Demo(DemoArgs),
-    /// One demo key-value node and its agent (started by `demo`).
-    #[command(hide = true)]
-    DemoNode(DemoNodeArgs),
+    /// Run the reference shard node (a replicated key-value store) and its agent.
+    Node(NodeArgs),
 }
 
 /// `shardgate demo` flags.
@@ -53,21 +52,67 @@ pub(crate) struct DemoArgs {
     pub coordinator_grpc: std::net::SocketAddr,
 }
 
-/// `shardgate demo-node` flags.
+/// `shardgate node` flags.
 #[derive(Debug, Args)]
-pub(crate) struct DemoNodeArgs {
+pub(crate) struct NodeArgs {
     /// Node id.
     #[arg(long)]
     pub id: String,
     /// Listen address (also the node's address in the map); port 0 picks one.
     #[arg(long)]
-    pub listen: std::net::SocketAddr,
+    pub listen: String,
     /// Write the bound address here once listening (for port 0).
     #[arg(long)]
-    pub addr_file: Option<std::path::PathBuf>,
-    /// Coordinator gRPC address.
+    pub addr_file: Option<PathBuf>,
+    /// Coordinator gRPC address (`host:port`, `http://` or `https://`).
     #[arg(long)]
     pub coordinator: String,
+    /// When a write is acknowledged: once a majority of the partition's
+    /// members applied it (`majority`), or once the primary did (`async`).
+    #[arg(long, default_value = "majority")]
+    pub write_quorum: String,
+    /// Seconds a write may wait for its quorum before `503 no_quorum`.
+    #[arg(long, default_value_t = 2.0)]
+    pub write_timeout: f64,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 0.5)]
+    pub interval: f64,
+    /// Heartbeat bearer token, if the coordinator requires one.
+    #[arg(long, env = "SHARDGATE_HEARTBEAT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Most keys held.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_keys: usize,
+    /// Most bytes of keys and values held.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub max_bytes: u64,
+    /// Tests only: shift this node's wall clock by this many milliseconds.
+    #[arg(long, default_value_t = 0, hide = true, allow_hyphen_values = true)]
+    pub clock_offset_ms: i64,
+    /// Tests only: wait this many milliseconds before applying each
+    /// replication message, so this replica lags.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub apply_delay_ms: u64,
+}
+
+impl NodeArgs {
+    /// The flags as plain data, for `config` to validate.
+    pub(crate) fn flags(&self) -> shardgate::config::NodeFlags {
+        shardgate::config::NodeFlags {
+            id: self.id.clone(),
+            listen: self.listen.clone(),
+            addr_file: self.addr_file.clone(),
+            coordinator: self.coordinator.clone(),
+            write_quorum: self.write_quorum.clone(),
+            write_timeout: self.write_timeout,
+            interval: self.interval,
+            token: self.token.clone(),
+            clock_offset_ms: self.clock_offset_ms,
+            apply_delay_ms: self.apply_delay_ms,
+            max_keys: self.max_keys,
+            max_bytes: self.max_bytes,
+        }
+    }
 }
 
 /// `shardgate coordinator` flags; each overrides the config file.
@@ -141,6 +186,10 @@ pub(crate) struct AgentArgs {
     /// Local health check URL; heartbeats pause while it does not answer 2xx.
     #[arg(long)]
     pub check_url: Option<String>,
+    /// The node's replication status URL (`GET /_shardgate/status`, SPEC §7),
+    /// reported in every heartbeat.
+    #[arg(long)]
+    pub status_url: Option<String>,
     /// Heartbeat bearer token, if the coordinator requires one.
     #[arg(long, env = "SHARDGATE_HEARTBEAT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -164,6 +213,7 @@ impl AgentArgs {
             ip: self.ip.clone(),
             interval: self.interval,
             check_url: self.check_url.clone(),
+            status_url: self.status_url.clone(),
             token: self.token.clone(),
             tls_ca: self.tls_ca.clone(),
             tls_cert: self.tls_cert.clone(),

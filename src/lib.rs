@@ -9,12 +9,15 @@
 
 pub mod agent;
 pub mod atomic_file;
+pub mod clock;
 pub mod config;
 pub mod coordinator;
 pub mod exit;
 pub mod json_error;
+pub mod node;
 pub mod proto;
 pub mod proxy;
+pub mod replication;
 pub mod resilience;
 pub mod routing;
 pub mod secret;

@@ -39,7 +39,7 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => run_coordinator(&args),
         Command::Agent(args) => run_agent(&args.flags()),
         Command::Demo(args) => run_demo(&args),
-        Command::DemoNode(args) => run_demo_node(&args),
+        Command::Node(args) => run_node(&args.flags()),
     }
 }
 
@@ -222,19 +222,29 @@ fn run_demo(args: &cli::DemoArgs) -> ExitCode {
     }
 }
 
-fn run_demo_node(args: &cli::DemoNodeArgs) -> ExitCode {
+fn run_node(flags: &shardgate::config::NodeFlags) -> ExitCode {
+    let config = match shardgate::node::NodeConfig::from_flags(flags) {
+        Ok(c) => c,
+        Err(e) => return done(Err(e.into())),
+    };
     shardgate::telemetry::init_logging("info", LogFormat::Text);
-    let rt = match runtime(1) {
+    let rt = match runtime(0) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match rt.block_on(demo::run_node(
-        &args.id,
-        args.listen,
-        args.addr_file.as_deref(),
-        &args.coordinator,
-    )) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => fail("demo-node", &e),
+    let exit = rt.block_on(async {
+        let mut signals = Signals::stop()?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            signals.stopped().await;
+            on_signal.cancel();
+        });
+        shardgate::node::run(config, stop).await
+    });
+    match exit {
+        Ok(shardgate::agent::AgentExit::Stopped) => ExitCode::SUCCESS,
+        Ok(shardgate::agent::AgentExit::Terminated) => ExitCode::from(shardgate::agent::TERMINATED),
+        Err(e) => fail("node", &e),
     }
 }

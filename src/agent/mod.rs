@@ -9,16 +9,23 @@ mod sysinfo;
 
 pub use sysinfo::{Sample, Sampler};
 
+use crate::clock::{Hlc, HlcClock};
 use crate::proto::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
 use crate::proto::heartbeat_response::Command as WireCommand;
-use crate::proto::{HeartbeatRequest, ResourceUsage};
+use crate::proto::{
+    Assignment as WireAssignment, HeartbeatRequest, HeartbeatResponse, ReplicationStatus,
+    ResourceUsage,
+};
+use crate::replication::{ReplicaState, ReplicationReport, Role};
 use crate::resilience::{Backoff, Jitter};
 use crate::secret::Secret;
 use crate::tls::ClientTls;
 use crate::topology::NodeAddr;
 use http::Uri;
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -42,6 +49,136 @@ pub struct AgentConfig {
     pub check_url: Option<Uri>,
     /// Bearer token for heartbeats, if the coordinator requires one.
     pub token: Option<Secret>,
+    /// The node's status endpoint (`GET /_shardgate/status`, SPEC §7), whose
+    /// answer the heartbeat carries.
+    pub status_url: Option<Uri>,
+}
+
+/// Where the coordinator's map places this node, as a heartbeat answer says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// The map's epoch.
+    pub epoch: u64,
+    /// The node's partition and role; `None` while the map does not name it.
+    pub partition: Option<u32>,
+    /// Its role.
+    pub role: Role,
+    /// The partition's primary.
+    pub primary: Option<NodeAddr>,
+    /// The partition's replicas.
+    pub replicas: Vec<NodeAddr>,
+}
+
+/// What a node that runs its agent in-process shares with it.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Reads the node's replication status for each heartbeat.
+    pub report: Option<Arc<dyn Fn() -> ReplicationReport + Send + Sync>>,
+    /// The node's clock, advanced by the coordinator's HLC in every answer.
+    pub clock: Option<Arc<HlcClock>>,
+    /// Told every placement the coordinator answers with.
+    pub placement: Option<watch::Sender<Option<Placement>>>,
+}
+
+impl Hooks {
+    fn heard(&self, resp: &HeartbeatResponse) {
+        if let Some(clock) = &self.clock
+            && resp.hlc != 0
+            && let Err(e) = clock.observe(Hlc::from_u64(resp.hlc))
+        {
+            tracing::warn!("coordinator's HLC not adopted: {e}");
+        }
+        let (Some(tx), Some(a)) = (&self.placement, &resp.assignment) else {
+            return;
+        };
+        match placement(a) {
+            Ok(p) => {
+                tx.send_if_modified(|current| {
+                    // Never step back to an older map's answer (answers from
+                    // two coordinators may cross).
+                    let newer = current
+                        .as_ref()
+                        .is_none_or(|c| p.epoch > c.epoch || (p.epoch == c.epoch && *c != p));
+                    if newer {
+                        *current = Some(p);
+                    }
+                    newer
+                });
+            }
+            Err(e) => tracing::warn!("coordinator's assignment ignored: {e}"),
+        }
+    }
+}
+
+/// Read the wire assignment.
+fn placement(a: &WireAssignment) -> Result<Placement, String> {
+    if !a.assigned {
+        return Ok(Placement {
+            epoch: a.epoch,
+            partition: None,
+            role: Role::Unassigned,
+            primary: None,
+            replicas: Vec::new(),
+        });
+    }
+    let addr = |s: &str| s.parse::<NodeAddr>().map_err(|e| format!("{s:?}: {e}"));
+    Ok(Placement {
+        epoch: a.epoch,
+        partition: Some(a.partition),
+        role: Role::parse(&a.role),
+        primary: Some(addr(&a.primary)?),
+        replicas: a
+            .replicas
+            .iter()
+            .map(|r| addr(r))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// `GET /_shardgate/status`, as a node answers it.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusDoc {
+    #[serde(default)]
+    role: String,
+    #[serde(default)]
+    applied_hlc: String,
+    #[serde(default)]
+    lag_bytes: u64,
+    #[serde(default)]
+    lag_ms: u64,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    last_replicated_sequence: u64,
+}
+
+/// Read the node's status endpoint; `None` if it does not answer sensibly.
+async fn read_status(url: &Uri) -> Option<ReplicationReport> {
+    let (ok, body) = get(url).await?;
+    if !ok {
+        return None;
+    }
+    let doc: StatusDoc = serde_json::from_slice(&body).ok()?;
+    Some(ReplicationReport {
+        role: Role::parse(&doc.role),
+        applied: doc.applied_hlc.parse().unwrap_or(Hlc::ZERO),
+        lag_bytes: doc.lag_bytes,
+        lag_ms: doc.lag_ms,
+        state: ReplicaState::parse(&doc.state).unwrap_or(ReplicaState::Stalled),
+        sequence: doc.last_replicated_sequence,
+    })
+}
+
+fn wire_status(r: &ReplicationReport) -> ReplicationStatus {
+    ReplicationStatus {
+        role: r.role.as_str().to_owned(),
+        applied_hlc: r.applied.as_u64(),
+        lag_bytes: r.lag_bytes,
+        lag_ms: r.lag_ms,
+        state: r.state.as_str().to_owned(),
+        last_replicated_sequence: r.sequence,
+    }
 }
 
 /// Why the agent stopped.
@@ -101,9 +238,9 @@ fn unix_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// GET the check URL; healthy means a 2xx within two seconds.
-async fn healthy(url: &Uri) -> bool {
-    let check = async {
+/// GET `url` within two seconds: whether it answered 2xx, and its body (at most 64 KiB).
+async fn get(url: &Uri) -> Option<(bool, bytes::Bytes)> {
+    let fetch = async {
         let authority = url.authority()?.clone();
         let port = authority.port_u16().unwrap_or(80);
         let stream = tokio::net::TcpStream::connect((authority.host(), port))
@@ -120,12 +257,23 @@ async fn healthy(url: &Uri) -> bool {
             .body(Empty::<bytes::Bytes>::new())
             .ok()?;
         let resp = send.send_request(req).await.ok()?;
-        Some(resp.status().is_success())
+        let ok = resp.status().is_success();
+        let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
+        Some((ok, body))
     };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), check).await,
-        Ok(Some(true))
-    )
+    tokio::time::timeout(Duration::from_secs(2), fetch)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// GET the check URL; healthy means a 2xx within two seconds.
+async fn healthy(url: &Uri) -> bool {
+    matches!(get(url).await, Some((true, _)))
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, AgentError> {
@@ -146,6 +294,16 @@ fn tls_config(spec: &ClientTls) -> Result<ClientTlsConfig, AgentError> {
 
 /// Heartbeat until `shutdown` or TERMINATE.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<AgentExit, AgentError> {
+    run_with(cfg, Hooks::default(), shutdown).await
+}
+
+/// Heartbeat until `shutdown` or TERMINATE, sharing `hooks` with a node in
+/// the same process.
+pub async fn run_with(
+    cfg: AgentConfig,
+    hooks: Hooks,
+    shutdown: CancellationToken,
+) -> Result<AgentExit, AgentError> {
     let mut endpoint = Endpoint::from(cfg.coordinator.clone())
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5));
@@ -181,6 +339,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<AgentE
             was_healthy = healthy_now;
         }
         if healthy_now {
+            let replication = match (&hooks.report, &cfg.status_url) {
+                (Some(report), _) => Some(report()),
+                (None, Some(url)) => read_status(url).await,
+                (None, None) => None,
+            };
             let s = sampler.sample();
             let mut req = tonic::Request::new(HeartbeatRequest {
                 node_id: cfg.node_id.clone(),
@@ -191,6 +354,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<AgentE
                     free_memory_bytes: s.free_memory_bytes,
                     active_connections: s.active_connections,
                 }),
+                replication: replication.as_ref().map(wire_status),
             });
             if let Some(t) = &cfg.token
                 && let Ok(v) = format!("Bearer {}", t.expose()).parse()
@@ -202,6 +366,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<AgentE
                     failures = 0;
                     last_delay = None;
                     let resp = resp.into_inner();
+                    hooks.heard(&resp);
                     match WireCommand::try_from(resp.recommended_command) {
                         Ok(WireCommand::Continue) => {}
                         Ok(WireCommand::Rebalance) => tracing::info!(

@@ -20,6 +20,8 @@ pub struct AgentFlags {
     pub interval: f64,
     /// `--check-url`
     pub check_url: Option<String>,
+    /// `--status-url`
+    pub status_url: Option<String>,
     /// `--token` (or `SHARDGATE_HEARTBEAT_TOKEN`)
     pub token: Option<String>,
     /// `--tls-ca`
@@ -44,22 +46,8 @@ impl AgentConfig {
         if !(f.interval.is_finite() && f.interval > 0.0 && f.interval <= 3600.0) {
             issues.push("--interval", "must be seconds between 0 and 3600");
         }
-        let check_url = f
-            .check_url
-            .as_ref()
-            .and_then(|u| match u.parse::<http::Uri>() {
-                Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {
-                    Some(uri)
-                }
-                Ok(_) => {
-                    issues.push("--check-url", format!("{u:?}: must be an http:// URL"));
-                    None
-                }
-                Err(e) => {
-                    issues.push("--check-url", format!("{u:?}: {e}"));
-                    None
-                }
-            });
+        let check_url = http_url(f.check_url.as_deref(), "--check-url", &mut issues);
+        let status_url = http_url(f.status_url.as_deref(), "--status-url", &mut issues);
         let coordinator = coordinator_uri(&f.coordinator)
             .map_err(|e| issues.push("--coordinator", e.to_string()))
             .ok();
@@ -99,9 +87,26 @@ impl AgentConfig {
             ip,
             interval: Duration::from_secs_f64(f.interval.clamp(0.001, 3600.0)),
             check_url,
+            status_url,
             token: f.token.clone().filter(|t| !t.is_empty()).map(Into::into),
         };
         issues.finish("flags", config)
+    }
+}
+
+/// An `http://` URL flag, checked.
+fn http_url(given: Option<&str>, flag: &str, issues: &mut Issues) -> Option<http::Uri> {
+    let u = given?;
+    match u.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => Some(uri),
+        Ok(_) => {
+            issues.push(flag, format!("{u:?}: must be an http:// URL"));
+            None
+        }
+        Err(e) => {
+            issues.push(flag, format!("{u:?}: {e}"));
+            None
+        }
     }
 }
 

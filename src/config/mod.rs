@@ -8,11 +8,13 @@
 mod agent;
 mod coordinator;
 mod load;
+mod node;
 mod proxy;
 
 pub use agent::AgentFlags;
 pub use coordinator::CoordinatorOverrides;
 pub use load::{ConfigErrors, ConfigIssue, Issues, Location, TomlDoc};
+pub use node::NodeFlags;
 pub use proxy::ProxyOverrides;
 
 // The validated types, where callers of `load` look for them.

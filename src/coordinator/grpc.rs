@@ -4,14 +4,18 @@
 use super::state::{Command, Heartbeat, Refusal, Usage};
 use super::store::Store;
 use super::{Coordinator, HeartbeatError, unix_ms};
+use crate::clock::Hlc;
 use crate::proto::cluster_discovery_service_server::{
     ClusterDiscoveryService, ClusterDiscoveryServiceServer,
 };
 use crate::proto::heartbeat_response::Command as WireCommand;
-use crate::proto::{HeartbeatRequest, HeartbeatResponse};
+use crate::proto::{
+    Assignment as WireAssignment, HeartbeatRequest, HeartbeatResponse, ReplicationStatus,
+};
+use crate::replication::{ReplicaState, ReplicationReport, Role};
 use crate::server::tls_incoming;
 use crate::tls::Terminator;
-use crate::topology::NodeAddr;
+use crate::topology::{NodeAddr, ShardMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -70,12 +74,57 @@ pub(super) fn validate(req: &HeartbeatRequest, now_ms: i64) -> Result<Heartbeat,
                 active_connections: r.active_connections,
             })
         })?;
+    let replication = req.replication.as_ref().map(replication).transpose()?;
     Ok(Heartbeat {
         node_id: id.to_owned(),
         addr,
         node_time_ms: req.epoch_timestamp_ms,
         usage,
+        replication,
     })
+}
+
+/// The heartbeat's replication status, checked.
+fn replication(r: &ReplicationStatus) -> Result<ReplicationReport, Status> {
+    let state = if r.state.is_empty() {
+        ReplicaState::InSync
+    } else {
+        ReplicaState::parse(&r.state).ok_or_else(|| {
+            Status::invalid_argument("replication.state must be IN_SYNC, LAGGING or STALLED")
+        })?
+    };
+    Ok(ReplicationReport {
+        role: Role::parse(&r.role),
+        applied: Hlc::from_u64(r.applied_hlc),
+        lag_bytes: r.lag_bytes,
+        lag_ms: r.lag_ms,
+        state,
+        sequence: r.last_replicated_sequence,
+    })
+}
+
+/// Where `map` places the node at `addr`, on the wire.
+fn assignment(map: &ShardMap, index: Option<u32>, addr: &NodeAddr) -> WireAssignment {
+    let Some(p) = index.and_then(|i| map.partition(i)) else {
+        return WireAssignment {
+            epoch: map.epoch(),
+            ..Default::default()
+        };
+    };
+    WireAssignment {
+        assigned: true,
+        partition: p.index,
+        role: if p.primary == *addr {
+            "primary"
+        } else {
+            "replica"
+        }
+        .to_owned(),
+        epoch: map.epoch(),
+        primary: p.primary.to_string(),
+        replicas: p.replicas.iter().map(ToString::to_string).collect(),
+        lease_ms: 0,
+    }
 }
 
 struct Service<S: Store> {
@@ -120,6 +169,8 @@ impl<S: Store> ClusterDiscoveryService for Service<S> {
                 "heartbeats from this node arrive far faster than its interval",
             ));
         }
+        let addr = hb.addr;
+        let applied = hb.replication.map(|r| r.applied);
         let command = match c.heartbeat(hb).await {
             Ok(cmd) => cmd,
             Err(HeartbeatError::Refused(r @ Refusal::TooManyStrangers { .. })) => {
@@ -146,9 +197,12 @@ impl<S: Store> ClusterDiscoveryService for Service<S> {
             Command::Rebalance => WireCommand::Rebalance,
             Command::Terminate => WireCommand::Terminate,
         };
+        let (map, index) = c.placement(&addr);
         Ok(Response::new(HeartbeatResponse {
             recommended_command: recommended as i32,
             sync_epoch_timestamp_ms: unix_ms(),
+            hlc: c.hlc(applied).as_u64(),
+            assignment: Some(assignment(&map, index, &addr)),
         }))
     }
 }
@@ -302,6 +356,7 @@ mod tests {
                 free_memory_bytes: 1 << 30,
                 active_connections: 7,
             }),
+            replication: None,
         }
     }
 

@@ -13,12 +13,13 @@ pub mod store;
 
 pub use settings::{CoordinatorConfig, StoreUrl};
 
+use crate::clock::{Hlc, HlcClock};
 use crate::exit::{Exit, Failure};
 use crate::server::{BindError, bind};
 use crate::signals::{Signal, SignalError, Signals};
 use crate::telemetry::{Lazy, Metrics, names};
 use crate::tls::{ALPN_H1, ALPN_H2, ServerTls, Terminator, TlsError};
-use crate::topology::{InvalidTopology, TopologyDoc, TopologyFileError};
+use crate::topology::{InvalidTopology, NodeAddr, ShardMap, TopologyDoc, TopologyFileError};
 use limiter::RateLimiter;
 use metrics::{Counter, Gauge};
 use state::{ClusterState, Command, Heartbeat, NodeStatus, Rules, SweepReport};
@@ -149,6 +150,11 @@ pub struct Coordinator<S: Store> {
     /// being committed (and may lose the race to another coordinator); no
     /// client may see that one before it is durable.
     published: watch::Sender<Arc<TopologyDoc>>,
+    /// The published map, validated: where heartbeat answers place nodes.
+    committed: arc_swap::ArcSwap<ShardMap>,
+    /// The coordinator's HLC: advanced by what nodes report, sent back in
+    /// every heartbeat answer.
+    clock: HlcClock,
     leading: AtomicBool,
     limiter: RateLimiter,
     /// Topology watches held open; bounded so they never take every connection.
@@ -184,6 +190,7 @@ impl<S: Store> Coordinator<S> {
             }
         };
         let (published, _) = watch::channel(Arc::new(state.doc()));
+        let committed = arc_swap::ArcSwap::from_pointee(state.map().clone());
         let registry = Arc::new(Metrics::new());
         Ok(Arc::new(Coordinator {
             limiter: RateLimiter::new(cfg.max_heartbeats_per_second),
@@ -192,6 +199,8 @@ impl<S: Store> Coordinator<S> {
             leading: AtomicBool::new(false),
             state: Mutex::new(state),
             published,
+            committed,
+            clock: HlcClock::new(),
             store,
             cfg,
         }))
@@ -229,10 +238,34 @@ impl<S: Store> Coordinator<S> {
         self.published.send_if_modified(|current| {
             let newer = doc.cluster_epoch > current.cluster_epoch;
             if newer {
+                match ShardMap::from_doc(&doc) {
+                    Ok(map) => self.committed.store(Arc::new(map)),
+                    // Every published doc came from a valid map.
+                    Err(e) => tracing::error!("published map does not validate: {e}"),
+                }
                 *current = Arc::new(doc);
             }
             newer
         });
+    }
+
+    /// Where the committed map places the node at `addr`: its partition, and
+    /// that map's epoch. Never a map still being committed, which could lose
+    /// the race to another coordinator.
+    pub fn placement(&self, addr: &NodeAddr) -> (Arc<ShardMap>, Option<u32>) {
+        let map = self.committed.load_full();
+        let index = map.partition_of(addr).map(|p| p.index);
+        (map, index)
+    }
+
+    /// A reading of the coordinator's HLC, after taking `seen` into account.
+    pub fn hlc(&self, seen: Option<Hlc>) -> Hlc {
+        if let Some(seen) = seen
+            && let Err(e) = self.clock.observe(seen)
+        {
+            tracing::debug!("node stamp not adopted: {e}");
+        }
+        self.clock.now()
     }
 
     /// The map last committed, and a way to wait for the next one.

@@ -1,14 +1,13 @@
 //! `shardgate demo`: a whole cluster on loopback for a newcomer.
 //!
 //! A coordinator (state file in a temporary directory), three partitions of
-//! the built-in key-value node (primary + replica each, every node its own
-//! process with its agent), and a proxy following the coordinator. It prints
-//! what to try, including how to kill a primary and watch the failover.
+//! three reference nodes each (`shardgate node`: a primary and two replicas,
+//! every node its own process with its agent in-process, writes acknowledged
+//! once a majority holds them), and a proxy following the coordinator. It
+//! prints what to try, including how to kill a primary and see that no
+//! acknowledged write is lost.
 //! Ctrl-C stops everything and removes the temporary directory.
 
-pub(crate) mod kv;
-
-use shardgate::agent::{AgentConfig, AgentExit};
 use shardgate::config::{CoordinatorConfig, CoordinatorOverrides, ProxyConfig, ProxyOverrides};
 use shardgate::coordinator::store::FileStore;
 use shardgate::exit::{Exit, Failure};
@@ -18,7 +17,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// Where the demo listens.
 #[derive(Clone, Debug)]
@@ -66,7 +64,6 @@ fn setup(e: impl std::fmt::Display) -> DemoError {
 
 /// One running node, as the map and the instructions name it.
 struct Node {
-    id: String,
     addr: SocketAddr,
     pid: u32,
 }
@@ -75,18 +72,14 @@ fn addr_file(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.addr"))
 }
 
-/// Start one `demo-node` process on a port of its own choosing.
+/// Members per partition: a majority survives the loss of one.
+const MEMBERS: usize = 3;
+
+/// Start one `node` process on a port of its own choosing.
 fn spawn_node(exe: &Path, dir: &Path, id: &str, grpc: SocketAddr) -> Result<Child, DemoError> {
     let log = std::fs::File::create(dir.join(format!("{id}.log"))).map_err(setup)?;
     Command::new(exe)
-        .args([
-            "demo-node",
-            "--id",
-            id,
-            "--listen",
-            "127.0.0.1:0",
-            "--addr-file",
-        ])
+        .args(["node", "--id", id, "--listen", "127.0.0.1:0", "--addr-file"])
         .arg(addr_file(dir, id))
         .args(["--coordinator", &grpc.to_string()])
         .stdin(Stdio::null())
@@ -119,6 +112,47 @@ async fn node_address(id: &str, child: &mut Child, dir: &Path) -> Result<SocketA
     }
 }
 
+/// Wait (bounded) until the node at `addr` knows its role and is in sync
+/// with its primary, so the first write the newcomer tries is taken.
+async fn wait_until_replicating(addr: SocketAddr) -> Result<(), DemoError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = node_status(addr).await
+            && status["role"] != "unassigned"
+            && status["state"] == "IN_SYNC"
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(setup(format!(
+                "node {addr} did not join its partition within 15 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `GET /_shardgate/status` of the node at `addr`.
+async fn node_status(addr: SocketAddr) -> Option<serde_json::Value> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .ok()?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/_shardgate/status")
+        .header(http::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(2), send.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    serde_json::from_slice(&body).ok()
+}
+
 /// Stops child processes by PID when dropped, whatever happened.
 struct Children(Vec<Child>);
 
@@ -141,7 +175,7 @@ impl Drop for TempDir {
     }
 }
 
-/// Three partitions over the six nodes, in (primary, replica) pairs.
+/// Three partitions over the nine nodes, in (primary, replica, replica) triples.
 fn topology(nodes: &[Node]) -> serde_json::Value {
     let ranges = [
         ("00000000", "55555555"),
@@ -154,8 +188,11 @@ fn topology(nodes: &[Node]) -> serde_json::Value {
         .map(|(i, (start, end))| {
             serde_json::json!({
                 "partitionIndex": i,
-                "primaryNodeIp": nodes[2 * i].addr.to_string(),
-                "replicaNodeIps": [nodes[2 * i + 1].addr.to_string()],
+                "primaryNodeIp": nodes[MEMBERS * i].addr.to_string(),
+                "replicaNodeIps": nodes[MEMBERS * i + 1..MEMBERS * (i + 1)]
+                    .iter()
+                    .map(|n| n.addr.to_string())
+                    .collect::<Vec<_>>(),
                 "hashRangeStart": start,
                 "hashRangeEnd": end,
             })
@@ -183,7 +220,7 @@ pub(crate) async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
     let mut coordinator_cfg = coordinator_config(&cfg, &dir.0)?;
     let listeners = shardgate::coordinator::Listeners::bind(&coordinator_cfg).await?;
     let ids: Vec<String> = (0..3)
-        .flat_map(|p| ["primary", "replica"].map(|role| format!("p{p}-{role}")))
+        .flat_map(|p| (0..MEMBERS).map(move |m| format!("p{p}-n{m}")))
         .collect();
     let mut children = Children(Vec::new());
     for id in &ids {
@@ -195,7 +232,7 @@ pub(crate) async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
     for (id, child) in ids.into_iter().zip(&mut children.0) {
         let addr = node_address(&id, child, &dir.0).await?;
         let pid = child.id();
-        nodes.push(Node { id, addr, pid });
+        nodes.push(Node { addr, pid });
     }
 
     let map = topology(&nodes);
@@ -218,6 +255,9 @@ pub(crate) async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
         ProxyConfig::from_toml(&proxy_toml, "demo", &ProxyOverrides::default()).map_err(setup)?;
     let proxy = shardgate::proxy::start(proxy_cfg).await?;
 
+    for node in &nodes {
+        wait_until_replicating(node.addr).await?;
+    }
     print_instructions(&proxy, &coordinator, &nodes, &dir.0, &map_path);
 
     signals.stopped().await;
@@ -248,10 +288,10 @@ fn coordinator_config(cfg: &DemoConfig, dir: &Path) -> Result<CoordinatorConfig,
 /// What the demo's nodes do not do, printed with its instructions so no one
 /// mistakes an acknowledged write for a kept one.
 const NOT_GUARANTEED: &[&str] = &[
-    "replicas do not replicate: a write lives only in its primary's memory",
-    "acknowledged writes are lost when a primary dies: the promoted replica never saw them",
-    "reads from a replica (x-read-preference: secondary) do not see writes made on the primary",
-    "nothing is written to disk: stopping the demo loses every key",
+    "nothing is written to disk: a write lives in the memory of the nodes that hold it, \
+     and stopping the demo (or killing a majority of a partition) loses it",
+    "replica reads may be stale: the proxy does not yet bound their staleness \
+     or honour read-your-writes tokens",
 ];
 
 fn print_instructions<S: shardgate::coordinator::store::Store>(
@@ -276,17 +316,13 @@ fn print_instructions<S: shardgate::coordinator::store::Store>(
         "  coordinator  http://{c}   (gRPC {})",
         coordinator.grpc_addr
     );
-    for pair in nodes.chunks(2) {
-        let part = &pair[0].id[..2];
-        let _ = writeln!(
-            out,
-            "  partition {}  primary {} pid {}   replica {} pid {}",
-            &part[1..],
-            pair[0].addr,
-            pair[0].pid,
-            pair[1].addr,
-            pair[1].pid
-        );
+    for (p, members) in nodes.chunks(MEMBERS).enumerate() {
+        let _ = write!(out, "  partition {p} ");
+        for (m, n) in members.iter().enumerate() {
+            let role = if m == 0 { "primary" } else { "replica" };
+            let _ = write!(out, "  {role} {} pid {}", n.addr, n.pid);
+        }
+        let _ = writeln!(out);
     }
     let _ = writeln!(out, "\nTry it:");
     let _ = writeln!(out, "  curl -X PUT --data hello http://{p}/kv/user:42");
@@ -317,12 +353,19 @@ fn print_instructions<S: shardgate::coordinator::store::Store>(
     );
     let _ = writeln!(
         out,
-        "  curl -X PUT --data again http://{p}/kv/user:42   # writes go to the promoted replica"
+        "  curl http://{p}/kv/user:42                       # the promoted replica has every acknowledged write"
     );
     let _ = writeln!(
         out,
-        "\nWhat this demo does NOT guarantee (replication is not built yet):"
+        "  curl http://{}/_shardgate/status          # a node's role, applied HLC and lag",
+        nodes[1].addr
     );
+    let _ = writeln!(
+        out,
+        "\nWhat it guarantees: a write is acknowledged once a majority of its partition (2 of 3) applied it,\n\
+         and a failover promotes the most caught-up replica, so killing one node loses no acknowledged write."
+    );
+    let _ = writeln!(out, "\nWhat this demo does NOT guarantee:");
     for line in NOT_GUARANTEED {
         let _ = writeln!(out, "  - {line}");
     }
@@ -332,54 +375,4 @@ fn print_instructions<S: shardgate::coordinator::store::Store>(
         dir.display()
     );
     let _ = out.flush();
-}
-
-/// `shardgate demo-node`: one key-value node and its agent in one process.
-pub(crate) async fn run_node(
-    id: &str,
-    listen: SocketAddr,
-    addr_file: Option<&Path>,
-    coordinator: &str,
-) -> Result<AgentExit, DemoError> {
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(setup)?;
-    // With port 0 the bound address is the one the map and agent must carry.
-    let listen = listener.local_addr().map_err(setup)?;
-    if let Some(path) = addr_file {
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || {
-            shardgate::atomic_file::write(&path, listen.to_string().as_bytes())
-        })
-        .await
-        .map_err(setup)?
-        .map_err(setup)?;
-    }
-    let node = kv::KvNode::new(id);
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(kv::serve(node.clone(), listener, shutdown.clone()));
-    let agent = AgentConfig {
-        coordinator: shardgate::agent::coordinator_uri(coordinator).map_err(setup)?,
-        node_id: id.to_owned(),
-        ip: listen.to_string().parse().map_err(setup)?,
-        interval: Duration::from_millis(500),
-        check_url: format!("http://{listen}/healthz").parse().ok(),
-        token: None,
-        tls: Default::default(),
-    };
-    let mut signals = Signals::stop()?;
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        signals.stopped().await;
-        stop.cancel();
-    });
-    let exit = shardgate::agent::run(agent, shutdown.clone())
-        .await
-        .map_err(setup)?;
-    if exit == AgentExit::Terminated {
-        // Fenced: stop taking writes, keep answering reads until stopped.
-        node.fence();
-        shutdown.cancelled().await;
-    }
-    shutdown.cancel();
-    let _ = server.await;
-    Ok(exit)
 }

@@ -214,6 +214,13 @@ impl ShardMap {
         Ok(next)
     }
 
+    /// The partition that names `addr` (as primary or replica), if any.
+    pub fn partition_of(&self, addr: &NodeAddr) -> Option<&Partition> {
+        self.partitions
+            .iter()
+            .find(|p| p.nodes().any(|n| n == addr))
+    }
+
     /// The partition with index `index`, if the map has it.
     pub fn partition(&self, index: u32) -> Option<&Partition> {
         self.partitions.iter().find(|p| p.index == index)

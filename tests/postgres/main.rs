@@ -351,6 +351,7 @@ async fn store_with_a_map() -> (String, PgStore, shardgate::coordinator::state::
         addr: "127.0.0.10:9000".parse().unwrap(),
         node_time_ms: unix_ms(),
         usage: Default::default(),
+        replication: None,
     };
     (url, store, hb)
 }

@@ -357,6 +357,7 @@ pub(crate) fn heartbeat_req(id: &str, ip: &str, ts: i64) -> shardgate::proto::He
             free_memory_bytes: 1 << 30,
             active_connections: 3,
         }),
+        replication: None,
     }
 }
 

@@ -2,6 +2,7 @@
 //! most caught-up live replica takes its place under the next epoch.
 
 use super::{ClusterState, NodeStatus, Rules};
+use crate::clock::Hlc;
 use crate::topology::{NodeAddr, Partition};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -60,6 +61,16 @@ pub struct SweepReport {
 }
 
 impl ClusterState {
+    /// The newest write the node at `addr` last reported applied.
+    fn applied(&self, addr: &NodeAddr) -> Hlc {
+        self.nodes
+            .values()
+            .filter(|n| n.addr == *addr)
+            .filter_map(|n| n.replication.map(|r| r.applied))
+            .max()
+            .unwrap_or(Hlc::ZERO)
+    }
+
     /// Whether the node at `addr` is alive (ACTIVE or DEGRADED); a node the
     /// map names but nobody has heard from is alive until the startup grace ends.
     fn alive(&self, addr: &NodeAddr, now: Instant, timeout: Duration) -> Option<NodeStatus> {
@@ -136,8 +147,17 @@ impl ClusterState {
                         && !self.fenced.contains(r)
                 })
                 .collect();
-            // Least-lagged first where lag is known; unknown lag keeps map order, after known.
-            candidates.sort_by_key(|(i, r)| (lag(r).unwrap_or(u64::MAX), *i));
+            // Most caught-up first: the newest applied write the replica
+            // reported in its heartbeat (with `majority` writes, that replica
+            // holds every acknowledged one); then the store's lag where known;
+            // then map order.
+            candidates.sort_by_key(|(i, r)| {
+                (
+                    std::cmp::Reverse(self.applied(r)),
+                    lag(r).unwrap_or(u64::MAX),
+                    *i,
+                )
+            });
             let Some(&(_, to)) = candidates.first() else {
                 if p.replicas
                     .iter()
@@ -248,6 +268,32 @@ mod tests {
         };
         let r = s.sweep(Instant::now(), &rules(), &lag);
         assert_eq!(r.promotions[0].to.to_string(), "10.0.0.3:80");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_replica_that_applied_the_newest_write_is_promoted_whatever_the_stores_lag() {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        all_beat(&mut s, &[]);
+        tokio::time::advance(16 * SEC).await;
+        all_beat(&mut s, &["a"]);
+        for (id, addr, applied) in [("b", "10.0.0.2:80", 900), ("c", "10.0.0.3:80", 100)] {
+            let mut h = hb(id, addr, 0);
+            h.replication = Some(ReplicationReport {
+                role: crate::replication::Role::Replica,
+                applied: crate::clock::Hlc::new(applied, 0),
+                ..Default::default()
+            });
+            s.heartbeat(&h, Instant::now(), 1_000_000, &rules())
+                .unwrap();
+        }
+        // The store's lag says the opposite; what the replicas applied wins.
+        let lag = |r: &NodeAddr| match r.to_string().as_str() {
+            "10.0.0.2:80" => Some(5000),
+            "10.0.0.3:80" => Some(10),
+            _ => None,
+        };
+        let r = s.sweep(Instant::now(), &rules(), &lag);
+        assert_eq!(r.promotions[0].to.to_string(), "10.0.0.2:80");
     }
 
     #[tokio::test(start_paused = true)]

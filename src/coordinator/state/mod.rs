@@ -12,6 +12,7 @@ mod persist;
 pub use failover::{PartitionHealth, Promotion, SweepReport};
 pub use persist::{Persisted, PersistedNode};
 
+use crate::replication::ReplicationReport;
 use crate::topology::{InvalidTopology, MAX_EPOCH, NodeAddr, ShardMap, TopologyDoc};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -156,6 +157,8 @@ pub struct Heartbeat {
     pub node_time_ms: i64,
     /// Reported usage.
     pub usage: Usage,
+    /// Reported replication status, when the node's agent can read it.
+    pub replication: Option<ReplicationReport>,
 }
 
 /// One node known to the coordinator.
@@ -177,6 +180,8 @@ pub struct Node {
     pub skew_ms: i64,
     /// The assignment the node last heard about.
     pub told: Option<Assignment>,
+    /// Its last reported replication status.
+    pub replication: Option<ReplicationReport>,
 }
 
 /// Timing rules for liveness and failover.
@@ -334,6 +339,7 @@ impl ClusterState {
                 skew_ms: 0,
                 // First contact: nothing has changed since it last heard.
                 told: Some(assignment),
+                replication: None,
             }
         });
         if node.addr != hb.addr {
@@ -342,6 +348,9 @@ impl ClusterState {
             persist = named;
         }
         node.usage = hb.usage;
+        if hb.replication.is_some() {
+            node.replication = hb.replication;
+        }
         node.last_seen = Some(now);
         node.last_seen_unix_ms = Some(now_unix_ms);
         node.skew_ms = skew_ms;
@@ -428,6 +437,7 @@ impl ClusterState {
             last_seen_unix_ms: None,
             skew_ms,
             told: None,
+            replication: None,
         });
         if node.last_seen.is_none_or(|t| seen > t) {
             node.addr = addr;
@@ -522,6 +532,7 @@ pub(super) mod tests {
             addr: addr.parse().unwrap(),
             node_time_ms: 1_000_000 + skew_ms,
             usage: Usage::default(),
+            replication: None,
         }
     }
 

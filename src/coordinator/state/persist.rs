@@ -52,6 +52,7 @@ impl ClusterState {
                     last_seen_unix_ms: None,
                     skew_ms: 0,
                     told: n.told,
+                    replication: None,
                 },
             );
         }

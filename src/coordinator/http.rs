@@ -80,6 +80,7 @@ async fn route<S: Store>(
         (&Method::GET | &Method::HEAD, "/v1/cluster/topology") => topology(c, &req, stop).await,
         (&Method::PUT, "/v1/cluster/topology") => put_topology(c, req).await,
         (&Method::GET, "/v1/cluster/nodes") => nodes(c),
+        (&Method::GET, "/v1/cluster/replication") => replication(c),
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/metrics") => {
             c.refresh_gauges();
@@ -92,7 +93,14 @@ async fn route<S: Store>(
                 c.metrics.registry.render(),
             )
         }
-        (_, "/v1/cluster/topology" | "/v1/cluster/nodes" | "/healthz" | "/metrics") => error(
+        (
+            _,
+            "/v1/cluster/topology"
+            | "/v1/cluster/nodes"
+            | "/v1/cluster/replication"
+            | "/healthz"
+            | "/metrics",
+        ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "method not allowed here",
@@ -202,6 +210,13 @@ fn nodes<S: Store>(c: &Coordinator<S>) -> Response<Body> {
                 "lastHeartbeatUnixMs": n.last_seen_unix_ms,
                 "lastHeartbeatAgeSeconds": n.last_seen.map(|t| t.elapsed().as_secs_f64()),
                 "clockSkewMs": n.skew_ms,
+                "replication": n.replication.map(|r| json!({
+                    "role": r.role.as_str(),
+                    "appliedHlc": r.applied.to_string(),
+                    "lagBytes": r.lag_bytes,
+                    "lagMs": r.lag_ms,
+                    "state": r.state.as_str(),
+                })),
             })
         })
         .collect();
@@ -223,6 +238,31 @@ fn nodes<S: Store>(c: &Coordinator<S>) -> Response<Body> {
         StatusCode::OK,
         &json!({ "epoch": st.epoch(), "nowUnixMs": now_ms, "nodes": nodes, "partitions": partitions }),
     )
+}
+
+/// `GET /v1/cluster/replication` (SPEC §7): each replica's replication from
+/// its primary, as the nodes last reported it. Lag changes never raise the epoch.
+fn replication<S: Store>(c: &Coordinator<S>) -> Response<Body> {
+    let rows: Vec<_> = c
+        .lock()
+        .replication()
+        .into_iter()
+        .map(|r| {
+            json!({
+                "partition": r.partition,
+                "source": r.source,
+                "target": r.target,
+                "targetIp": r.target_addr.to_string(),
+                "state": r.report.state.as_str(),
+                "lagBytes": r.report.lag_bytes,
+                "lagMs": r.report.lag_ms,
+                "appliedHlc": r.report.applied.to_string(),
+                "lastReplicatedSequence": r.report.sequence,
+                "updatedAt": r.updated_unix_ms,
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &json!({ "replication": rows }))
 }
 
 /// `409 Conflict` naming the epoch in force (header and ETag), so the

@@ -96,6 +96,8 @@ struct CoordinatorMetrics {
     watches_shed: Counter,
     failovers: Mutex<HashMap<u32, Counter>>,
     skew: Mutex<HashMap<String, Lazy<Gauge>>>,
+    /// Replication lag per node: bytes, seconds.
+    lag: Mutex<HashMap<String, (Gauge, Gauge)>>,
 }
 
 /// Heartbeat results as `shardgate_coordinator_heartbeats_total` labels them.
@@ -129,6 +131,7 @@ impl CoordinatorMetrics {
             watches_shed: r.counter(names::COORDINATOR_WATCHES_SHED, &[]),
             failovers: Mutex::new(HashMap::new()),
             skew: Mutex::new(HashMap::new()),
+            lag: Mutex::new(HashMap::new()),
             registry,
         }
     }
@@ -276,6 +279,7 @@ impl<S: Store> Coordinator<S> {
     /// Handle one validated heartbeat; the command to send back.
     pub async fn heartbeat(&self, hb: Heartbeat) -> Result<Command, HeartbeatError> {
         let started = Instant::now();
+        let replication = hb.replication;
         let now_ms = unix_ms();
         let rules = self.rules();
         let (mut command, persist, status, skew_ms, assignment, snapshot) = {
@@ -304,8 +308,24 @@ impl<S: Store> Coordinator<S> {
         // bounded whatever ids strangers send.
         if assignment.partition.is_some() {
             self.set_skew(&hb.node_id, skew_ms);
+            if let Some(r) = replication {
+                self.set_lag(&hb.node_id, r);
+            }
         }
         Ok(command)
+    }
+
+    fn set_lag(&self, node: &str, r: crate::replication::ReplicationReport) {
+        let mut lag = self.metrics.lag.lock().unwrap_or_else(|e| e.into_inner());
+        let (bytes, secs) = lag.entry(node.to_owned()).or_insert_with(|| {
+            let r = &self.metrics.registry;
+            (
+                r.gauge(names::REPLICATION_LAG_BYTES, &[("node", node)]),
+                r.gauge(names::REPLICATION_LAG_SECONDS, &[("node", node)]),
+            )
+        });
+        bytes.set(r.lag_bytes as f64);
+        secs.set(r.lag_ms as f64 / 1000.0);
     }
 
     fn set_skew(&self, node: &str, skew_ms: i64) {

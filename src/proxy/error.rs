@@ -46,6 +46,9 @@ pub enum UpstreamCause {
     /// The request could not be sent at all (its only copy was used up).
     #[error("no attempt could be made")]
     NoAttempt,
+    /// A replica answered from further behind than the read allows.
+    #[error("a replica answered but was not fresh enough ({0})")]
+    Stale(&'static str),
     /// The read preference needs a replica the partition does not have.
     #[error("read preference {0} needs a replica and the partition has none")]
     NoReplica(ReadPreference),
@@ -63,6 +66,21 @@ pub enum ProxyError {
     /// The read preference header names no known preference.
     #[error("{0}")]
     InvalidReadPreference(String),
+    /// The read-your-writes token is not one this proxy issues.
+    #[error("x-shardgate-token: {0}")]
+    InvalidToken(String),
+    /// `x-max-staleness` is not a number of seconds.
+    #[error("x-max-staleness: {0}")]
+    InvalidMaxStaleness(String),
+    /// A `secondary` read found no replica within its staleness bound or
+    /// holding its token's write.
+    #[error("partition {partition}: no replica is fresh enough for this read ({why})")]
+    NoFreshReplica {
+        /// Partition index.
+        partition: u32,
+        /// Which requirement no replica met.
+        why: &'static str,
+    },
     /// The request is malformed or ambiguous and will not be forwarded.
     #[error("{0}")]
     BadRequest(&'static str),
@@ -179,6 +197,9 @@ impl ProxyError {
             ProxyError::MissingShardKey(_) => "missing_shard_key",
             ProxyError::InvalidShardKey(_) => "invalid_shard_key",
             ProxyError::InvalidReadPreference(_) => "invalid_read_preference",
+            ProxyError::InvalidToken(_) => "invalid_token",
+            ProxyError::InvalidMaxStaleness(_) => "invalid_max_staleness",
+            ProxyError::NoFreshReplica { .. } => "no_fresh_replica",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::ExpectationFailed => "expectation_failed",
@@ -201,6 +222,8 @@ impl ProxyError {
             ProxyError::MissingShardKey(_)
             | ProxyError::InvalidShardKey(_)
             | ProxyError::InvalidReadPreference(_)
+            | ProxyError::InvalidToken(_)
+            | ProxyError::InvalidMaxStaleness(_)
             | ProxyError::BadRequest(_)
             | ProxyError::ClientBodyFailed(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -211,6 +234,7 @@ impl ProxyError {
             | ProxyError::TopologyStale { .. }
             | ProxyError::PrimaryUnavailable { .. }
             | ProxyError::NoHealthyUpstream { .. }
+            | ProxyError::NoFreshReplica { .. }
             | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -234,6 +258,7 @@ impl ProxyError {
         match self {
             ProxyError::PrimaryUnavailable { partition, .. }
             | ProxyError::NoHealthyUpstream { partition, .. }
+            | ProxyError::NoFreshReplica { partition, .. }
             | ProxyError::UpstreamFailed { partition, .. }
             | ProxyError::UpstreamTimeout { partition, .. } => Some(*partition),
             ProxyError::Overloaded { partition, .. } => *partition,

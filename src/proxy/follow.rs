@@ -278,6 +278,87 @@ pub(super) async fn follow(
     }
 }
 
+/// How often the coordinators' replication view is read.
+const REPLICATION_EVERY: Duration = Duration::from_secs(1);
+
+/// One row of `GET /v1/cluster/replication`.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReplicationRow {
+    target_ip: String,
+    lag_ms: u64,
+    state: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ReplicationView {
+    replication: Vec<ReplicationRow>,
+}
+
+/// Read the coordinators' replication view every second and tell each
+/// replica's upstream the lag its node last reported, so bounded-staleness
+/// reads leave out replicas the proxy has not heard from itself. Lag never
+/// changes the map's epoch (SPEC §7). A STALLED replica counts as
+/// unboundedly behind. A coordinator without the view (404) is not asked again.
+pub(super) async fn follow_replication(
+    live: Arc<LiveMap>,
+    sources: Vec<Uri>,
+    cfg: WatchConfig,
+    shutdown: CancellationToken,
+) {
+    let mut current = 0usize;
+    let mut unsupported = vec![false; sources.len()];
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(jittered(REPLICATION_EVERY)) => {}
+        }
+        if unsupported.iter().all(|u| *u) {
+            return;
+        }
+        if unsupported[current] {
+            current = (current + 1) % sources.len();
+            continue;
+        }
+        let base = sources[current].to_string();
+        let Ok(url) =
+            format!("{}/v1/cluster/replication", base.trim_end_matches('/')).parse::<Uri>()
+        else {
+            unsupported[current] = true;
+            continue;
+        };
+        // Plain http only: an https coordinator's view waits for the TLS
+        // connector to be shared with the map's follower.
+        if url.scheme() == Some(&http::uri::Scheme::HTTPS) {
+            unsupported[current] = true;
+            continue;
+        }
+        match fetch(&url, None, None, cfg.fetch_timeout, cfg.max_map_bytes).await {
+            Ok(Fetched::Map { body, .. }) => match serde_json::from_slice::<ReplicationView>(&body)
+            {
+                Ok(view) => {
+                    for row in view.replication {
+                        let Ok(addr) = row.target_ip.parse() else {
+                            continue;
+                        };
+                        if let Some(u) = live.upstream_at(&addr) {
+                            let lag = if row.state == "STALLED" {
+                                u64::MAX
+                            } else {
+                                row.lag_ms
+                            };
+                            u.freshness().set_reported_lag(Some(lag));
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(%url, "replication view unreadable: {e}"),
+            },
+            Ok(Fetched::Status(StatusCode::NOT_FOUND)) => unsupported[current] = true,
+            Ok(_) | Err(_) => current = (current + 1) % sources.len(),
+        }
+    }
+}
+
 fn jittered(d: Duration) -> Duration {
     // ±20%, so many proxies do not poll in lockstep.
     d.mul_f64(rand::rng().random_range(0.8..1.2))

@@ -106,6 +106,12 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     }
     let mut tasks = Vec::new();
     if !coordinators.is_empty() {
+        tasks.push(tokio::spawn(follow::follow_replication(
+            proxy.live.clone(),
+            coordinators.clone(),
+            config.watch.clone(),
+            shutdown.clone(),
+        )));
         tasks.push(tokio::spawn(follow::follow(
             proxy.live.clone(),
             coordinators,

@@ -189,6 +189,19 @@ impl LiveMap {
         self.current.load().table.clone()
     }
 
+    /// The upstream the map in force binds to `addr`, if any.
+    pub(crate) fn upstream_at(
+        &self,
+        addr: &crate::topology::NodeAddr,
+    ) -> Option<Arc<crate::upstream::Upstream>> {
+        let port = lock(&self.writer).default_port;
+        self.current
+            .load()
+            .table
+            .as_ref()?
+            .upstream(addr.socket_addr(port))
+    }
+
     /// The epoch in force, if any.
     pub(crate) fn epoch(&self) -> Option<u64> {
         self.current.load().table.as_ref().map(|t| t.epoch())

@@ -95,8 +95,10 @@ impl Proxy {
             config.default_upstream_port,
             registry.clone(),
         )?);
+        let replica_reads = |result| r.counter(names::REPLICA_READS, &[("result", result)]);
         let forwarder = Arc::new(Forwarder {
             live: live.clone(),
+            clock: crate::clock::HlcClock::new(),
             holds: Holds::new(settings.failover_buffer.map_or(0, |b| b.max_requests)),
             metrics: pipeline::AttemptMetrics {
                 budget_exhausted: r.counter(names::RETRY_BUDGET_EXHAUSTED, &[]),
@@ -104,6 +106,11 @@ impl Proxy {
                 shed_breaker: shed("breaker_open"),
                 breaker_fail_open: r.counter(names::BREAKER_FAIL_OPEN, &[]),
                 shed_descriptors: shed("descriptors"),
+                replica_reads: pipeline::ReplicaReads {
+                    served: replica_reads("served"),
+                    too_stale: replica_reads("too_stale"),
+                    token_not_applied: replica_reads("token_not_applied"),
+                },
             },
         });
         let limit = Arc::new(InflightLimit::new(

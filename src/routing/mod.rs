@@ -26,6 +26,8 @@ pub struct RoutingConfig {
     pub read_preference_header: Option<HeaderName>,
     /// Reveal the upstream address in responses.
     pub expose_upstream: bool,
+    /// Replicas further behind than this (milliseconds) serve no reads.
+    pub max_replica_lag_ms: Option<u64>,
 }
 
 /// Whether a request may change state; decides which nodes may see it.

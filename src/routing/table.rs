@@ -226,7 +226,7 @@ impl RouteTable {
     }
 
     /// The upstream for `addr`, if this table has one.
-    fn upstream(&self, addr: SocketAddr) -> Option<Arc<Upstream>> {
+    pub fn upstream(&self, addr: SocketAddr) -> Option<Arc<Upstream>> {
         self.upstreams
             .binary_search_by_key(&addr, |u| u.addr())
             .ok()

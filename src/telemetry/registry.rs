@@ -47,6 +47,12 @@ pub mod names {
     pub const LOAD_SHED: &str = "shardgate_load_shed_total";
     /// Bytes the proxy's allocator has handed out.
     pub const MEMORY_ALLOCATED: &str = "shardgate_memory_allocated_bytes";
+    /// Reads a replica served, or was passed over for, by result.
+    pub const REPLICA_READS: &str = "shardgate_replica_reads_total";
+    /// Replication lag per node (coordinator), bytes.
+    pub const REPLICATION_LAG_BYTES: &str = "shardgate_replication_lag_bytes";
+    /// Replication lag per node (coordinator), seconds.
+    pub const REPLICATION_LAG_SECONDS: &str = "shardgate_replication_lag_seconds";
     /// Nodes known to the coordinator, by status.
     pub const COORDINATOR_NODES: &str = "shardgate_coordinator_nodes";
     /// Whether this coordinator leads.
@@ -132,6 +138,19 @@ impl Metrics {
         c(
             LOAD_SHED,
             "Requests or connections refused to protect the proxy, by reason.",
+        );
+        c(
+            REPLICA_READS,
+            "Reads a replica served (served), or was passed over for: too far behind \
+             (too_stale) or not known to hold the read's token (token_not_applied).",
+        );
+        g(
+            REPLICATION_LAG_BYTES,
+            "Bytes of writes a replica's primary has that it has not applied.",
+        );
+        g(
+            REPLICATION_LAG_SECONDS,
+            "How far a replica's newest applied write is behind its primary's.",
         );
         g(
             COORDINATOR_NODES,

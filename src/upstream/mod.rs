@@ -1,11 +1,13 @@
 //! Shard nodes as the data plane sees them: one `Upstream` per address, with
 //! its connection pool, circuit breaker, latency estimate and in-flight count.
 
+mod freshness;
 mod latency;
 mod pool;
 mod request_body;
 mod response_body;
 
+pub use freshness::{Freshness, since_start_ms};
 pub use latency::PeakEwma;
 pub use pool::{Conn, ConnectError, Pool, PoolSettings};
 pub use request_body::{Replayer, RequestBody, Upload};
@@ -106,6 +108,8 @@ pub struct Upstream {
     attempts: [Counter; 5],
     /// Failed attempts over the last minute, for `/admin/upstreams`.
     recent_failures: RollingWindow,
+    /// How far behind its primary it is, as far as the proxy knows.
+    freshness: Freshness,
 }
 
 /// Why an attempt produced no response. Where nothing was written, the
@@ -180,6 +184,7 @@ impl Upstream {
                 )
             }),
             recent_failures: RollingWindow::new(60),
+            freshness: Freshness::default(),
             label,
         }
     }
@@ -202,6 +207,11 @@ impl Upstream {
     /// The circuit breaker.
     pub fn breaker(&self) -> &Breaker {
         &self.breaker
+    }
+
+    /// How far behind its primary it is known to be.
+    pub fn freshness(&self) -> &Freshness {
+        &self.freshness
     }
 
     /// The latency estimate.

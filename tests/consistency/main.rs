@@ -623,3 +623,246 @@ async fn with_async_writes_a_killed_primary_may_lose_acknowledged_writes_and_say
         total.0, total.1
     );
 }
+
+/// Node flags: the primary and a fast replica, and a replica whose applies
+/// are delayed by `slow_ms`.
+fn one_slow_replica(slow_ms: &str) -> [Vec<&str>; 3] {
+    [vec![], vec![], vec!["--apply-delay-ms", slow_ms]]
+}
+
+async fn put_via(url: &str, key: &str, value: &str) -> Answer {
+    send(
+        &client(),
+        http::Request::put(format!("{url}/kv/{key}"))
+            .body(full(value.to_owned()))
+            .unwrap(),
+    )
+    .await
+}
+
+async fn get_via(url: &str, key: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut req = http::Request::get(format!("{url}/kv/{key}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(&client(), req.body(empty()).unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_with_its_writes_token_always_sees_that_write_even_from_lagging_replicas() {
+    let pairs = env_u64("CONSISTENCY_PAIRS", 300);
+    let flags = one_slow_replica("40");
+    let flag_refs: Vec<&[&str]> = flags.iter().map(Vec::as_slice).collect();
+    let p = Partition::start(&flag_refs, true).await;
+    let url = p.proxy_url("");
+    let slow = p.nodes[2].id.clone();
+    let (mut stale_without_token, mut served_by_replica) = (0, 0);
+    let mut last_token = String::new();
+    for i in 0..pairs {
+        let key = format!("ryw-{}", i % 16);
+        let value = format!("v{i}");
+        let put = put_via(&url, &key, &value).await;
+        assert_eq!(put.status, 200, "{}", put.text());
+        let token = put
+            .header("x-shardgate-token")
+            .expect("a write's answer carries a token")
+            .to_owned();
+        assert!(
+            token.len() <= 128 && token.bytes().all(|b| b.is_ascii_graphic()),
+            "{token}"
+        );
+        last_token.clone_from(&token);
+        let read = get_via(
+            &url,
+            &key,
+            &[
+                ("x-read-preference", "secondaryPreferred"),
+                ("x-shardgate-token", &token),
+            ],
+        )
+        .await;
+        assert_eq!(read.status, 200, "{}", read.text());
+        assert_eq!(
+            read.json()["value"],
+            value.as_str(),
+            "pair {i}: read its own write ({})",
+            read.header("x-node-id").unwrap_or("?")
+        );
+        if read.header("x-node-id").is_some_and(|n| n != "n0") {
+            served_by_replica += 1;
+        }
+        // The control: the same read without the token, straight from the
+        // lagging replica, often does not see it yet.
+        if i % 4 == 0 {
+            let slow_node = p.nodes.iter().find(|n| n.id == slow).unwrap();
+            if slow_node.get(&key).await.json()["value"] != value.as_str() {
+                stale_without_token += 1;
+            }
+        }
+    }
+    eprintln!(
+        "{pairs} write-then-read pairs: {served_by_replica} served by a replica; the lagging replica was stale {stale_without_token} times without the token"
+    );
+    assert!(
+        stale_without_token > 0,
+        "the lagging replica must really lag for this test to mean anything"
+    );
+    // Right after its write, a token read goes where the write is known to
+    // be, often the primary. Once the replicas' own answers show they have
+    // it, they serve it.
+    let last_key = format!("ryw-{}", (pairs - 1) % 16);
+    eventually(
+        Duration::from_secs(10),
+        "a replica known to hold the write serves the token read",
+        || {
+            let (url, key, token) = (url.clone(), last_key.clone(), last_token.clone());
+            async move {
+                // Plain replica reads teach the proxy how far each replica got.
+                get_via(&url, &key, &[("x-read-preference", "secondary")]).await;
+                let r = get_via(
+                    &url,
+                    &key,
+                    &[
+                        ("x-read-preference", "secondaryPreferred"),
+                        ("x-shardgate-token", &token),
+                    ],
+                )
+                .await;
+                r.status == 200 && r.header("x-node-id").is_some_and(|n| n != "n0")
+            }
+        },
+    )
+    .await;
+    let admin = p.proxy.as_ref().unwrap().admin;
+    assert!(
+        metric(
+            admin,
+            "shardgate_replica_reads_total{result=\"token_not_applied\"}"
+        )
+        .await
+            > 0.0
+    );
+    assert!(metric(admin, "shardgate_replica_reads_total{result=\"served\"}").await > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_further_behind_than_the_staleness_bound_serve_no_reads() {
+    let flags = one_slow_replica("400");
+    let flag_refs: Vec<&[&str]> = flags.iter().map(Vec::as_slice).collect();
+    let p = Partition::start(&flag_refs, true).await;
+    let url = p.proxy_url("");
+    // One writer raises a counter on one key; the ledger keeps when each
+    // value was acknowledged.
+    let acked: Arc<Mutex<Vec<(tokio::time::Instant, u64)>>> = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (url, acked, stop) = (url.clone(), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.is_cancelled() {
+                i += 1;
+                if put_via(&url, "counter", &i.to_string()).await.status == 200 {
+                    acked.lock().unwrap().push((tokio::time::Instant::now(), i));
+                }
+            }
+        })
+    };
+    let bound = Duration::from_millis(250);
+    let (mut reads, mut by_replica, mut too_old) = (0, 0, Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < deadline {
+        let started = tokio::time::Instant::now();
+        let r = get_via(
+            &url,
+            "counter",
+            &[
+                ("x-read-preference", "secondaryPreferred"),
+                ("x-max-staleness", "0.25"),
+            ],
+        )
+        .await;
+        if r.status != 200 {
+            continue;
+        }
+        reads += 1;
+        let got: u64 = r.json()["value"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let must_have = acked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, _)| *at + bound < started)
+            .map(|(_, i)| *i)
+            .max()
+            .unwrap_or(0);
+        let node = r.header("x-node-id").unwrap_or("?").to_owned();
+        if node != "n0" {
+            by_replica += 1;
+        }
+        if got < must_have {
+            too_old.push((node, got, must_have));
+        }
+    }
+    stop.cancel();
+    writer.await.unwrap();
+    let admin = p.proxy.as_ref().unwrap().admin;
+    let passed_over = metric(admin, "shardgate_replica_reads_total{result=\"too_stale\"}").await;
+    eprintln!(
+        "{reads} bounded reads, {by_replica} by a replica, {passed_over} replica choices passed over as too stale"
+    );
+    assert!(
+        too_old.is_empty(),
+        "{} reads older than the bound were served, first: {:?}",
+        too_old.len(),
+        &too_old[..too_old.len().min(5)]
+    );
+    assert!(by_replica > 0, "the replica within the bound serves reads");
+    assert!(
+        passed_over > 0.0,
+        "the lagging replica must have been passed over"
+    );
+    // `secondary` with no replica within a bound of zero is refused.
+    let strict = get_via(
+        &url,
+        "counter",
+        &[("x-read-preference", "secondary"), ("x-max-staleness", "0")],
+    )
+    .await;
+    assert!(
+        strict.status == 200 || strict.json()["error"] == "no_fresh_replica",
+        "{}",
+        strict.text()
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_token_or_staleness_bound_is_a_clear_400_and_a_write_is_stamped() {
+    let p = Partition::start(&[&[], &[], &[]], true).await;
+    let url = p.proxy_url("");
+    get_via(&url, "k", &[("x-shardgate-token", "not-a-token")])
+        .await
+        .assert_error(400, "invalid_token");
+    get_via(&url, "k", &[("x-max-staleness", "soon")])
+        .await
+        .assert_error(400, "invalid_max_staleness");
+    // A client cannot stamp a write itself: the proxy's stamp replaces it,
+    // and the node versions the write above it.
+    let put = send(
+        &client(),
+        http::Request::put(format!("{url}/kv/k"))
+            .header("x-shardgate-hlc", "7fffffffffff0000")
+            .body(full("v"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let hlc = put.header("x-shardgate-hlc").unwrap();
+    assert!(hlc < "7fffffffffff0000", "{hlc}");
+    let token = put.header("x-shardgate-token").unwrap();
+    assert!(
+        token.ends_with(hlc),
+        "the token names the node's stamp: {token} {hlc}"
+    );
+}

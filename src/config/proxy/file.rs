@@ -193,6 +193,10 @@ pub struct RoutingSection {
     pub allow_read_preference_override: bool,
     /// Add `x-shardgate-upstream` to responses (off: the upstream stays private).
     pub expose_upstream: bool,
+    /// Replicas further behind their primary than this serve no reads
+    /// (SPEC §7); none: no bound unless a request sets `x-max-staleness`.
+    #[serde(with = "humantime_serde")]
+    pub max_replica_lag: Option<Duration>,
 }
 
 impl Default for RoutingSection {
@@ -218,6 +222,7 @@ impl Default for RoutingSection {
             read_preference_header: "x-read-preference".into(),
             allow_read_preference_override: true,
             expose_upstream: false,
+            max_replica_lag: None,
         }
     }
 }

@@ -406,6 +406,9 @@ fn validate_routing(r: &RoutingSection, issues: &mut Issues<'_>) -> Option<Routi
         read_preference: read_preference?,
         read_preference_header,
         expose_upstream: r.expose_upstream,
+        max_replica_lag_ms: r
+            .max_replica_lag
+            .map(|d| d.as_millis().min(u64::MAX as u128) as u64),
     })
 }
 

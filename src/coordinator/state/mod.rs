@@ -184,6 +184,23 @@ pub struct Node {
     pub replication: Option<ReplicationReport>,
 }
 
+/// One replica's replication from its primary.
+#[derive(Clone, Debug)]
+pub struct ReplicationRow {
+    /// The partition.
+    pub partition: u32,
+    /// The primary's node id (its address if it never reported).
+    pub source: String,
+    /// The replica's node id.
+    pub target: String,
+    /// The replica's address.
+    pub target_addr: NodeAddr,
+    /// What the replica last reported.
+    pub report: ReplicationReport,
+    /// When (Unix milliseconds).
+    pub updated_unix_ms: Option<i64>,
+}
+
 /// Timing rules for liveness and failover.
 #[derive(Clone, Copy, Debug)]
 pub struct Rules {
@@ -282,6 +299,36 @@ impl ClusterState {
     /// Whether `addr` is fenced.
     pub fn is_fenced(&self, addr: &NodeAddr) -> bool {
         self.fenced.contains(addr)
+    }
+
+    /// Each replica's replication from its primary, as the nodes last
+    /// reported it (`GET /v1/cluster/replication`, the `replication_logs` rows).
+    pub fn replication(&self) -> Vec<ReplicationRow> {
+        let node_at = |a: &NodeAddr| {
+            self.nodes
+                .values()
+                .filter(|n| n.addr == *a)
+                .max_by_key(|n| n.last_seen)
+        };
+        let mut rows = Vec::new();
+        for p in self.map.partitions() {
+            let source = node_at(&p.primary).map(|n| n.id.clone());
+            for r in &p.replicas {
+                let Some(target) = node_at(r) else { continue };
+                let Some(rep) = target.replication else {
+                    continue;
+                };
+                rows.push(ReplicationRow {
+                    partition: p.index,
+                    source: source.clone().unwrap_or_else(|| p.primary.to_string()),
+                    target: target.id.clone(),
+                    target_addr: *r,
+                    report: rep,
+                    updated_unix_ms: target.last_seen_unix_ms,
+                });
+            }
+        }
+        rows
     }
 
     /// Where `addr` sits in the map.

@@ -6,10 +6,12 @@
 
 use super::super::RuntimeConfig;
 use super::super::error::{ProxyError, UpstreamCause};
+use super::consistency::{self, Needs, Unfit};
 use super::outgoing::Outgoing;
 use super::plan::Plan;
 use super::policy::{Attempts, Next, Rules, Stop};
 use super::response::Delivered;
+use crate::clock::HlcClock;
 use crate::resilience::{AllOpen, Permit, Reach, RetryBudget};
 use crate::routing::{RetryReason, RoutePartition};
 use crate::telemetry::TraceId;
@@ -35,6 +37,45 @@ pub(crate) struct AttemptMetrics {
     pub(crate) breaker_fail_open: Counter,
     /// `shardgate_load_shed_total{reason="descriptors"}`
     pub(crate) shed_descriptors: Counter,
+    /// `shardgate_replica_reads_total{result}`
+    pub(crate) replica_reads: ReplicaReads,
+}
+
+/// `shardgate_replica_reads_total`, by result.
+pub(crate) struct ReplicaReads {
+    pub(crate) served: Counter,
+    pub(crate) too_stale: Counter,
+    pub(crate) token_not_applied: Counter,
+}
+
+impl ReplicaReads {
+    /// Replicas the plan left out, by reason (too stale, token).
+    #[inline]
+    pub(crate) fn passed_over(&self, counts: &[u8; 2]) {
+        if counts[0] > 0 {
+            self.too_stale.increment(u64::from(counts[0]));
+        }
+        if counts[1] > 0 {
+            self.token_not_applied.increment(u64::from(counts[1]));
+        }
+    }
+
+    /// No replica was fit, for the reason `why` names (an `Unfit` label).
+    pub(crate) fn none_fit(&self, why: &str) {
+        if why == Unfit::TokenNotApplied.as_str() {
+            self.token_not_applied.increment(1);
+        } else {
+            self.too_stale.increment(1);
+        }
+    }
+
+    /// A replica passed over, before or after it answered.
+    pub(crate) fn unfit(&self, why: Unfit) {
+        match why {
+            Unfit::TooStale => self.too_stale.increment(1),
+            Unfit::TokenNotApplied => self.token_not_applied.increment(1),
+        }
+    }
 }
 
 /// What the attempts run under.
@@ -47,6 +88,10 @@ pub(crate) struct Run<'a> {
     pub(crate) deadline: Instant,
     pub(crate) idempotent: bool,
     pub(crate) trace_id: u128,
+    /// What a replica must have to serve this read.
+    pub(crate) needs: Needs,
+    /// The proxy's clock, advanced by the HLCs answers carry.
+    pub(crate) clock: &'a HlcClock,
 }
 
 /// Why an attempt produced no response to pass on.
@@ -60,6 +105,8 @@ pub(crate) enum Failure {
     /// A retryable status; kept in case it ends up being the answer. Boxed:
     /// rare, and a failure is carried across awaits in the request's future.
     Status(Box<Delivered>),
+    /// A replica answered, but from further behind than the read allows.
+    Stale(Unfit),
 }
 
 impl Failure {
@@ -76,6 +123,7 @@ impl Failure {
             Failure::Broken(c) => c,
             Failure::Timeout => UpstreamCause::Timeout,
             Failure::Status(d) => UpstreamCause::Status(d.resp.status()),
+            Failure::Stale(u) => UpstreamCause::Stale(u.as_str()),
         }
     }
 }
@@ -137,7 +185,15 @@ pub(crate) async fn run(
                 ));
                 attempt.await
             };
-            let failure = match settle(result, upstream, permit, guard, role, sent_at, r) {
+            let failure = match settle(
+                result,
+                (upstream, &partition.primary),
+                permit,
+                guard,
+                role,
+                sent_at,
+                r,
+            ) {
                 Settled::Deliver(d) => return (Ok(d), attempts.made()),
                 Settled::ClientFault(e) => return (Err(e), attempts.made()),
                 Settled::Local => {
@@ -205,7 +261,7 @@ enum Settled {
 /// Classify an attempt's result, settle its breaker permit and count it.
 fn settle(
     result: Result<Result<(Response<Incoming>, Conn), SendError>, Elapsed>,
-    upstream: &Upstream,
+    (upstream, primary): (&Upstream, &Upstream),
     permit: Permit<'_>,
     guard: InflightGuard,
     role: crate::routing::Role,
@@ -223,6 +279,28 @@ fn settle(
             );
             learn_latency(upstream, sent_at, answered_at);
             let status = resp.status();
+            // What the node says it has applied (or stamped) teaches the
+            // proxy its freshness and advances the proxy's clock; a replica
+            // too far behind for this read is passed over, not passed on.
+            let applied = consistency::learn(resp.headers(), upstream);
+            if let Some(hlc) = applied {
+                let _ = r.clock.observe(hlc);
+            }
+            if role == crate::routing::Role::Replica && !status.is_server_error() {
+                if !r.needs.is_none()
+                    && let Err(why) = consistency::judge_answer(
+                        upstream.freshness(),
+                        primary.freshness(),
+                        applied,
+                        r.needs,
+                    )
+                {
+                    r.metrics.replica_reads.unfit(why);
+                    outcome(AttemptOutcome::Ok, permit, answered_at);
+                    return Settled::Failed(Failure::Stale(why));
+                }
+                r.metrics.replica_reads.served.increment(1);
+            }
             let delivered = Delivered {
                 resp,
                 conn,
@@ -401,6 +479,10 @@ fn give_up(
             last: Some(upstream),
             cause: UpstreamCause::Unsent(e),
         }),
+        Failure::Stale(why) => Err(ProxyError::NoFreshReplica {
+            partition: index,
+            why: why.as_str(),
+        }),
         Failure::Timeout => Err(ProxyError::UpstreamTimeout {
             partition: index,
             upstream,
@@ -454,6 +536,7 @@ mod tests {
         budget: RetryBudget,
         metrics: AttemptMetrics,
         registry: Arc<Metrics>,
+        clock: HlcClock,
     }
 
     fn fixture(settings: Arc<RuntimeConfig>) -> Fixture {
@@ -475,9 +558,15 @@ mod tests {
                 shed_breaker: registry.counter("shed_breaker", &[]),
                 breaker_fail_open: registry.counter("fail_open", &[]),
                 shed_descriptors: registry.counter("shed_descriptors", &[]),
+                replica_reads: ReplicaReads {
+                    served: registry.counter("replica_served", &[]),
+                    too_stale: registry.counter("replica_too_stale", &[]),
+                    token_not_applied: registry.counter("replica_token", &[]),
+                },
             },
             settings,
             registry,
+            clock: HlcClock::new(),
         }
     }
 
@@ -491,6 +580,8 @@ mod tests {
                 deadline: Instant::now() + std::time::Duration::from_secs(30),
                 idempotent: true,
                 trace_id: 1,
+                needs: Needs::default(),
+                clock: &self.clock,
             }
         }
 
@@ -511,11 +602,18 @@ mod tests {
     #[tokio::test]
     async fn the_last_failure_becomes_the_spec_error_for_who_may_serve() {
         let fx = fixture(settings());
-        let write = plan(&fx.partition, RequestClass::Write, ReadPreference::Nearest).unwrap();
+        let write = plan(
+            &fx.partition,
+            RequestClass::Write,
+            ReadPreference::Nearest,
+            Needs::default(),
+        )
+        .unwrap();
         let read = plan(
             &fx.partition,
             RequestClass::Read,
             ReadPreference::PrimaryPreferred,
+            Needs::default(),
         )
         .unwrap();
         let node: Arc<str> = "127.0.0.1:1001".into();
@@ -550,6 +648,7 @@ mod tests {
             &fx.partition,
             RequestClass::Read,
             ReadPreference::PrimaryPreferred,
+            Needs::default(),
         )
         .unwrap();
         let r = fx.run();
@@ -571,7 +670,13 @@ mod tests {
         let mut s = (*settings()).clone();
         s.breaker.when_all_open = AllOpen::FailOpen;
         let fx = fixture(Arc::new(s));
-        let write = plan(&fx.partition, RequestClass::Write, ReadPreference::Primary).unwrap();
+        let write = plan(
+            &fx.partition,
+            RequestClass::Write,
+            ReadPreference::Primary,
+            Needs::default(),
+        )
+        .unwrap();
         fx.open(&fx.partition.primary);
         let (slot, _permit, _guard) = admit(&write, 0, &fx.run()).expect("fail open");
         assert_eq!(slot, 0);
@@ -583,7 +688,13 @@ mod tests {
         let mut s = (*settings()).clone();
         s.limits.max_inflight_per_upstream = 1;
         let fx = fixture(Arc::new(s));
-        let write = plan(&fx.partition, RequestClass::Write, ReadPreference::Primary).unwrap();
+        let write = plan(
+            &fx.partition,
+            RequestClass::Write,
+            ReadPreference::Primary,
+            Needs::default(),
+        )
+        .unwrap();
         let _busy = fx.partition.primary.try_begin(1).unwrap();
         let r = fx.run();
         assert!(admit(&write, 0, &r).is_none());

@@ -9,7 +9,7 @@
 //! | deadline | one overall deadline, which every later wait honours | `deadline` (layer) |
 //! | key | the request is checked, then its shard key read | `key` |
 //! | placement | the key's ring position picks a partition of the map | `placement` |
-//! | plan | class and read preference order the partition's nodes | `plan` |
+//! | plan | class and read preference order the partition's nodes; replicas too far behind, or without the read's token, are left out | `plan`, `consistency` |
 //! | attempts | breakers, retries, backoff, budget; re-placement | `attempts` (I/O), `policy` (decisions) |
 //! | response | the upstream's answer, headers rewritten, body streamed | `response` |
 //!
@@ -20,6 +20,7 @@
 
 mod admission;
 mod attempts;
+mod consistency;
 mod deadline;
 mod key;
 mod observe;
@@ -32,7 +33,7 @@ mod response;
 mod route;
 
 pub(crate) use admission::{ConnActivity, InflightLimit, Ticket};
-pub(crate) use attempts::AttemptMetrics;
+pub(crate) use attempts::{AttemptMetrics, ReplicaReads};
 pub(crate) use route::{Forwarder, Holds};
 
 use super::body::ProxyBody;

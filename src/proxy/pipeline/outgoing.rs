@@ -8,6 +8,8 @@ use super::super::RuntimeConfig;
 use super::super::error::ProxyError;
 use super::super::head::Head;
 use super::super::headers::{self, ClientInfo};
+use super::consistency;
+use crate::clock::Hlc;
 use crate::resilience::is_idempotent;
 use crate::telemetry::TraceContext;
 use crate::upstream::{Replayer, RequestBody, Upload};
@@ -31,18 +33,25 @@ pub(crate) struct Outgoing {
 
 impl Outgoing {
     /// The client's request made ready for `epoch`'s nodes: checked `host`,
-    /// forwarding headers for `client`, a hop of `trace`.
+    /// forwarding headers for `client`, a hop of `trace`, and a write's HLC
+    /// `stamp` (replacing any the client sent).
     pub(crate) fn prepare(
         req: Request<Incoming>,
         host: Option<HeaderValue>,
         client: &ClientInfo,
         epoch: &HeaderValue,
         trace: (TraceContext, bool),
+        stamp: Option<Hlc>,
         settings: &RuntimeConfig,
     ) -> Result<Outgoing, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let body = request_body(&parts.method, body, settings)?;
         headers::to_upstream(&mut parts, host, client, epoch, trace);
+        if let Some(stamp) = stamp
+            && let Ok(v) = HeaderValue::from_bytes(&stamp.to_hex())
+        {
+            parts.headers.insert(consistency::HLC, v);
+        }
         // Only requests that may be sent again after reaching an upstream keep
         // a copy of their head; everything else gets its request back unsent.
         let head = (is_idempotent(&parts.method) && settings.retry.max_attempts > 1)

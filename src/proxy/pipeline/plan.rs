@@ -1,9 +1,11 @@
 //! Stage 3, plan: which of the partition's nodes a request may try, best
 //! first. Writes get the primary and nothing else, whatever the preference.
+//! A read's replicas are only those fresh enough for it (`consistency`).
 
 use super::super::error::{ProxyError, UpstreamCause};
+use super::consistency::{self, Needs, Unfit};
 use crate::routing::{ReadPreference, RequestClass, Role, RoutePartition, RoutingConfig};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, since_start_ms};
 use http::HeaderMap;
 use rand::RngExt;
 use smallvec::SmallVec;
@@ -15,6 +17,8 @@ pub(crate) struct Plan<'t> {
     pub(crate) candidates: SmallVec<[(&'t Arc<Upstream>, Role); 4]>,
     /// Only the primary may serve (writes, or read preference `primary`).
     pub(crate) primary_only: bool,
+    /// Replicas left out as not fresh enough, by reason (too stale, token).
+    pub(crate) passed_over: [u8; 2],
 }
 
 /// The request's read preference: its header if allowed and present, else the default.
@@ -39,31 +43,46 @@ pub(crate) fn plan(
     partition: &RoutePartition,
     class: RequestClass,
     pref: ReadPreference,
+    needs: Needs,
 ) -> Result<Plan<'_>, ProxyError> {
     let primary = (&partition.primary, Role::Primary);
     let mut candidates = SmallVec::new();
+    let mut passed_over = [0u8; 2];
     let pref = match class {
         RequestClass::Write => ReadPreference::Primary,
         RequestClass::Read => pref,
     };
+    let mut replicas =
+        |out: &mut SmallVec<_>| push_replicas(partition, needs, out, &mut passed_over);
     match pref {
         ReadPreference::Primary => candidates.push(primary),
         ReadPreference::PrimaryPreferred => {
             candidates.push(primary);
-            push_replicas(partition, &mut candidates);
+            replicas(&mut candidates);
         }
-        ReadPreference::Secondary => push_replicas(partition, &mut candidates),
+        ReadPreference::Secondary => replicas(&mut candidates),
         ReadPreference::SecondaryPreferred => {
-            push_replicas(partition, &mut candidates);
+            replicas(&mut candidates);
             candidates.push(primary);
         }
         ReadPreference::Nearest => {
             candidates.push(primary);
-            push_replicas(partition, &mut candidates);
+            replicas(&mut candidates);
             order_nearest(&mut candidates);
         }
     }
     if candidates.is_empty() {
+        if passed_over != [0, 0] {
+            let why = if passed_over[1] > 0 {
+                Unfit::TokenNotApplied
+            } else {
+                Unfit::TooStale
+            };
+            return Err(ProxyError::NoFreshReplica {
+                partition: partition.index,
+                why: why.as_str(),
+            });
+        }
         return Err(ProxyError::NoHealthyUpstream {
             partition: partition.index,
             last: None,
@@ -73,13 +92,17 @@ pub(crate) fn plan(
     Ok(Plan {
         candidates,
         primary_only: pref == ReadPreference::Primary,
+        passed_over,
     })
 }
 
-/// Replicas starting at a random one, so reads spread across them.
+/// Replicas fresh enough for `needs`, starting at a random one so reads
+/// spread across them; those left out are counted in `passed_over`.
 fn push_replicas<'t>(
     partition: &'t RoutePartition,
+    needs: Needs,
     out: &mut SmallVec<[(&'t Arc<Upstream>, Role); 4]>,
+    passed_over: &mut [u8; 2],
 ) {
     let replicas = &partition.replicas;
     let n = replicas.len();
@@ -91,8 +114,25 @@ fn push_replicas<'t>(
     } else {
         rand::rng().random_range(0..n)
     };
+    let now_ms = if needs.bound_ms.is_some() {
+        since_start_ms()
+    } else {
+        0
+    };
     for i in 0..n {
-        out.push((&replicas[(start + i) % n], Role::Replica));
+        let replica = &replicas[(start + i) % n];
+        if !needs.is_none()
+            && let Err(why) = consistency::fit(
+                replica.freshness(),
+                partition.primary.freshness(),
+                needs,
+                now_ms,
+            )
+        {
+            passed_over[why as usize] = passed_over[why as usize].saturating_add(1);
+            continue;
+        }
+        out.push((replica, Role::Replica));
     }
 }
 
@@ -176,7 +216,7 @@ mod tests {
             ReadPreference::SecondaryPreferred,
             ReadPreference::Nearest,
         ] {
-            let plan = plan(&p, RequestClass::Write, pref).unwrap();
+            let plan = plan(&p, RequestClass::Write, pref, Needs::default()).unwrap();
             assert_eq!(roles(&plan), [Role::Primary], "{pref}");
             assert!(plan.primary_only);
         }
@@ -185,7 +225,7 @@ mod tests {
     #[test]
     fn reads_follow_their_preference() {
         let p = partition(2);
-        let read = |pref| roles(&plan(&p, RequestClass::Read, pref).unwrap());
+        let read = |pref| roles(&plan(&p, RequestClass::Read, pref, Needs::default()).unwrap());
         use Role::{Primary as P, Replica as R};
         assert_eq!(read(ReadPreference::Primary), [P]);
         assert_eq!(read(ReadPreference::PrimaryPreferred), [P, R, R]);
@@ -195,9 +235,14 @@ mod tests {
         nearest.sort_by_key(|r| *r == R);
         assert_eq!(nearest, [P, R, R], "every node, in cost order");
         assert!(
-            !plan(&p, RequestClass::Read, ReadPreference::PrimaryPreferred)
-                .unwrap()
-                .primary_only
+            !plan(
+                &p,
+                RequestClass::Read,
+                ReadPreference::PrimaryPreferred,
+                Needs::default()
+            )
+            .unwrap()
+            .primary_only
         );
     }
 
@@ -206,9 +251,14 @@ mod tests {
         let p = partition(3);
         let firsts: std::collections::HashSet<_> = (0..200)
             .map(|_| {
-                plan(&p, RequestClass::Read, ReadPreference::Secondary)
-                    .unwrap()
-                    .candidates[0]
+                plan(
+                    &p,
+                    RequestClass::Read,
+                    ReadPreference::Secondary,
+                    Needs::default(),
+                )
+                .unwrap()
+                .candidates[0]
                     .0
                     .addr()
             })
@@ -219,12 +269,74 @@ mod tests {
     #[test]
     fn a_secondary_read_of_a_partition_without_replicas_is_refused() {
         let p = partition(0);
-        let err = plan(&p, RequestClass::Read, ReadPreference::Secondary)
-            .err()
-            .unwrap();
+        let err = plan(
+            &p,
+            RequestClass::Read,
+            ReadPreference::Secondary,
+            Needs::default(),
+        )
+        .err()
+        .unwrap();
         assert_eq!(err.code(), "no_healthy_upstream");
         assert_eq!(err.partition(), Some(4));
         assert!(err.to_string().contains("secondary"), "{err}");
+    }
+
+    #[test]
+    fn replicas_not_fresh_enough_for_a_read_are_left_out() {
+        use crate::clock::Hlc;
+        let p = partition(2);
+        p.primary.freshness().note_applied(Hlc::new(1_000, 0));
+        p.replicas[0].freshness().note_applied(Hlc::new(1_000, 0));
+        p.replicas[1].freshness().note_applied(Hlc::new(400, 0));
+        // Its last answer showed it 600 ms behind.
+        p.replicas[1]
+            .freshness()
+            .observe_gap(600, crate::upstream::since_start_ms());
+        let token = Needs {
+            token: Some(Hlc::new(900, 0)),
+            bound_ms: None,
+        };
+        let plan_for = |pref, needs| plan(&p, RequestClass::Read, pref, needs);
+        let read = plan_for(ReadPreference::SecondaryPreferred, token).unwrap();
+        assert_eq!(roles(&read), [Role::Replica, Role::Primary]);
+        assert_eq!(
+            read.candidates[0].0.addr(),
+            p.replicas[0].addr(),
+            "the one that has the write"
+        );
+        assert_eq!(read.passed_over, [0, 1]);
+        let bound = Needs {
+            token: None,
+            bound_ms: Some(100),
+        };
+        assert_eq!(
+            plan_for(ReadPreference::Secondary, bound)
+                .unwrap()
+                .passed_over,
+            [1, 0]
+        );
+        // None fit: `secondary` is refused, the others fall back to the primary.
+        let late = Needs {
+            token: Some(Hlc::new(2_000, 0)),
+            bound_ms: None,
+        };
+        let err = plan_for(ReadPreference::Secondary, late).err().unwrap();
+        assert_eq!(
+            (err.code(), err.status().as_u16()),
+            ("no_fresh_replica", 503)
+        );
+        assert_eq!(
+            roles(&plan_for(ReadPreference::Nearest, late).unwrap()),
+            [Role::Primary]
+        );
+        // Writes never look at replicas at all.
+        assert_eq!(
+            plan(&p, RequestClass::Write, ReadPreference::Secondary, late)
+                .unwrap()
+                .passed_over,
+            [0, 0]
+        );
     }
 
     #[test]

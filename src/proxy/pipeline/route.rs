@@ -21,12 +21,14 @@ use super::super::error::ProxyError;
 use super::super::headers;
 use super::super::live::{LiveMap, Snapshot};
 use super::attempts::{self, AttemptMetrics, Run};
+use super::consistency::{self, Asked};
 use super::outgoing::Outgoing;
 use super::placement::{self, Placement};
 use super::plan;
 use super::policy::{self, Replacement, WaitFor};
 use super::response::{self, Delivered};
 use super::{Bounded, ClientConn, Failed, Forwarded, Inbound, Ticket, Trail};
+use crate::clock::{Hlc, HlcClock};
 use crate::resilience::is_idempotent;
 use crate::routing::{ReadPreference, RequestClass, RoutePartition};
 use crate::upstream::Upload;
@@ -43,6 +45,8 @@ pub(crate) struct Forwarder {
     pub(crate) live: Arc<LiveMap>,
     /// Writes held through failovers.
     pub(crate) holds: Holds,
+    /// The proxy's hybrid logical clock: stamps writes, advanced by answers.
+    pub(crate) clock: HlcClock,
     /// The attempt loop's metric handles.
     pub(crate) metrics: AttemptMetrics,
 }
@@ -94,6 +98,10 @@ struct Routed {
     placement: Placement,
     pref: ReadPreference,
     class: RequestClass,
+    /// What a read's token and staleness bound ask of replicas.
+    asked: Asked,
+    /// A write's HLC stamp.
+    stamp: Option<Hlc>,
     idempotent: bool,
     arrived: Instant,
     deadline: Instant,
@@ -171,6 +179,10 @@ impl Route {
         let class = RequestClass::of(req.method());
         placement::check_fresh(class, settings.max_staleness, || self.fwd.live.age())?;
         let pref = plan::read_preference(req.headers(), &settings.routing)?;
+        let (asked, stamp) = match class {
+            RequestClass::Read => (consistency::asked(req.headers(), &settings.routing)?, None),
+            RequestClass::Write => (Asked::default(), Some(self.fwd.clock.now())),
+        };
         let idempotent = is_idempotent(req.method());
         let outgoing = Outgoing::prepare(
             req,
@@ -178,6 +190,7 @@ impl Route {
             &self.client.info,
             table.epoch_header(),
             trace,
+            stamp,
             settings,
         )?;
         Ok(Routed {
@@ -185,6 +198,8 @@ impl Route {
             placement,
             pref,
             class,
+            asked,
+            stamp,
             idempotent,
             arrived,
             deadline,
@@ -242,10 +257,17 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
             };
             trail.partition = Some((partition.index, partition.metrics.clone()));
             // 3. plan
-            let plan = match plan::plan(partition, r.class, r.pref) {
+            let needs = r.asked.needs(partition.index);
+            let plan = match plan::plan(partition, r.class, r.pref, needs) {
                 Ok(p) => p,
-                Err(error) => return Err(Failed { error, trail }),
+                Err(error) => {
+                    if let ProxyError::NoFreshReplica { why, .. } = error {
+                        fwd.metrics.replica_reads.none_fit(why);
+                    }
+                    return Err(Failed { error, trail });
+                }
             };
+            fwd.metrics.replica_reads.passed_over(&plan.passed_over);
             let run = Run {
                 settings: &snapshot.settings,
                 budget: &snapshot.budget,
@@ -254,6 +276,8 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                 deadline: r.deadline,
                 idempotent: r.idempotent,
                 trace_id: r.trace_id,
+                needs,
+                clock: &fwd.clock,
             };
             let expose = snapshot.settings.routing.expose_upstream;
             // hyper moves the outermost future for every request, so its size
@@ -276,6 +300,10 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                             table.epoch(),
                         ) else {
                             // 5. response
+                            let mut delivered = delivered;
+                            if let Some(stamp) = r.stamp {
+                                issue_token(&mut delivered, partition.index, table.epoch(), stamp);
+                            }
                             return Ok(finish(
                                 delivered,
                                 partition,
@@ -362,6 +390,28 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
         }
         r.snapshot = newer;
     }
+}
+
+/// A successful write's answer carries its read-your-writes token: the
+/// node's own stamp when it returned one, else the proxy's.
+fn issue_token(d: &mut Delivered, partition: u32, epoch: u64, stamp: Hlc) {
+    if !d.resp.status().is_success() {
+        return;
+    }
+    let headers = d.resp.headers_mut();
+    let hlc = headers
+        .get(consistency::HLC)
+        .and_then(|v| Hlc::parse(v.as_bytes()).ok())
+        .unwrap_or(stamp);
+    headers.insert(
+        consistency::TOKEN,
+        consistency::Token {
+            partition,
+            epoch,
+            hlc,
+        }
+        .to_header(),
+    );
 }
 
 /// Stage 6 for a delivered answer, its facts added to `trail`.

@@ -1,0 +1,514 @@
+//! Stage 3a, consistency (SPEC §7): what a read asks of the replica that
+//! serves it, and the read-your-writes token a write's answer carries.
+//!
+//! A read may carry a token (`x-shardgate-token`, from an earlier write's
+//! answer) and a staleness bound (`x-max-staleness`, capped by `[routing]
+//! max_replica_lag`). A replica may serve it only if it is known to have
+//! applied the token's write, and if it is not further behind its primary
+//! than the bound. "Behind" is measured as MongoDB's `maxStalenessSeconds`
+//! measures it, in the time between writes: the larger of the lag the
+//! coordinator last reported for the replica and the gap between the newest
+//! write the proxy knows its primary has and the newest the replica's answer
+//! says it has applied (`x-shardgate-applied`).
+//!
+//! That gap is only known when the replica answers, so it is judged twice.
+//! After the answer, exactly ([`judge`]): a stale answer is not passed on and
+//! the next candidate (often the primary) is tried instead. Before sending,
+//! from what is known ([`fit`]): a replica is left out only on evidence that
+//! is still fresh: the coordinator's report, or a gap its answers showed in
+//! the last [`RECHECK_MS`]. Knowledge that old says nothing about now (under
+//! steady writes an old applied HLC looks further behind every millisecond),
+//! so a replica left out is tried again after that, as a half-open breaker
+//! is: at most one wasted answer per replica per second, never a replica
+//! left out for good because nobody reads it.
+//!
+//! **Tokens** are `v1.<partition>.<epoch>.<hlc>`: the write's partition,
+//! the map epoch it was made under and the HLC the node stamped it with.
+//! Only the HLC constrains a read. A token from another partition names no
+//! write of this one and is ignored. A token from an older epoch keeps its
+//! HLC requirement: a failover promotes the replica holding every
+//! acknowledged write, and HLCs only rise across primaries, so a node that
+//! applied that HLC under the new primary holds the write (with `async`
+//! writes a failover may lose it, and then nobody has it, the primary
+//! included).
+
+use super::super::error::ProxyError;
+use crate::clock::Hlc;
+use crate::routing::RoutingConfig;
+use crate::upstream::{Freshness, Upstream, since_start_ms};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// `x-shardgate-token`: a write's read-your-writes token.
+pub(crate) const TOKEN: HeaderName = HeaderName::from_static("x-shardgate-token");
+/// `x-max-staleness`: a read's staleness bound, seconds.
+pub(crate) const MAX_STALENESS: HeaderName = HeaderName::from_static("x-max-staleness");
+/// `x-shardgate-hlc`: the proxy's stamp on a write; the node's stamp on its answer.
+pub(crate) const HLC: HeaderName = HeaderName::from_static("x-shardgate-hlc");
+/// `x-shardgate-applied`: the newest write a node had applied when it answered.
+pub(crate) const APPLIED: HeaderName = HeaderName::from_static("x-shardgate-applied");
+
+/// Longest token accepted (SPEC §7).
+const MAX_TOKEN: usize = 128;
+/// Largest staleness bound accepted, seconds.
+const MAX_BOUND_SECS: f64 = 86_400.0;
+
+/// What a read asks of a replica. `Default`: nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Needs {
+    /// It must have applied this write.
+    pub(crate) token: Option<Hlc>,
+    /// It must be at most this far behind its primary, milliseconds.
+    pub(crate) bound_ms: Option<u64>,
+}
+
+impl Needs {
+    /// Whether any replica will do.
+    #[inline]
+    pub(crate) fn is_none(&self) -> bool {
+        self.token.is_none() && self.bound_ms.is_none()
+    }
+}
+
+/// Why a replica may not serve a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unfit {
+    /// Further behind than the bound.
+    TooStale = 0,
+    /// Not known to have applied the token's write.
+    TokenNotApplied = 1,
+}
+
+impl Unfit {
+    /// The `shardgate_replica_reads_total` result label.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Unfit::TooStale => "too_stale",
+            Unfit::TokenNotApplied => "token_not_applied",
+        }
+    }
+}
+
+/// A write's token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Token {
+    pub(crate) partition: u32,
+    pub(crate) epoch: u64,
+    pub(crate) hlc: Hlc,
+}
+
+impl Token {
+    /// The header value.
+    pub(crate) fn to_header(self) -> HeaderValue {
+        let text = format!("v1.{}.{}.{}", self.partition, self.epoch, self.hlc);
+        // Digits, dots and hex: always a valid header value.
+        HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("v1.0.0.0000000000000000"))
+    }
+
+    /// Read a token; a clear error for anything this proxy does not issue.
+    pub(crate) fn parse(raw: &[u8]) -> Result<Token, String> {
+        if raw.len() > MAX_TOKEN {
+            return Err(format!("longer than {MAX_TOKEN} bytes"));
+        }
+        let text = std::str::from_utf8(raw).map_err(|_| "not ASCII".to_owned())?;
+        let mut parts = text.split('.');
+        let (Some("v1"), Some(p), Some(e), Some(h), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err("not a token this proxy issued (v1.<partition>.<epoch>.<hlc>)".into());
+        };
+        let number = |s: &str| s.bytes().all(|b| b.is_ascii_digit()) && !s.is_empty();
+        if !number(p) || !number(e) {
+            return Err("partition and epoch must be decimal numbers".into());
+        }
+        Ok(Token {
+            partition: p.parse().map_err(|_| "partition out of range".to_owned())?,
+            epoch: e.parse().map_err(|_| "epoch out of range".to_owned())?,
+            hlc: Hlc::parse(h.as_bytes()).map_err(|e| e.to_string())?,
+        })
+    }
+}
+
+/// What a read asked for, before it is placed.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Asked {
+    token: Option<Token>,
+    bound_ms: Option<u64>,
+}
+
+impl Asked {
+    /// What it asks of `partition`'s replicas: a token of another partition
+    /// names no write of this one.
+    #[inline]
+    pub(crate) fn needs(&self, partition: u32) -> Needs {
+        Needs {
+            token: self
+                .token
+                .filter(|t| t.partition == partition)
+                .map(|t| t.hlc),
+            bound_ms: self.bound_ms,
+        }
+    }
+}
+
+/// What the read in `headers` asks for; a clear error for a malformed token
+/// or bound.
+pub(crate) fn asked(headers: &HeaderMap, routing: &RoutingConfig) -> Result<Asked, ProxyError> {
+    let token = match headers.get(TOKEN) {
+        None => None,
+        Some(v) => Some(Token::parse(v.as_bytes()).map_err(ProxyError::InvalidToken)?),
+    };
+    let asked = match headers.get(MAX_STALENESS) {
+        None => None,
+        Some(v) => Some(bound_ms(v.as_bytes()).map_err(ProxyError::InvalidMaxStaleness)?),
+    };
+    let bound_ms = match (asked, routing.max_replica_lag_ms) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    };
+    Ok(Asked { token, bound_ms })
+}
+
+/// Seconds (a decimal, as `Retry-After` and MongoDB write them) into milliseconds.
+fn bound_ms(raw: &[u8]) -> Result<u64, String> {
+    let text = std::str::from_utf8(raw).map_err(|_| "not a number of seconds".to_owned())?;
+    let plain = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    let secs: f64 = text
+        .parse()
+        .ok()
+        .filter(|s: &f64| plain && s.is_finite() && *s >= 0.0)
+        .ok_or_else(|| format!("{text:?} is not a number of seconds"))?;
+    if secs > MAX_BOUND_SECS {
+        return Err(format!("{secs} s is more than a day"));
+    }
+    Ok((secs * 1000.0) as u64)
+}
+
+/// Whether a replica known to have applied `applied` may serve a read that
+/// `needs` this, its primary known to have `primary` and the coordinator
+/// reporting `reported_lag_ms`.
+#[inline]
+pub(crate) fn judge(
+    applied: Hlc,
+    primary: Hlc,
+    reported_lag_ms: Option<u64>,
+    needs: Needs,
+) -> Result<(), Unfit> {
+    if needs.token.is_some_and(|t| applied < t) {
+        return Err(Unfit::TokenNotApplied);
+    }
+    if let Some(bound) = needs.bound_ms {
+        let gap = primary.physical_ms().saturating_sub(applied.physical_ms());
+        if gap.max(reported_lag_ms.unwrap_or(0)) > bound {
+            return Err(Unfit::TooStale);
+        }
+    }
+    Ok(())
+}
+
+/// How long a gap seen in a replica's answer keeps it out of reads whose
+/// bound it broke.
+pub(crate) const RECHECK_MS: u64 = 1_000;
+
+/// Whether `replica` is worth trying for a read that `needs` this, as the
+/// proxy knows it at `now_ms` ([`since_start_ms`]). Tokens are judged on
+/// what the replica is known to have applied (SPEC §7: "known to have
+/// applied"); bounds on fresh evidence only (see the module comment).
+#[inline]
+pub(crate) fn fit(
+    f: &Freshness,
+    primary: &Freshness,
+    needs: Needs,
+    now_ms: u64,
+) -> Result<(), Unfit> {
+    if needs.token.is_some_and(|t| f.applied() < t) {
+        return Err(Unfit::TokenNotApplied);
+    }
+    if let Some(bound) = needs.bound_ms {
+        let caught_up = f.applied() >= primary.applied();
+        let seen = if caught_up {
+            0
+        } else {
+            f.observed_gap_since(now_ms.saturating_sub(RECHECK_MS))
+                .unwrap_or(0)
+        };
+        if seen.max(f.reported_lag_ms().unwrap_or(0)) > bound {
+            return Err(Unfit::TooStale);
+        }
+    }
+    Ok(())
+}
+
+/// Judge a replica's answer, which said it had applied `applied`, and
+/// remember the gap it showed for [`fit`].
+#[inline]
+pub(crate) fn judge_answer(
+    f: &Freshness,
+    primary: &Freshness,
+    applied: Option<Hlc>,
+    needs: Needs,
+) -> Result<(), Unfit> {
+    let applied = applied.unwrap_or(Hlc::ZERO);
+    let known = primary.applied();
+    if needs.bound_ms.is_some() {
+        let gap = known.physical_ms().saturating_sub(applied.physical_ms());
+        f.observe_gap(gap, since_start_ms());
+    }
+    judge(applied, known, f.reported_lag_ms(), needs)
+}
+
+/// Learn from an answer's headers: the node's applied HLC (reads) or its
+/// stamp (writes). Returns the HLC the answer carried, if any.
+#[inline]
+pub(crate) fn learn(headers: &HeaderMap, upstream: &Upstream) -> Option<Hlc> {
+    let v = headers.get(APPLIED).or_else(|| headers.get(HLC))?;
+    let hlc = Hlc::parse(v.as_bytes()).ok()?;
+    upstream.freshness().note_applied(hlc);
+    Some(hlc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(ms: u64) -> Hlc {
+        Hlc::new(ms, 0)
+    }
+
+    fn routing(max_lag: Option<u64>) -> RoutingConfig {
+        let mut r = crate::proxy::ProxyConfig::from_toml(
+            "[topology]\nsources = [\"m.json\"]\n",
+            "t",
+            &Default::default(),
+        )
+        .unwrap()
+        .runtime
+        .routing
+        .clone();
+        r.max_replica_lag_ms = max_lag;
+        r
+    }
+
+    fn headers(pairs: &[(&HeaderName, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert((*k).clone(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn a_token_reads_back_what_it_says_and_fits_the_spec_limits() {
+        let tok = Token {
+            partition: 3,
+            epoch: 17,
+            hlc: t(1_700_000_000_000),
+        };
+        let v = tok.to_header();
+        assert!(v.len() <= MAX_TOKEN && v.as_bytes().iter().all(|b| b.is_ascii_graphic()));
+        assert_eq!(Token::parse(v.as_bytes()), Ok(tok));
+    }
+
+    #[test]
+    fn a_malformed_token_is_a_clear_400() {
+        let long = "v1.1.1.".to_owned() + &"0".repeat(200);
+        for bad in [
+            "",
+            "v2.1.1.0000000000000000",
+            "v1.1.1",
+            "v1.a.1.0000000000000000",
+            "v1.1.1.000000000000000g",
+            "v1.1.1.0000000000000000.9",
+            "v1.-1.1.0000000000000000",
+            long.as_str(),
+        ] {
+            let h = headers(&[(&TOKEN, bad)]);
+            let e = asked(&h, &routing(None)).map(|a| a.needs(1)).unwrap_err();
+            assert_eq!(
+                (e.code(), e.status().as_u16()),
+                ("invalid_token", 400),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_token_from_another_partition_asks_nothing_and_one_from_an_older_epoch_keeps_its_hlc() {
+        let other = Token {
+            partition: 2,
+            epoch: 5,
+            hlc: t(900),
+        }
+        .to_header();
+        let h = headers(&[(&TOKEN, other.to_str().unwrap())]);
+        assert!(
+            asked(&h, &routing(None))
+                .map(|a| a.needs(1))
+                .unwrap()
+                .is_none()
+        );
+        let older = Token {
+            partition: 1,
+            epoch: 1,
+            hlc: t(900),
+        }
+        .to_header();
+        let h = headers(&[(&TOKEN, older.to_str().unwrap())]);
+        assert_eq!(
+            asked(&h, &routing(None)).map(|a| a.needs(1)).unwrap().token,
+            Some(t(900))
+        );
+    }
+
+    #[test]
+    fn the_staleness_bound_is_the_tighter_of_the_request_and_the_config() {
+        let h = headers(&[(&MAX_STALENESS, "2.5")]);
+        assert_eq!(
+            asked(&h, &routing(None))
+                .map(|a| a.needs(0))
+                .unwrap()
+                .bound_ms,
+            Some(2500)
+        );
+        assert_eq!(
+            asked(&h, &routing(Some(1000)))
+                .map(|a| a.needs(0))
+                .unwrap()
+                .bound_ms,
+            Some(1000)
+        );
+        assert_eq!(
+            asked(&HeaderMap::new(), &routing(Some(1000)))
+                .map(|a| a.needs(0))
+                .unwrap()
+                .bound_ms,
+            Some(1000)
+        );
+        assert!(
+            asked(&HeaderMap::new(), &routing(None))
+                .map(|a| a.needs(0))
+                .unwrap()
+                .is_none()
+        );
+        for bad in ["-1", "soon", "1e3", "inf", "100000", ""] {
+            let e = asked(&headers(&[(&MAX_STALENESS, bad)]), &routing(None)).unwrap_err();
+            assert_eq!(e.code(), "invalid_max_staleness", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_replica_serves_only_what_it_is_known_to_have() {
+        let token = Needs {
+            token: Some(t(500)),
+            bound_ms: None,
+        };
+        assert_eq!(
+            judge(t(499), t(600), None, token),
+            Err(Unfit::TokenNotApplied)
+        );
+        assert_eq!(judge(t(500), t(600), None, token), Ok(()));
+        let bound = Needs {
+            token: None,
+            bound_ms: Some(100),
+        };
+        assert_eq!(
+            judge(t(400), t(600), None, bound),
+            Err(Unfit::TooStale),
+            "200 ms behind its primary"
+        );
+        assert_eq!(judge(t(550), t(600), None, bound), Ok(()));
+        assert_eq!(
+            judge(t(550), t(600), Some(150), bound),
+            Err(Unfit::TooStale),
+            "the coordinator saw it lag"
+        );
+        assert_eq!(judge(t(0), t(0), None, Needs::default()), Ok(()));
+    }
+
+    fn upstream(applied: u64) -> Freshness {
+        let f = Freshness::default();
+        f.note_applied(t(applied));
+        f
+    }
+
+    #[test]
+    fn a_replica_is_left_out_on_fresh_evidence_only_and_tried_again_after_it() {
+        let primary = upstream(10_000);
+        let replica = upstream(9_000);
+        let bound = Needs {
+            token: None,
+            bound_ms: Some(250),
+        };
+        assert_eq!(
+            fit(&replica, &primary, bound, 5_000),
+            Ok(()),
+            "an old applied HLC, never judged: tried, its answer decides"
+        );
+        replica.observe_gap(400, 5_000);
+        assert_eq!(
+            fit(&replica, &primary, bound, 5_000 + RECHECK_MS - 1),
+            Err(Unfit::TooStale)
+        );
+        assert_eq!(
+            fit(
+                &replica,
+                &primary,
+                Needs {
+                    bound_ms: Some(500),
+                    ..bound
+                },
+                5_500
+            ),
+            Ok(()),
+            "a looser bound"
+        );
+        assert_eq!(
+            fit(&replica, &primary, bound, 5_000 + RECHECK_MS + 1),
+            Ok(()),
+            "tried again once the evidence is old"
+        );
+        replica.note_applied(t(10_000));
+        assert_eq!(
+            fit(&replica, &primary, bound, 5_500),
+            Ok(()),
+            "it has since been seen to have all the primary has"
+        );
+        replica.set_reported_lag(Some(300));
+        assert_eq!(
+            fit(&replica, &primary, bound, 5_500),
+            Err(Unfit::TooStale),
+            "the coordinator saw it lag"
+        );
+    }
+
+    #[test]
+    fn an_answer_is_judged_by_what_it_says_it_applied_and_teaches_the_gap() {
+        let primary = upstream(10_000);
+        let replica = upstream(0);
+        let bound = Needs {
+            token: None,
+            bound_ms: Some(250),
+        };
+        assert_eq!(
+            judge_answer(&replica, &primary, Some(t(9_900)), bound),
+            Ok(())
+        );
+        assert_eq!(
+            judge_answer(&replica, &primary, Some(t(9_000)), bound),
+            Err(Unfit::TooStale)
+        );
+        let now = since_start_ms();
+        assert_eq!(
+            replica.observed_gap_since(now.saturating_sub(10)),
+            Some(1_000)
+        );
+        assert_eq!(
+            judge_answer(&replica, &primary, None, bound),
+            Err(Unfit::TooStale),
+            "a replica that does not say what it applied promises nothing"
+        );
+    }
+}

@@ -89,3 +89,13 @@ pub struct ReplicationReport {
     /// How many writes it has applied in its primary's log.
     pub sequence: u64,
 }
+
+/// How far a replica had got, as a shared store last recorded it (another
+/// coordinator may have heard its heartbeat).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The newest write it had applied.
+    pub applied: Hlc,
+    /// Bytes it was behind its primary.
+    pub lag_bytes: u64,
+}

@@ -36,6 +36,16 @@ pub(super) struct CoordinatorSection {
     /// After a failover, the partition is left alone this long (no ping-pong).
     #[serde(with = "humantime_serde")]
     pub failover_hold_down: Duration,
+    /// When a primary dies and its most caught-up live replica is further
+    /// behind it than `failover_max_lag`: `wait` (consistent: not promoted,
+    /// the partition refuses writes until its primary returns or an operator
+    /// acts) or `promote` (available: promoted, and the writes it never
+    /// received are lost).
+    pub failover_lagging: String,
+    /// How far behind its dead primary (in the time between their newest
+    /// writes) a replica may be and still be promoted under `wait`.
+    #[serde(with = "humantime_serde")]
+    pub failover_max_lag: Duration,
     /// Longest a `waitForEpochAbove` watch is held open.
     #[serde(with = "humantime_serde")]
     pub watch_timeout: Duration,
@@ -84,6 +94,8 @@ impl Default for CoordinatorSection {
             sweep_interval: Duration::from_secs(5),
             max_clock_skew: Duration::from_millis(100),
             failover_hold_down: Duration::from_secs(30),
+            failover_lagging: "wait".into(),
+            failover_max_lag: Duration::from_secs(5),
             watch_timeout: Duration::from_secs(30),
             max_heartbeats_per_second: 10,
             max_unknown_nodes: 1024,
@@ -291,6 +303,19 @@ impl CoordinatorConfig {
             );
         }
         let log_format = parse_log(&log.level, &log.format, &mut issues);
+        let failover_max_lag = match c.failover_lagging.as_str() {
+            "wait" => Some(c.failover_max_lag),
+            "promote" => None,
+            other => {
+                issues.push(
+                    "coordinator.failover_lagging",
+                    format!(
+                        "{other:?} is neither \"wait\" (consistent) nor \"promote\" (available)"
+                    ),
+                );
+                None
+            }
+        };
         if let Some(grpc) = grpc_listen
             && !grpc.ip().is_loopback()
             && c.heartbeat_token.is_empty()
@@ -324,6 +349,7 @@ impl CoordinatorConfig {
             sweep_interval: c.sweep_interval,
             max_clock_skew: c.max_clock_skew,
             failover_hold_down: c.failover_hold_down,
+            failover_max_lag,
             watch_timeout: c.watch_timeout,
             max_heartbeats_per_second: c.max_heartbeats_per_second,
             max_unknown_nodes: c.max_unknown_nodes,

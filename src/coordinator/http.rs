@@ -2,7 +2,7 @@
 //! watch; the nodes; operator map changes; health and metrics.
 
 use super::Coordinator;
-use super::state::MapChangeError;
+use super::state::{MapChangeError, ReplicationRow};
 use super::store::{Commit, Store};
 use crate::json_error::JsonError;
 use crate::secret::Secret;
@@ -246,21 +246,8 @@ fn replication<S: Store>(c: &Coordinator<S>) -> Response<Body> {
     let rows: Vec<_> = c
         .lock()
         .replication()
-        .into_iter()
-        .map(|r| {
-            json!({
-                "partition": r.partition,
-                "source": r.source,
-                "target": r.target,
-                "targetIp": r.target_addr.to_string(),
-                "state": r.report.state.as_str(),
-                "lagBytes": r.report.lag_bytes,
-                "lagMs": r.report.lag_ms,
-                "appliedHlc": r.report.applied.to_string(),
-                "lastReplicatedSequence": r.report.sequence,
-                "updatedAt": r.updated_unix_ms,
-            })
-        })
+        .iter()
+        .map(ReplicationRow::to_json)
         .collect();
     json_response(StatusCode::OK, &json!({ "replication": rows }))
 }

@@ -219,6 +219,7 @@ impl<S: Store> Coordinator<S> {
             max_clock_skew: self.cfg.max_clock_skew,
             failover_hold_down: self.cfg.failover_hold_down,
             max_strangers: self.cfg.max_unknown_nodes,
+            failover_max_lag: self.cfg.failover_max_lag,
         }
     }
 
@@ -356,15 +357,15 @@ impl<S: Store> Coordinator<S> {
         if !leading {
             return Ok(None);
         }
-        let lags: HashMap<_, _> = match shared {
-            Some(s) => s.replication_lag().await?.into_iter().collect(),
+        let stored: HashMap<_, _> = match shared {
+            Some(s) => s.replication_progress().await?.into_iter().collect(),
             None => HashMap::new(),
         };
         let (report, before, snapshot) = {
             let mut st = self.lock();
             st.set_leader(&self.cfg.id);
             let before = st.epoch();
-            let report = st.sweep(Instant::now(), &self.rules(), &|a| lags.get(a).copied());
+            let report = st.sweep(Instant::now(), &self.rules(), &|a| stored.get(a).copied());
             let snapshot = (!report.promotions.is_empty()).then(|| st.persisted());
             (report, before, snapshot)
         };
@@ -381,6 +382,16 @@ impl<S: Store> Coordinator<S> {
             tracing::error!(
                 partition = p,
                 "every node of the partition is dead; kept in the map"
+            );
+        }
+        for (p, behind) in &report.too_far_behind {
+            tracing::error!(
+                partition = p,
+                behind_ms = behind.as_millis() as u64,
+                "primary is dead and its most caught-up replica is further behind than \
+                 failover_max_lag: not promoted, so no acknowledged write is lost; the \
+                 partition refuses writes until its primary returns, an operator changes \
+                 the map, or failover_lagging = \"promote\" is chosen"
             );
         }
         for p in &report.available_again {
@@ -577,20 +588,22 @@ pub async fn start_on<S: Store>(
     let grpc_tls = terminator(&cfg.grpc_tls, ALPN_H2)?;
     let coordinator = Coordinator::open(cfg, store).await?;
     let shutdown = CancellationToken::new();
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(http::serve(
-        coordinator.clone(),
-        http,
-        http_tls.clone(),
-        shutdown.clone(),
-    )));
-    tasks.push(tokio::spawn(grpc::serve(
-        coordinator.clone(),
-        grpc_listener,
-        grpc_tls.clone(),
-        shutdown.clone(),
-    )));
-    tasks.push(tokio::spawn(sweeper(coordinator.clone(), shutdown.clone())));
+    let mut tasks = vec![
+        tokio::spawn(http::serve(
+            coordinator.clone(),
+            http,
+            http_tls.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(grpc::serve(
+            coordinator.clone(),
+            grpc_listener,
+            grpc_tls.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(sweeper(coordinator.clone(), shutdown.clone())),
+        tokio::spawn(replication_recorder(coordinator.clone(), shutdown.clone())),
+    ];
     if coordinator.store.shared().is_some() {
         tasks.push(tokio::spawn(follower(
             coordinator.clone(),
@@ -637,6 +650,37 @@ async fn sweeper<S: Store>(c: Arc<Coordinator<S>>, shutdown: CancellationToken) 
                 c.leading.store(false, Ordering::SeqCst);
                 tracing::error!("sweep failed: {e}");
             }
+        }
+    }
+}
+
+/// How often the replication rows are written, at most.
+const REPLICATION_RECORD_PERIOD: Duration = Duration::from_secs(1);
+
+/// Keeps the store's replication rows (`replication_logs`) current from the
+/// heartbeats this coordinator hears: at most once a period, and only when a
+/// row changed, so an idle cluster writes nothing and a busy one a row set a
+/// second rather than one write per heartbeat.
+async fn replication_recorder<S: Store>(c: Arc<Coordinator<S>>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(REPLICATION_RECORD_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = Vec::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let rows = c.lock().replication();
+        let now: Vec<_> = rows
+            .iter()
+            .map(|r| (r.source_addr, r.target_addr, r.report))
+            .collect();
+        if rows.is_empty() || now == last {
+            continue;
+        }
+        match c.store.save_replication(&rows).await {
+            Ok(()) => last = now,
+            Err(e) => tracing::warn!("recording replication progress failed: {e}"),
         }
     }
 }

@@ -38,6 +38,9 @@ pub struct CoordinatorConfig {
     pub max_clock_skew: Duration,
     /// Failover hold-down.
     pub failover_hold_down: Duration,
+    /// `Some`: never promote a replica further behind its dead primary (CP);
+    /// `None`: promote the most caught-up however far behind (AP).
+    pub failover_max_lag: Option<Duration>,
     /// Watch limit.
     pub watch_timeout: Duration,
     /// Per-node heartbeat rate.

@@ -13,278 +13,15 @@ mod support;
 
 use rand::{RngExt, SeedableRng};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::*;
-
-const TOKEN: &str = "s3cret";
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
-}
-
-/// One `shardgate node` process.
-struct NodeProc {
-    id: String,
-    addr: SocketAddr,
-    proc: BinProcess,
-}
-
-impl NodeProc {
-    async fn spawn(dir: &Path, id: &str, grpc: SocketAddr, extra: &[&str]) -> NodeProc {
-        NodeProc::spawn_on(dir, id, "127.0.0.1:0", grpc, extra).await
-    }
-
-    async fn spawn_on(
-        dir: &Path,
-        id: &str,
-        listen: &str,
-        grpc: SocketAddr,
-        extra: &[&str],
-    ) -> NodeProc {
-        let addr_file = dir.join(format!("{id}.addr"));
-        let _ = std::fs::remove_file(&addr_file);
-        let grpc = grpc.to_string();
-        let mut args = vec![
-            "node",
-            "--id",
-            id,
-            "--listen",
-            listen,
-            "--addr-file",
-            addr_file.to_str().unwrap(),
-            "--coordinator",
-            &grpc,
-            "--interval",
-            "0.1",
-        ];
-        args.extend_from_slice(extra);
-        let proc = BinProcess::spawn(&args, false).await;
-        let read = || -> Option<SocketAddr> {
-            std::fs::read_to_string(&addr_file)
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-        };
-        eventually(Duration::from_secs(15), "node listening", || {
-            let found = read().is_some();
-            async move { found }
-        })
-        .await;
-        NodeProc {
-            id: id.to_owned(),
-            addr: read().unwrap(),
-            proc,
-        }
-    }
-
-    async fn status(&self) -> Option<serde_json::Value> {
-        let r = tokio::time::timeout(
-            Duration::from_secs(2),
-            client().request(
-                http::Request::get(format!("http://{}/_shardgate/status", self.addr))
-                    .body(empty())
-                    .unwrap(),
-            ),
-        )
-        .await
-        .ok()?
-        .ok()?;
-        let body = http_body_util::BodyExt::collect(r.into_body())
-            .await
-            .ok()?
-            .to_bytes();
-        serde_json::from_slice(&body).ok()
-    }
-
-    async fn get(&self, key: &str) -> Answer {
-        send(
-            &client(),
-            http::Request::get(format!("http://{}/kv/{key}", self.addr))
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-    }
-
-    async fn put(&self, key: &str, value: &str) -> Answer {
-        send(
-            &client(),
-            http::Request::put(format!("http://{}/kv/{key}", self.addr))
-                .body(full(value.to_owned()))
-                .unwrap(),
-        )
-        .await
-    }
-}
-
-/// A coordinator, one partition of three nodes, and optionally a proxy.
-struct Partition {
-    coordinator: BinCoordinator,
-    nodes: Vec<NodeProc>,
-    proxy: Option<BinProxy>,
-    _dir: tempfile::TempDir,
-}
-
-fn map(epoch: u64, primary: &str, replicas: &[String]) -> String {
-    serde_json::json!({
-        "clusterEpoch": epoch,
-        "masterNodeId": "coord-a",
-        "partitionCount": 1,
-        "partitions": [{
-            "partitionIndex": 0,
-            "primaryNodeIp": primary,
-            "replicaNodeIps": replicas,
-            "hashRangeStart": "00000000",
-            "hashRangeEnd": "ffffffff",
-        }],
-    })
-    .to_string()
-}
-
-impl Partition {
-    /// Start it; `node_flags[i]` are node i's extra flags (node 0 is the primary).
-    async fn start(node_flags: &[&[&str]], with_proxy: bool) -> Partition {
-        let dir = tempfile::tempdir().unwrap();
-        // The nodes pick their own ports, so the coordinator starts on a
-        // map of addresses nobody listens on, and the real map replaces it.
-        let placeholder = dir.path().join("placeholder.json");
-        std::fs::write(
-            &placeholder,
-            map(
-                1,
-                "127.0.0.2:9",
-                &["127.0.0.3:9".into(), "127.0.0.4:9".into()],
-            ),
-        )
-        .unwrap();
-        let config = dir.path().join("coordinator.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[coordinator]\nid = \"coord-a\"\nfailover_hold_down = \"1s\"\nadmin_token = \"{TOKEN}\"\n\
-                 max_clock_skew = \"5s\"\n"
-            ),
-        )
-        .unwrap();
-        let store = format!("file:{}", dir.path().join("state.json").display());
-        let coordinator = BinCoordinator::spawn(&[
-            "--config",
-            config.to_str().unwrap(),
-            "--topology",
-            placeholder.to_str().unwrap(),
-            "--store",
-            &store,
-            "--heartbeat-timeout",
-            "1",
-            "--sweep-interval",
-            "0.1",
-        ])
-        .await;
-        let mut nodes = Vec::new();
-        for (i, flags) in node_flags.iter().enumerate() {
-            nodes
-                .push(NodeProc::spawn(dir.path(), &format!("n{i}"), coordinator.grpc, flags).await);
-        }
-        let replicas: Vec<String> = nodes[1..].iter().map(|n| n.addr.to_string()).collect();
-        let put = send(
-            &client(),
-            http::Request::put(coordinator.url("/v1/cluster/topology"))
-                .header("authorization", format!("Bearer {TOKEN}"))
-                .header("content-type", "application/json")
-                .body(full(map(2, &nodes[0].addr.to_string(), &replicas)))
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(put.status, 200, "{}", put.text());
-        let proxy = if with_proxy {
-            let toml = dir.path().join("proxy.toml");
-            std::fs::write(
-                &toml,
-                format!(
-                    "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-                     [topology]\nsources = [\"http://{}\"]\n\
-                     [failover_buffer]\nenabled = true\n",
-                    coordinator.http
-                ),
-            )
-            .unwrap();
-            Some(BinProxy::spawn(&["--config", toml.to_str().unwrap()]).await)
-        } else {
-            None
-        };
-        let p = Partition {
-            coordinator,
-            nodes,
-            proxy,
-            _dir: dir,
-        };
-        p.wait_until_in_sync(&[0, 1, 2]).await;
-        p
-    }
-
-    /// Wait until node `primary` leads and every other listed node follows it in sync.
-    async fn wait_until_in_sync(&self, members: &[usize]) {
-        let mut last = Vec::new();
-        let within = Duration::from_secs(20);
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            last.clear();
-            for &i in members {
-                last.push(self.nodes[i].status().await);
-            }
-            let applied: Vec<_> = last
-                .iter()
-                .map(|s| {
-                    s.as_ref()
-                        .map(|s| (s["state"].clone(), s["appliedHlc"].clone()))
-                })
-                .collect();
-            let one_primary = last
-                .iter()
-                .filter(|s| s.as_ref().is_some_and(|s| s["role"] == "primary"))
-                .count()
-                == 1;
-            if one_primary
-                && applied
-                    .iter()
-                    .all(|a| a.as_ref().is_some_and(|(s, _)| s == "IN_SYNC"))
-                && applied
-                    .windows(2)
-                    .all(|w| w[0].as_ref().map(|a| &a.1) == w[1].as_ref().map(|a| &a.1))
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "replication did not converge within {within:?}: {last:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn proxy_url(&self, path: &str) -> String {
-        format!("http://{}{}", self.proxy.as_ref().unwrap().addr, path)
-    }
-
-    /// The node the coordinator's map names primary now.
-    async fn primary(&self) -> &NodeProc {
-        let doc = self.coordinator.get_json("/v1/cluster/topology").await;
-        let addr = doc["partitions"][0]["primaryNodeIp"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        self.nodes
-            .iter()
-            .find(|n| n.addr.to_string() == addr)
-            .unwrap()
-    }
 }
 
 #[tokio::test]
@@ -337,6 +74,24 @@ async fn replicas_apply_every_write_in_order_and_report_their_place() {
                 .filter(|n| n["id"].as_str().is_some_and(|id| id.starts_with('n')))
                 .count()
                 == 3
+        },
+    )
+    .await;
+    // The file store keeps the replication rows beside its state file.
+    let rows_file = p.dir.path().join("state.json.replication");
+    eventually(
+        Duration::from_secs(5),
+        "the file store's replication rows reach sequence 50",
+        || async {
+            let Ok(text) = std::fs::read_to_string(&rows_file) else {
+                return false;
+            };
+            let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let rows = doc["replication"].as_array().unwrap();
+            rows.len() == 2
+                && rows
+                    .iter()
+                    .all(|r| r["lastReplicatedSequence"] == 50 && r["source"] == "n0")
         },
     )
     .await;
@@ -401,7 +156,7 @@ async fn a_replica_that_restarts_empty_serves_no_reads_until_it_has_caught_up() 
             200
         );
     }
-    let back = NodeProc::spawn_on(p._dir.path(), &id, &addr, p.coordinator.grpc, &[]).await;
+    let back = NodeProc::spawn_on(p.dir.path(), &id, &addr, p.coordinator.grpc, &[]).await;
     // From its first answer on, it either refuses or serves the whole state:
     // never its empty memory as if it were current.
     let mut refused = 0;

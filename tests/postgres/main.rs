@@ -92,7 +92,7 @@ async fn migrations_create_the_spec_schema_and_are_idempotent() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
 }
 
 async fn pg_coordinator(
@@ -508,4 +508,65 @@ async fn a_promotion_is_served_only_once_it_is_committed() {
         .unwrap()
         .get::<_, i64>(0);
     assert_eq!(stored, 11, "what is served is what the store holds");
+}
+
+#[tokio::test]
+async fn replication_logs_rows_follow_what_the_replicas_report() {
+    let url = pg_database().await;
+    let p = Partition::start_on(&[&[], &[], &[]], false, Some(&url)).await;
+    let primary = &p.nodes[0];
+    for i in 0..20 {
+        assert_eq!(primary.put(&format!("k{i}"), "v").await.status, 200);
+    }
+    let c = pg_client(&url).await;
+    // One current row per (primary, replica) pair, at the primary's sequence.
+    let want: i64 = primary.status().await.unwrap()["lastReplicatedSequence"]
+        .as_i64()
+        .unwrap();
+    assert!(want >= 20);
+    let query =
+        "SELECT s.ip_address, t.ip_address, rl.replication_status, rl.last_replicated_sequence,
+                        rl.replication_lag_bytes, rl.applied_hlc, rl.partition_index
+                   FROM replication_logs rl
+                   JOIN cluster_nodes s ON s.node_id = rl.source_node_id
+                   JOIN cluster_nodes t ON t.node_id = rl.target_node_id
+                  ORDER BY t.ip_address";
+    type Row = (String, String, String, i64, i64, i64, Option<i32>);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let last: Vec<Row> = loop {
+        let rows: Vec<Row> = c
+            .query(query, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    r.get(3),
+                    r.get(4),
+                    r.get(5),
+                    r.get(6),
+                )
+            })
+            .collect();
+        if rows.len() == 2 && rows.iter().all(|r| r.3 == want && r.2 == "IN_SYNC") {
+            break rows;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replication_logs never caught up with sequence {want}: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut targets: Vec<String> = p.nodes[1..].iter().map(|n| n.addr.to_string()).collect();
+    targets.sort();
+    for (row, target) in last.iter().zip(&targets) {
+        assert_eq!(row.0, primary.addr.to_string(), "source is the primary");
+        assert_eq!(&row.1, target);
+        assert_eq!(row.4, 0, "no bytes behind");
+        assert!(row.5 > 0, "the applied HLC is kept");
+        assert_eq!(row.6, Some(0), "partition 0");
+    }
 }

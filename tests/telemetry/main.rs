@@ -259,7 +259,17 @@ async fn the_deploy_rules_and_scrape_config_pass_promtool() {
         None,
     );
     assert!(ok, "{out}");
-    assert!(out.contains("8 rules found"), "{out}");
+    assert!(out.contains("9 rules found"), "{out}");
+    // The rules fire when they should, on series shaped like the real ones.
+    let (ok, out) = promtool(
+        &[
+            "test",
+            "rules",
+            &format!("{root}/deploy/prometheus/alerts_test.yml"),
+        ],
+        None,
+    );
+    assert!(ok && out.contains("SUCCESS"), "{out}");
     let (ok, out) = promtool(
         &[
             "check",

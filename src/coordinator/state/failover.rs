@@ -3,6 +3,7 @@
 
 use super::{ClusterState, NodeStatus, Rules};
 use crate::clock::Hlc;
+use crate::replication::Progress;
 use crate::topology::{NodeAddr, Partition};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -58,15 +59,20 @@ pub struct SweepReport {
     pub available_again: Vec<u32>,
     /// Partitions whose primary is dead but no replica could take over.
     pub stuck: Vec<u32>,
+    /// Partitions whose primary is dead and whose best replica is further
+    /// behind it than `failover_max_lag`, with how far: left waiting.
+    pub too_far_behind: Vec<(u32, Duration)>,
 }
 
 impl ClusterState {
-    /// The newest write the node at `addr` last reported applied.
-    fn applied(&self, addr: &NodeAddr) -> Hlc {
+    /// The newest write the node at `addr` last reported applied, to this
+    /// coordinator or (`stored`) to any other.
+    fn applied(&self, addr: &NodeAddr, stored: &dyn Fn(&NodeAddr) -> Option<Progress>) -> Hlc {
         self.nodes
             .values()
             .filter(|n| n.addr == *addr)
             .filter_map(|n| n.replication.map(|r| r.applied))
+            .chain(stored(addr).map(|p| p.applied))
             .max()
             .unwrap_or(Hlc::ZERO)
     }
@@ -95,12 +101,13 @@ impl ClusterState {
     }
 
     /// Mark silent nodes DEAD and promote replicas of dead primaries (the
-    /// leader only). `lag` gives a replica's replication lag when known.
+    /// leader only). `stored` gives how far a node had got as a shared store
+    /// recorded it, when known.
     pub fn sweep(
         &mut self,
         now: Instant,
         rules: &Rules,
-        lag: &dyn Fn(&NodeAddr) -> Option<u64>,
+        stored: &dyn Fn(&NodeAddr) -> Option<Progress>,
     ) -> SweepReport {
         let mut report = SweepReport::default();
         let timeout = rules.heartbeat_timeout;
@@ -153,11 +160,21 @@ impl ClusterState {
             // then map order.
             candidates.sort_by_key(|(i, r)| {
                 (
-                    std::cmp::Reverse(self.applied(r)),
-                    lag(r).unwrap_or(u64::MAX),
+                    std::cmp::Reverse(self.applied(r, stored)),
+                    stored(r).map_or(u64::MAX, |p| p.lag_bytes),
                     *i,
                 )
             });
+            // The CP choice: a best replica that far behind the dead primary
+            // is kept out, and so the partition waits rather than lose writes.
+            if let (Some(max), Some(&(_, best))) = (rules.failover_max_lag, candidates.first()) {
+                let primary = self.applied(&p.primary, stored);
+                let behind = self.applied(&best, stored).behind(primary);
+                if primary != Hlc::ZERO && behind > max {
+                    report.too_far_behind.push((p.index, behind));
+                    continue;
+                }
+            }
             let Some(&(_, to)) = candidates.first() else {
                 if p.replicas
                     .iter()
@@ -228,6 +245,8 @@ impl ClusterState {
 mod tests {
     use super::super::tests::*;
     use super::super::*;
+    use crate::clock::Hlc;
+    use crate::replication::Progress;
     use tokio::time::Instant;
 
     #[tokio::test(start_paused = true)]
@@ -262,8 +281,8 @@ mod tests {
         tokio::time::advance(16 * SEC).await;
         all_beat(&mut s, &["a"]);
         let lag = |r: &NodeAddr| match r.to_string().as_str() {
-            "10.0.0.2:80" => Some(5000),
-            "10.0.0.3:80" => Some(10),
+            "10.0.0.2:80" => Some(lag_bytes(5000)),
+            "10.0.0.3:80" => Some(lag_bytes(10)),
             _ => None,
         };
         let r = s.sweep(Instant::now(), &rules(), &lag);
@@ -288,12 +307,93 @@ mod tests {
         }
         // The store's lag says the opposite; what the replicas applied wins.
         let lag = |r: &NodeAddr| match r.to_string().as_str() {
-            "10.0.0.2:80" => Some(5000),
-            "10.0.0.3:80" => Some(10),
+            "10.0.0.2:80" => Some(lag_bytes(5000)),
+            "10.0.0.3:80" => Some(lag_bytes(10)),
             _ => None,
         };
         let r = s.sweep(Instant::now(), &rules(), &lag);
         assert_eq!(r.promotions[0].to.to_string(), "10.0.0.2:80");
+    }
+
+    fn lag_bytes(lag_bytes: u64) -> Progress {
+        Progress {
+            applied: Hlc::ZERO,
+            lag_bytes,
+        }
+    }
+
+    /// Partition 0's primary a reported `primary_ms`, its replicas b and c
+    /// `b_ms` and `c_ms`, then a went silent.
+    async fn primary_dies_ahead_of_its_replicas(
+        primary_ms: u64,
+        b_ms: u64,
+        c_ms: u64,
+    ) -> ClusterState {
+        let mut s = ClusterState::new(map(), "coord", Instant::now());
+        for (id, addr, applied, role) in [
+            (
+                "a",
+                "10.0.0.1:80",
+                primary_ms,
+                crate::replication::Role::Primary,
+            ),
+            ("b", "10.0.0.2:80", b_ms, crate::replication::Role::Replica),
+            ("c", "10.0.0.3:80", c_ms, crate::replication::Role::Replica),
+        ] {
+            let mut h = hb(id, addr, 0);
+            h.replication = Some(ReplicationReport {
+                role,
+                applied: Hlc::new(applied, 0),
+                ..Default::default()
+            });
+            s.heartbeat(&h, Instant::now(), 1_000_000, &rules())
+                .unwrap();
+        }
+        tokio::time::advance(16 * SEC).await;
+        all_beat(&mut s, &["a"]);
+        s
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consistent_failover_keeps_a_replica_too_far_behind_out_and_the_partition_waits() {
+        let mut s = primary_dies_ahead_of_its_replicas(60_000, 40_000, 30_000).await;
+        let r = s.sweep(Instant::now(), &rules(), &no_lag);
+        assert!(r.promotions.is_empty(), "{r:?}");
+        assert_eq!(r.too_far_behind, [(0, 20 * SEC)]);
+        assert_eq!(s.epoch(), 7, "the map stays as it is");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consistent_failover_promotes_a_replica_within_the_bound() {
+        let mut s = primary_dies_ahead_of_its_replicas(60_000, 58_000, 30_000).await;
+        let r = s.sweep(Instant::now(), &rules(), &no_lag);
+        assert_eq!(r.promotions[0].to.to_string(), "10.0.0.2:80");
+        assert!(r.too_far_behind.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn available_failover_promotes_the_best_replica_however_far_behind() {
+        let mut s = primary_dies_ahead_of_its_replicas(60_000, 40_000, 30_000).await;
+        let ap = Rules {
+            failover_max_lag: None,
+            ..rules()
+        };
+        let r = s.sweep(Instant::now(), &ap, &no_lag);
+        assert_eq!(r.promotions[0].to.to_string(), "10.0.0.2:80");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_another_coordinator_recorded_counts_toward_the_choice() {
+        let mut s = primary_dies_ahead_of_its_replicas(60_000, 40_000, 30_000).await;
+        // c heartbeats to another coordinator, which recorded it caught up.
+        let stored = |a: &NodeAddr| {
+            (a.to_string() == "10.0.0.3:80").then_some(Progress {
+                applied: Hlc::new(60_000, 0),
+                lag_bytes: 0,
+            })
+        };
+        let r = s.sweep(Instant::now(), &rules(), &stored);
+        assert_eq!(r.promotions[0].to.to_string(), "10.0.0.3:80");
     }
 
     #[tokio::test(start_paused = true)]

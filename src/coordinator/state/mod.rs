@@ -191,6 +191,8 @@ pub struct ReplicationRow {
     pub partition: u32,
     /// The primary's node id (its address if it never reported).
     pub source: String,
+    /// The primary's address.
+    pub source_addr: NodeAddr,
     /// The replica's node id.
     pub target: String,
     /// The replica's address.
@@ -199,6 +201,24 @@ pub struct ReplicationRow {
     pub report: ReplicationReport,
     /// When (Unix milliseconds).
     pub updated_unix_ms: Option<i64>,
+}
+
+impl ReplicationRow {
+    /// Its form in `GET /v1/cluster/replication` and the file store.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "partition": self.partition,
+            "source": self.source,
+            "target": self.target,
+            "targetIp": self.target_addr.to_string(),
+            "state": self.report.state.as_str(),
+            "lagBytes": self.report.lag_bytes,
+            "lagMs": self.report.lag_ms,
+            "appliedHlc": self.report.applied.to_string(),
+            "lastReplicatedSequence": self.report.sequence,
+            "updatedAt": self.updated_unix_ms,
+        })
+    }
 }
 
 /// Timing rules for liveness and failover.
@@ -212,6 +232,12 @@ pub struct Rules {
     pub failover_hold_down: Duration,
     /// Nodes the map does not name that may be registered at once.
     pub max_strangers: usize,
+    /// CP or AP when every live replica is far behind a dead primary:
+    /// `Some(d)` never promotes one more than `d` behind (the partition
+    /// refuses writes until its primary returns or an operator acts);
+    /// `None` promotes the most caught-up one however far behind, and the
+    /// writes it never received are lost.
+    pub failover_max_lag: Option<Duration>,
 }
 
 /// The coordinator's view of the cluster.
@@ -321,6 +347,7 @@ impl ClusterState {
                 rows.push(ReplicationRow {
                     partition: p.index,
                     source: source.clone().unwrap_or_else(|| p.primary.to_string()),
+                    source_addr: p.primary,
                     target: target.id.clone(),
                     target_addr: *r,
                     report: rep,
@@ -561,6 +588,7 @@ pub(super) mod tests {
             max_clock_skew: Duration::from_millis(100),
             failover_hold_down: 30 * SEC,
             max_strangers: 3,
+            failover_max_lag: Some(5 * SEC),
         }
     }
 
@@ -606,7 +634,7 @@ pub(super) mod tests {
         }
     }
 
-    pub(super) fn no_lag(_: &NodeAddr) -> Option<u64> {
+    pub(super) fn no_lag(_: &NodeAddr) -> Option<crate::replication::Progress> {
         None
     }
 

@@ -1,7 +1,7 @@
 //! The default store: one JSON file, replaced atomically (see `atomic_file`).
 
 use super::{Commit, NotShared, Store, StoreError};
-use crate::coordinator::state::Persisted;
+use crate::coordinator::state::{Persisted, ReplicationRow};
 use std::path::PathBuf;
 
 /// A state file owned by one coordinator.
@@ -33,11 +33,24 @@ impl FileStore {
             reason: e.to_string(),
         })?;
         let _one_at_a_time = self.write.lock().await;
-        let path = self.path.clone();
+        self.replace(self.path.clone(), bytes).await
+    }
+
+    async fn replace(&self, path: PathBuf, bytes: Vec<u8>) -> Result<(), StoreError> {
         tokio::task::spawn_blocking(move || crate::atomic_file::write(&path, &bytes))
             .await
             .map_err(|e| self.err(std::io::Error::other(e)))?
             .map_err(|e| self.err(e))
+    }
+
+    /// The replication rows' file, beside the state file: they change with
+    /// every write the cluster takes, the map hardly ever, so they are kept
+    /// apart and the state file is only rewritten when the map or the nodes
+    /// change.
+    pub fn replication_path(&self) -> PathBuf {
+        let mut name = self.path.file_name().unwrap_or_default().to_owned();
+        name.push(".replication");
+        self.path.with_file_name(name)
     }
 }
 
@@ -74,5 +87,13 @@ impl Store for FileStore {
 
     async fn save_nodes(&self, state: &Persisted) -> Result<(), StoreError> {
         self.write(state).await
+    }
+
+    async fn save_replication(&self, rows: &[ReplicationRow]) -> Result<(), StoreError> {
+        let doc = serde_json::json!({
+            "replication": rows.iter().map(ReplicationRow::to_json).collect::<Vec<_>>()
+        });
+        let bytes = serde_json::to_vec_pretty(&doc).unwrap_or_default();
+        self.replace(self.replication_path(), bytes).await
     }
 }

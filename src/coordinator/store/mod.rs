@@ -10,7 +10,8 @@ mod postgres;
 pub use file::FileStore;
 pub use postgres::{PgStore, migrations};
 
-use super::state::{Assignment, Heartbeat, NodeStatus, Persisted, Usage};
+use super::state::{Assignment, Heartbeat, NodeStatus, Persisted, ReplicationRow, Usage};
+use crate::replication::Progress;
 use crate::topology::NodeAddr;
 use std::future::Future;
 use std::time::Duration;
@@ -88,6 +89,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Persist node registrations and what nodes were told (no epoch change).
     fn save_nodes(&self, state: &Persisted) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Keep the replication rows (`replication_logs`) current: each
+    /// (primary, replica) pair's latest report. Never raises the epoch.
+    fn save_replication(
+        &self,
+        rows: &[ReplicationRow],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// What a store shared by several coordinators adds: one of them leads, and
@@ -117,10 +125,11 @@ pub trait SharedStore: Send + Sync + 'static {
     /// Heartbeats every coordinator recorded, for the leader's sweep.
     fn remote_nodes(&self) -> impl Future<Output = Result<Vec<RemoteNode>, StoreError>> + Send;
 
-    /// Replication lag per address, where known.
-    fn replication_lag(
+    /// How far each replica had got, per address, as last recorded by any
+    /// coordinator.
+    fn replication_progress(
         &self,
-    ) -> impl Future<Output = Result<Vec<(NodeAddr, u64)>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<(NodeAddr, Progress)>, StoreError>> + Send;
 
     /// Record nodes the leader's sweep found DEAD.
     fn mark_dead(&self, ids: &[String]) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -157,7 +166,7 @@ impl SharedStore for NotShared {
         match *self {}
     }
 
-    async fn replication_lag(&self) -> Result<Vec<(NodeAddr, u64)>, StoreError> {
+    async fn replication_progress(&self) -> Result<Vec<(NodeAddr, Progress)>, StoreError> {
         match *self {}
     }
 

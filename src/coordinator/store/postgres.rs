@@ -14,7 +14,11 @@
 //!   database restart costs failed calls, not a coordinator restart.
 
 use super::{Commit, RemoteNode, SharedStore, Store, StoreError};
-use crate::coordinator::state::{Assignment, Heartbeat, NodeStatus, Persisted, PersistedNode};
+use crate::clock::Hlc;
+use crate::coordinator::state::{
+    Assignment, Heartbeat, NodeStatus, Persisted, PersistedNode, ReplicationRow,
+};
+use crate::replication::Progress;
 use crate::topology::{NodeAddr, PartitionDoc, TopologyDoc};
 use arc_swap::ArcSwapOption;
 use std::collections::BTreeSet;
@@ -36,6 +40,11 @@ pub fn migrations() -> &'static [(i32, &'static str, &'static str)] {
             2,
             "shardgate_state",
             include_str!("../../../migrations/0002_shardgate_state.sql"),
+        ),
+        (
+            3,
+            "replication_progress",
+            include_str!("../../../migrations/0003_replication_progress.sql"),
         ),
     ]
 }
@@ -397,6 +406,54 @@ impl Store for PgStore {
         Ok(Commit::Won)
     }
 
+    async fn save_replication(&self, rows: &[ReplicationRow]) -> Result<(), StoreError> {
+        // One statement for every pair; the addresses are cluster_nodes'
+        // unique key (the map's nodes are rows from the first commit on).
+        let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let sources: Vec<String> = rows.iter().map(|r| r.source_addr.to_string()).collect();
+        let targets: Vec<String> = rows.iter().map(|r| r.target_addr.to_string()).collect();
+        let states: Vec<&str> = rows.iter().map(|r| r.report.state.as_str()).collect();
+        let lag_bytes: Vec<i64> = rows.iter().map(|r| big(r.report.lag_bytes)).collect();
+        let lag_ms: Vec<i64> = rows.iter().map(|r| big(r.report.lag_ms)).collect();
+        let seqs: Vec<i64> = rows.iter().map(|r| big(r.report.sequence)).collect();
+        let hlcs: Vec<i64> = rows
+            .iter()
+            .map(|r| big(r.report.applied.as_u64()))
+            .collect();
+        let parts: Vec<i32> = rows
+            .iter()
+            .map(|r| i32::try_from(r.partition).unwrap_or(i32::MAX))
+            .collect();
+        self.main
+            .get()
+            .await?
+            .client
+            .execute(
+                "INSERT INTO replication_logs (source_node_id, target_node_id, replication_status,
+                        replication_lag_bytes, replication_lag_ms, last_replicated_sequence,
+                        applied_hlc, partition_index, updated_at)
+                 SELECT s.node_id, t.node_id, r.state, r.lag_bytes, r.lag_ms, r.seq, r.hlc, r.part, NOW()
+                   FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[],
+                               $6::int8[], $7::int8[], $8::int4[])
+                        AS r(src, tgt, state, lag_bytes, lag_ms, seq, hlc, part)
+                   JOIN cluster_nodes s ON s.ip_address = r.src
+                   JOIN cluster_nodes t ON t.ip_address = r.tgt
+                 ON CONFLICT (source_node_id, target_node_id) DO UPDATE SET
+                        replication_status = EXCLUDED.replication_status,
+                        replication_lag_bytes = EXCLUDED.replication_lag_bytes,
+                        replication_lag_ms = EXCLUDED.replication_lag_ms,
+                        last_replicated_sequence = EXCLUDED.last_replicated_sequence,
+                        applied_hlc = EXCLUDED.applied_hlc,
+                        partition_index = EXCLUDED.partition_index,
+                        updated_at = EXCLUDED.updated_at",
+                &[
+                    &sources, &targets, &states, &lag_bytes, &lag_ms, &seqs, &hlcs, &parts,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
     async fn save_nodes(&self, state: &Persisted) -> Result<(), StoreError> {
         // Registrations arrive with heartbeats; what remains is a first
         // contact's assignment, written only where none was recorded. One
@@ -541,21 +598,30 @@ impl SharedStore for PgStore {
             .collect()
     }
 
-    async fn replication_lag(&self) -> Result<Vec<(NodeAddr, u64)>, StoreError> {
+    async fn replication_progress(&self) -> Result<Vec<(NodeAddr, Progress)>, StoreError> {
         let rows = self
             .main
             .get()
             .await?
             .client
             .query(
-                "SELECT DISTINCT ON (rl.target_node_id) cn.ip_address, rl.replication_lag_bytes
+                "SELECT DISTINCT ON (rl.target_node_id) cn.ip_address, rl.applied_hlc,
+                        rl.replication_lag_bytes
                    FROM replication_logs rl JOIN cluster_nodes cn ON cn.node_id = rl.target_node_id
                   ORDER BY rl.target_node_id, rl.updated_at DESC",
                 &[],
             )
             .await?;
         rows.iter()
-            .map(|r| Ok((addr(r.get(0))?, r.get::<_, i64>(1).max(0) as u64)))
+            .map(|r| {
+                Ok((
+                    addr(r.get(0))?,
+                    Progress {
+                        applied: Hlc::from_u64(r.get::<_, i64>(1).max(0) as u64),
+                        lag_bytes: r.get::<_, i64>(2).max(0) as u64,
+                    },
+                ))
+            })
             .collect()
     }
 

@@ -621,3 +621,90 @@ async fn a_malformed_token_or_staleness_bound_is_a_clear_400_and_a_write_is_stam
         "the token names the node's stamp: {token} {hlc}"
     );
 }
+
+/// PUT through the proxy until it is acknowledged (a failover may refuse a
+/// few); the answer's HLC.
+async fn put_until_acked(url: &str, key: &str, value: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = put_via(url, key, value).await;
+        if r.status == 200 {
+            return r.header("x-shardgate-hlc").unwrap().to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{key}={value} never acknowledged: {}",
+            r.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn with_clocks_half_a_second_apart_versions_only_rise_and_the_later_write_wins() {
+    // The primary's clock runs 500 ms ahead, the replica that replaces it
+    // 500 ms behind: a second apart on the wall.
+    let p = Partition::start(
+        &[
+            &["--clock-offset-ms", "500"],
+            &["--clock-offset-ms", "-500"],
+            &[],
+        ],
+        true,
+    )
+    .await;
+    let url = p.proxy_url("");
+    let mut versions = Vec::new();
+    for i in 0..30 {
+        versions.push((put_until_acked(&url, "clock", &format!("a{i}")).await, i));
+    }
+    // A switchover by the operator, so the next write lands on the slow
+    // clock at once (a failover's detection time would let its wall clock
+    // catch up with the versions already written).
+    let (n0, n1, n2) = (
+        p.nodes[0].addr.to_string(),
+        p.nodes[1].addr.to_string(),
+        p.nodes[2].addr.to_string(),
+    );
+    let put = send(
+        &client(),
+        http::Request::put(p.coordinator.url("/v1/cluster/topology"))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .header("content-type", "application/json")
+            .body(full(map(3, &n1, &[n0, n2])))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let new = &p.nodes[1];
+    eventually(
+        Duration::from_secs(10),
+        "n1 leads and n0 follows",
+        || async {
+            let role = |s: Option<serde_json::Value>| s.map(|s| s["role"].clone());
+            role(new.status().await) == Some("primary".into())
+                && role(p.nodes[0].status().await) == Some("replica".into())
+        },
+    )
+    .await;
+    for i in 30..60 {
+        versions.push((put_until_acked(&url, "clock", &format!("a{i}")).await, i));
+    }
+    for w in versions.windows(2) {
+        assert!(
+            w[1].0 > w[0].0,
+            "write {} got version {} after write {}'s {}: versions must rise whatever the clocks say",
+            w[1].1,
+            w[1].0,
+            w[0].1,
+            w[0].0
+        );
+    }
+    // The later write wins on the new primary, and it carries the last version.
+    let r = new.get("clock").await;
+    assert_eq!(r.json()["value"], "a59", "{}", r.text());
+    assert_eq!(
+        r.json()["version"].as_str(),
+        Some(versions.last().unwrap().0.as_str())
+    );
+}

@@ -3,9 +3,11 @@
 //! A coordinator (state file in a temporary directory), three partitions of
 //! three reference nodes each (`shardgate node`: a primary and two replicas,
 //! every node its own process with its agent in-process, writes acknowledged
-//! once a majority holds them), and a proxy following the coordinator. It
-//! prints what to try, including how to kill a primary and see that no
-//! acknowledged write is lost.
+//! once a majority holds them), and a proxy following the coordinator. Each
+//! partition's last replica applies writes 300 ms late, so a stale replica
+//! read is easy to see. It prints what to try: a stale read, a token read
+//! that avoids it, a staleness bound, and killing a primary without losing
+//! an acknowledged write.
 //! Ctrl-C stops everything and removes the temporary directory.
 
 use shardgate::config::{CoordinatorConfig, CoordinatorOverrides, ProxyConfig, ProxyOverrides};
@@ -75,13 +77,25 @@ fn addr_file(dir: &Path, id: &str) -> PathBuf {
 /// Members per partition: a majority survives the loss of one.
 const MEMBERS: usize = 3;
 
+/// How late each partition's last replica applies writes: long enough for a
+/// person to see a stale read, short enough to catch up at once.
+const SLOW_REPLICA_DELAY_MS: &str = "300";
+
 /// Start one `node` process on a port of its own choosing.
-fn spawn_node(exe: &Path, dir: &Path, id: &str, grpc: SocketAddr) -> Result<Child, DemoError> {
+fn spawn_node(
+    exe: &Path,
+    dir: &Path,
+    id: &str,
+    grpc: SocketAddr,
+    slow: bool,
+) -> Result<Child, DemoError> {
     let log = std::fs::File::create(dir.join(format!("{id}.log"))).map_err(setup)?;
+    let delay = if slow { SLOW_REPLICA_DELAY_MS } else { "0" };
     Command::new(exe)
         .args(["node", "--id", id, "--listen", "127.0.0.1:0", "--addr-file"])
         .arg(addr_file(dir, id))
         .args(["--coordinator", &grpc.to_string()])
+        .args(["--apply-delay-ms", delay])
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(setup)?)
         .stderr(log)
@@ -223,10 +237,11 @@ pub(crate) async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
         .flat_map(|p| (0..MEMBERS).map(move |m| format!("p{p}-n{m}")))
         .collect();
     let mut children = Children(Vec::new());
-    for id in &ids {
+    for (i, id) in ids.iter().enumerate() {
+        let slow = i % MEMBERS == MEMBERS - 1;
         children
             .0
-            .push(spawn_node(&exe, &dir.0, id, listeners.grpc_addr)?);
+            .push(spawn_node(&exe, &dir.0, id, listeners.grpc_addr, slow)?);
     }
     let mut nodes = Vec::new();
     for (id, child) in ids.into_iter().zip(&mut children.0) {
@@ -290,8 +305,8 @@ fn coordinator_config(cfg: &DemoConfig, dir: &Path) -> Result<CoordinatorConfig,
 const NOT_GUARANTEED: &[&str] = &[
     "nothing is written to disk: a write lives in the memory of the nodes that hold it, \
      and stopping the demo (or killing a majority of a partition) loses it",
-    "replica reads may be stale: the proxy does not yet bound their staleness \
-     or honour read-your-writes tokens",
+    "a replica read without a token or a staleness bound may be stale \
+     (each partition's last replica is 300 ms late on purpose)",
 ];
 
 fn print_instructions<S: shardgate::coordinator::store::Store>(
@@ -319,7 +334,11 @@ fn print_instructions<S: shardgate::coordinator::store::Store>(
     for (p, members) in nodes.chunks(MEMBERS).enumerate() {
         let _ = write!(out, "  partition {p} ");
         for (m, n) in members.iter().enumerate() {
-            let role = if m == 0 { "primary" } else { "replica" };
+            let role = match m {
+                0 => "primary",
+                m if m == MEMBERS - 1 => "slow replica",
+                _ => "replica",
+            };
             let _ = write!(out, "  {role} {} pid {}", n.addr, n.pid);
         }
         let _ = writeln!(out);
@@ -337,15 +356,44 @@ fn print_instructions<S: shardgate::coordinator::store::Store>(
         map.display()
     );
     let _ = writeln!(out, "  curl http://{c}/v1/cluster/nodes");
+    let _ = writeln!(
+        out,
+        "\nStale reads, and the two ways to avoid them (run each line quickly after the last):"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -X PUT --data v2 http://{p}/kv/user:42 -D - | grep -i x-shardgate-token   # the write's token"
+    );
+    let _ = writeln!(
+        out,
+        "  for i in 1 2 3 4; do curl -s -H 'x-read-preference: secondary' http://{p}/kv/user:42; echo; done\n\
+         \x20                                  # right after a write, the slow replica may still say the old value"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -H 'x-read-preference: secondary' -H 'x-shardgate-token: TOKEN' http://{p}/kv/user:42\n\
+         \x20                                  # read-your-writes: never older than the write that gave TOKEN"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -H 'x-read-preference: secondaryPreferred' -H 'x-max-staleness: 0.1' http://{p}/kv/user:42\n\
+         \x20                                  # bounded staleness: replicas over 100 ms behind are skipped"
+    );
     let _ = writeln!(out, "\nFail over a primary and watch the map change:");
     let _ = writeln!(
         out,
         "  curl 'http://{c}/v1/cluster/topology?waitForEpochAbove=1' &   # waits for the new epoch"
     );
+    // The partition the example key lives in, so killing its primary is
+    // what the next read notices.
+    let home = std::fs::read(map)
+        .ok()
+        .and_then(|b| shardgate::topology::ShardMap::from_json(&b).ok())
+        .map_or(0, |m| m.partition_for_key(b"user:42").index as usize);
     let _ = writeln!(
         out,
-        "  kill {}                                               # partition 0's primary",
-        nodes[0].pid
+        "  kill {}                                               # user:42's primary (partition {home})",
+        nodes[home * MEMBERS].pid
     );
     let _ = writeln!(
         out,
@@ -358,7 +406,7 @@ fn print_instructions<S: shardgate::coordinator::store::Store>(
     let _ = writeln!(
         out,
         "  curl http://{}/_shardgate/status          # a node's role, applied HLC and lag",
-        nodes[1].addr
+        nodes[home * MEMBERS + 1].addr
     );
     let _ = writeln!(
         out,

@@ -733,6 +733,31 @@ async fn the_demo_runs_a_cluster_that_answers_and_stops_cleanly() {
     )
     .await;
 
+    // With the write's token, a replica read right after the write sees it,
+    // even though one replica of each partition is 300 ms late on purpose.
+    for i in 0..10 {
+        let value = format!("v{i}");
+        let put = send(
+            &client(),
+            http::Request::put(format!("http://{proxy}/kv/user:42"))
+                .body(full(value.clone()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(put.status, 200, "{}", put.text());
+        let token = put.header("x-shardgate-token").expect("a write's token");
+        let get = send(
+            &client(),
+            http::Request::get(format!("http://{proxy}/kv/user:42"))
+                .header("x-read-preference", "secondaryPreferred")
+                .header("x-shardgate-token", token)
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(get.json()["value"], value.as_str(), "{}", get.text());
+    }
+
     // The node processes it started, from the "pid N" in its instructions.
     eventually(Duration::from_secs(5), "instructions printed", || async {
         demo.stdout.lock().unwrap().contains("Ctrl-C")
@@ -740,7 +765,10 @@ async fn the_demo_runs_a_cluster_that_answers_and_stops_cleanly() {
     .await;
     let text = demo.stdout.lock().unwrap().clone();
     assert!(
-        text.contains("does NOT guarantee") && text.contains("nothing is written to disk"),
+        text.contains("does NOT guarantee")
+            && text.contains("nothing is written to disk")
+            && text.contains("x-shardgate-token")
+            && text.contains("x-max-staleness"),
         "the demo says what it does not guarantee:\n{text}"
     );
     let words: Vec<&str> = text.split_whitespace().collect();

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Failover timing with the real binaries: coordinator, nodes (demo-node:
-key-value store + agent in one process) and proxy, all on 127.0.0.1.
+"""Failover timing with the real binaries: coordinator, nodes (`shardgate
+node`: key-value store + agent in one process) and proxy, all on 127.0.0.1.
 
 Each round starts a fresh one-partition cluster (primary + replica), runs a
 writer that PUTs back to back through the proxy, kills the primary's process
@@ -59,7 +59,7 @@ class Cluster:
                                    "--heartbeat-timeout", "1", "--sweep-interval", "0.1"])
         wait_port(chttp)
         for role, port in self.nodes.items():
-            self.spawn(role, [binary, "demo-node", "--id", role, "--listen", f"127.0.0.1:{port}",
+            self.spawn(role, [binary, "node", "--id", role, "--listen", f"127.0.0.1:{port}",
                               "--coordinator", f"127.0.0.1:{cgrpc}"])
             wait_port(port)
         pport, aport = free_port(), free_port()

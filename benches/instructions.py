@@ -17,7 +17,9 @@ The shipped binary is the profile-guided one (scripts/build-release): pass
 
 Usage: python3 benches/instructions.py [--requests 20000] [--binary target/pgo/shardgate]
                                        [--baseline target/base/shardgate]
-                                       [--only shardgate baseline]
+                                       [--only shardgate baseline] [--write]
+--write sends each request as a POST with a 16-byte body: a write, which
+shardgate stamps with its HLC and answers with a read-your-writes token.
 CG_EXTRA="--dump-instr=yes" (any valgrind options) is passed through, e.g. to
 find call sites inlined away, by instruction address and `addr2line -i`.
 Needs: valgrind, nghttp2-client (h2load), nginx, haproxy; a release build.
@@ -37,10 +39,14 @@ from compare import Proc, job
 WARMUP = 2000
 
 
+BODY = None  # a file with the body of each request, for --write
+
+
 def h2load(port, n):
+    data = ["-d", BODY] if BODY else []
     out = subprocess.run(
         ["h2load", "--h1", "-n", str(n), "-c", "16", "-t", "1", "-H", "x-shard-key: user:42",
-         f"http://127.0.0.1:{port}/kv/user:42"],
+         *data, f"http://127.0.0.1:{port}/kv/user:42"],
         capture_output=True, text=True, timeout=600,
     ).stdout
     if f"{n} succeeded" not in out or f"status codes: {n} 2xx" not in out:
@@ -78,11 +84,17 @@ def main():
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/shardgate"))
     ap.add_argument("--baseline", default=None, help="another shardgate binary to count beside this one")
     ap.add_argument("--only", nargs="*", default=None, help="count only these proxies")
+    ap.add_argument("--write", action="store_true", help="POST a small body (a write) instead of GET")
     args = ap.parse_args()
+    global BODY
     if not os.path.exists(args.binary):
         sys.exit(f"{args.binary} missing: run cargo build --release first")
 
     work = tempfile.mkdtemp(prefix="shardgate-instructions-")
+    if args.write:
+        BODY = os.path.join(work, "body")
+        with open(BODY, "w") as f:
+            f.write("0123456789abcdef")
     ups = [free_port() for _ in range(3)]
     names = ["nginx", "haproxy", "shardgate"] + (["baseline"] if args.baseline else [])
     ports = {n: free_port() for n in names}
@@ -104,7 +116,8 @@ def main():
 
     peers = [counts[n] for n in ("nginx", "haproxy") if n in counts]
     best = min(peers) if peers else None
-    print(f"\nuser-space instructions per request (callgrind, {args.requests:,} requests after "
+    what = "POSTs of 16 bytes" if args.write else "requests"
+    print(f"\nuser-space instructions per request (callgrind, {args.requests:,} {what} after "
           f"{WARMUP:,} warm-up, 16 keep-alive connections)\n")
     print("| proxy | instructions/request | vs best peer |")
     print("|---|---:|---:|")

@@ -193,6 +193,11 @@ impl HlcClock {
         Hlc::new(self.wall.now_ms(), 0)
     }
 
+    /// This clock's wall time, milliseconds since the Unix epoch.
+    pub fn wall_ms(&self) -> u64 {
+        self.wall.now_ms()
+    }
+
     /// A new timestamp, above every one this clock gave or observed.
     pub fn now(&self) -> Hlc {
         let wall = self.wall().0;

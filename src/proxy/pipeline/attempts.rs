@@ -522,6 +522,7 @@ fn client_fault(error: hyper::Error) -> ProxyError {
 
 #[cfg(test)]
 mod tests {
+    use super::super::consistency::Moment;
     use super::super::plan::plan;
     use super::super::tests::settings;
     use super::*;
@@ -607,6 +608,7 @@ mod tests {
             RequestClass::Write,
             ReadPreference::Nearest,
             Needs::default(),
+            Moment::default(),
         )
         .unwrap();
         let read = plan(
@@ -614,6 +616,7 @@ mod tests {
             RequestClass::Read,
             ReadPreference::PrimaryPreferred,
             Needs::default(),
+            Moment::default(),
         )
         .unwrap();
         let node: Arc<str> = "127.0.0.1:1001".into();
@@ -649,6 +652,7 @@ mod tests {
             RequestClass::Read,
             ReadPreference::PrimaryPreferred,
             Needs::default(),
+            Moment::default(),
         )
         .unwrap();
         let r = fx.run();
@@ -675,6 +679,7 @@ mod tests {
             RequestClass::Write,
             ReadPreference::Primary,
             Needs::default(),
+            Moment::default(),
         )
         .unwrap();
         fx.open(&fx.partition.primary);
@@ -693,6 +698,7 @@ mod tests {
             RequestClass::Write,
             ReadPreference::Primary,
             Needs::default(),
+            Moment::default(),
         )
         .unwrap();
         let _busy = fx.partition.primary.try_begin(1).unwrap();

@@ -213,18 +213,53 @@ pub(crate) fn judge(
 /// bound it broke.
 pub(crate) const RECHECK_MS: u64 = 1_000;
 
+/// When a plan is made, on the two clocks [`fit`] reads.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Moment {
+    /// [`since_start_ms`]: when evidence was gathered, and how old it is.
+    pub(crate) mono_ms: u64,
+    /// The proxy's wall clock: how old a token's write is.
+    pub(crate) wall_ms: u64,
+}
+
+impl Moment {
+    /// Now, read only for a read that needs something of its replica.
+    #[inline]
+    pub(crate) fn now(needs: Needs, clock: &crate::clock::HlcClock) -> Moment {
+        if needs.is_none() {
+            return Moment::default();
+        }
+        Moment {
+            mono_ms: since_start_ms(),
+            wall_ms: clock.wall_ms(),
+        }
+    }
+}
+
 /// Whether `replica` is worth trying for a read that `needs` this, as the
-/// proxy knows it at `now_ms` ([`since_start_ms`]). Tokens are judged on
-/// what the replica is known to have applied (SPEC §7: "known to have
-/// applied"); bounds on fresh evidence only (see the module comment).
+/// proxy knows it at `at`. Knowledge counts only while it is fresh (see the
+/// module comment); without it the replica is tried, and its answer decides.
+/// - A token: fit if the replica is known to have applied it, or if it is
+///   expected to have by now: the token's write is older than the gap its
+///   recent answers showed (a replica that keeps up applies a write within
+///   its gap of the primary). With `majority` writes that is the replica
+///   that acknowledged the write, so token reads spread over replicas
+///   rather than all falling to the primary.
+/// - A bound: unfit if the coordinator reports it lagging past the bound,
+///   or a recent answer showed a gap past it, unless it has since been seen
+///   to hold everything the primary is known to have.
 #[inline]
 pub(crate) fn fit(
     f: &Freshness,
     primary: &Freshness,
     needs: Needs,
-    now_ms: u64,
+    at: Moment,
 ) -> Result<(), Unfit> {
-    if needs.token.is_some_and(|t| f.applied() < t) {
+    let recent_gap = || f.observed_gap_since(at.mono_ms.saturating_sub(RECHECK_MS));
+    if let Some(token) = needs.token
+        && f.applied() < token
+        && recent_gap().is_some_and(|gap| at.wall_ms.saturating_sub(token.physical_ms()) < gap)
+    {
         return Err(Unfit::TokenNotApplied);
     }
     if let Some(bound) = needs.bound_ms {
@@ -232,8 +267,7 @@ pub(crate) fn fit(
         let seen = if caught_up {
             0
         } else {
-            f.observed_gap_since(now_ms.saturating_sub(RECHECK_MS))
-                .unwrap_or(0)
+            recent_gap().unwrap_or(0)
         };
         if seen.max(f.reported_lag_ms().unwrap_or(0)) > bound {
             return Err(Unfit::TooStale);
@@ -253,10 +287,8 @@ pub(crate) fn judge_answer(
 ) -> Result<(), Unfit> {
     let applied = applied.unwrap_or(Hlc::ZERO);
     let known = primary.applied();
-    if needs.bound_ms.is_some() {
-        let gap = known.physical_ms().saturating_sub(applied.physical_ms());
-        f.observe_gap(gap, since_start_ms());
-    }
+    let gap = known.physical_ms().saturating_sub(applied.physical_ms());
+    f.observe_gap(gap, since_start_ms());
     judge(applied, known, f.reported_lag_ms(), needs)
 }
 
@@ -428,6 +460,13 @@ mod tests {
         assert_eq!(judge(t(0), t(0), None, Needs::default()), Ok(()));
     }
 
+    fn mono(ms: u64) -> Moment {
+        Moment {
+            mono_ms: ms,
+            wall_ms: 0,
+        }
+    }
+
     fn upstream(applied: u64) -> Freshness {
         let f = Freshness::default();
         f.note_applied(t(applied));
@@ -443,42 +482,37 @@ mod tests {
             bound_ms: Some(250),
         };
         assert_eq!(
-            fit(&replica, &primary, bound, 5_000),
+            fit(&replica, &primary, bound, mono(5_000)),
             Ok(()),
             "an old applied HLC, never judged: tried, its answer decides"
         );
         replica.observe_gap(400, 5_000);
         assert_eq!(
-            fit(&replica, &primary, bound, 5_000 + RECHECK_MS - 1),
+            fit(&replica, &primary, bound, mono(5_000 + RECHECK_MS - 1)),
             Err(Unfit::TooStale)
         );
         assert_eq!(
-            fit(
-                &replica,
-                &primary,
-                Needs {
+            fit(&replica, &primary, Needs {
                     bound_ms: Some(500),
                     ..bound
-                },
-                5_500
-            ),
+                }, mono(5_500)),
             Ok(()),
             "a looser bound"
         );
         assert_eq!(
-            fit(&replica, &primary, bound, 5_000 + RECHECK_MS + 1),
+            fit(&replica, &primary, bound, mono(5_000 + RECHECK_MS + 1)),
             Ok(()),
             "tried again once the evidence is old"
         );
         replica.note_applied(t(10_000));
         assert_eq!(
-            fit(&replica, &primary, bound, 5_500),
+            fit(&replica, &primary, bound, mono(5_500)),
             Ok(()),
             "it has since been seen to have all the primary has"
         );
         replica.set_reported_lag(Some(300));
         assert_eq!(
-            fit(&replica, &primary, bound, 5_500),
+            fit(&replica, &primary, bound, mono(5_500)),
             Err(Unfit::TooStale),
             "the coordinator saw it lag"
         );
@@ -509,6 +543,49 @@ mod tests {
             judge_answer(&replica, &primary, None, bound),
             Err(Unfit::TooStale),
             "a replica that does not say what it applied promises nothing"
+        );
+    }
+
+    #[test]
+    fn a_token_read_tries_a_replica_expected_to_have_the_write_by_now() {
+        let primary = upstream(10_000);
+        let replica = upstream(9_000);
+        let token = Needs {
+            token: Some(t(10_000)),
+            bound_ms: None,
+        };
+        let at = |wall_ms| Moment {
+            mono_ms: 5_000,
+            wall_ms,
+        };
+        assert_eq!(
+            fit(&replica, &primary, token, at(10_001)),
+            Ok(()),
+            "nothing known of it lately: tried, its answer decides"
+        );
+        replica.observe_gap(40, 5_000);
+        assert_eq!(
+            fit(&replica, &primary, token, at(10_010)),
+            Err(Unfit::TokenNotApplied),
+            "40 ms behind, and the write is 10 ms old"
+        );
+        assert_eq!(
+            fit(&replica, &primary, token, at(10_050)),
+            Ok(()),
+            "the write is older than its gap"
+        );
+        replica.observe_gap(0, 5_000);
+        assert_eq!(
+            fit(&replica, &primary, token, at(10_000)),
+            Ok(()),
+            "a replica that keeps up (the one that acknowledged the write)"
+        );
+        replica.observe_gap(40, 5_000);
+        replica.note_applied(t(10_000));
+        assert_eq!(
+            fit(&replica, &primary, token, at(10_000)),
+            Ok(()),
+            "known to have it"
         );
     }
 }

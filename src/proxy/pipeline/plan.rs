@@ -3,9 +3,9 @@
 //! A read's replicas are only those fresh enough for it (`consistency`).
 
 use super::super::error::{ProxyError, UpstreamCause};
-use super::consistency::{self, Needs, Unfit};
+use super::consistency::{self, Moment, Needs, Unfit};
 use crate::routing::{ReadPreference, RequestClass, Role, RoutePartition, RoutingConfig};
-use crate::upstream::{Upstream, since_start_ms};
+use crate::upstream::Upstream;
 use http::HeaderMap;
 use rand::RngExt;
 use smallvec::SmallVec;
@@ -44,6 +44,7 @@ pub(crate) fn plan(
     class: RequestClass,
     pref: ReadPreference,
     needs: Needs,
+    at: Moment,
 ) -> Result<Plan<'_>, ProxyError> {
     let primary = (&partition.primary, Role::Primary);
     let mut candidates = SmallVec::new();
@@ -53,7 +54,7 @@ pub(crate) fn plan(
         RequestClass::Read => pref,
     };
     let mut replicas =
-        |out: &mut SmallVec<_>| push_replicas(partition, needs, out, &mut passed_over);
+        |out: &mut SmallVec<_>| push_replicas(partition, needs, at, out, &mut passed_over);
     match pref {
         ReadPreference::Primary => candidates.push(primary),
         ReadPreference::PrimaryPreferred => {
@@ -101,6 +102,7 @@ pub(crate) fn plan(
 fn push_replicas<'t>(
     partition: &'t RoutePartition,
     needs: Needs,
+    at: Moment,
     out: &mut SmallVec<[(&'t Arc<Upstream>, Role); 4]>,
     passed_over: &mut [u8; 2],
 ) {
@@ -114,11 +116,6 @@ fn push_replicas<'t>(
     } else {
         rand::rng().random_range(0..n)
     };
-    let now_ms = if needs.bound_ms.is_some() {
-        since_start_ms()
-    } else {
-        0
-    };
     for i in 0..n {
         let replica = &replicas[(start + i) % n];
         if !needs.is_none()
@@ -126,7 +123,7 @@ fn push_replicas<'t>(
                 replica.freshness(),
                 partition.primary.freshness(),
                 needs,
-                now_ms,
+                at,
             )
         {
             passed_over[why as usize] = passed_over[why as usize].saturating_add(1);
@@ -216,7 +213,7 @@ mod tests {
             ReadPreference::SecondaryPreferred,
             ReadPreference::Nearest,
         ] {
-            let plan = plan(&p, RequestClass::Write, pref, Needs::default()).unwrap();
+            let plan = plan(&p, RequestClass::Write, pref, Needs::default(), Moment::default()).unwrap();
             assert_eq!(roles(&plan), [Role::Primary], "{pref}");
             assert!(plan.primary_only);
         }
@@ -225,7 +222,7 @@ mod tests {
     #[test]
     fn reads_follow_their_preference() {
         let p = partition(2);
-        let read = |pref| roles(&plan(&p, RequestClass::Read, pref, Needs::default()).unwrap());
+        let read = |pref| roles(&plan(&p, RequestClass::Read, pref, Needs::default(), Moment::default()).unwrap());
         use Role::{Primary as P, Replica as R};
         assert_eq!(read(ReadPreference::Primary), [P]);
         assert_eq!(read(ReadPreference::PrimaryPreferred), [P, R, R]);
@@ -239,7 +236,8 @@ mod tests {
                 &p,
                 RequestClass::Read,
                 ReadPreference::PrimaryPreferred,
-                Needs::default()
+                Needs::default(),
+                Moment::default()
             )
             .unwrap()
             .primary_only
@@ -256,6 +254,7 @@ mod tests {
                     RequestClass::Read,
                     ReadPreference::Secondary,
                     Needs::default(),
+                    Moment::default(),
                 )
                 .unwrap()
                 .candidates[0]
@@ -274,6 +273,7 @@ mod tests {
             RequestClass::Read,
             ReadPreference::Secondary,
             Needs::default(),
+            Moment::default(),
         )
         .err()
         .unwrap();
@@ -297,7 +297,11 @@ mod tests {
             token: Some(Hlc::new(900, 0)),
             bound_ms: None,
         };
-        let plan_for = |pref, needs| plan(&p, RequestClass::Read, pref, needs);
+        let now = Moment {
+            mono_ms: crate::upstream::since_start_ms(),
+            wall_ms: 1_000,
+        };
+        let plan_for = |pref, needs| plan(&p, RequestClass::Read, pref, needs, now);
         let read = plan_for(ReadPreference::SecondaryPreferred, token).unwrap();
         assert_eq!(roles(&read), [Role::Replica, Role::Primary]);
         assert_eq!(
@@ -317,6 +321,8 @@ mod tests {
             [1, 0]
         );
         // None fit: `secondary` is refused, the others fall back to the primary.
+        // (Both showed a gap lately that the token's write is younger than.)
+        p.replicas[0].freshness().observe_gap(600, now.mono_ms);
         let late = Needs {
             token: Some(Hlc::new(2_000, 0)),
             bound_ms: None,
@@ -332,7 +338,7 @@ mod tests {
         );
         // Writes never look at replicas at all.
         assert_eq!(
-            plan(&p, RequestClass::Write, ReadPreference::Secondary, late)
+            plan(&p, RequestClass::Write, ReadPreference::Secondary, late, now)
                 .unwrap()
                 .passed_over,
             [0, 0]

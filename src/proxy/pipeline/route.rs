@@ -21,7 +21,7 @@ use super::super::error::ProxyError;
 use super::super::headers;
 use super::super::live::{LiveMap, Snapshot};
 use super::attempts::{self, AttemptMetrics, Run};
-use super::consistency::{self, Asked};
+use super::consistency::{self, Asked, Moment};
 use super::outgoing::Outgoing;
 use super::placement::{self, Placement};
 use super::plan;
@@ -258,7 +258,8 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
             trail.partition = Some((partition.index, partition.metrics.clone()));
             // 3. plan
             let needs = r.asked.needs(partition.index);
-            let plan = match plan::plan(partition, r.class, r.pref, needs) {
+            let at = Moment::now(needs, &fwd.clock);
+            let plan = match plan::plan(partition, r.class, r.pref, needs, at) {
                 Ok(p) => p,
                 Err(error) => {
                     if let ProxyError::NoFreshReplica { why, .. } = error {

@@ -319,8 +319,9 @@ pub(crate) fn check_config(path: &Path) -> Result<String, InputError> {
     if doc.has("coordinator") {
         let c = shardgate::config::CoordinatorConfig::from_toml(&text, &name, &Default::default())?;
         return Ok(format!(
-            "{name}: valid coordinator config: id {}, http {}, grpc {}, store {:?}",
-            c.id, c.http_listen, c.grpc_listen, c.store
+            "{name}: valid coordinator config: id {}, http {}, grpc {}, store {:?}, \
+             heartbeat timeout {:?}, lease {:?}",
+            c.id, c.http_listen, c.grpc_listen, c.store, c.heartbeat_timeout, c.lease
         ));
     }
     let config = ProxyConfig::from_toml(&text, &name, &ProxyOverrides::default())?;

@@ -14,6 +14,7 @@ pub mod config;
 pub mod coordinator;
 pub mod exit;
 pub mod json_error;
+pub mod lease;
 pub mod node;
 pub mod proto;
 pub mod proxy;

@@ -10,6 +10,7 @@ mod sysinfo;
 pub use sysinfo::{Sample, Sampler};
 
 use crate::clock::{Hlc, HlcClock};
+use crate::lease::Lease;
 use crate::proto::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
 use crate::proto::heartbeat_response::Command as WireCommand;
 use crate::proto::{
@@ -26,6 +27,7 @@ use http_body_util::{BodyExt, Empty};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -78,10 +80,34 @@ pub struct Hooks {
     pub clock: Option<Arc<HlcClock>>,
     /// Told every placement the coordinator answers with.
     pub placement: Option<watch::Sender<Option<Placement>>>,
+    /// The node's lease: renewed from each answer that grants one, counted
+    /// from before the heartbeat was sent (SPEC §8).
+    pub lease: Option<Arc<Lease>>,
 }
 
 impl Hooks {
-    fn heard(&self, resp: &HeartbeatResponse) {
+    /// A heartbeat sent at `sent` was answered with `resp`.
+    fn heard(&self, resp: &HeartbeatResponse, sent: Instant, interval: Duration) {
+        if let (Some(lease), Some(a)) = (&self.lease, &resp.assignment) {
+            let length = Duration::from_millis(a.lease_ms);
+            if a.assigned && a.role == "primary" && !length.is_zero() {
+                if interval * 2 >= length {
+                    tracing::warn!(
+                        ?interval,
+                        lease = ?length,
+                        "heartbeats come too seldom to keep the lease: a healthy primary will \
+                         refuse writes between them; shorten --interval"
+                    );
+                }
+                lease.renew(sent, length);
+            } else if !(a.assigned && a.role == "primary") {
+                lease.revoke();
+            }
+        }
+        self.heard_placement(resp);
+    }
+
+    fn heard_placement(&self, resp: &HeartbeatResponse) {
         if let Some(clock) = &self.clock
             && resp.hlc != 0
             && let Err(e) = clock.observe(Hlc::from_u64(resp.hlc))
@@ -361,12 +387,14 @@ pub async fn run_with(
             {
                 req.metadata_mut().insert("authorization", v);
             }
+            // The lease counts from here: before the request leaves.
+            let sent = Instant::now();
             match client.report_heartbeat(req).await {
                 Ok(resp) => {
                     failures = 0;
                     last_delay = None;
                     let resp = resp.into_inner();
-                    hooks.heard(&resp);
+                    hooks.heard(&resp, sent, cfg.interval);
                     match WireCommand::try_from(resp.recommended_command) {
                         Ok(WireCommand::Continue) => {}
                         Ok(WireCommand::Rebalance) => tracing::info!(

@@ -46,6 +46,12 @@ pub(super) struct CoordinatorSection {
     /// writes) a replica may be and still be promoted under `wait`.
     #[serde(with = "humantime_serde")]
     pub failover_max_lag: Duration,
+    /// A primary's lease (SPEC §8), renewed by every heartbeat answered: it
+    /// takes writes only while it holds one. Default: two thirds of
+    /// heartbeat_timeout. Must end before the node can be declared dead:
+    /// `lease × (1.01)² < heartbeat_timeout` (see `src/lease.rs`).
+    #[serde(with = "humantime_serde::option")]
+    pub lease: Option<Duration>,
     /// Longest a `waitForEpochAbove` watch is held open.
     #[serde(with = "humantime_serde")]
     pub watch_timeout: Duration,
@@ -96,6 +102,7 @@ impl Default for CoordinatorSection {
             failover_hold_down: Duration::from_secs(30),
             failover_lagging: "wait".into(),
             failover_max_lag: Duration::from_secs(5),
+            lease: None,
             watch_timeout: Duration::from_secs(30),
             max_heartbeats_per_second: 10,
             max_unknown_nodes: 1024,
@@ -290,6 +297,22 @@ impl CoordinatorConfig {
                 issues.push(key, "must be above zero");
             }
         }
+        let lease = c
+            .lease
+            .unwrap_or_else(|| crate::lease::default_for(c.heartbeat_timeout));
+        let safe = crate::lease::longest_safe(c.heartbeat_timeout);
+        if lease.is_zero() || lease > safe {
+            issues.push(
+                "coordinator.lease",
+                format!(
+                    "{lease:?} with heartbeat_timeout {:?}: a lease must end before its node can be \
+                     declared dead and replaced, with a margin for clocks that run 1 % fast or \
+                     slow (lease × 1.01² < heartbeat_timeout, so at most {safe:?}); leave it unset \
+                     for two thirds of heartbeat_timeout",
+                    c.heartbeat_timeout
+                ),
+            );
+        }
         if c.max_watches >= c.http_max_connections {
             issues.push(
                 "coordinator.max_watches",
@@ -350,6 +373,7 @@ impl CoordinatorConfig {
             max_clock_skew: c.max_clock_skew,
             failover_hold_down: c.failover_hold_down,
             failover_max_lag,
+            lease,
             watch_timeout: c.watch_timeout,
             max_heartbeats_per_second: c.max_heartbeats_per_second,
             max_unknown_nodes: c.max_unknown_nodes,

@@ -104,7 +104,12 @@ fn replication(r: &ReplicationStatus) -> Result<ReplicationReport, Status> {
 }
 
 /// Where `map` places the node at `addr`, on the wire.
-fn assignment(map: &ShardMap, index: Option<u32>, addr: &NodeAddr) -> WireAssignment {
+fn assignment(
+    map: &ShardMap,
+    index: Option<u32>,
+    addr: &NodeAddr,
+    lease: Duration,
+) -> WireAssignment {
     let Some(p) = index.and_then(|i| map.partition(i)) else {
         return WireAssignment {
             epoch: map.epoch(),
@@ -123,7 +128,7 @@ fn assignment(map: &ShardMap, index: Option<u32>, addr: &NodeAddr) -> WireAssign
         epoch: map.epoch(),
         primary: p.primary.to_string(),
         replicas: p.replicas.iter().map(ToString::to_string).collect(),
-        lease_ms: 0,
+        lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
     }
 }
 
@@ -198,11 +203,12 @@ impl<S: Store> ClusterDiscoveryService for Service<S> {
             Command::Terminate => WireCommand::Terminate,
         };
         let (map, index) = c.placement(&addr);
+        let lease = c.lease_for(&addr);
         Ok(Response::new(HeartbeatResponse {
             recommended_command: recommended as i32,
             sync_epoch_timestamp_ms: unix_ms(),
             hlc: c.hlc(applied).as_u64(),
-            assignment: Some(assignment(&map, index, &addr)),
+            assignment: Some(assignment(&map, index, &addr, lease)),
         }))
     }
 }

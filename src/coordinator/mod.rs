@@ -262,6 +262,26 @@ impl<S: Store> Coordinator<S> {
         (map, index)
     }
 
+    /// The lease to grant the node at `addr` with the answer to a heartbeat
+    /// just recorded (SPEC §8; the reasoning is in `crate::lease`): only a
+    /// leader grants one, and only to a node that both the map it serves and
+    /// the one its sweep decides on name primary. A promotion changes the
+    /// latter first, under the same lock that records heartbeats, so a
+    /// heartbeat racing a promotion never carries a lease past it.
+    pub fn lease_for(&self, addr: &NodeAddr) -> Duration {
+        let leads = self.store.shared().is_none() || self.is_leader();
+        let served = self
+            .committed
+            .load()
+            .partition_of(addr)
+            .is_some_and(|p| p.primary == *addr);
+        if leads && served && self.lock().assignment_of(addr).primary {
+            self.cfg.lease
+        } else {
+            Duration::ZERO
+        }
+    }
+
     /// A reading of the coordinator's HLC, after taking `seen` into account.
     pub fn hlc(&self, seen: Option<Hlc>) -> Hlc {
         if let Some(seen) = seen

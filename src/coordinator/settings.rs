@@ -41,6 +41,10 @@ pub struct CoordinatorConfig {
     /// `Some`: never promote a replica further behind its dead primary (CP);
     /// `None`: promote the most caught-up however far behind (AP).
     pub failover_max_lag: Option<Duration>,
+    /// The lease a primary's heartbeat answer grants (SPEC §8; always
+    /// shorter than `heartbeat_timeout` with the drift margin of
+    /// `crate::lease`).
+    pub lease: Duration,
     /// Watch limit.
     pub watch_timeout: Duration,
     /// Per-node heartbeat rate.

@@ -51,6 +51,7 @@ fn refused(node: &Node, r: &Refusal) -> Answer {
         Refusal::StaleEpoch { .. } => (StatusCode::MISDIRECTED_REQUEST, "stale_epoch"),
         Refusal::NotPrimary { .. } => (StatusCode::SERVICE_UNAVAILABLE, "not_primary"),
         Refusal::NoQuorum => (StatusCode::SERVICE_UNAVAILABLE, "no_quorum"),
+        Refusal::LeaseExpired => (StatusCode::SERVICE_UNAVAILABLE, "lease_expired"),
         Refusal::Unconfirmed => (StatusCode::SERVICE_UNAVAILABLE, "no_quorum"),
         Refusal::Fenced => (StatusCode::SERVICE_UNAVAILABLE, "fenced"),
         Refusal::CatchingUp => (StatusCode::SERVICE_UNAVAILABLE, "catching_up"),

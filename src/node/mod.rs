@@ -26,6 +26,7 @@ mod wire;
 
 use crate::agent::{AgentConfig, AgentExit, Hooks, Placement};
 use crate::clock::{Hlc, HlcClock};
+use crate::lease::Lease;
 use crate::proto::node::append_response::Outcome;
 use crate::proto::node::{AppendRequest, AppendResponse};
 use crate::replication::{ReplicaState, ReplicationReport, Role};
@@ -118,6 +119,8 @@ pub(crate) struct Node {
     /// The highest term any primary has replicated under to this node.
     newest_term: AtomicU64,
     fenced: AtomicBool,
+    /// Its lease as primary, renewed by its agent (SPEC §8).
+    lease: Arc<Lease>,
     leading: Mutex<Option<Arc<Leading>>>,
     following: Mutex<Following>,
 }
@@ -131,6 +134,10 @@ pub(crate) enum Refusal {
     NotPrimary { epoch: u64 },
     #[error("this node cannot reach a majority of its partition")]
     NoQuorum,
+    #[error(
+        "this primary's lease expired: it has not heard from the coordinator in time, and a successor may have been named"
+    )]
+    LeaseExpired,
     #[error("the write did not reach a majority in time; it may still be applied")]
     Unconfirmed,
     #[error("this node was fenced: it was replaced and takes no requests")]
@@ -250,6 +257,10 @@ impl Node {
                 epoch: self.newest_epoch(),
             });
         };
+        // SPEC §8: past its lease a primary may already have a successor.
+        if !self.lease.valid() {
+            return Err(Refusal::LeaseExpired);
+        }
         let majority = self.quorum == WriteQuorum::Majority;
         if majority && !leading.reaches_majority(Instant::now()) {
             return Err(Refusal::NoQuorum);
@@ -516,6 +527,7 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> Result<AgentEx
         newest_epoch: AtomicU64::new(0),
         newest_term: AtomicU64::new(0),
         fenced: AtomicBool::new(false),
+        lease: Arc::new(Lease::default()),
         leading: Mutex::new(None),
         following: Mutex::new(Following::default()),
     });
@@ -529,6 +541,7 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> Result<AgentEx
         report: Some(Arc::new(move || report.report())),
         clock: Some(clock),
         placement: Some(placed),
+        lease: Some(node.lease.clone()),
     };
     let exit = crate::agent::run_with(agent, hooks, shutdown.clone()).await?;
     if exit == AgentExit::Terminated {

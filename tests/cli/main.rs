@@ -218,3 +218,40 @@ fn the_proxy_exits_1_on_invalid_config_and_2_when_its_port_is_taken() {
     ]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn check_config_refuses_a_lease_that_could_outlast_the_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("coordinator.toml");
+    // The lease must end before the node can be declared dead and replaced,
+    // with 1 % clock-rate drift on each side: at most 14.7 s for 15 s.
+    std::fs::write(
+        &path,
+        "[coordinator]\nheartbeat_timeout = \"15s\"\nlease = \"14900ms\"\n",
+    )
+    .unwrap();
+    let out = shardgate(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("coordinator.lease") && stderr.contains("declared dead"),
+        "{stderr}"
+    );
+    std::fs::write(
+        &path,
+        "[coordinator]\nheartbeat_timeout = \"15s\"\nlease = \"14s\"\n",
+    )
+    .unwrap();
+    let out = shardgate(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lease 14s"));
+    // Unset, it is two thirds of the timeout.
+    std::fs::write(&path, "[coordinator]\nheartbeat_timeout = \"15s\"\n").unwrap();
+    let out = shardgate(&["check-config", path.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lease 10s"));
+}

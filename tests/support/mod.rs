@@ -4,6 +4,7 @@
 //! - `topology`: shard maps and keys;
 //! - `cluster`: proxies (in-process or the real binary), coordinators,
 //!   agents, a coordinator stand-in, throwaway PostgreSQL databases;
+//! - `relay`: a TCP relay that cuts, black-holes or delays one link;
 //! - `nodes`: a partition of replicated reference nodes and its coordinator;
 //! - `client`: the HTTP client, answers, SPEC error checks, polling;
 //! - `tls`: a throwaway PKI and real TLS clients (openssl, curl).
@@ -15,10 +16,11 @@
 mod client;
 mod cluster;
 mod nodes;
+mod relay;
 pub(crate) mod tls;
 mod topology;
 mod upstream;
 
 // Each test binary uses its own part of the support.
 #[allow(unused_imports)]
-pub(crate) use {client::*, cluster::*, nodes::*, topology::*, upstream::*};
+pub(crate) use {client::*, cluster::*, nodes::*, relay::*, topology::*, upstream::*};

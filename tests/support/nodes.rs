@@ -110,6 +110,8 @@ impl NodeProc {
 pub(crate) struct Partition {
     pub(crate) coordinator: BinCoordinator,
     pub(crate) nodes: Vec<NodeProc>,
+    /// Node i's link to the coordinator (its agent's heartbeats), to cut.
+    pub(crate) agent_links: Vec<Relay>,
     pub(crate) proxy: Option<BinProxy>,
     pub(crate) dir: tempfile::TempDir,
 }
@@ -182,10 +184,11 @@ impl Partition {
             "0.1",
         ])
         .await;
-        let mut nodes = Vec::new();
+        let (mut nodes, mut agent_links) = (Vec::new(), Vec::new());
         for (i, flags) in node_flags.iter().enumerate() {
-            nodes
-                .push(NodeProc::spawn(dir.path(), &format!("n{i}"), coordinator.grpc, flags).await);
+            let link = Relay::start(coordinator.grpc).await;
+            nodes.push(NodeProc::spawn(dir.path(), &format!("n{i}"), link.addr, flags).await);
+            agent_links.push(link);
         }
         let replicas: Vec<String> = nodes[1..].iter().map(|n| n.addr.to_string()).collect();
         let put = send(
@@ -217,6 +220,7 @@ impl Partition {
         let p = Partition {
             coordinator,
             nodes,
+            agent_links,
             proxy,
             dir,
         };

@@ -492,10 +492,15 @@ mod tests {
             Err(Unfit::TooStale)
         );
         assert_eq!(
-            fit(&replica, &primary, Needs {
+            fit(
+                &replica,
+                &primary,
+                Needs {
                     bound_ms: Some(500),
                     ..bound
-                }, mono(5_500)),
+                },
+                mono(5_500)
+            ),
             Ok(()),
             "a looser bound"
         );

@@ -213,7 +213,14 @@ mod tests {
             ReadPreference::SecondaryPreferred,
             ReadPreference::Nearest,
         ] {
-            let plan = plan(&p, RequestClass::Write, pref, Needs::default(), Moment::default()).unwrap();
+            let plan = plan(
+                &p,
+                RequestClass::Write,
+                pref,
+                Needs::default(),
+                Moment::default(),
+            )
+            .unwrap();
             assert_eq!(roles(&plan), [Role::Primary], "{pref}");
             assert!(plan.primary_only);
         }
@@ -222,7 +229,18 @@ mod tests {
     #[test]
     fn reads_follow_their_preference() {
         let p = partition(2);
-        let read = |pref| roles(&plan(&p, RequestClass::Read, pref, Needs::default(), Moment::default()).unwrap());
+        let read = |pref| {
+            roles(
+                &plan(
+                    &p,
+                    RequestClass::Read,
+                    pref,
+                    Needs::default(),
+                    Moment::default(),
+                )
+                .unwrap(),
+            )
+        };
         use Role::{Primary as P, Replica as R};
         assert_eq!(read(ReadPreference::Primary), [P]);
         assert_eq!(read(ReadPreference::PrimaryPreferred), [P, R, R]);
@@ -338,9 +356,15 @@ mod tests {
         );
         // Writes never look at replicas at all.
         assert_eq!(
-            plan(&p, RequestClass::Write, ReadPreference::Secondary, late, now)
-                .unwrap()
-                .passed_over,
+            plan(
+                &p,
+                RequestClass::Write,
+                ReadPreference::Secondary,
+                late,
+                now
+            )
+            .unwrap()
+            .passed_over,
             [0, 0]
         );
     }

@@ -204,7 +204,24 @@ pub(crate) struct BinProcess {
 impl BinProcess {
     /// Spawn `shardgate <args>`; with `wait_for_line`, wait for its first stdout line.
     pub(crate) async fn spawn(args: &[&str], wait_for_line: bool) -> BinProcess {
-        let mut cmd = tokio::process::Command::new(binary());
+        BinProcess::spawn_in(None, args, wait_for_line).await
+    }
+
+    /// [`BinProcess::spawn`] inside network namespace `ns` (`ip netns exec`,
+    /// which execs: the PID is shardgate's own).
+    pub(crate) async fn spawn_in(
+        ns: Option<&str>,
+        args: &[&str],
+        wait_for_line: bool,
+    ) -> BinProcess {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary());
+                c
+            }
+            None => tokio::process::Command::new(binary()),
+        };
         cmd.args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -279,6 +296,11 @@ pub(crate) struct BinCoordinator {
 
 impl BinCoordinator {
     pub(crate) async fn spawn(args: &[&str]) -> BinCoordinator {
+        BinCoordinator::spawn_in(None, args).await
+    }
+
+    /// [`BinCoordinator::spawn`] inside network namespace `ns`.
+    pub(crate) async fn spawn_in(ns: Option<&str>, args: &[&str]) -> BinCoordinator {
         let mut all = vec!["coordinator"];
         for flag in ["--http-listen", "--grpc-listen"] {
             if !args.contains(&flag) {
@@ -286,7 +308,7 @@ impl BinCoordinator {
             }
         }
         all.extend_from_slice(args);
-        let proc = BinProcess::spawn(&all, true).await;
+        let proc = BinProcess::spawn_in(ns, &all, true).await;
         // "shardgate coordinator listening on http ADDR grpc ADDR"
         let w: Vec<&str> = proc.first_line.split_whitespace().collect();
         let http = w[5].parse().unwrap();

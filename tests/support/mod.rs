@@ -4,6 +4,7 @@
 //! - `topology`: shard maps and keys;
 //! - `cluster`: proxies (in-process or the real binary), coordinators,
 //!   agents, a coordinator stand-in, throwaway PostgreSQL databases;
+//! - `netns`: hosts in network namespaces, for partitions of chosen links;
 //! - `relay`: a TCP relay that cuts, black-holes or delays one link;
 //! - `nodes`: a partition of replicated reference nodes and its coordinator;
 //! - `client`: the HTTP client, answers, SPEC error checks, polling;
@@ -15,6 +16,7 @@
 
 mod client;
 mod cluster;
+mod netns;
 mod nodes;
 mod relay;
 pub(crate) mod tls;
@@ -23,4 +25,4 @@ mod upstream;
 
 // Each test binary uses its own part of the support.
 #[allow(unused_imports)]
-pub(crate) use {client::*, cluster::*, nodes::*, relay::*, topology::*, upstream::*};
+pub(crate) use {client::*, cluster::*, netns::*, nodes::*, relay::*, topology::*, upstream::*};

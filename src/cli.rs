@@ -177,9 +177,10 @@ pub(crate) struct AgentArgs {
     /// This node's stable name.
     #[arg(long)]
     pub node_id: String,
-    /// This node's address as the map writes it (`ip` or `ip:port`).
-    #[arg(long)]
-    pub ip: String,
+    /// This node's address as the map writes it (`ip` or `ip:port`); with
+    /// `--gate-listen`, the gate's address (the default).
+    #[arg(long, required_unless_present = "gate_listen")]
+    pub ip: Option<String>,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 5.0)]
     pub interval: f64,
@@ -202,6 +203,27 @@ pub(crate) struct AgentArgs {
     /// The client certificate's private key (PEM).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Front the node as a gate on this address (SPEC §8): writes pass only
+    /// while the node is primary under a valid lease and the request's
+    /// epoch is not older than the node's. The map names the gate.
+    #[arg(long, requires = "node")]
+    pub gate_listen: Option<String>,
+    /// The node the gate fronts: `http://IP:PORT`.
+    #[arg(long, requires = "gate_listen")]
+    pub node: Option<String>,
+    /// Seconds a request may take at the node, through the gate.
+    #[arg(long, default_value_t = 60.0)]
+    pub gate_timeout: f64,
+    /// Write the gate's bound address here once it listens (for port 0).
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+    /// Shell command run when the node becomes primary (SHARDGATE_ROLE,
+    /// SHARDGATE_PARTITION, SHARDGATE_EPOCH in its environment; 30 s limit).
+    #[arg(long)]
+    pub on_promote: Option<String>,
+    /// Shell command run when the node stops being primary.
+    #[arg(long)]
+    pub on_demote: Option<String>,
 }
 
 impl AgentArgs {
@@ -210,7 +232,7 @@ impl AgentArgs {
         shardgate::config::AgentFlags {
             coordinator: self.coordinator.clone(),
             node_id: self.node_id.clone(),
-            ip: self.ip.clone(),
+            ip: self.ip.clone().unwrap_or_default(),
             interval: self.interval,
             check_url: self.check_url.clone(),
             status_url: self.status_url.clone(),
@@ -218,6 +240,12 @@ impl AgentArgs {
             tls_ca: self.tls_ca.clone(),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
+            gate_listen: self.gate_listen.clone(),
+            node: self.node.clone(),
+            gate_timeout: self.gate_timeout,
+            addr_file: self.addr_file.clone(),
+            on_promote: self.on_promote.clone(),
+            on_demote: self.on_demote.clone(),
         }
     }
 }

@@ -10,6 +10,7 @@ mod sysinfo;
 pub use sysinfo::{Sample, Sampler};
 
 use crate::clock::{Hlc, HlcClock};
+use crate::gate::{Gate, GateConfig};
 use crate::lease::Lease;
 use crate::proto::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
 use crate::proto::heartbeat_response::Command as WireCommand;
@@ -54,7 +55,18 @@ pub struct AgentConfig {
     /// The node's status endpoint (`GET /_shardgate/status`, SPEC §7), whose
     /// answer the heartbeat carries.
     pub status_url: Option<Uri>,
+    /// Front the node as a gate (SPEC §8); the map then names the gate.
+    pub gate: Option<GateConfig>,
+    /// Write the gate's bound address here once it listens (for port 0).
+    pub addr_file: Option<std::path::PathBuf>,
+    /// Run when the node becomes its partition's primary.
+    pub on_promote: Option<String>,
+    /// Run when it stops being primary (demoted, removed or fenced).
+    pub on_demote: Option<String>,
 }
+
+/// Longest a role hook may run before it is killed.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the coordinator's map places this node, as a heartbeat answer says.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -231,12 +243,20 @@ pub enum AgentError {
     /// Signal handlers could not be installed.
     #[error(transparent)]
     Signals(#[from] crate::signals::SignalError),
+    /// The gate's address could not be bound.
+    #[error("gate listen {0}: {1}")]
+    Bind(std::net::SocketAddr, std::io::Error),
+    /// The gate's address file could not be written.
+    #[error("--addr-file: {0}")]
+    AddrFile(String),
 }
 
 impl crate::exit::Failure for AgentError {
     fn exit(&self) -> crate::exit::Exit {
         match self {
-            AgentError::Signals(_) => crate::exit::Exit::Runtime,
+            AgentError::Signals(_) | AgentError::Bind(..) | AgentError::AddrFile(_) => {
+                crate::exit::Exit::Runtime
+            }
             _ => crate::exit::Exit::Invalid,
         }
     }
@@ -319,8 +339,134 @@ fn tls_config(spec: &ClientTls) -> Result<ClientTlsConfig, AgentError> {
 }
 
 /// Heartbeat until `shutdown` or TERMINATE.
-pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<AgentExit, AgentError> {
-    run_with(cfg, Hooks::default(), shutdown).await
+pub async fn run(
+    mut cfg: AgentConfig,
+    shutdown: CancellationToken,
+) -> Result<AgentExit, AgentError> {
+    let (placed, placement) = watch::channel(None);
+    let lease = Arc::new(Lease::default());
+    let stop_tasks = shutdown.child_token();
+    let mut tasks = Vec::new();
+    if let Some(g) = cfg.gate.clone() {
+        let listener = tokio::net::TcpListener::bind(g.listen)
+            .await
+            .map_err(|e| AgentError::Bind(g.listen, e))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| AgentError::Bind(g.listen, e))?;
+        // The map names the gate: its address is the node's.
+        cfg.ip = NodeAddr {
+            ip: bound.ip(),
+            port: Some(bound.port()),
+        };
+        if let Some(path) = cfg.addr_file.clone() {
+            tokio::task::spawn_blocking(move || {
+                crate::atomic_file::write(&path, bound.to_string().as_bytes())
+            })
+            .await
+            .map_err(|e| AgentError::AddrFile(e.to_string()))?
+            .map_err(|e| AgentError::AddrFile(e.to_string()))?;
+        }
+        tracing::info!(gate = %bound, node = %g.node, "gate listening");
+        let gate = Arc::new(Gate::new(&g, placement.clone(), lease.clone()));
+        tasks.push(tokio::spawn(crate::gate::serve(
+            gate,
+            listener,
+            stop_tasks.clone(),
+        )));
+    }
+    let hooks_task = (cfg.on_promote.is_some() || cfg.on_demote.is_some()).then(|| {
+        tokio::spawn(role_hooks(
+            placement.clone(),
+            cfg.on_promote.clone(),
+            cfg.on_demote.clone(),
+        ))
+    });
+    let hooks = Hooks {
+        placement: Some(placed.clone()),
+        lease: Some(lease.clone()),
+        ..Hooks::default()
+    };
+    let exit = run_with(cfg, hooks, shutdown).await;
+    // Fenced or stopped: no role any more (a primary's demotion hook runs).
+    lease.revoke();
+    placed.send_replace(None);
+    drop(placed);
+    if let Some(t) = hooks_task {
+        let _ = t.await;
+    }
+    stop_tasks.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    exit
+}
+
+/// Run `--on-promote` / `--on-demote` as the node's role changes, one at a
+/// time and in order, until the placement channel closes.
+async fn role_hooks(
+    mut placement: watch::Receiver<Option<Placement>>,
+    on_promote: Option<String>,
+    on_demote: Option<String>,
+) {
+    let mut was_primary = false;
+    loop {
+        let now = placement.borrow_and_update().clone();
+        let primary = now.as_ref().is_some_and(|p| p.role == Role::Primary);
+        let hook = match (was_primary, primary) {
+            (false, true) => on_promote.as_deref(),
+            (true, false) => on_demote.as_deref(),
+            _ => None,
+        };
+        was_primary = primary;
+        if let Some(cmd) = hook {
+            run_hook(cmd, now.as_ref()).await;
+        }
+        if placement.changed().await.is_err() {
+            // Closed: the agent stopped. A primary until now is one no more.
+            if was_primary && let Some(cmd) = on_demote.as_deref() {
+                run_hook(cmd, None).await;
+            }
+            return;
+        }
+    }
+}
+
+/// Run one hook with the role, partition and epoch in its environment.
+async fn run_hook(cmd: &str, placement: Option<&Placement>) {
+    let role = placement.map_or("unassigned", |p| p.role.as_str());
+    let mut c = tokio::process::Command::new("sh");
+    c.args(["-c", cmd])
+        .env("SHARDGATE_ROLE", role)
+        .env(
+            "SHARDGATE_PARTITION",
+            placement
+                .and_then(|p| p.partition)
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+        )
+        .env(
+            "SHARDGATE_EPOCH",
+            placement.map(|p| p.epoch.to_string()).unwrap_or_default(),
+        )
+        .kill_on_drop(true);
+    let status = match c.spawn() {
+        Ok(mut child) => tokio::time::timeout(HOOK_TIMEOUT, child.wait()).await,
+        Err(e) => {
+            tracing::error!(hook = cmd, "role hook could not start: {e}");
+            return;
+        }
+    };
+    match status {
+        Ok(Ok(s)) if s.success() => tracing::info!(hook = cmd, role, "role hook ran"),
+        Ok(Ok(s)) => tracing::error!(hook = cmd, role, status = %s, "role hook failed"),
+        Ok(Err(e)) => tracing::error!(hook = cmd, role, "role hook: {e}"),
+        Err(_) => tracing::error!(
+            hook = cmd,
+            role,
+            "role hook ran past {HOOK_TIMEOUT:?}; killed"
+        ),
+    }
 }
 
 /// Heartbeat until `shutdown` or TERMINATE, sharing `hooks` with a node in

@@ -30,16 +30,45 @@ pub struct AgentFlags {
     pub tls_cert: Option<PathBuf>,
     /// `--tls-key`
     pub tls_key: Option<PathBuf>,
+    /// `--gate-listen`: front the node as a gate on this address.
+    pub gate_listen: Option<String>,
+    /// `--node`: the node the gate fronts (`http://ip:port`).
+    pub node: Option<String>,
+    /// `--gate-timeout`, seconds.
+    pub gate_timeout: f64,
+    /// `--addr-file`
+    pub addr_file: Option<PathBuf>,
+    /// `--on-promote`
+    pub on_promote: Option<String>,
+    /// `--on-demote`
+    pub on_demote: Option<String>,
 }
 
 impl AgentConfig {
     /// Validate the agent's flags.
     pub fn from_flags(f: &AgentFlags) -> Result<AgentConfig, ConfigErrors> {
         let mut issues = Issues::new(None);
-        let ip =
-            f.ip.parse()
-                .map_err(|e| issues.push("--ip", format!("{:?}: {e}", f.ip)))
-                .ok();
+        let gate = gate(f, &mut issues);
+        // A gate's address is the node's in the map: --ip may be left out.
+        let ip = match (&gate, f.ip.is_empty()) {
+            (Some(g), true) => Some(crate::topology::NodeAddr {
+                ip: g.listen.ip(),
+                port: Some(g.listen.port()),
+            }),
+            _ => {
+                f.ip.parse()
+                    .map_err(|e| issues.push("--ip", format!("{:?}: {e}", f.ip)))
+                    .ok()
+            }
+        };
+        for (flag, hook) in [
+            ("--on-promote", &f.on_promote),
+            ("--on-demote", &f.on_demote),
+        ] {
+            if hook.as_ref().is_some_and(|h| h.trim().is_empty()) {
+                issues.push(flag, "must be a command");
+            }
+        }
         if f.node_id.trim().is_empty() {
             issues.push("--node-id", "must not be empty");
         }
@@ -89,9 +118,45 @@ impl AgentConfig {
             check_url,
             status_url,
             token: f.token.clone().filter(|t| !t.is_empty()).map(Into::into),
+            gate,
+            addr_file: f.addr_file.clone(),
+            on_promote: f.on_promote.clone(),
+            on_demote: f.on_demote.clone(),
         };
         issues.finish("flags", config)
     }
+}
+
+/// `--gate-listen`, `--node` and `--gate-timeout`, checked together.
+fn gate(f: &AgentFlags, issues: &mut Issues) -> Option<crate::gate::GateConfig> {
+    let listen = f.gate_listen.as_deref()?;
+    let listen = listen
+        .parse()
+        .map_err(|e| issues.push("--gate-listen", format!("{listen:?}: {e}")))
+        .ok();
+    let node = match f.node.as_deref() {
+        None => {
+            issues.push(
+                "--node",
+                "a gate needs the node it fronts: --node http://IP:PORT",
+            );
+            None
+        }
+        Some(n) => {
+            let addr = n.strip_prefix("http://").unwrap_or(n).trim_end_matches('/');
+            addr.parse()
+                .map_err(|e| issues.push("--node", format!("{n:?}: expected http://IP:PORT ({e})")))
+                .ok()
+        }
+    };
+    if !(f.gate_timeout.is_finite() && f.gate_timeout > 0.0 && f.gate_timeout <= 3600.0) {
+        issues.push("--gate-timeout", "must be seconds between 0 and 3600");
+    }
+    Some(crate::gate::GateConfig {
+        listen: listen?,
+        node: node?,
+        timeout: Duration::from_secs_f64(f.gate_timeout.clamp(0.001, 3600.0)),
+    })
 }
 
 /// An `http://` URL flag, checked.

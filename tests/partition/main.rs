@@ -770,3 +770,164 @@ async fn with_async_writes_the_lease_alone_keeps_an_isolated_primary_from_split_
         "async: {rounds} rounds, {acked} acknowledged, 0 split-brain, {lost} lost (async promises no more)"
     );
 }
+
+// ---------------------------------------------------------------------------
+// The gate: an agent that fronts any HTTP node and enforces SPEC §8.
+
+#[tokio::test]
+async fn the_gate_passes_a_primarys_writes_only_under_its_lease_and_its_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Upstream::start("store").await;
+    let placeholder = dir.path().join("placeholder.json");
+    std::fs::write(&placeholder, map(1, "127.0.0.2:9", &[])).unwrap();
+    let cfg = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &cfg,
+        format!("[coordinator]\nadmin_token = \"{ADMIN_TOKEN}\"\nmax_clock_skew = \"5s\"\n"),
+    )
+    .unwrap();
+    let coordinator = BinCoordinator::spawn(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--topology",
+        placeholder.to_str().unwrap(),
+        "--store",
+        &format!("file:{}", dir.path().join("state.json").display()),
+        "--heartbeat-timeout",
+        "1",
+        "--sweep-interval",
+        "0.1",
+    ])
+    .await;
+    let link = Relay::start(coordinator.grpc).await;
+    let addr_file = dir.path().join("gate.addr");
+    let hooks = dir.path().join("hooks.log");
+    let on = |what: &str| {
+        format!(
+            "echo {what} $SHARDGATE_ROLE $SHARDGATE_PARTITION $SHARDGATE_EPOCH >> {}",
+            hooks.display()
+        )
+    };
+    let (promote, demote) = (on("promote"), on("demote"));
+    let coordinator_addr = link.addr.to_string();
+    let node = format!("http://{}", store.addr);
+    let mut agent = BinProcess::spawn(
+        &[
+            "agent",
+            "--coordinator",
+            &coordinator_addr,
+            "--node-id",
+            "g1",
+            "--interval",
+            "0.1",
+            "--gate-listen",
+            "127.0.0.1:0",
+            "--node",
+            &node,
+            "--addr-file",
+            addr_file.to_str().unwrap(),
+            "--on-promote",
+            &promote,
+            "--on-demote",
+            &demote,
+        ],
+        false,
+    )
+    .await;
+    eventually(Duration::from_secs(10), "the gate listens", || {
+        let there = std::fs::read_to_string(&addr_file).is_ok();
+        async move { there }
+    })
+    .await;
+    let gate: std::net::SocketAddr = std::fs::read_to_string(&addr_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let put = send(
+        &client(),
+        http::Request::put(coordinator.url("/v1/cluster/topology"))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(full(map(2, &gate.to_string(), &[])))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let write = |epoch: Option<u64>| {
+        let mut req = http::Request::put(format!("http://{gate}/kv/x"));
+        if let Some(e) = epoch {
+            req = req.header("x-cluster-epoch", e);
+        }
+        async move { send(&client(), req.body(full("v")).unwrap()).await }
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the gate's node is primary",
+        || async { write(Some(2)).await.status == 200 },
+    )
+    .await;
+    let passed = store.requests();
+    // A write routed by an older map is sent back with the newer epoch.
+    let stale = write(Some(1)).await;
+    stale.assert_error(421, "stale_epoch");
+    assert_eq!(stale.header("x-cluster-epoch"), Some("2"));
+    assert_eq!(
+        store.requests(),
+        passed,
+        "refused writes never reach the node"
+    );
+    // Cut from its coordinator, its lease runs out: writes refused, reads pass.
+    link.set(Link::Cut);
+    eventually(Duration::from_secs(5), "the lease expires", || async {
+        let r = write(Some(2)).await;
+        r.status == 503 && r.header("x-shardgate-error") == Some("lease_expired")
+    })
+    .await;
+    let refused_at = store.requests();
+    write(Some(2)).await.assert_error(503, "lease_expired");
+    assert_eq!(store.requests(), refused_at);
+    let read = send(
+        &client(),
+        http::Request::get(format!("http://{gate}/kv/x"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        read.status, 200,
+        "an isolated node is read-only, never write-only"
+    );
+    assert_eq!(store.requests(), refused_at + 1);
+    // Healed before anyone replaced it, it takes writes again.
+    link.set(Link::Pass);
+    eventually(Duration::from_secs(10), "the lease is renewed", || async {
+        write(Some(2)).await.status == 200
+    })
+    .await;
+    // Moved out of the primary slot, it refuses writes as not primary.
+    let other = "127.0.0.9:9".to_owned();
+    let put = send(
+        &client(),
+        http::Request::put(coordinator.url("/v1/cluster/topology"))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(full(map(3, &other, &[gate.to_string()])))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    eventually(Duration::from_secs(10), "demoted", || async {
+        let r = write(Some(3)).await;
+        r.status == 503 && r.header("x-shardgate-error") == Some("not_primary")
+    })
+    .await;
+    eventually(Duration::from_secs(10), "both hooks ran", || async {
+        std::fs::read_to_string(&hooks).is_ok_and(|h| h.lines().count() >= 2)
+    })
+    .await;
+    let log = std::fs::read_to_string(&hooks).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines[0], "promote primary 0 2", "{log}");
+    assert_eq!(lines[1], "demote replica 0 3", "{log}");
+    agent.signal("TERM");
+    assert_eq!(agent.exit_code(Duration::from_secs(10)).await, Some(0));
+}

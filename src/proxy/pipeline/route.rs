@@ -400,10 +400,7 @@ fn issue_token(d: &mut Delivered, partition: u32, epoch: u64, stamp: Hlc) {
         return;
     }
     let headers = d.resp.headers_mut();
-    let hlc = headers
-        .get(consistency::HLC)
-        .and_then(|v| Hlc::parse(v.as_bytes()).ok())
-        .unwrap_or(stamp);
+    let hlc = consistency::stamp_of(headers).unwrap_or(stamp);
     headers.insert(
         consistency::TOKEN,
         consistency::Token {

@@ -368,7 +368,9 @@ pub async fn run(
             .map_err(|e| AgentError::AddrFile(e.to_string()))?;
         }
         tracing::info!(gate = %bound, node = %g.node, "gate listening");
-        let gate = Arc::new(Gate::new(&g, placement.clone(), lease.clone()));
+        let gate = Gate::new(&g, placement.clone(), lease.clone())
+            .map_err(|e| AgentError::Tls(e.to_string()))?;
+        let gate = Arc::new(gate);
         tasks.push(tokio::spawn(crate::gate::serve(
             gate,
             listener,

@@ -121,7 +121,7 @@ impl Gate {
         cfg: &GateConfig,
         placement: watch::Receiver<Option<Placement>>,
         lease: Arc<Lease>,
-    ) -> Gate {
+    ) -> Result<Gate, crate::tls::TlsError> {
         let settings = UpstreamSettings {
             pool: PoolSettings {
                 max_idle: 256,
@@ -144,17 +144,14 @@ impl Gate {
             },
             tls: None,
         };
-        // No TLS files: the factory cannot fail.
-        let node = UpstreamFactory::new(settings, Arc::new(Metrics::new()))
-            .map(|f| f.make(cfg.node))
-            .unwrap_or_else(|_| unreachable!("a gate's upstream has no TLS"));
-        Gate {
+        let node = UpstreamFactory::new(settings, Arc::new(Metrics::new()))?.make(cfg.node);
+        Ok(Gate {
             placement,
             lease,
             newest_epoch: AtomicU64::new(0),
             node,
             timeout: cfg.timeout,
-        }
+        })
     }
 
     /// SPEC §8's rule for a write routed by `given` (the request's
@@ -266,4 +263,80 @@ pub async fn serve(gate: Arc<Gate>, listener: TcpListener, shutdown: Cancellatio
         },
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(role: Role, epoch: u64) -> (Gate, Arc<Lease>, watch::Sender<Option<Placement>>) {
+        let (tx, rx) = watch::channel(Some(Placement {
+            epoch,
+            partition: Some(0),
+            role,
+            primary: None,
+            replicas: Vec::new(),
+        }));
+        let lease = Arc::new(Lease::default());
+        let cfg = GateConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            node: "127.0.0.1:9".parse().unwrap(),
+            timeout: Duration::from_secs(1),
+        };
+        (Gate::new(&cfg, rx, lease.clone()).unwrap(), lease, tx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_passes_only_as_primary_under_a_lease_and_a_current_epoch() {
+        let (g, lease, tx) = gate(Role::Primary, 5);
+        assert_eq!(
+            g.admit_write(Some(5)),
+            Err(Refusal::LeaseExpired),
+            "no lease yet"
+        );
+        lease.renew(Instant::now(), Duration::from_millis(500));
+        assert_eq!(g.admit_write(Some(5)), Ok(()));
+        assert_eq!(g.admit_write(None), Ok(()), "a request without an epoch");
+        assert_eq!(
+            g.admit_write(Some(6)),
+            Ok(()),
+            "a newer map that names it primary"
+        );
+        assert_eq!(
+            g.admit_write(Some(4)),
+            Err(Refusal::StaleEpoch {
+                newest: 5,
+                given: 4
+            })
+        );
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(g.admit_write(Some(5)), Err(Refusal::LeaseExpired));
+        lease.renew(Instant::now(), Duration::from_millis(500));
+        tx.send_replace(Some(Placement {
+            epoch: 7,
+            partition: Some(0),
+            role: Role::Replica,
+            primary: None,
+            replicas: Vec::new(),
+        }));
+        assert_eq!(
+            g.admit_write(Some(7)),
+            Err(Refusal::NotPrimary { epoch: 7 })
+        );
+        // The epoch it saw never goes back, even if an older answer arrives.
+        tx.send_replace(Some(Placement {
+            epoch: 6,
+            partition: Some(0),
+            role: Role::Primary,
+            primary: None,
+            replicas: Vec::new(),
+        }));
+        assert_eq!(
+            g.admit_write(Some(6)),
+            Err(Refusal::StaleEpoch {
+                newest: 7,
+                given: 6
+            })
+        );
+    }
 }

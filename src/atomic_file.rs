@@ -21,6 +21,15 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Announce a bound address in `path` (for a listener on port 0): written
+/// atomically, so whoever polls for the file never reads half an address.
+pub async fn announce(path: &Path, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || write(&path, addr.to_string().as_bytes()))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -177,7 +177,21 @@ fn run_agent(flags: &AgentFlags) -> ExitCode {
         Err(e) => return done(Err(e.into())),
     };
     shardgate::telemetry::init_logging("info", LogFormat::Text);
-    let rt = match runtime(1) {
+    until_stopped("agent", 1, |stop| shardgate::agent::run(config, stop))
+}
+
+/// Run a command that lives beside a shard node (agent, node) until
+/// SIGTERM/SIGINT, or until the coordinator says TERMINATE (its own exit code).
+fn until_stopped<E, Fut>(
+    command: &str,
+    workers: usize,
+    run: impl FnOnce(tokio_util::sync::CancellationToken) -> Fut,
+) -> ExitCode
+where
+    E: Failure + From<shardgate::signals::SignalError>,
+    Fut: std::future::Future<Output = Result<shardgate::agent::AgentExit, E>>,
+{
+    let rt = match runtime(workers) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
@@ -189,12 +203,12 @@ fn run_agent(flags: &AgentFlags) -> ExitCode {
             signals.stopped().await;
             on_signal.cancel();
         });
-        shardgate::agent::run(config, stop).await
+        run(stop).await
     });
     match exit {
         Ok(shardgate::agent::AgentExit::Stopped) => ExitCode::SUCCESS,
         Ok(shardgate::agent::AgentExit::Terminated) => ExitCode::from(shardgate::agent::TERMINATED),
-        Err(e) => fail("agent", &e),
+        Err(e) => fail(command, &e),
     }
 }
 
@@ -228,23 +242,5 @@ fn run_node(flags: &shardgate::config::NodeFlags) -> ExitCode {
         Err(e) => return done(Err(e.into())),
     };
     shardgate::telemetry::init_logging("info", LogFormat::Text);
-    let rt = match runtime(0) {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    let exit = rt.block_on(async {
-        let mut signals = Signals::stop()?;
-        let stop = tokio_util::sync::CancellationToken::new();
-        let on_signal = stop.clone();
-        tokio::spawn(async move {
-            signals.stopped().await;
-            on_signal.cancel();
-        });
-        shardgate::node::run(config, stop).await
-    });
-    match exit {
-        Ok(shardgate::agent::AgentExit::Stopped) => ExitCode::SUCCESS,
-        Ok(shardgate::agent::AgentExit::Terminated) => ExitCode::from(shardgate::agent::TERMINATED),
-        Err(e) => fail("node", &e),
-    }
+    until_stopped("node", 0, |stop| shardgate::node::run(config, stop))
 }

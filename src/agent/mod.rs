@@ -359,13 +359,10 @@ pub async fn run(
             ip: bound.ip(),
             port: Some(bound.port()),
         };
-        if let Some(path) = cfg.addr_file.clone() {
-            tokio::task::spawn_blocking(move || {
-                crate::atomic_file::write(&path, bound.to_string().as_bytes())
-            })
-            .await
-            .map_err(|e| AgentError::AddrFile(e.to_string()))?
-            .map_err(|e| AgentError::AddrFile(e.to_string()))?;
+        if let Some(path) = &cfg.addr_file {
+            crate::atomic_file::announce(path, bound)
+                .await
+                .map_err(|e| AgentError::AddrFile(e.to_string()))?;
         }
         tracing::info!(gate = %bound, node = %g.node, "gate listening");
         let gate = Gate::new(&g, placement.clone(), lease.clone())

@@ -496,13 +496,10 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> Result<AgentEx
     let bound = listener
         .local_addr()
         .map_err(|e| NodeError::Bind(cfg.listen, e))?;
-    if let Some(path) = cfg.addr_file.clone() {
-        tokio::task::spawn_blocking(move || {
-            crate::atomic_file::write(&path, bound.to_string().as_bytes())
-        })
-        .await
-        .map_err(|e| NodeError::AddrFile(e.to_string()))?
-        .map_err(|e| NodeError::AddrFile(e.to_string()))?;
+    if let Some(path) = &cfg.addr_file {
+        crate::atomic_file::announce(path, bound)
+            .await
+            .map_err(|e| NodeError::AddrFile(e.to_string()))?;
     }
     let addr = NodeAddr {
         ip: bound.ip(),

@@ -363,68 +363,29 @@ async fn partition_round(seed: u64, quorum: &str) -> Found {
         format!("{}:0", net.ip("coord")),
         format!("{}:0", net.ip("coord")),
     );
-    let coordinator = BinCoordinator::spawn_in(
-        Some(net.ns("coord")),
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--topology",
-            placeholder.to_str().unwrap(),
-            "--store",
-            &format!("file:{}", dir.path().join("state.json").display()),
-            "--heartbeat-timeout",
-            "1",
-            "--sweep-interval",
-            "0.1",
-            "--http-listen",
-            &http_listen,
-            "--grpc-listen",
-            &grpc_listen,
-        ],
-    )
-    .await;
-    let grpc = coordinator.grpc.to_string();
+    let mut flags = coordinator_flags(dir.path(), &cfg, &placeholder);
+    flags.extend([
+        "--http-listen".into(),
+        http_listen,
+        "--grpc-listen".into(),
+        grpc_listen,
+    ]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let coordinator = BinCoordinator::spawn_in(Some(net.ns("coord")), &flags).await;
     let mut nodes = Vec::new();
     for host in ["a", "b", "c"] {
-        let id = format!("n{host}");
-        let addr_file = dir.path().join(format!("{id}.addr"));
         let listen = format!("{}:0", net.ip(host));
-        let proc = BinProcess::spawn_in(
+        let flags = ["--token", token, "--write-quorum", quorum];
+        let n = NodeProc::spawn_in(
             Some(net.ns(host)),
-            &[
-                "node",
-                "--id",
-                &id,
-                "--listen",
-                &listen,
-                "--addr-file",
-                addr_file.to_str().unwrap(),
-                "--coordinator",
-                &grpc,
-                "--interval",
-                "0.1",
-                "--token",
-                token,
-                "--write-quorum",
-                quorum,
-            ],
-            false,
+            dir.path(),
+            &format!("n{host}"),
+            &listen,
+            coordinator.grpc,
+            &flags,
         )
         .await;
-        let read = || {
-            std::fs::read_to_string(&addr_file)
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-        };
-        eventually(Duration::from_secs(15), "node listening", || {
-            let found: Option<std::net::SocketAddr> = read();
-            async move { found.is_some() }
-        })
-        .await;
-        let addr: std::net::SocketAddr = read().unwrap();
-        nodes.push((id, addr, proc));
+        nodes.push((n.id, n.addr, n.proc));
     }
     let addr_of = |i: usize| nodes[i].1.to_string();
     let doc = map(2, &addr_of(0), &[addr_of(1), addr_of(2)]);
@@ -709,6 +670,28 @@ async fn partition_round(seed: u64, quorum: &str) -> Found {
     found
 }
 
+/// A coordinator on `config`, starting from `placeholder`, its state in
+/// `dir`, quick to declare a silent node dead.
+fn coordinator_flags(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    placeholder: &std::path::Path,
+) -> Vec<String> {
+    [
+        "--config".to_owned(),
+        config.display().to_string(),
+        "--topology".into(),
+        placeholder.display().to_string(),
+        "--store".into(),
+        format!("file:{}", dir.join("state.json").display()),
+        "--heartbeat-timeout".into(),
+        "1".into(),
+        "--sweep-interval".into(),
+        "0.1".into(),
+    ]
+    .into()
+}
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -786,19 +769,9 @@ async fn the_gate_passes_a_primarys_writes_only_under_its_lease_and_its_epoch() 
         format!("[coordinator]\nadmin_token = \"{ADMIN_TOKEN}\"\nmax_clock_skew = \"5s\"\n"),
     )
     .unwrap();
-    let coordinator = BinCoordinator::spawn(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "--topology",
-        placeholder.to_str().unwrap(),
-        "--store",
-        &format!("file:{}", dir.path().join("state.json").display()),
-        "--heartbeat-timeout",
-        "1",
-        "--sweep-interval",
-        "0.1",
-    ])
-    .await;
+    let flags = coordinator_flags(dir.path(), &cfg, &placeholder);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let coordinator = BinCoordinator::spawn(&flags).await;
     let link = Relay::start(coordinator.grpc).await;
     let addr_file = dir.path().join("gate.addr");
     let hooks = dir.path().join("hooks.log");

@@ -163,18 +163,7 @@ impl Net {
         for o in others {
             let b = self.ip(o);
             for (from, to) in [(a, b), (b, a)] {
-                ip(&[
-                    "-n",
-                    &self.hub,
-                    "rule",
-                    "add",
-                    "from",
-                    &from.to_string(),
-                    "to",
-                    &to.to_string(),
-                    how.rule(),
-                ])
-                .unwrap();
+                self.rule("add", from, to, how);
                 cuts.push((from, to, how));
             }
         }
@@ -184,19 +173,25 @@ impl Net {
     pub(crate) fn heal(&self) {
         let mut cuts = self.cuts.lock().unwrap();
         for (from, to, how) in cuts.drain(..) {
-            ip(&[
-                "-n",
-                &self.hub,
-                "rule",
-                "del",
-                "from",
-                &from.to_string(),
-                "to",
-                &to.to_string(),
-                how.rule(),
-            ])
-            .unwrap();
+            self.rule("del", from, to, how);
         }
+    }
+
+    /// Add or delete the hub's rule for packets `from` → `to`.
+    fn rule(&self, verb: &str, from: Ipv4Addr, to: Ipv4Addr, how: Cut) {
+        let (from, to) = (from.to_string(), to.to_string());
+        ip(&[
+            "-n",
+            &self.hub,
+            "rule",
+            verb,
+            "from",
+            &from,
+            "to",
+            &to,
+            how.rule(),
+        ])
+        .unwrap();
     }
 
     /// A runtime whose one thread lives in host `name`'s namespace: every

@@ -29,6 +29,18 @@ impl NodeProc {
         grpc: SocketAddr,
         extra: &[&str],
     ) -> NodeProc {
+        NodeProc::spawn_in(None, dir, id, listen, grpc, extra).await
+    }
+
+    /// [`NodeProc::spawn_on`] inside network namespace `ns`.
+    pub(crate) async fn spawn_in(
+        ns: Option<&str>,
+        dir: &Path,
+        id: &str,
+        listen: &str,
+        grpc: SocketAddr,
+        extra: &[&str],
+    ) -> NodeProc {
         let addr_file = dir.join(format!("{id}.addr"));
         let _ = std::fs::remove_file(&addr_file);
         let grpc = grpc.to_string();
@@ -46,7 +58,7 @@ impl NodeProc {
             "0.1",
         ];
         args.extend_from_slice(extra);
-        let proc = BinProcess::spawn(&args, false).await;
+        let proc = BinProcess::spawn_in(ns, &args, false).await;
         let read = || -> Option<SocketAddr> {
             std::fs::read_to_string(&addr_file)
                 .ok()?

@@ -871,14 +871,72 @@ async fn the_gate_passes_a_primarys_writes_only_under_its_lease_and_its_epoch() 
         "an isolated node is read-only, never write-only"
     );
     assert_eq!(store.requests(), refused_at + 1);
-    // Healed before anyone replaced it, it takes writes again.
+    // Through a proxy (which sends its map's epoch), the refusal reaches the
+    // client as the SPEC's error, and reads go on.
+    let toml = dir.path().join("proxy.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [topology]\nsources = [\"http://{}\"]\n",
+            coordinator.http
+        ),
+    )
+    .unwrap();
+    let proxy = BinProxy::spawn(&["--config", toml.to_str().unwrap()]).await;
+    let via = |method: http::Method| {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}/kv/x", proxy.addr))
+            .header("x-shard-key", "x")
+            .body(full("v"))
+            .unwrap();
+        async move { send(&client(), req).await }
+    };
+    let refused = via(http::Method::PUT).await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(
+        matches!(
+            refused.header("x-shardgate-error"),
+            Some("lease_expired" | "primary_unavailable")
+        ),
+        "{:?}: {}",
+        refused.header("x-shardgate-error"),
+        refused.text()
+    );
+    assert_eq!(via(http::Method::GET).await.status, 200, "reads go on");
+    // Healed before anyone replaced it, it takes writes again, from the
+    // proxy too.
     link.set(Link::Pass);
     eventually(Duration::from_secs(10), "the lease is renewed", || async {
         write(Some(2)).await.status == 200
     })
     .await;
-    // Moved out of the primary slot, it refuses writes as not primary.
+    eventually(
+        Duration::from_secs(10),
+        "the proxy's writes pass",
+        || async { via(http::Method::PUT).await.status == 200 },
+    )
+    .await;
+    // Moved out of the primary slot, it refuses writes as not primary. (The
+    // new primary heartbeats, so the coordinator keeps it.)
     let other = "127.0.0.9:9".to_owned();
+    let grpc = coordinator.grpc.to_string();
+    let _successor = BinProcess::spawn(
+        &[
+            "agent",
+            "--coordinator",
+            &grpc,
+            "--node-id",
+            "g2",
+            "--ip",
+            &other,
+            "--interval",
+            "0.1",
+        ],
+        false,
+    )
+    .await;
     let put = send(
         &client(),
         http::Request::put(coordinator.url("/v1/cluster/topology"))

@@ -937,6 +937,12 @@ async fn the_gate_passes_a_primarys_writes_only_under_its_lease_and_its_epoch() 
         false,
     )
     .await;
+    eventually(
+        Duration::from_secs(10),
+        "the successor heartbeats",
+        || async { coordinator.node("g2").await.is_some() },
+    )
+    .await;
     let put = send(
         &client(),
         http::Request::put(coordinator.url("/v1/cluster/topology"))

@@ -45,6 +45,41 @@ async fn a_primary_answering_503_is_cut_off_and_reads_keep_answering_from_the_re
 }
 
 #[tokio::test]
+async fn a_primary_saying_it_may_not_take_writes_yet_keeps_its_breaker_closed() {
+    // A just-promoted node answers `503 not_primary` until it hears its new
+    // role: alive, answering, and about to take writes. Its breaker must not
+    // open, or it would be shut out for the whole cool-down.
+    let (primary, _replica, proxy) = pair(&breaker_config("30s")).await;
+    primary.set(Behavior::Respond {
+        status: 503,
+        headers: vec![
+            ("x-shardgate-error", "not_primary"),
+            ("content-type", "application/json"),
+        ],
+        body: "{\"error\":\"not_primary\",\"message\":\"not yet\",\"partition\":0}",
+    });
+    let c = client();
+    for _ in 0..10 {
+        let a = send(&c, keyed("PUT", &proxy.url("/kv/a"), "a", "v")).await;
+        assert_eq!(a.status, 503);
+        assert_eq!(a.header("x-shardgate-error"), Some("not_primary"));
+    }
+    primary.set(Behavior::Ok);
+    let a = send(&c, keyed("PUT", &proxy.url("/kv/a"), "a", "v")).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    // A plain 503 still counts against it.
+    primary.set(Behavior::Status(503));
+    for _ in 0..5 {
+        send(&c, keyed("PUT", &proxy.url("/kv/a"), "a", "v")).await;
+    }
+    let after = primary.requests();
+    send(&c, keyed("PUT", &proxy.url("/kv/a"), "a", "v"))
+        .await
+        .assert_error(503, "primary_unavailable");
+    assert_eq!(primary.requests(), after, "open now: nothing sent");
+}
+
+#[tokio::test]
 async fn the_breaker_closes_again_once_the_primary_heals() {
     let (primary, _replica, proxy) = pair(&breaker_config("300ms")).await;
     primary.set(Behavior::Status(503));

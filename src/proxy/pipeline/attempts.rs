@@ -313,7 +313,17 @@ fn settle(
                 outcome(AttemptOutcome::SendError, permit, answered_at);
                 Settled::Failed(Failure::Broken(UpstreamCause::UnexpectedUpgrade))
             } else if r.settings.breaker.failure_statuses.contains(status) {
-                outcome(AttemptOutcome::FailureStatus, permit, answered_at);
+                // A node saying what it may not do right now (not primary
+                // yet, lease lapsed, no quorum) is alive and answering: that
+                // must not open its breaker, or a newly promoted primary that
+                // refuses for the few milliseconds before it hears its new
+                // role is shut out for the breaker's whole cool-down.
+                let verdict = if role_refusal(delivered.resp.headers()) {
+                    AttemptOutcome::Ok
+                } else {
+                    AttemptOutcome::FailureStatus
+                };
+                outcome(verdict, permit, answered_at);
                 if r.idempotent && r.settings.retry.retry_statuses.contains(status) {
                     Settled::Failed(Failure::Status(Box::new(delivered)))
                 } else {
@@ -450,6 +460,24 @@ fn refused(plan: &Plan<'_>, partition: &RoutePartition, last: Last, r: &Run<'_>)
             cause,
         }
     }
+}
+
+/// Whether an answer is a node's refusal about its role or its partition's
+/// state (SPEC §7–§8), rather than a failure of the node.
+fn role_refusal(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(crate::json_error::ERROR_HEADER)
+        .is_some_and(|code| {
+            matches!(
+                code.as_bytes(),
+                b"not_primary"
+                    | b"lease_expired"
+                    | b"no_quorum"
+                    | b"catching_up"
+                    | b"fenced"
+                    | b"not_placed"
+            )
+        })
 }
 
 /// The final answer once no further attempt will be made.

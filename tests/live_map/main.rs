@@ -801,3 +801,43 @@ async fn the_demo_runs_a_cluster_that_answers_and_stops_cleanly() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_full_url_of_a_coordinators_map_works_as_a_topology_source() {
+    // The URL a user copies from the curl they just ran (SPEC §10).
+    let c = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let map_url = c.coordinator.url("/v1/cluster/topology");
+    let proxy = proxy_following(&[map_url], dir.path(), "").await;
+    eventually(
+        Duration::from_secs(10),
+        "ready on the coordinator's map",
+        || async { admin_get(proxy.admin, "/readyz").await.status == 200 },
+    )
+    .await;
+    assert_eq!(
+        proxy_epoch(proxy.admin).await,
+        Some(c.coordinator.epoch().await),
+        "the map it follows is the coordinator's"
+    );
+    // And it follows changes, which it asks for on the base it kept.
+    let doc = c.coordinator.get_json("/v1/cluster/topology").await;
+    let mut next = doc.clone();
+    next["clusterEpoch"] = (doc["clusterEpoch"].as_u64().unwrap() + 1).into();
+    let put = send(
+        &client(),
+        http::Request::put(c.coordinator.url("/v1/cluster/topology"))
+            .header("authorization", "Bearer t")
+            .body(full(next.to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let want = next["clusterEpoch"].as_u64();
+    eventually(
+        Duration::from_secs(10),
+        "the new epoch followed",
+        || async { proxy_epoch(proxy.admin).await == want },
+    )
+    .await;
+}

@@ -257,12 +257,27 @@ fn parse_addr(s: &str, key: &str, issues: &mut Issues<'_>) -> Option<SocketAddr>
     }
 }
 
+/// The path of a coordinator's map (SPEC §4).
+const TOPOLOGY_PATH: &str = "/v1/cluster/topology";
+
 fn parse_topology_source(s: &str) -> Result<TopologySource, String> {
     if s.starts_with("http://") || s.starts_with("https://") {
         let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
-        if uri.authority().is_none() {
+        let Some(authority) = uri.authority() else {
             return Err(format!("{s:?} has no host"));
+        };
+        // SPEC §10: the coordinator's base URL or the full URL of its map,
+        // the one a user copies from the curl they just ran; either way the
+        // proxy keeps the base and builds the paths it asks for.
+        let path = uri.path().trim_end_matches('/');
+        let base = path.strip_suffix(TOPOLOGY_PATH).unwrap_or(path);
+        if uri.query().is_some() && base.len() == path.len() {
+            return Err(format!("{s:?}: a coordinator URL has no query"));
         }
+        let scheme = uri.scheme_str().unwrap_or("http");
+        let uri = format!("{scheme}://{authority}{base}")
+            .parse()
+            .map_err(|e| format!("{s:?} is not a URL: {e}"))?;
         Ok(TopologySource::Coordinator(uri))
     } else if s.contains("://") {
         Err(format!(
@@ -725,5 +740,37 @@ key_sources = [{ header = "x-k", query = "k" }]
             load("[topology]\nsources = [\"http://127.0.0.1:7400\", \"http://127.0.0.2:7400\"]\n")
                 .unwrap();
         assert_eq!(c.topology_sources.len(), 2);
+    }
+
+    #[test]
+    fn a_coordinator_source_may_be_its_base_or_the_full_url_of_its_map() {
+        for given in [
+            "http://127.0.0.1:7400",
+            "http://127.0.0.1:7400/",
+            "http://127.0.0.1:7400/v1/cluster/topology",
+            "http://127.0.0.1:7400/v1/cluster/topology/",
+            "http://127.0.0.1:7400/v1/cluster/topology?waitForEpochAbove=3",
+        ] {
+            let Ok(TopologySource::Coordinator(uri)) = parse_topology_source(given) else {
+                panic!("{given}");
+            };
+            assert_eq!(
+                uri.authority().unwrap().as_str(),
+                "127.0.0.1:7400",
+                "{given}"
+            );
+            assert!(
+                uri.path() == "/" || uri.path().is_empty(),
+                "{given} kept {:?}",
+                uri.path()
+            );
+        }
+        let Ok(TopologySource::Coordinator(prefixed)) =
+            parse_topology_source("https://lb.example/shardgate/v1/cluster/topology")
+        else {
+            panic!();
+        };
+        assert_eq!(prefixed.to_string(), "https://lb.example/shardgate");
+        assert!(parse_topology_source("http://127.0.0.1:7400/?x=1").is_err());
     }
 }

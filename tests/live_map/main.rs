@@ -841,3 +841,52 @@ async fn the_full_url_of_a_coordinators_map_works_as_a_topology_source() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_proxy_restarted_during_an_outage_serves_its_default_cache() {
+    // No cache_file in the config: by default each proxy instance keeps one
+    // in the state directory (here systemd's $STATE_DIRECTORY, a temporary
+    // directory), named by its listen address.
+    let c = cluster().await;
+    let state = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = state.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [topology]\nsources = [\"{}\"]\nstartup_wait = \"300ms\"\n",
+            c.coordinator.url("")
+        ),
+    )
+    .unwrap();
+    let start = || {
+        let mut cmd = tokio::process::Command::new(binary());
+        cmd.args(["proxy", "--config", config.to_str().unwrap()])
+            .env("STATE_DIRECTORY", state.path());
+        BinProxy::spawn_cmd(cmd)
+    };
+    let proxy = start().await;
+    let cache = state
+        .path()
+        .join(format!("map-cache-127.0.0.1-{port}.json"));
+    eventually(Duration::from_secs(10), "map cached by default", || async {
+        cache.exists()
+    })
+    .await;
+    c.coordinator.proc.kill().await;
+    drop(proxy);
+    let restarted = start().await;
+    let key = key_for_partition(1, 2);
+    let url = format!("http://{}/kv/{key}", restarted.addr);
+    assert_eq!(get_key(&client(), &url, &key).await.status, 200);
+    let status = admin_get(restarted.admin, "/admin/topology").await.json();
+    assert!(
+        status["source"].as_str().unwrap().starts_with("cache "),
+        "{status}"
+    );
+}

@@ -105,7 +105,9 @@ pub struct TopologySection {
     /// Largest map accepted from a coordinator, in bytes.
     pub max_map_bytes: usize,
     /// Where the last valid map from a coordinator is saved; loaded at start-up
-    /// when no coordinator answers. Empty: no cache.
+    /// when no coordinator answers. `auto` (the default): one file per proxy
+    /// instance in the state directory (see `default_cache_file`); a path:
+    /// that file; empty: no cache.
     pub cache_file: String,
     /// How long start-up waits for a coordinator before using the cache.
     #[serde(with = "humantime_serde")]
@@ -131,7 +133,7 @@ impl Default for TopologySection {
             poll_interval: Duration::from_secs(1),
             fetch_timeout: Duration::from_secs(5),
             max_map_bytes: 16 * 1024 * 1024,
-            cache_file: String::new(),
+            cache_file: "auto".into(),
             startup_wait: Duration::from_secs(5),
             max_staleness: Duration::ZERO,
             tls_ca: String::new(),

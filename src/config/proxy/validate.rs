@@ -233,8 +233,11 @@ impl ProxyConfig {
                 poll_interval: f.topology.poll_interval,
                 fetch_timeout: f.topology.fetch_timeout,
                 max_map_bytes: f.topology.max_map_bytes,
-                cache_file: (!f.topology.cache_file.is_empty())
-                    .then(|| PathBuf::from(&f.topology.cache_file)),
+                cache_file: match f.topology.cache_file.as_str() {
+                    "" => None,
+                    "auto" => default_cache_file(listen, &|name| std::env::var_os(name)),
+                    path => Some(PathBuf::from(path)),
+                },
                 startup_wait: f.topology.startup_wait,
                 client_tls: topology_tls,
             },
@@ -255,6 +258,44 @@ fn parse_addr(s: &str, key: &str, issues: &mut Issues<'_>) -> Option<SocketAddr>
             None
         }
     }
+}
+
+/// Where a proxy listening on `listen` keeps its last-known-good map when
+/// `cache_file = "auto"`: `map-cache-<ip>-<port>.json`, one file per proxy
+/// instance, in the first of
+/// - `$STATE_DIRECTORY` (systemd's `StateDirectory=`; its first entry),
+/// - `$XDG_STATE_HOME/shardgate`,
+/// - `$HOME/.local/state/shardgate`,
+/// - `/var/lib/shardgate`.
+///
+/// A proxy on port 0 has no identity that outlives it (the next start gets
+/// another port, and every such proxy would share one file), so it gets no
+/// default cache.
+pub(crate) fn default_cache_file(
+    listen: SocketAddr,
+    env: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+) -> Option<PathBuf> {
+    if listen.port() == 0 {
+        return None;
+    }
+    let set = |name: &str| env(name).filter(|v| !v.is_empty());
+    let dir = if let Some(dirs) = set("STATE_DIRECTORY") {
+        let first = dirs
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        PathBuf::from(first)
+    } else if let Some(xdg) = set("XDG_STATE_HOME") {
+        PathBuf::from(xdg).join("shardgate")
+    } else if let Some(home) = set("HOME") {
+        PathBuf::from(home).join(".local/state/shardgate")
+    } else {
+        PathBuf::from("/var/lib/shardgate")
+    };
+    let ip = listen.ip().to_string().replace(':', "_");
+    Some(dir.join(format!("map-cache-{ip}-{}.json", listen.port())))
 }
 
 /// The path of a coordinator's map (SPEC §4).
@@ -772,5 +813,52 @@ key_sources = [{ header = "x-k", query = "k" }]
         };
         assert_eq!(prefixed.to_string(), "https://lb.example/shardgate");
         assert!(parse_topology_source("http://127.0.0.1:7400/?x=1").is_err());
+    }
+
+    #[test]
+    fn the_default_cache_is_one_file_per_instance_in_the_state_directory() {
+        let listen: SocketAddr = "10.0.0.5:8080".parse().unwrap();
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        let systemd = env(&[
+            ("STATE_DIRECTORY", "/var/lib/shardgate:/other"),
+            ("HOME", "/root"),
+        ]);
+        assert_eq!(
+            default_cache_file(listen, &systemd),
+            Some(PathBuf::from(
+                "/var/lib/shardgate/map-cache-10.0.0.5-8080.json"
+            ))
+        );
+        let xdg = env(&[("XDG_STATE_HOME", "/home/u/.state"), ("HOME", "/home/u")]);
+        assert_eq!(
+            default_cache_file(listen, &xdg),
+            Some(PathBuf::from(
+                "/home/u/.state/shardgate/map-cache-10.0.0.5-8080.json"
+            ))
+        );
+        let home = env(&[("HOME", "/home/u")]);
+        assert_eq!(
+            default_cache_file("[::1]:9000".parse().unwrap(), &home),
+            Some(PathBuf::from(
+                "/home/u/.local/state/shardgate/map-cache-__1-9000.json"
+            ))
+        );
+        assert_eq!(
+            default_cache_file(listen, &env(&[])),
+            Some(PathBuf::from(
+                "/var/lib/shardgate/map-cache-10.0.0.5-8080.json"
+            ))
+        );
+        assert_eq!(
+            default_cache_file("127.0.0.1:0".parse().unwrap(), &home),
+            None,
+            "port 0 has no identity to keep a cache under"
+        );
     }
 }

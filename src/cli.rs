@@ -33,6 +33,23 @@ pub(crate) enum Command {
     Demo(DemoArgs),
     /// Run the reference shard node (a replicated key-value store) and its agent.
     Node(NodeArgs),
+    /// Print a cluster's state as a coordinator or a proxy sees it.
+    Status(StatusArgs),
+}
+
+/// `shardgate status` flags.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("from").required(true).args(["coordinator", "admin"])))]
+pub(crate) struct StatusArgs {
+    /// A coordinator's HTTP URL: its map, nodes and replication.
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// A proxy's admin URL: the map it routes by and its upstreams.
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// Print the JSON read, for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `shardgate demo` flags.

@@ -6,6 +6,7 @@
 
 mod cli;
 mod demo;
+mod status;
 
 use clap::Parser;
 use cli::{Cli, Command};
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => run_agent(&args.flags()),
         Command::Demo(args) => run_demo(&args),
         Command::Node(args) => run_node(&args.flags()),
+        Command::Status(args) => run_status(&args),
     }
 }
 
@@ -243,4 +245,46 @@ fn run_node(flags: &shardgate::config::NodeFlags) -> ExitCode {
     };
     shardgate::telemetry::init_logging("info", LogFormat::Text);
     until_stopped("node", 0, |stop| shardgate::node::run(config, stop))
+}
+
+fn run_status(args: &cli::StatusArgs) -> ExitCode {
+    let rt = match runtime(1) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let (base, is_coordinator) = match (&args.coordinator, &args.admin) {
+        (Some(c), _) => (c.as_str(), true),
+        (None, Some(a)) => (a.as_str(), false),
+        (None, None) => {
+            eprintln!("shardgate status: give --coordinator URL or --admin URL");
+            return ExitCode::from(Exit::Invalid as u8);
+        }
+    };
+    let read = rt.block_on(async {
+        if is_coordinator {
+            status::coordinator(base).await
+        } else {
+            status::proxy(base).await
+        }
+        .map(|v| (v, is_coordinator))
+    });
+    match read {
+        Ok((v, _)) if args.json => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok((v, coordinator)) => {
+            let out = if coordinator {
+                status::render_coordinator(&v)
+            } else {
+                status::render_proxy(&v)
+            };
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shardgate status: {e}");
+            ExitCode::from(Exit::Runtime as u8)
+        }
+    }
 }

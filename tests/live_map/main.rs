@@ -890,3 +890,82 @@ async fn a_proxy_restarted_during_an_outage_serves_its_default_cache() {
         "{status}"
     );
 }
+
+/// `shardgate status ARGS`: its stdout, after it exited 0.
+async fn status_of(args: &[&str]) -> String {
+    let out = tokio::process::Command::new(binary())
+        .arg("status")
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The line of `table` that starts with `first`, split into its columns.
+fn row<'t>(table: &'t str, first: &str) -> Vec<&'t str> {
+    table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(first))
+        .unwrap_or_else(|| panic!("no row {first} in:\n{table}"))
+        .split_whitespace()
+        .collect()
+}
+
+#[tokio::test]
+async fn shardgate_status_prints_the_cluster_as_a_coordinator_and_a_proxy_see_it() {
+    let mut c = cluster().await;
+    let coordinator = c.coordinator.url("");
+    let before = status_of(&["--coordinator", &coordinator]).await;
+    assert!(before.starts_with("EPOCH 1  LEADER "), "{before}");
+    let primary = c.nodes[0].1.addr.to_string();
+    let p0 = row(&before, "p0-primary");
+    assert_eq!(
+        p0[1..5],
+        [primary.as_str(), "P0", "primary", "ACTIVE"],
+        "{before}"
+    );
+    assert_eq!(row(&before, "0")[2], primary, "{before}");
+    // The JSON is what the coordinator serves.
+    let json: serde_json::Value =
+        serde_json::from_str(&status_of(&["--coordinator", &coordinator, "--json"]).await).unwrap();
+    assert_eq!(json["topology"]["clusterEpoch"], 1);
+    assert_eq!(json["nodes"].as_array().unwrap().len(), 4);
+    // After a failover: the old primary dead, its replica primary, epoch 2.
+    c.kill(0).await;
+    eventually(Duration::from_secs(10), "failed over", || async {
+        c.coordinator.epoch().await == 2
+    })
+    .await;
+    let after = status_of(&["--coordinator", &coordinator]).await;
+    assert!(after.starts_with("EPOCH 2  "), "{after}");
+    assert!(row(&after, "p0-primary").contains(&"DEAD"), "{after}");
+    let replica = c.nodes[1].1.addr.to_string();
+    assert_eq!(row(&after, "0")[2], replica, "{after}");
+    assert_eq!(
+        row(&after, "p0-replica")[2..4],
+        ["P0", "primary"],
+        "{after}"
+    );
+    // A proxy's view: its map and its upstreams' breakers.
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_following(std::slice::from_ref(&coordinator), dir.path(), "").await;
+    eventually(Duration::from_secs(10), "proxy on epoch 2", || async {
+        proxy_epoch(proxy.admin).await == Some(2)
+    })
+    .await;
+    let key = key_for_partition(0, 2);
+    let url = format!("http://{}/kv/{key}", proxy.addr);
+    assert_eq!(get_key(&client(), &url, &key).await.status, 200);
+    let admin = format!("http://{}", proxy.admin);
+    let seen = status_of(&["--admin", &admin]).await;
+    assert!(seen.starts_with("EPOCH 2  SOURCE "), "{seen}");
+    let up = row(&seen, &replica);
+    assert_eq!(up[1..4], ["P0", "primary", "closed"], "{seen}");
+}

@@ -25,6 +25,7 @@ pub mod routing;
 pub mod secret;
 pub mod server;
 pub mod signals;
+pub mod status_page;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;

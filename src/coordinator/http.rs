@@ -82,6 +82,7 @@ async fn route<S: Store>(
         (&Method::GET, "/v1/cluster/nodes") => nodes(c),
         (&Method::GET, "/v1/cluster/replication") => replication(c),
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", page(c)),
         (&Method::GET, "/metrics") => {
             c.refresh_gauges();
             c.metrics
@@ -183,6 +184,106 @@ async fn topology<S: Store>(
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
     r
+}
+
+/// `GET /`: the status page (SPEC §10).
+fn page<S: Store>(c: &Coordinator<S>) -> String {
+    use crate::status_page::{Cell, Page};
+    let st = c.lock();
+    let doc = c.published.borrow().clone();
+    let mut p = Page::new("shardgate coordinator", 2);
+    p.facts(&[
+        ("Epoch", doc.cluster_epoch.to_string()),
+        ("Leader", doc.master_node_id.clone()),
+        ("This coordinator", c.cfg.id.clone()),
+        ("Leading", if c.is_leader() { "yes" } else { "no" }.into()),
+        ("Nodes", st.nodes().count().to_string()),
+    ]);
+    p.heading("Hash ring");
+    p.ring(&doc);
+    let status = |addr: &crate::topology::NodeAddr| {
+        let s = st.status_of(addr);
+        let class = match s {
+            Some(super::NodeStatus::Active) => "ok",
+            Some(super::NodeStatus::Degraded) => "warn",
+            _ => "bad",
+        };
+        (s.map_or("UNKNOWN", |s| s.as_str()), class)
+    };
+    let rows: Vec<Vec<Cell>> = st
+        .map()
+        .partitions()
+        .iter()
+        .map(|part| {
+            let (ps, pc) = status(&part.primary);
+            let replicas = part
+                .replicas
+                .iter()
+                .map(|r| format!("{r} ({})", status(r).0))
+                .collect::<Vec<_>>()
+                .join(", ");
+            vec![
+                Cell::plain(part.index.to_string()),
+                Cell::plain(format!("{:08x}–{:08x}", part.range.start, part.range.end)),
+                Cell::health(format!("{} ({ps})", part.primary), pc),
+                Cell::plain(if replicas.is_empty() {
+                    "-".into()
+                } else {
+                    replicas
+                }),
+                Cell::plain(st.health(part).as_str()),
+            ]
+        })
+        .collect();
+    p.heading("Partitions");
+    p.table(
+        "partitions",
+        &["partition", "range", "primary", "replicas", "health"],
+        &rows,
+    );
+    let rows: Vec<Vec<Cell>> = st
+        .nodes()
+        .map(|n| {
+            let a = st.assignment_of(&n.addr);
+            let placement = match (a.partition, a.primary) {
+                (None, _) => "-".to_owned(),
+                (Some(i), true) => format!("P{i} primary"),
+                (Some(i), false) => format!("P{i} replica"),
+            };
+            let (s, class) = status(&n.addr);
+            vec![
+                Cell::plain(n.id.clone()),
+                Cell::plain(n.addr.to_string()),
+                Cell::plain(placement),
+                Cell::health(s, class),
+                Cell::plain(format!("{} ms", n.skew_ms)),
+                Cell::plain(n.last_seen.map_or("never".into(), |t| {
+                    format!("{:.1} s ago", t.elapsed().as_secs_f64())
+                })),
+                Cell::plain(n.replication.map_or("-".into(), |r| {
+                    format!("{} {} B {} ms", r.state.as_str(), r.lag_bytes, r.lag_ms)
+                })),
+            ]
+        })
+        .collect();
+    p.heading("Nodes");
+    p.table(
+        "nodes",
+        &[
+            "node",
+            "address",
+            "placement",
+            "status",
+            "clock skew",
+            "last heartbeat",
+            "replication",
+        ],
+        &rows,
+    );
+    drop(st);
+    p.heading("Recent map changes");
+    p.changes(&c.changes.list());
+    p.finish()
 }
 
 fn nodes<S: Store>(c: &Coordinator<S>) -> Response<Body> {

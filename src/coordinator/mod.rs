@@ -155,6 +155,8 @@ pub struct Coordinator<S: Store> {
     published: watch::Sender<Arc<TopologyDoc>>,
     /// The published map, validated: where heartbeat answers place nodes.
     committed: arc_swap::ArcSwap<ShardMap>,
+    /// The recent changes of the published map, for the status page.
+    changes: crate::status_page::Changes,
     /// The coordinator's HLC: advanced by what nodes report, sent back in
     /// every heartbeat answer.
     clock: HlcClock,
@@ -203,6 +205,7 @@ impl<S: Store> Coordinator<S> {
             state: Mutex::new(state),
             published,
             committed,
+            changes: crate::status_page::Changes::default(),
             clock: HlcClock::new(),
             store,
             cfg,
@@ -247,6 +250,7 @@ impl<S: Store> Coordinator<S> {
                     // Every published doc came from a valid map.
                     Err(e) => tracing::error!("published map does not validate: {e}"),
                 }
+                self.changes.record(Some(current), &doc);
                 *current = Arc::new(doc);
             }
             newer

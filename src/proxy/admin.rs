@@ -76,10 +76,91 @@ fn route(proxy: &Proxy, req: &Request<Incoming>) -> Response<ProxyBody> {
                 "no shard map yet\n".into(),
             ),
         },
+        "/" => respond(StatusCode::OK, "text/html; charset=utf-8", page(proxy)),
         "/admin/topology" => topology(proxy),
         "/admin/upstreams" => upstreams(proxy),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
+}
+
+/// `GET /`: the status page (SPEC §10): the map this proxy routes by, and
+/// each node as this proxy sees it.
+fn page(proxy: &Proxy) -> String {
+    use crate::status_page::{Cell, Page};
+    let mut p = Page::new("shardgate proxy", 2);
+    let status = proxy.live.status();
+    let age = status.confirmed_at.map(|t| t.elapsed().as_secs_f64());
+    let Some(table) = proxy.table() else {
+        p.facts(&[
+            ("Epoch", "none".into()),
+            ("Ready", "no: no shard map yet".into()),
+        ]);
+        return p.finish();
+    };
+    p.facts(&[
+        ("Epoch", table.epoch().to_string()),
+        ("Source", table.origin().source.clone()),
+        ("Map age", age.map_or("-".into(), |a| format!("{a:.1} s"))),
+        ("Ready", "yes".into()),
+        (
+            "Last error",
+            status.last_error.map_or("none".into(), |(m, _)| m),
+        ),
+    ]);
+    p.heading("Hash ring");
+    p.ring(&table.map().to_doc());
+    let mut rows = Vec::new();
+    for part in table.partitions() {
+        let members = std::iter::once((&part.primary, "primary"))
+            .chain(part.replicas.iter().map(|r| (r, "replica")));
+        for (u, role) in members {
+            let breaker = u.breaker().state().as_str();
+            let class = match breaker {
+                "closed" => "ok",
+                "half_open" => "warn",
+                _ => "bad",
+            };
+            let failures = u.recent_failures();
+            rows.push(vec![
+                Cell::plain(part.index.to_string()),
+                Cell::plain(&**u.label()),
+                Cell::plain(role),
+                Cell::health(breaker, class),
+                Cell::plain(u.inflight().to_string()),
+                Cell::plain(format!(
+                    "{:.2} ms",
+                    u.latency().estimate().as_secs_f64() * 1000.0
+                )),
+                Cell::health(
+                    failures.to_string(),
+                    if failures == 0 { "ok" } else { "warn" },
+                ),
+                Cell::plain(
+                    u.freshness()
+                        .reported_lag_ms()
+                        .map_or("-".into(), |l| format!("{l} ms")),
+                ),
+            ]);
+        }
+    }
+    p.heading("Nodes");
+    p.table(
+        "nodes",
+        &[
+            "partition",
+            "node",
+            "role",
+            "breaker",
+            "in flight",
+            "latency",
+            "failures/min",
+            "replication lag",
+        ],
+        &rows,
+    );
+    p.heading("Recent map changes");
+    p.changes(&proxy.live.changes());
+    p.finish()
 }
 
 fn topology(proxy: &Proxy) -> Response<ProxyBody> {

@@ -139,6 +139,8 @@ pub(crate) struct LiveMap {
     confirmed_ms: AtomicU64,
     born: Instant,
     metrics: MapMetrics,
+    /// The recent changes of the map in force, for the status page.
+    changes: crate::status_page::Changes,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -175,6 +177,7 @@ impl LiveMap {
             status: Mutex::new(MapStatus::default()),
             confirmed_ms: AtomicU64::new(0),
             born: Instant::now(),
+            changes: crate::status_page::Changes::default(),
         })
     }
 
@@ -221,6 +224,11 @@ impl LiveMap {
     ///
     /// Requests keep reading the old snapshot until the new one is stored, and
     /// in-flight requests finish on the one they took.
+    /// The recent changes of the map in force, newest first.
+    pub(crate) fn changes(&self) -> Vec<crate::status_page::Change> {
+        self.changes.list()
+    }
+
     pub(crate) fn offer(&self, map: ShardMap, source: &str) -> MapUpdate {
         let writer = lock(&self.writer);
         let now = self.current.load_full();
@@ -228,6 +236,9 @@ impl LiveMap {
         let result = match Fence::decide(in_force, map.epoch()) {
             Fence::Apply => {
                 let epoch = map.epoch();
+                let new_doc = map.to_doc();
+                let old_doc = now.table.as_ref().map(|t| t.map().to_doc());
+                self.changes.record(old_doc.as_ref(), &new_doc);
                 let table = RouteTable::build(
                     Arc::new(map),
                     now.table.as_deref(),

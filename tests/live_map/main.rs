@@ -969,3 +969,126 @@ async fn shardgate_status_prints_the_cluster_as_a_coordinator_and_a_proxy_see_it
     let up = row(&seen, &replica);
     assert_eq!(up[1..4], ["P0", "primary", "closed"], "{seen}");
 }
+
+/// Headless Chromium (Debian's, as scripts/test installs it), run once.
+async fn chromium(args: &[String]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("chromium did not finish within 60 s")
+    .expect("chromium not found: scripts/test installs Debian's chromium");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The page at `url` as Chromium rendered it (its DOM), and screenshots of
+/// it at desktop and phone sizes under `$CARGO_TARGET_TMPDIR/status-pages/`.
+async fn look_at(url: &str, name: &str) -> String {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-pages");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (size, suffix) in [("1200,900", ""), ("390,844", "-phone")] {
+        let shot = dir.join(format!("{name}{suffix}.png"));
+        chromium(&[
+            format!("--window-size={size}"),
+            format!("--screenshot={}", shot.display()),
+            url.to_owned(),
+        ])
+        .await;
+        assert!(
+            std::fs::metadata(&shot).is_ok_and(|m| m.len() > 1000),
+            "no screenshot at {}",
+            shot.display()
+        );
+    }
+    chromium(&["--dump-dom".to_owned(), url.to_owned()]).await
+}
+
+/// The text of the table row whose first cells contain `first`.
+fn page_row<'p>(dom: &'p str, first: &str) -> &'p str {
+    dom.split("<tr>")
+        .find(|r| r.contains(&format!(">{first}<")))
+        .unwrap_or_else(|| panic!("no row {first} in the page:\n{dom}"))
+}
+
+#[tokio::test]
+async fn the_status_pages_show_the_cluster_in_a_browser_before_and_after_a_failover() {
+    let mut c = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_following(&[c.coordinator.url("")], dir.path(), "").await;
+    eventually(Duration::from_secs(10), "proxy ready", || async {
+        proxy_epoch(proxy.admin).await == Some(1)
+    })
+    .await;
+    let coordinator_page = c.coordinator.url("/");
+    let proxy_page = format!("http://{}/", proxy.admin);
+    let old = c.nodes[0].1.addr.to_string();
+    let new = c.nodes[1].1.addr.to_string();
+
+    let before = look_at(&coordinator_page, "coordinator-before").await;
+    assert!(before.contains(r#"<span id="epoch">1</span>"#), "{before}");
+    assert_eq!(
+        before.matches(r#"class="range""#).count(),
+        2,
+        "two partitions on the ring"
+    );
+    for (id, _) in &c.nodes {
+        assert!(
+            page_row(&before, id).contains(r#"<td class="ok">ACTIVE</td>"#),
+            "{id}"
+        );
+    }
+    assert!(
+        before.contains("http-equiv=\"refresh\""),
+        "the page refreshes itself"
+    );
+    assert!(before.contains("name=\"viewport\""), "readable on a phone");
+    let seen = look_at(&proxy_page, "proxy-before").await;
+    assert!(seen.contains(r#"<span id="epoch">1</span>"#), "{seen}");
+    assert!(page_row(&seen, &old).contains(">primary<"), "{seen}");
+    assert!(page_row(&seen, &old).contains(r#"<td class="ok">closed</td>"#));
+
+    c.kill(0).await;
+    eventually(
+        Duration::from_secs(10),
+        "failed over and followed",
+        || async { proxy_epoch(proxy.admin).await == Some(2) },
+    )
+    .await;
+    let after = look_at(&coordinator_page, "coordinator-after").await;
+    assert!(after.contains(r#"<span id="epoch">2</span>"#), "{after}");
+    assert!(
+        page_row(&after, "p0-primary").contains(r#"<td class="bad">DEAD</td>"#),
+        "{after}"
+    );
+    assert!(
+        page_row(&after, "p0-replica").contains(">P0 primary<"),
+        "{after}"
+    );
+    let failover = format!("partition 0: primary {old} → {new}");
+    assert!(after.contains(&failover), "the change is listed: {after}");
+    let seen = look_at(&proxy_page, "proxy-after").await;
+    assert!(seen.contains(r#"<span id="epoch">2</span>"#), "{seen}");
+    assert!(page_row(&seen, &new).contains(">primary<"), "{seen}");
+    assert!(seen.contains(&failover), "{seen}");
+}

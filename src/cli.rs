@@ -35,6 +35,54 @@ pub(crate) enum Command {
     Node(NodeArgs),
     /// Print a cluster's state as a coordinator or a proxy sees it.
     Status(StatusArgs),
+    /// Check that a whole shardgate command line (what a unit, a manifest or
+    /// a compose file runs) is accepted, its flags and config included,
+    /// without running it: `shardgate check-command -- proxy --config F`.
+    #[command(hide = true, name = "check-command")]
+    CheckLine(CheckCommandArgs),
+}
+
+/// `shardgate check-command` arguments.
+#[derive(Debug, Args)]
+pub(crate) struct CheckCommandArgs {
+    /// The command line, after `shardgate`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    pub line: Vec<String>,
+}
+
+/// Parse `line` as `shardgate` would and validate what the command would
+/// validate at start-up; a summary, or every problem.
+pub(crate) fn check_command(line: &[String]) -> Result<String, InputError> {
+    let cli =
+        Cli::try_parse_from(std::iter::once("shardgate".to_owned()).chain(line.iter().cloned()))
+            .map_err(|e| InputError::Other(e.to_string()))?;
+    let what = match &cli.command {
+        Command::Proxy(a) => {
+            ProxyConfig::load(a.config.as_deref(), &a.overrides())?;
+            "proxy"
+        }
+        Command::Coordinator(a) => {
+            shardgate::config::CoordinatorConfig::load(a.config.as_deref(), &a.overrides())?;
+            "coordinator"
+        }
+        Command::Agent(a) => {
+            shardgate::agent::AgentConfig::from_flags(&a.flags())?;
+            "agent"
+        }
+        Command::Node(a) => {
+            shardgate::node::NodeConfig::from_flags(&a.flags())?;
+            "node"
+        }
+        Command::CheckConfig(a) => {
+            check_config(&a.file)?;
+            "check-config"
+        }
+        Command::Route(_) => "route",
+        Command::Demo(_) => "demo",
+        Command::Status(_) => "status",
+        Command::CheckLine(_) => "check-command",
+    };
+    Ok(format!("{what}: command line accepted"))
 }
 
 /// `shardgate status` flags.

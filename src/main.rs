@@ -42,6 +42,9 @@ fn main() -> ExitCode {
         Command::Demo(args) => run_demo(&args),
         Command::Node(args) => run_node(&args.flags()),
         Command::Status(args) => run_status(&args),
+        Command::CheckLine(args) => done(cli::check_command(&args.line).map(|summary| {
+            println!("{summary}");
+        })),
     }
 }
 

@@ -255,3 +255,100 @@ fn check_config_refuses_a_lease_that_could_outlast_the_failover() {
     let out = shardgate(&["check-config", path.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("lease 10s"));
 }
+
+/// Every `ExecStart=` of the shipped systemd units, its `${VARS}` filled
+/// from the example environment file beside it and `/etc/shardgate/` read
+/// from `config/`, as `shardgate` arguments.
+fn shipped_command_lines() -> Vec<(String, Vec<String>)> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut lines = Vec::new();
+    let mut units: Vec<_> = std::fs::read_dir(root.join("deploy/systemd"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "service"))
+        .collect();
+    units.sort();
+    for unit in units {
+        let text = std::fs::read_to_string(&unit).unwrap();
+        let mut env = std::collections::HashMap::new();
+        for line in text.lines() {
+            if let Some(file) = line.strip_prefix("EnvironmentFile=") {
+                let name = std::path::Path::new(file).file_name().unwrap();
+                let example = std::fs::read_to_string(root.join("deploy/systemd").join(name))
+                    .unwrap_or_else(|_| panic!("{}: no example for {file}", unit.display()));
+                for l in example.lines().filter(|l| !l.starts_with('#')) {
+                    if let Some((k, v)) = l.split_once('=') {
+                        env.insert(k.trim().to_owned(), v.trim().to_owned());
+                    }
+                }
+            }
+        }
+        let exec = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .unwrap_or_else(|| panic!("{}: no ExecStart", unit.display()));
+        let mut words = exec.split_whitespace();
+        assert_eq!(
+            words.next(),
+            Some("/usr/local/bin/shardgate"),
+            "{}",
+            unit.display()
+        );
+        let args = words
+            .map(|w| {
+                let mut w = w.replace("/etc/shardgate/", &format!("{}/config/", root.display()));
+                for (k, v) in &env {
+                    w = w.replace(&format!("${{{k}}}"), v);
+                }
+                assert!(
+                    !w.contains("${"),
+                    "{}: {w} is not set by the example",
+                    unit.display()
+                );
+                w
+            })
+            .collect();
+        lines.push((unit.display().to_string(), args));
+    }
+    lines
+}
+
+#[test]
+fn every_command_line_the_units_run_is_accepted_by_the_binary() {
+    let lines = shipped_command_lines();
+    let commands: Vec<&str> = lines.iter().map(|(_, a)| a[0].as_str()).collect();
+    assert_eq!(
+        commands,
+        ["agent", "coordinator", "proxy"],
+        "a unit for each role"
+    );
+    for (unit, args) in &lines {
+        let out = Command::new(binary())
+            .arg("check-command")
+            .arg("--")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{unit}: shardgate {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // And a line it must refuse, so the check is not a rubber stamp.
+    let out = shardgate(&[
+        "check-command",
+        "--",
+        "agent",
+        "--coordinator",
+        "c:1",
+        "--node-id",
+        "x",
+        "--ip",
+        "nowhere",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+}

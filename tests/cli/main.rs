@@ -381,3 +381,92 @@ fn the_dockerfile_passes_hadolint() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_compose_cluster_runs_command_lines_and_configs_the_binary_accepts() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compose_dir = root.join("deploy/compose");
+    let compose = std::fs::read_to_string(compose_dir.join("compose.yaml")).unwrap();
+    // Mounted files, by where the services see them.
+    let mut mounts = std::collections::HashMap::new();
+    for line in compose.lines() {
+        if let Some(m) = line.trim().strip_prefix("- ./")
+            && let Some((from, to)) = m.split_once(':')
+        {
+            mounts.insert(
+                to.trim_end_matches(":ro").to_owned(),
+                compose_dir.join(from),
+            );
+        }
+    }
+    let mut shardgate_services = 0;
+    for line in compose.lines() {
+        let Some(cmd) = line.trim().strip_prefix("command: ") else {
+            continue;
+        };
+        let image_is_ours = compose
+            .lines()
+            .take_while(|l| *l != line)
+            .filter(|l| l.trim().starts_with("image: "))
+            .last()
+            .is_some_and(|l| l.trim() == "image: shardgate");
+        if !image_is_ours {
+            continue;
+        }
+        shardgate_services += 1;
+        let args: Vec<String> = serde_json::from_str::<Vec<String>>(cmd)
+            .unwrap_or_else(|e| panic!("command is one JSON array per line: {cmd}: {e}"))
+            .into_iter()
+            .map(|w| {
+                mounts
+                    .get(&w)
+                    .map_or(w.clone(), |p| p.display().to_string())
+            })
+            .collect();
+        let out = Command::new(binary())
+            .arg("check-command")
+            .arg("--")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(shardgate_services, 11, "coordinator, proxy, nine nodes");
+    // Every mounted shardgate config passes check-config (the coordinator's
+    // map too), and Prometheus takes its config with the shipped rules.
+    for f in ["coordinator.toml", "proxy.toml", "topology.json"] {
+        let out = shardgate(&["check-config", compose_dir.join(f).to_str().unwrap()]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let prom = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        compose_dir.join("prometheus.yml"),
+        prom.path().join("prometheus.yml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        root.join("deploy/prometheus/alerts.yml"),
+        prom.path().join("alerts.yml"),
+    )
+    .unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "config"])
+        .arg(prom.path().join("prometheus.yml"))
+        .output()
+        .expect("promtool: scripts/test installs prometheus");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -186,6 +186,10 @@ pub(crate) struct CoordinatorArgs {
     /// Config file (TOML); built-in defaults when absent.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// This coordinator's id (overrides `coordinator.id`): coordinators that
+    /// share a store need one each, e.g. their pod names.
+    #[arg(long)]
+    pub id: Option<String>,
     /// HTTP API listen address.
     #[arg(long)]
     pub http_listen: Option<String>,
@@ -220,6 +224,7 @@ impl CoordinatorArgs {
     /// The flags as config overrides.
     pub(crate) fn overrides(&self) -> shardgate::config::CoordinatorOverrides {
         shardgate::config::CoordinatorOverrides {
+            id: self.id.clone(),
             http_listen: self.http_listen.clone(),
             grpc_listen: self.grpc_listen.clone(),
             topology: self.topology.clone(),

@@ -142,6 +142,8 @@ impl Default for CoordinatorLogSection {
 /// Command-line flags that override the file.
 #[derive(Clone, Debug, Default)]
 pub struct CoordinatorOverrides {
+    /// `--id`
+    pub id: Option<String>,
     /// `--http-listen`
     pub http_listen: Option<String>,
     /// `--grpc-listen`
@@ -218,6 +220,9 @@ impl CoordinatorConfig {
         }
         if let Some(v) = &o.grpc_listen {
             c.grpc_listen = v.clone();
+        }
+        if let Some(v) = &o.id {
+            c.id = v.clone();
         }
         if let Some(v) = &o.topology {
             c.topology = Some(v.clone());

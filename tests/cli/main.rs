@@ -470,3 +470,76 @@ fn the_compose_cluster_runs_command_lines_and_configs_the_binary_accepts() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn the_kubernetes_manifests_run_command_lines_and_configs_the_binary_accepts() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("deploy/kubernetes");
+    // Where the manifests mount the example configs, and example values for
+    // what the downward API fills in.
+    let mounted = [
+        ("/etc/shardgate/proxy/proxy.toml", "config/proxy.toml"),
+        (
+            "/etc/shardgate/coordinator/coordinator.toml",
+            "config/coordinator.toml",
+        ),
+        ("$(POD_NAME)", "shard-0"),
+        ("$(POD_IP)", "10.1.2.3"),
+    ];
+    let mut commands = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    for file in files {
+        for line in std::fs::read_to_string(&file).unwrap().lines() {
+            let Some(args) = line.trim().strip_prefix("args: ") else {
+                continue;
+            };
+            let args: Vec<String> = serde_json::from_str::<Vec<String>>(args)
+                .unwrap_or_else(|e| {
+                    panic!("{}: args are one JSON array per line: {e}", file.display())
+                })
+                .into_iter()
+                .map(|mut w| {
+                    for (from, to) in mounted {
+                        let to = if to.starts_with("config/") {
+                            dir.join(to).display().to_string()
+                        } else {
+                            to.to_owned()
+                        };
+                        w = w.replace(from, &to);
+                    }
+                    w
+                })
+                .collect();
+            let out = Command::new(binary())
+                .arg("check-command")
+                .arg("--")
+                .args(&args)
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{}: {args:?}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            commands.push(args[0].clone());
+        }
+    }
+    commands.sort();
+    assert_eq!(commands, ["agent", "coordinator", "proxy"], "every role");
+    for f in ["proxy.toml", "coordinator.toml", "topology.json"] {
+        let out = shardgate(&["check-config", dir.join("config").join(f).to_str().unwrap()]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -256,6 +256,25 @@ fn check_config_refuses_a_lease_that_could_outlast_the_failover() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("lease 10s"));
 }
 
+/// `shardgate check-command -- args` accepts `args` (`from` says where they
+/// were found).
+fn assert_accepted(args: &[String], from: &str) {
+    let out = Command::new(binary())
+        .arg("check-command")
+        .arg("--")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{from}: shardgate {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Every `ExecStart=` of the shipped systemd units, its `${VARS}` filled
 /// from the example environment file beside it and `/etc/shardgate/` read
 /// from `config/`, as `shardgate` arguments.
@@ -337,20 +356,7 @@ fn every_command_line_the_units_and_the_image_run_is_accepted_by_the_binary() {
     let mut lines = lines;
     lines.push(("Dockerfile CMD".into(), cmd));
     for (unit, args) in &lines {
-        let out = Command::new(binary())
-            .arg("check-command")
-            .arg("--")
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{unit}: shardgate {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_accepted(args, unit);
     }
     // And a line it must refuse, so the check is not a rubber stamp.
     let out = shardgate(&[
@@ -423,18 +429,7 @@ fn the_compose_cluster_runs_command_lines_and_configs_the_binary_accepts() {
                     .map_or(w.clone(), |p| p.display().to_string())
             })
             .collect();
-        let out = Command::new(binary())
-            .arg("check-command")
-            .arg("--")
-            .args(&args)
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_accepted(&args, "compose.yaml");
     }
     assert_eq!(shardgate_services, 11, "coordinator, proxy, nine nodes");
     // Every mounted shardgate config passes check-config (the coordinator's
@@ -515,19 +510,7 @@ fn the_kubernetes_manifests_run_command_lines_and_configs_the_binary_accepts() {
                     w
                 })
                 .collect();
-            let out = Command::new(binary())
-                .arg("check-command")
-                .arg("--")
-                .args(&args)
-                .output()
-                .unwrap();
-            assert_eq!(
-                out.status.code(),
-                Some(0),
-                "{}: {args:?}: {}",
-                file.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_accepted(&args, &file.display().to_string());
             commands.push(args[0].clone());
         }
     }

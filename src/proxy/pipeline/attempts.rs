@@ -600,6 +600,18 @@ mod tests {
     }
 
     impl Fixture {
+        /// What this partition's plan is for a request with nothing to ask of replicas.
+        fn plan(&self, class: RequestClass, pref: ReadPreference) -> Plan<'_> {
+            plan(
+                &self.partition,
+                class,
+                pref,
+                Needs::default(),
+                Moment::default(),
+            )
+            .unwrap()
+        }
+
         fn run(&self) -> Run<'_> {
             Run {
                 settings: &self.settings,
@@ -631,22 +643,8 @@ mod tests {
     #[tokio::test]
     async fn the_last_failure_becomes_the_spec_error_for_who_may_serve() {
         let fx = fixture(settings());
-        let write = plan(
-            &fx.partition,
-            RequestClass::Write,
-            ReadPreference::Nearest,
-            Needs::default(),
-            Moment::default(),
-        )
-        .unwrap();
-        let read = plan(
-            &fx.partition,
-            RequestClass::Read,
-            ReadPreference::PrimaryPreferred,
-            Needs::default(),
-            Moment::default(),
-        )
-        .unwrap();
+        let write = fx.plan(RequestClass::Write, ReadPreference::Nearest);
+        let read = fx.plan(RequestClass::Read, ReadPreference::PrimaryPreferred);
         let node: Arc<str> = "127.0.0.1:1001".into();
         let code = |r: Result<Delivered, ProxyError>| r.err().unwrap().code();
         let last = |f| Some((f, node.clone()));
@@ -675,14 +673,7 @@ mod tests {
     #[tokio::test]
     async fn breakers_admit_the_first_closed_node_from_the_cursor_and_no_open_one() {
         let fx = fixture(settings());
-        let read = plan(
-            &fx.partition,
-            RequestClass::Read,
-            ReadPreference::PrimaryPreferred,
-            Needs::default(),
-            Moment::default(),
-        )
-        .unwrap();
+        let read = fx.plan(RequestClass::Read, ReadPreference::PrimaryPreferred);
         let r = fx.run();
         let (slot, _permit, _guard) = admit(&read, 0, &r).unwrap();
         assert_eq!(slot, 0, "the primary first");
@@ -702,14 +693,7 @@ mod tests {
         let mut s = (*settings()).clone();
         s.breaker.when_all_open = AllOpen::FailOpen;
         let fx = fixture(Arc::new(s));
-        let write = plan(
-            &fx.partition,
-            RequestClass::Write,
-            ReadPreference::Primary,
-            Needs::default(),
-            Moment::default(),
-        )
-        .unwrap();
+        let write = fx.plan(RequestClass::Write, ReadPreference::Primary);
         fx.open(&fx.partition.primary);
         let (slot, _permit, _guard) = admit(&write, 0, &fx.run()).expect("fail open");
         assert_eq!(slot, 0);
@@ -721,14 +705,7 @@ mod tests {
         let mut s = (*settings()).clone();
         s.limits.max_inflight_per_upstream = 1;
         let fx = fixture(Arc::new(s));
-        let write = plan(
-            &fx.partition,
-            RequestClass::Write,
-            ReadPreference::Primary,
-            Needs::default(),
-            Moment::default(),
-        )
-        .unwrap();
+        let write = fx.plan(RequestClass::Write, ReadPreference::Primary);
         let _busy = fx.partition.primary.try_begin(1).unwrap();
         let r = fx.run();
         assert!(admit(&write, 0, &r).is_none());

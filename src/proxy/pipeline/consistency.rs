@@ -349,8 +349,12 @@ pub(crate) fn judge_answer(
 /// The node's stamp on a write's answer (`x-shardgate-hlc`), if it sent one.
 #[inline]
 pub(crate) fn stamp_of(headers: &HeaderMap) -> Option<Hlc> {
-    let (stamp, _) = either(headers, &HLC, &HLC);
-    Hlc::parse(stamp?.as_bytes()).ok()
+    let hlc = HLC;
+    let name = hlc.as_str();
+    let (_, stamp) = headers
+        .iter()
+        .find(|(n, _)| n.as_str().len() == name.len() && n.as_str() == name)?;
+    Hlc::parse(stamp.as_bytes()).ok()
 }
 
 /// Learn from an answer's headers: the node's applied HLC (reads) or its
@@ -373,15 +377,7 @@ mod tests {
     }
 
     fn routing(max_lag: Option<u64>) -> RoutingConfig {
-        let mut r = crate::proxy::ProxyConfig::from_toml(
-            "[topology]\nsources = [\"m.json\"]\n",
-            "t",
-            &Default::default(),
-        )
-        .unwrap()
-        .runtime
-        .routing
-        .clone();
+        let mut r = super::super::tests::settings().routing.clone();
         r.max_replica_lag_ms = max_lag;
         r
     }

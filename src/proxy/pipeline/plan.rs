@@ -371,15 +371,7 @@ mod tests {
 
     #[test]
     fn the_header_overrides_the_default_preference_when_allowed() {
-        let mut routing = crate::proxy::ProxyConfig::from_toml(
-            "[topology]\nsources = [\"m.json\"]\n",
-            "t",
-            &Default::default(),
-        )
-        .unwrap()
-        .runtime
-        .routing
-        .clone();
+        let mut routing = super::super::tests::settings().routing.clone();
         let mut h = HeaderMap::new();
         assert_eq!(
             read_preference(&h, &routing).unwrap(),

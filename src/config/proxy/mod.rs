@@ -4,6 +4,7 @@
 //! `routing::RoutingConfig`, `upstream::UpstreamSettings`...).
 
 mod file;
+mod topology;
 mod validate;
 
 pub use file::ProxyOverrides;

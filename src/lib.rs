@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod coordinator;
 pub mod exit;
+pub mod fetch;
 pub mod gate;
 pub mod json_error;
 pub mod lease;

@@ -3,7 +3,6 @@
 //! pages and scripts read (the coordinator's `/v1/cluster/*`, the proxy's
 //! `/admin/*`) and prints tables, or that JSON with `--json`.
 
-use http_body_util::{BodyExt, Empty};
 use serde_json::{Value, json};
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -22,47 +21,21 @@ pub(crate) enum StatusError {
 /// GET `base` + `path` as JSON, within five seconds.
 async fn get(base: &str, path: &str) -> Result<Value, StatusError> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
+    let uri: http::Uri = url.parse().map_err(|_| StatusError::Url(base.to_owned()))?;
     let fail = |why: String| StatusError::Fetch {
         url: url.clone(),
         why,
     };
-    let uri: http::Uri = url.parse().map_err(|_| StatusError::Url(base.to_owned()))?;
-    let (Some("http"), Some(authority)) = (uri.scheme_str(), uri.authority().cloned()) else {
-        return Err(StatusError::Url(base.to_owned()));
-    };
-    let fetch = async {
-        let port = authority.port_u16().unwrap_or(80);
-        let stream = tokio::net::TcpStream::connect((authority.host(), port))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-        tokio::spawn(conn);
-        let req = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
-            .header(http::header::HOST, authority.as_str())
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(|e| fail(e.to_string()))?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| fail(e.to_string()))?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(fail(format!("answered {status}")));
-        }
-        serde_json::from_slice(&body).map_err(|e| fail(format!("not JSON: {e}")))
-    };
-    tokio::time::timeout(Duration::from_secs(5), fetch)
+    let (status, body) = shardgate::fetch::get(&uri, 64 << 20, Duration::from_secs(5))
         .await
-        .map_err(|_| fail("no answer within 5 s".into()))?
+        .map_err(|e| match e {
+            shardgate::fetch::FetchError::Url => StatusError::Url(base.to_owned()),
+            e => fail(e.to_string()),
+        })?;
+    if !status.is_success() {
+        return Err(fail(format!("answered {status}")));
+    }
+    serde_json::from_slice(&body).map_err(|e| fail(format!("not JSON: {e}")))
 }
 
 /// What a coordinator knows: its map, its nodes, replication.

@@ -24,7 +24,6 @@ use crate::secret::Secret;
 use crate::tls::ClientTls;
 use crate::topology::NodeAddr;
 use http::Uri;
-use http_body_util::{BodyExt, Empty};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -286,35 +285,10 @@ fn unix_ms() -> i64 {
 
 /// GET `url` within two seconds: whether it answered 2xx, and its body (at most 64 KiB).
 async fn get(url: &Uri) -> Option<(bool, bytes::Bytes)> {
-    let fetch = async {
-        let authority = url.authority()?.clone();
-        let port = authority.port_u16().unwrap_or(80);
-        let stream = tokio::net::TcpStream::connect((authority.host(), port))
-            .await
-            .ok()?;
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .ok()?;
-        tokio::spawn(conn);
-        let path = url.path_and_query().map_or("/", |p| p.as_str());
-        let req = http::Request::get(path)
-            .header(http::header::HOST, authority.as_str())
-            .body(Empty::<bytes::Bytes>::new())
-            .ok()?;
-        let resp = send.send_request(req).await.ok()?;
-        let ok = resp.status().is_success();
-        let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
-            .collect()
-            .await
-            .ok()?
-            .to_bytes();
-        Some((ok, body))
-    };
-    tokio::time::timeout(Duration::from_secs(2), fetch)
+    let (status, body) = crate::fetch::get(url, 64 * 1024, Duration::from_secs(2))
         .await
-        .ok()
-        .flatten()
+        .ok()?;
+    Some((status.is_success(), body))
 }
 
 /// GET the check URL; healthy means a 2xx within two seconds.

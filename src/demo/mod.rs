@@ -148,22 +148,10 @@ async fn wait_until_replicating(addr: SocketAddr) -> Result<(), DemoError> {
 
 /// `GET /_shardgate/status` of the node at `addr`.
 async fn node_status(addr: SocketAddr) -> Option<serde_json::Value> {
-    use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .ok()?;
-    tokio::spawn(conn);
-    let req = http::Request::get("/_shardgate/status")
-        .header(http::header::HOST, addr.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .ok()?;
-    let resp = tokio::time::timeout(Duration::from_secs(2), send.send_request(req))
+    let url = format!("http://{addr}/_shardgate/status").parse().ok()?;
+    let (_, body) = shardgate::fetch::get(&url, 64 * 1024, Duration::from_secs(2))
         .await
-        .ok()?
         .ok()?;
-    let body = resp.into_body().collect().await.ok()?.to_bytes();
     serde_json::from_slice(&body).ok()
 }
 

@@ -176,8 +176,8 @@ impl<S: Store> ClusterDiscoveryService for Service<S> {
         }
         let addr = hb.addr;
         let applied = hb.replication.map(|r| r.applied);
-        let command = match c.heartbeat(hb).await {
-            Ok(cmd) => cmd,
+        let (command, lease) = match c.heartbeat(hb).await {
+            Ok(answer) => answer,
             Err(HeartbeatError::Refused(r @ Refusal::TooManyStrangers { .. })) => {
                 c.metrics.heartbeat("too_many_nodes");
                 tracing::debug!("heartbeat refused: {r}");
@@ -203,7 +203,6 @@ impl<S: Store> ClusterDiscoveryService for Service<S> {
             Command::Terminate => WireCommand::Terminate,
         };
         let (map, index) = c.placement(&addr);
-        let lease = c.lease_for(&addr);
         Ok(Response::new(HeartbeatResponse {
             recommended_command: recommended as i32,
             sync_epoch_timestamp_ms: unix_ms(),

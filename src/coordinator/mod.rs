@@ -269,17 +269,18 @@ impl<S: Store> Coordinator<S> {
     /// The lease to grant the node at `addr` with the answer to a heartbeat
     /// just recorded (SPEC §8; the reasoning is in `crate::lease`): only a
     /// leader grants one, and only to a node that both the map it serves and
-    /// the one its sweep decides on name primary. A promotion changes the
-    /// latter first, under the same lock that records heartbeats, so a
-    /// heartbeat racing a promotion never carries a lease past it.
-    pub fn lease_for(&self, addr: &NodeAddr) -> Duration {
+    /// the one its sweep decides on (`primary_in_working`, read under the
+    /// lock that recorded the heartbeat) name primary. A promotion changes
+    /// the latter first, under that same lock, so a heartbeat racing a
+    /// promotion never carries a lease past it.
+    fn lease_for(&self, addr: &NodeAddr, primary_in_working: bool) -> Duration {
         let leads = self.store.shared().is_none() || self.is_leader();
         let served = self
             .committed
             .load()
             .partition_of(addr)
             .is_some_and(|p| p.primary == *addr);
-        if leads && served && self.lock().assignment_of(addr).primary {
+        if leads && served && primary_in_working {
             self.cfg.lease
         } else {
             Duration::ZERO
@@ -301,8 +302,9 @@ impl<S: Store> Coordinator<S> {
         self.published.subscribe()
     }
 
-    /// Handle one validated heartbeat; the command to send back.
-    pub async fn heartbeat(&self, hb: Heartbeat) -> Result<Command, HeartbeatError> {
+    /// Handle one validated heartbeat; the command to send back, and the
+    /// lease the answer grants.
+    pub async fn heartbeat(&self, hb: Heartbeat) -> Result<(Command, Duration), HeartbeatError> {
         let started = Instant::now();
         let replication = hb.replication;
         let now_ms = unix_ms();
@@ -337,7 +339,7 @@ impl<S: Store> Coordinator<S> {
                 self.set_lag(&hb.node_id, r);
             }
         }
-        Ok(command)
+        Ok((command, self.lease_for(&hb.addr, assignment.primary)))
     }
 
     fn set_lag(&self, node: &str, r: crate::replication::ReplicationReport) {

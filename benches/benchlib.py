@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -50,3 +51,18 @@ def write_topology(path, partitions, epoch=1):
              "hashRangeStart": f"{start:08x}", "hashRangeEnd": f"{end:08x}"}
             for i, (ports, (start, end)) in enumerate(zip(partitions, bounds))]}, f)
     return path
+
+
+def stop_all(procs, directory):
+    """SIGTERM `procs` (newest first), wait for them (SIGKILL after 10 s),
+    then remove `directory`: a bench's cluster torn down by PID."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    subprocess.run(["rm", "-rf", directory])

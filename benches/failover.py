@@ -31,7 +31,7 @@ import time
 import urllib.error
 import urllib.request
 
-from benchlib import ROOT, free_port, wait_port, write_topology
+from benchlib import ROOT, free_port, stop_all, wait_port, write_topology
 
 
 def http(method, url, body=None, timeout=30):
@@ -93,16 +93,7 @@ class Cluster:
         return next(p for n, p in self.procs if n == name)
 
     def stop(self):
-        for _, p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for _, p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        subprocess.run(["rm", "-rf", self.dir])
+        stop_all([p for _, p in self.procs], self.dir)
 
 
 def one_round(binary, buffering, env=None):

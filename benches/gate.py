@@ -24,24 +24,7 @@ import time
 import urllib.request
 
 from benchlib import ROOT, free_port, wait_port
-from compare import Proc, cpu_seconds, nginx_conf, to_us
-
-import re
-
-
-def wrk(url, seconds, connections, script=None):
-    args = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    if script:
-        args += ["-s", script]
-    out = subprocess.run(args + [url], capture_output=True, text=True, timeout=seconds + 30).stdout
-    reqs = int(re.search(r"(\d+) requests in", out).group(1))
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    dist = out.split("Latency Distribution", 1)[1]
-    p50 = to_us(re.search(r"^\s*50%\s+(\S+)", dist, re.M).group(1))
-    p99 = to_us(re.search(r"^\s*99%\s+(\S+)", dist, re.M).group(1))
-    if re.search(r"Non-2xx or 3xx responses: (\d+)", out) or "Socket errors" in out:
-        raise RuntimeError(f"failures during run:\n{out}")
-    return reqs, rps, p50, p99
+from compare import Proc, cpu_seconds, nginx_conf, run_wrk
 
 
 def main():
@@ -97,9 +80,9 @@ def main():
                 time.sleep(0.1)
         rows = []
         for name, script in (("GET", None), ("PUT", put)):
-            direct = wrk(f"http://127.0.0.1:{node_port}/kv/x", args.seconds, args.connections, script)
+            direct = run_wrk(node_port, args.seconds, args.connections, script=script)
             before = cpu_seconds(gate.pids())[2]
-            through = wrk(f"http://127.0.0.1:{gate_port}/kv/x", args.seconds, args.connections, script)
+            through = run_wrk(gate_port, args.seconds, args.connections, script=script)
             cpu = cpu_seconds(gate.pids())[2] - before
             rows.append((name, direct, through, cpu / through[0] * 1e6))
             print(f"{name}: direct {direct[1]:,.0f} req/s p50 {direct[2]:.0f} µs p99 {direct[3]:.0f} µs; "

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import ROOT, free_port, wait_port, write_topology
+from benchlib import ROOT, free_port, stop_all, wait_port, write_topology
 
 
 class Cluster:
@@ -83,16 +83,7 @@ class Cluster:
         raise RuntimeError(f"replication did not start; logs in {self.dir}")
 
     def stop(self):
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        subprocess.run(["rm", "-rf", self.dir])
+        stop_all(self.procs, self.dir)
 
 
 def writes_per_second(port, n, work):

@@ -98,20 +98,12 @@ pub struct Hooks {
 
 impl Hooks {
     /// A heartbeat sent at `sent` was answered with `resp`.
-    fn heard(&self, resp: &HeartbeatResponse, sent: Instant, interval: Duration) {
+    fn heard(&self, resp: &HeartbeatResponse, sent: Instant) {
         if let (Some(lease), Some(a)) = (&self.lease, &resp.assignment) {
             let length = Duration::from_millis(a.lease_ms);
-            if a.assigned && a.role == "primary" && !length.is_zero() {
-                if interval * 2 >= length {
-                    tracing::warn!(
-                        ?interval,
-                        lease = ?length,
-                        "heartbeats come too seldom to keep the lease: a healthy primary will \
-                         refuse writes between them; shorten --interval"
-                    );
-                }
+            if a.assigned && a.role == "primary" {
                 lease.renew(sent, length);
-            } else if !(a.assigned && a.role == "primary") {
+            } else {
                 lease.revoke();
             }
         }
@@ -468,6 +460,7 @@ pub async fn run_with(
     let mut last_delay = None;
     let mut sampler = Sampler::default();
     let mut was_healthy = true;
+    let mut warned_for = None;
     sampler.sample();
     loop {
         let mut wait = cfg.interval;
@@ -513,7 +506,21 @@ pub async fn run_with(
                     failures = 0;
                     last_delay = None;
                     let resp = resp.into_inner();
-                    hooks.heard(&resp, sent, cfg.interval);
+                    hooks.heard(&resp, sent);
+                    let lease = resp
+                        .assignment
+                        .as_ref()
+                        .map_or(Duration::ZERO, |a| Duration::from_millis(a.lease_ms));
+                    // Said once per lease length, not on every heartbeat.
+                    if !lease.is_zero() && cfg.interval * 2 >= lease && warned_for != Some(lease) {
+                        warned_for = Some(lease);
+                        tracing::warn!(
+                            interval = ?cfg.interval,
+                            ?lease,
+                            "heartbeats come too seldom to keep the lease: a healthy primary will \
+                             refuse writes between them; shorten --interval"
+                        );
+                    }
                     match WireCommand::try_from(resp.recommended_command) {
                         Ok(WireCommand::Continue) => {}
                         Ok(WireCommand::Rebalance) => tracing::info!(

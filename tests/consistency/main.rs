@@ -156,7 +156,7 @@ async fn a_replica_that_restarts_empty_serves_no_reads_until_it_has_caught_up() 
             200
         );
     }
-    let back = NodeProc::spawn_on(p.dir.path(), &id, &addr, p.coordinator.grpc, &[]).await;
+    let back = NodeProc::spawn_in(None, p.dir.path(), &id, &addr, p.coordinator.grpc, &[]).await;
     // From its first answer on, it either refuses or serves the whole state:
     // never its empty memory as if it were current.
     let mut refused = 0;

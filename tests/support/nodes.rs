@@ -19,20 +19,10 @@ pub(crate) struct NodeProc {
 
 impl NodeProc {
     pub(crate) async fn spawn(dir: &Path, id: &str, grpc: SocketAddr, extra: &[&str]) -> NodeProc {
-        NodeProc::spawn_on(dir, id, "127.0.0.1:0", grpc, extra).await
+        NodeProc::spawn_in(None, dir, id, "127.0.0.1:0", grpc, extra).await
     }
 
-    pub(crate) async fn spawn_on(
-        dir: &Path,
-        id: &str,
-        listen: &str,
-        grpc: SocketAddr,
-        extra: &[&str],
-    ) -> NodeProc {
-        NodeProc::spawn_in(None, dir, id, listen, grpc, extra).await
-    }
-
-    /// [`NodeProc::spawn_on`] inside network namespace `ns`.
+    /// A node listening on `listen`, in network namespace `ns` if given.
     pub(crate) async fn spawn_in(
         ns: Option<&str>,
         dir: &Path,
@@ -79,21 +69,12 @@ impl NodeProc {
     }
 
     pub(crate) async fn status(&self) -> Option<serde_json::Value> {
-        let r = tokio::time::timeout(
-            Duration::from_secs(2),
-            client().request(
-                http::Request::get(format!("http://{}/_shardgate/status", self.addr))
-                    .body(empty())
-                    .unwrap(),
-            ),
-        )
-        .await
-        .ok()?
-        .ok()?;
-        let body = http_body_util::BodyExt::collect(r.into_body())
+        let url = format!("http://{}/_shardgate/status", self.addr)
+            .parse()
+            .ok()?;
+        let (_, body) = shardgate::fetch::get(&url, 1 << 20, Duration::from_secs(2))
             .await
-            .ok()?
-            .to_bytes();
+            .ok()?;
         serde_json::from_slice(&body).ok()
     }
 

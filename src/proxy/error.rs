@@ -13,6 +13,31 @@ use std::sync::Arc;
 /// `x-shardgate-partition`: the partition that served (or would have served).
 pub const PARTITION_HEADER: HeaderName = HeaderName::from_static("x-shardgate-partition");
 
+/// Why a replica may not serve a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unfit {
+    /// Further behind than the bound.
+    TooStale = 0,
+    /// Not known to have applied the token's write.
+    TokenNotApplied = 1,
+}
+
+impl std::fmt::Display for Unfit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Unfit {
+    /// The `shardgate_replica_reads_total` result label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unfit::TooStale => "too_stale",
+            Unfit::TokenNotApplied => "token_not_applied",
+        }
+    }
+}
+
 /// Why no upstream produced an answer to pass on.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamCause {
@@ -48,7 +73,7 @@ pub enum UpstreamCause {
     NoAttempt,
     /// A replica answered from further behind than the read allows.
     #[error("a replica answered but was not fresh enough ({0})")]
-    Stale(&'static str),
+    Stale(Unfit),
     /// The read preference needs a replica the partition does not have.
     #[error("read preference {0} needs a replica and the partition has none")]
     NoReplica(ReadPreference),
@@ -79,7 +104,7 @@ pub enum ProxyError {
         /// Partition index.
         partition: u32,
         /// Which requirement no replica met.
-        why: &'static str,
+        why: Unfit,
     },
     /// The request is malformed or ambiguous and will not be forwarded.
     #[error("{0}")]

@@ -60,15 +60,6 @@ impl ReplicaReads {
         }
     }
 
-    /// No replica was fit, for the reason `why` names (an `Unfit` label).
-    pub(crate) fn none_fit(&self, why: &str) {
-        if why == Unfit::TokenNotApplied.as_str() {
-            self.token_not_applied.increment(1);
-        } else {
-            self.too_stale.increment(1);
-        }
-    }
-
     /// A replica passed over, before or after it answered.
     pub(crate) fn unfit(&self, why: Unfit) {
         match why {
@@ -123,7 +114,7 @@ impl Failure {
             Failure::Broken(c) => c,
             Failure::Timeout => UpstreamCause::Timeout,
             Failure::Status(d) => UpstreamCause::Status(d.resp.status()),
-            Failure::Stale(u) => UpstreamCause::Stale(u.as_str()),
+            Failure::Stale(u) => UpstreamCause::Stale(u),
         }
     }
 }
@@ -509,7 +500,7 @@ fn give_up(
         }),
         Failure::Stale(why) => Err(ProxyError::NoFreshReplica {
             partition: index,
-            why: why.as_str(),
+            why,
         }),
         Failure::Timeout => Err(ProxyError::UpstreamTimeout {
             partition: index,

@@ -33,6 +33,7 @@
 //! included).
 
 use super::super::error::ProxyError;
+pub(crate) use super::super::error::Unfit;
 use crate::clock::Hlc;
 use crate::routing::RoutingConfig;
 use crate::upstream::{Freshness, Upstream, since_start_ms};
@@ -66,25 +67,6 @@ impl Needs {
     #[inline]
     pub(crate) fn is_none(&self) -> bool {
         self.token.is_none() && self.bound_ms.is_none()
-    }
-}
-
-/// Why a replica may not serve a read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Unfit {
-    /// Further behind than the bound.
-    TooStale = 0,
-    /// Not known to have applied the token's write.
-    TokenNotApplied = 1,
-}
-
-impl Unfit {
-    /// The `shardgate_replica_reads_total` result label.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Unfit::TooStale => "too_stale",
-            Unfit::TokenNotApplied => "token_not_applied",
-        }
     }
 }
 

@@ -81,7 +81,7 @@ pub(crate) fn plan(
             };
             return Err(ProxyError::NoFreshReplica {
                 partition: partition.index,
-                why: why.as_str(),
+                why,
             });
         }
         return Err(ProxyError::NoHealthyUpstream {

@@ -263,7 +263,7 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                 Ok(p) => p,
                 Err(error) => {
                     if let ProxyError::NoFreshReplica { why, .. } = error {
-                        fwd.metrics.replica_reads.none_fit(why);
+                        fwd.metrics.replica_reads.unfit(why);
                     }
                     return Err(Failed { error, trail });
                 }

@@ -54,6 +54,11 @@ impl Drain {
         }
     }
 
+    /// Wait, without telling them anything, until every connection has ended.
+    pub async fn settled(&self) {
+        self.live.closed().await;
+    }
+
     /// Tell every connection to finish, and wait until they all have.
     pub async fn shutdown(self) {
         self.draining.store(true, Ordering::Release);

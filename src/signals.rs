@@ -14,6 +14,8 @@ pub enum Signal {
     Stop,
     /// SIGHUP: reload.
     Reload,
+    /// SIGUSR2: upgrade to the binary at the same path (the proxy).
+    Upgrade,
 }
 
 /// A handler could not be installed (a runtime failure: exit 2).
@@ -26,6 +28,7 @@ pub struct Signals {
     term: Handler,
     int: Handler,
     hup: Option<Handler>,
+    usr2: Option<Handler>,
 }
 
 impl Signals {
@@ -38,6 +41,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: None,
+            usr2: None,
         })
     }
 
@@ -45,6 +49,13 @@ impl Signals {
     pub fn stop_and_reload() -> Result<Signals, SignalError> {
         let mut s = Signals::stop()?;
         s.hup = Some(signal(SignalKind::hangup())?);
+        Ok(s)
+    }
+
+    /// The proxy's: SIGTERM and SIGINT, SIGHUP as a reload, SIGUSR2 as an upgrade.
+    pub fn proxy() -> Result<Signals, SignalError> {
+        let mut s = Signals::stop_and_reload()?;
+        s.usr2 = Some(signal(SignalKind::user_defined2())?);
         Ok(s)
     }
 
@@ -56,10 +67,17 @@ impl Signals {
                 None => pending().await,
             }
         };
+        let usr2 = async {
+            match self.usr2.as_mut() {
+                Some(h) => h.recv().await,
+                None => pending().await,
+            }
+        };
         tokio::select! {
             _ = self.term.recv() => Signal::Stop,
             _ = self.int.recv() => Signal::Stop,
             _ = hup => Signal::Reload,
+            _ = usr2 => Signal::Upgrade,
         }
     }
 

@@ -1,8 +1,10 @@
 //! Start, reload, drain: the proxy as a process.
 //!
 //! `start` binds both listeners, loads the first map and spawns the tasks;
-//! `run` adds the signals (SIGHUP reloads, SIGTERM/SIGINT drain).
+//! `run` adds the signals (SIGHUP reloads, SIGTERM/SIGINT drain, SIGUSR2
+//! hands the listeners to a new binary: `upgrade`).
 
+use super::upgrade::{self, Inherited, Launch, Listeners, UpgradeError};
 use super::{Proxy, ProxyConfig, TopologySource, admin, follow, listener, memory};
 use crate::exit::{Exit, Failure};
 use crate::server::{BindError, bind};
@@ -11,6 +13,8 @@ use crate::telemetry::{Metrics, names};
 use crate::tls::{ALPN_H1, ALPN_H2_H1, Terminator, TlsError};
 use crate::topology::{TopologyFileError, read_topology_file};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -32,13 +36,17 @@ pub enum StartError {
     /// A TLS certificate, key or CA is unusable (exit 1).
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// Started by an upgrade, but the predecessor's listeners did not
+    /// arrive intact (exit 2; the predecessor keeps serving).
+    #[error(transparent)]
+    Inherit(#[from] UpgradeError),
 }
 
 impl Failure for StartError {
     fn exit(&self) -> Exit {
         match self {
             StartError::Topology(_) | StartError::Tls(_) => Exit::Invalid,
-            StartError::Bind(_) | StartError::Signals(_) => Exit::Runtime,
+            StartError::Bind(_) | StartError::Signals(_) | StartError::Inherit(_) => Exit::Runtime,
         }
     }
 }
@@ -61,6 +69,9 @@ pub struct RunningProxy {
     /// network mount) and parses and indexes maps of thousands of partitions,
     /// none of which may stall a thread that serves requests.
     reloadable: Arc<Mutex<Reloadable>>,
+    /// Copies of the client and admin listening sockets, to hand to a
+    /// successor binary; closed when this process stops accepting.
+    sockets: Option<(OwnedFd, OwnedFd)>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -75,8 +86,37 @@ struct Reloadable {
 
 /// Bind, load the initial map and start serving.
 pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
-    let (listener, addr) = bind(config.server.listen).await?;
-    let (admin, admin_addr) = bind(config.server.admin_listen).await?;
+    start_with(config, None).await
+}
+
+/// Start serving on `inherited` listeners (a binary upgrade's successor), or
+/// on newly bound ones.
+async fn start_with(
+    config: ProxyConfig,
+    inherited: Option<Listeners>,
+) -> Result<RunningProxy, StartError> {
+    let ((listener, addr), (admin, admin_addr)) = match inherited {
+        Some(l) => (adopt(l.client)?, adopt(l.admin)?),
+        None => (
+            bind(config.server.listen).await?,
+            bind(config.server.admin_listen).await?,
+        ),
+    };
+    let moved = |want: SocketAddr, have: SocketAddr| want.port() != 0 && want != have;
+    if moved(config.server.listen, addr) || moved(config.server.admin_listen, admin_addr) {
+        tracing::warn!(%addr, %admin_addr, "serving on the listeners inherited from the \
+            previous binary; changed listen addresses take effect on a restart");
+    }
+    let sockets = Some((
+        listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(UpgradeError::from)?,
+        admin
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(UpgradeError::from)?,
+    ));
     let server = &config.server;
     let client_alpn = if server.http2 { ALPN_H2_H1 } else { ALPN_H1 };
     let tls = server
@@ -151,6 +191,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             tls,
             admin_tls,
         })),
+        sockets,
         shutdown,
         tasks,
     })
@@ -214,12 +255,45 @@ impl RunningProxy {
     }
 
     /// Stop accepting, drain in-flight requests up to the grace period, stop.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
+        // Closed first, or the kernel would go on queueing connections that
+        // nobody will accept until the drain ends.
+        self.sockets = None;
         self.shutdown.cancel();
         for t in self.tasks {
             let _ = t.await;
         }
     }
+
+    /// A successor serves from the same sockets: stop accepting, let
+    /// keep-alive clients go after their next answer, then drain as
+    /// `shutdown` does.
+    pub async fn hand_off(self) {
+        self.proxy.pipeline.closing.store(true, Ordering::Release);
+        self.shutdown().await;
+    }
+
+    /// Start the binary at this process's path on the same listeners, and
+    /// wait until it serves (see `upgrade`).
+    fn spawn_upgrade(
+        &self,
+        launch: Launch,
+        within: Duration,
+    ) -> Option<JoinHandle<Result<u32, UpgradeError>>> {
+        let (client, admin) = self.sockets.as_ref()?;
+        let client = client.try_clone().ok()?;
+        let admin = admin.try_clone().ok()?;
+        Some(tokio::spawn(async move {
+            upgrade::hand_over(&launch, client.as_fd(), admin.as_fd(), within).await
+        }))
+    }
+}
+
+/// A listener inherited from the previous binary, on this runtime.
+fn adopt(l: std::net::TcpListener) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let err = |e: std::io::Error| StartError::Inherit(e.into());
+    let addr = l.local_addr().map_err(err)?;
+    Ok((tokio::net::TcpListener::from_std(l).map_err(err)?, addr))
 }
 
 impl Reloadable {
@@ -299,7 +373,8 @@ async fn finished<T>(job: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::
     }
 }
 
-/// Run until SIGTERM/SIGINT (drain, then return); SIGHUP reloads.
+/// Run until SIGTERM/SIGINT (drain, then return); SIGHUP reloads; SIGUSR2
+/// upgrades to the binary at this process's path (then drain and return).
 ///
 /// A reload still running at shutdown (say, stuck reading a file from a hung
 /// mount) is left behind: the caller should not wait for blocking tasks when
@@ -309,20 +384,48 @@ pub async fn run(
     reread: Option<Reread>,
     ready: impl FnOnce(&RunningProxy),
 ) -> Result<(), StartError> {
-    let mut signals = Signals::stop_and_reload()?;
-    let running = start(config).await?;
+    let mut signals = Signals::proxy()?;
+    let mut inherited = Inherited::from_predecessor()?;
+    // Taken now: the path an operator replaces is the one this process was
+    // started from, whatever it points at by the time of the upgrade.
+    let launch = Launch::of_this_process();
+    // The successor must be serving within the time it may wait for a first
+    // map, and then some.
+    let upgrade_within = config.watch.startup_wait + Duration::from_secs(10);
+    let running = start_with(
+        config,
+        inherited.as_mut().and_then(Inherited::take_listeners),
+    )
+    .await?;
     ready(&running);
+    if let Some(predecessor) = inherited
+        && let Err(e) = predecessor.serving()
+    {
+        tracing::warn!("could not tell the previous binary that this one serves: {e}");
+    }
+    upgrade::notify_systemd_ready();
     // One reload at a time; SIGHUPs that arrive during one make one more.
     let mut reloading = None;
     let mut again = false;
-    loop {
+    let mut upgrading = None;
+    let handed_over = loop {
         tokio::select! {
             signal = signals.recv() => match signal {
-                Signal::Stop => break,
+                Signal::Stop => break false,
                 Signal::Reload if reloading.is_some() => again = true,
                 Signal::Reload => {
                     reloading = Some(running.spawn_reload(reread.clone()));
                 }
+                Signal::Upgrade if upgrading.is_some() => {
+                    tracing::warn!("an upgrade is already under way; SIGUSR2 ignored");
+                }
+                Signal::Upgrade => match &launch {
+                    Ok(launch) => {
+                        tracing::info!(exe = %launch.exe().display(), "upgrading: starting the new binary");
+                        upgrading = running.spawn_upgrade(launch.clone(), upgrade_within);
+                    }
+                    Err(e) => tracing::error!("cannot upgrade: this process's path is unknown: {e}"),
+                },
             },
             done = finished(&mut reloading) => {
                 match done {
@@ -333,9 +436,25 @@ pub async fn run(
                 reloading = std::mem::take(&mut again)
                     .then(|| running.spawn_reload(reread.clone()));
             }
+            done = finished(&mut upgrading) => {
+                upgrading = None;
+                match done {
+                    Ok(Ok(pid)) => {
+                        tracing::info!(successor = pid, "the new binary serves; this one stops accepting and drains");
+                        break true;
+                    }
+                    Ok(Err(e)) => tracing::error!("upgrade failed, this binary keeps serving: {e}"),
+                    Err(e) => tracing::error!("upgrade failed, this binary keeps serving: {e}"),
+                }
+            }
         }
+    };
+    if handed_over {
+        running.hand_off().await;
+    } else {
+        tracing::info!("draining");
+        upgrade::notify_systemd_stopping();
+        running.shutdown().await;
     }
-    tracing::info!("draining");
-    running.shutdown().await;
     Ok(())
 }

@@ -16,6 +16,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -154,13 +155,26 @@ pub(super) async fn serve(
     )
     .await;
     drop(listener);
-    if tokio::time::timeout(cfg.shutdown_grace, drain.shutdown())
-        .await
-        .is_err()
-    {
+    let mut grace = cfg.shutdown_grace;
+    if proxy.pipeline.closing.load(Ordering::Acquire) {
+        // A successor serves: HTTP/1 clients are let go one by one after an
+        // answer that closes their connection (see `respond`), as they come
+        // back. Closing an idle keep-alive connection outright would race a
+        // request the client may be sending on it at that moment; only the
+        // connections idle through this whole window are closed that way.
+        let window = grace.min(HANDOVER_WINDOW);
+        let started = Instant::now();
+        let _ = tokio::time::timeout(window, drain.settled()).await;
+        grace = grace.saturating_sub(started.elapsed());
+    }
+    if tokio::time::timeout(grace, drain.shutdown()).await.is_err() {
         tracing::warn!("grace period over; closing remaining connections");
     }
 }
+
+/// How long, after a successor took over, HTTP/1 keep-alive clients are
+/// given to come back for the answer that closes their connection.
+const HANDOVER_WINDOW: Duration = Duration::from_secs(5);
 
 /// hyper's per-protocol connection settings.
 struct Builders {

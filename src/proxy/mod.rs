@@ -28,6 +28,7 @@ mod memory;
 mod pipeline;
 mod settings;
 mod stall;
+mod upgrade;
 
 pub use follow::WatchConfig;
 pub use lifecycle::{ReloadError, Reread, RunningProxy, StartError, run, start};
@@ -36,6 +37,7 @@ pub use live::MapUpdate;
 #[doc(hidden)]
 pub use pipeline::bench;
 pub use settings::{FailoverBuffer, Limits, ProxyConfig, RuntimeConfig, Timeouts, TopologySource};
+pub use upgrade::UpgradeError;
 
 use crate::routing::{PartitionMetrics, RouteTable};
 use crate::telemetry::{Metrics, names};
@@ -125,6 +127,7 @@ impl Proxy {
                 forwarder,
                 limit,
                 unrouted: Arc::new(PartitionMetrics::new(registry.clone(), "none")),
+                closing: Arc::default(),
             },
             clients: Clients {
                 open: AtomicUsize::new(0),

@@ -4,6 +4,7 @@
 
 #[path = "../support/mod.rs"]
 mod support;
+mod upgrade;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -111,6 +111,9 @@ pub(crate) struct BinProxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub stderr: Arc<Mutex<String>>,
+    /// Everything printed to stdout after the listening line (a successor
+    /// binary started by an upgrade prints its own there).
+    pub stdout: Arc<Mutex<String>>,
 }
 
 pub(crate) fn binary() -> PathBuf {
@@ -143,12 +146,13 @@ impl BinProxy {
         let words: Vec<&str> = line.split_whitespace().collect();
         let addr = words[4].parse().unwrap();
         let admin = words[6].parse().unwrap();
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (stdout, _) = collect_lines(lines);
         BinProxy {
             child,
             addr,
             admin,
             stderr: log,
+            stdout,
         }
     }
 

@@ -135,6 +135,10 @@ pub(crate) struct Shared {
     pub(crate) limit: Arc<InflightLimit>,
     /// Metric handles for requests no partition took.
     pub(crate) unrouted: Arc<PartitionMetrics>,
+    /// Set once a successor binary serves: HTTP/1 answers say
+    /// `Connection: close`, so keep-alive clients leave after their next
+    /// answer instead of racing a close.
+    pub(crate) closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The bookkeeping one successful request does, for `benches/hot_path.rs`:
@@ -193,7 +197,7 @@ pub(crate) fn connection(
 > {
     let route = route::Route::new(shared.forwarder.clone(), client);
     let stack = ServiceBuilder::new()
-        .layer(respond::RespondLayer)
+        .layer(respond::RespondLayer::new(shared.closing.clone()))
         .layer(observe::ObserveLayer::new(shared.unrouted.clone()))
         .layer(admission::AdmissionLayer::new(activity))
         .layer(deadline::DeadlineLayer)

@@ -2,29 +2,49 @@
 //! error raised below — a shed request, a missing key, an upstream that
 //! failed — arrives here as a [`Failed`] and leaves as SPEC JSON
 //! (`ProxyError::to_response`); nothing else in the pipeline renders one.
+//!
+//! While the proxy hands over to a new binary, it also closes HTTP/1
+//! keep-alive connections the one safe way, after an answer that says
+//! `Connection: close` (Envoy's drain does the same).
 
 use super::super::body::ProxyBody;
 use super::{Failed, Forwarded, Inbound};
-use http::Response;
+use http::header::CONNECTION;
+use http::{HeaderValue, Response, Version};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use tower::{Layer, Service};
 
 /// Adds [`Respond`].
-pub(crate) struct RespondLayer;
+pub(crate) struct RespondLayer {
+    closing: Arc<AtomicBool>,
+}
+
+impl RespondLayer {
+    /// Answers say `Connection: close` (HTTP/1) once `closing` is set.
+    pub(crate) fn new(closing: Arc<AtomicBool>) -> RespondLayer {
+        RespondLayer { closing }
+    }
+}
 
 impl<S> Layer<S> for RespondLayer {
     type Service = Respond<S>;
     fn layer(&self, inner: S) -> Respond<S> {
-        Respond { inner }
+        Respond {
+            inner,
+            closing: self.closing.clone(),
+        }
     }
 }
 
 /// Turns the inner service's failures into the proxy's answers.
 pub(crate) struct Respond<S> {
     inner: S,
+    closing: Arc<AtomicBool>,
 }
 
 impl<S, B, R> Service<Inbound<R>> for Respond<S>
@@ -48,8 +68,11 @@ where
     // returns is built in place in the one hyper keeps, not copied per layer.
     #[inline(always)]
     fn call(&mut self, inbound: Inbound<R>) -> Self::Future {
+        // HTTP/2 connections are closed with GOAWAY by the drain itself.
+        let close = inbound.req.version() < Version::HTTP_2 && self.closing.load(Ordering::Relaxed);
         RespondFuture {
             inner: self.inner.call(inbound),
+            close,
         }
     }
 }
@@ -59,6 +82,8 @@ pin_project_lite::pin_project! {
     pub(crate) struct RespondFuture<F> {
         #[pin]
         inner: F,
+        // The answer says `Connection: close`.
+        close: bool,
     }
 }
 
@@ -70,10 +95,17 @@ where
     type Output = Result<Response<B>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(Ok(match ready!(self.project().inner.poll(cx)) {
+        let this = self.project();
+        let mut response = match ready!(this.inner.poll(cx)) {
             Ok(forwarded) => forwarded.response,
             Err(failed) => failed.error.to_response().map(B::from),
-        }))
+        };
+        if *this.close {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        Poll::Ready(Ok(response))
     }
 }
 
@@ -94,6 +126,7 @@ mod tests {
         };
         let response = RespondFuture {
             inner: std::future::ready(Err::<Forwarded<ProxyBody>, _>(failed)),
+            close: false,
         }
         .await
         .unwrap();
@@ -114,9 +147,32 @@ mod tests {
         };
         let response = RespondFuture {
             inner: std::future::ready(Ok::<_, Failed>(forwarded)),
+            close: false,
         }
         .await
         .unwrap();
         assert_eq!(response.status(), 200);
+        assert!(!response.headers().contains_key(CONNECTION));
+    }
+
+    #[tokio::test]
+    async fn while_handing_over_http1_answers_close_their_connection_and_http2_ones_do_not() {
+        let closing = Arc::new(AtomicBool::new(true));
+        let mut svc = RespondLayer::new(closing).layer(tower::service_fn(|_: Inbound<()>| {
+            std::future::ready(Ok::<_, Failed>(Forwarded {
+                response: Response::new(ProxyBody::full("ok")),
+                trail: Trail::default(),
+            }))
+        }));
+        for (version, closes) in [(Version::HTTP_11, true), (Version::HTTP_2, false)] {
+            let mut inbound = super::super::tests::inbound(http::Request::new(()));
+            *inbound.req.version_mut() = version;
+            let response = svc.call(inbound).await.unwrap();
+            assert_eq!(
+                response.headers().get(CONNECTION).is_some(),
+                closes,
+                "{version:?}"
+            );
+        }
     }
 }

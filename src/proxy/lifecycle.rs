@@ -36,6 +36,9 @@ pub enum StartError {
     /// A TLS certificate, key or CA is unusable (exit 1).
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The OTLP exporter could not be built from the configuration (exit 1).
+    #[error(transparent)]
+    Otlp(#[from] crate::telemetry::OtlpError),
     /// Started by an upgrade, but the predecessor's listeners did not
     /// arrive intact (exit 2; the predecessor keeps serving).
     #[error(transparent)]
@@ -45,7 +48,7 @@ pub enum StartError {
 impl Failure for StartError {
     fn exit(&self) -> Exit {
         match self {
-            StartError::Topology(_) | StartError::Tls(_) => Exit::Invalid,
+            StartError::Topology(_) | StartError::Tls(_) | StartError::Otlp(_) => Exit::Invalid,
             StartError::Bind(_) | StartError::Signals(_) | StartError::Inherit(_) => Exit::Runtime,
         }
     }
@@ -129,8 +132,19 @@ async fn start_with(
         .as_ref()
         .map(|t| Terminator::new(t, ALPN_H1, server.tls_handshake_timeout))
         .transpose()?;
-    let proxy = Proxy::new(&config, Arc::new(Metrics::new()))?;
+    let registry = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let spans = match &config.otlp {
+        Some(otlp) => {
+            let (sink, task) =
+                crate::telemetry::start_otlp(otlp, addr.to_string(), &registry, shutdown.clone())?;
+            tasks.push(task);
+            Some(sink)
+        }
+        None => None,
+    };
+    let proxy = Proxy::new(&config, registry, spans)?;
     let coordinators: Vec<http::Uri> = config
         .topology_sources
         .iter()
@@ -144,7 +158,6 @@ async fn start_with(
             proxy.load_topology_file(path)?;
         }
     }
-    let mut tasks = Vec::new();
     if !coordinators.is_empty() {
         tasks.push(tokio::spawn(follow::follow_replication(
             proxy.live.clone(),

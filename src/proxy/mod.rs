@@ -40,7 +40,7 @@ pub use settings::{FailoverBuffer, Limits, ProxyConfig, RuntimeConfig, Timeouts,
 pub use upgrade::UpgradeError;
 
 use crate::routing::{PartitionMetrics, RouteTable};
-use crate::telemetry::{Metrics, names};
+use crate::telemetry::{Metrics, SpanSink, names};
 use crate::tls::TlsError;
 use crate::topology::TopologyFileError;
 use live::LiveMap;
@@ -88,7 +88,12 @@ pub struct Proxy {
 
 impl Proxy {
     /// A proxy with no map yet; fails if the upstream TLS files are unusable.
-    pub fn new(config: &ProxyConfig, registry: Arc<Metrics>) -> Result<Arc<Proxy>, TlsError> {
+    /// Sampled requests' spans go to `spans`, when given.
+    pub fn new(
+        config: &ProxyConfig,
+        registry: Arc<Metrics>,
+        spans: Option<SpanSink>,
+    ) -> Result<Arc<Proxy>, TlsError> {
         let settings = config.runtime.clone();
         let r = &registry;
         let shed = |reason| r.counter(names::LOAD_SHED, &[("reason", reason)]);
@@ -128,6 +133,7 @@ impl Proxy {
                 limit,
                 unrouted: Arc::new(PartitionMetrics::new(registry.clone(), "none")),
                 closing: Arc::default(),
+                spans: spans.map(Arc::new),
             },
             clients: Clients {
                 open: AtomicUsize::new(0),

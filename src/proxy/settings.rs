@@ -24,6 +24,8 @@ pub struct ProxyConfig {
     pub watch: WatchConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Where sampled traces are exported over OTLP, if anywhere.
+    pub otlp: Option<crate::telemetry::OtlpConfig>,
     /// The request path's settings.
     pub runtime: Arc<RuntimeConfig>,
 }

@@ -57,6 +57,13 @@ impl From<Role> for ServedBy {
 }
 
 const SERVED_BY: [&str; 3] = ["primary", "replica", "proxy"];
+
+impl ServedBy {
+    /// Its `served_by` label.
+    pub fn label(self) -> &'static str {
+        SERVED_BY[self as usize]
+    }
+}
 const CLASSES: [&str; 2] = ["read", "write"];
 const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 

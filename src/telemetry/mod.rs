@@ -1,8 +1,10 @@
 //! Metrics, logs and traces (SPEC §5, §6).
 
+mod otlp;
 mod registry;
 mod trace;
 
+pub use otlp::{OtlpConfig, OtlpError, ServerSpan, SpanSink, start as start_otlp};
 pub use registry::{LATENCY_BUCKETS, Lazy, Metrics, names};
 pub use trace::{TraceContext, TraceId};
 

@@ -65,6 +65,10 @@ pub mod names {
     pub const COORDINATOR_CLOCK_SKEW: &str = "shardgate_coordinator_node_clock_skew_seconds";
     /// Topology watches held open.
     pub const COORDINATOR_WATCHES: &str = "shardgate_coordinator_watches";
+    /// Spans the OTLP exporter sent to the collector.
+    pub const OTLP_SPANS_EXPORTED: &str = "shardgate_otlp_spans_exported_total";
+    /// Spans dropped: the export queue was full, or the collector did not take them.
+    pub const OTLP_SPANS_DROPPED: &str = "shardgate_otlp_spans_dropped_total";
     /// Topology watches answered at once because too many were held.
     pub const COORDINATOR_WATCHES_SHED: &str = "shardgate_coordinator_watches_shed_total";
 }
@@ -100,6 +104,11 @@ impl Metrics {
         let c = |n: &'static str, h: &'static str| r.describe_counter(n.into(), None, h.into());
         let g = |n: &'static str, h: &'static str| r.describe_gauge(n.into(), None, h.into());
         c(REQUESTS, "Requests answered by the proxy.");
+        c(OTLP_SPANS_EXPORTED, "Trace spans the collector took.");
+        c(
+            OTLP_SPANS_DROPPED,
+            "Trace spans dropped: export queue full, or the collector did not take them.",
+        );
         r.describe_histogram(
             REQUEST_DURATION.into(),
             Some(Unit::Seconds),

@@ -16,6 +16,9 @@ pub struct TraceContext {
     pub span_id: u64,
     /// Trace flags (bit 0: sampled).
     pub flags: u8,
+    /// The client's span id, when its trace was continued (0: none); the
+    /// parent of the span this hop exports.
+    pub parent_id: u64,
 }
 
 /// The trace id as 32 lower-case hex digits.
@@ -50,11 +53,12 @@ impl TraceContext {
     /// (callers drop `tracestate` when it was not).
     pub fn continue_or_start(header: Option<&HeaderValue>) -> (TraceContext, bool) {
         match header.and_then(|h| TraceContext::parse(h.as_bytes())) {
-            Some((trace_id, flags)) => (
+            Some((trace_id, parent_id, flags)) => (
                 TraceContext {
                     trace_id,
                     span_id: nonzero_span(),
                     flags,
+                    parent_id,
                 },
                 true,
             ),
@@ -74,11 +78,13 @@ impl TraceContext {
             trace_id,
             span_id: nonzero_span(),
             flags: 0x01,
+            parent_id: 0,
         }
     }
 
-    /// Parse `version-traceid-parentid-flags`; returns the trace id and flags.
-    fn parse(v: &[u8]) -> Option<(u128, u8)> {
+    /// Parse `version-traceid-parentid-flags`; returns the trace id, parent
+    /// id and flags.
+    fn parse(v: &[u8]) -> Option<(u128, u64, u8)> {
         if v.len() < 55 {
             return None;
         }
@@ -94,7 +100,7 @@ impl TraceContext {
         let trace_id = hex::<32>(&v[3..35])?;
         let parent = hex::<16>(&v[36..52])?;
         let flags = hex::<2>(&v[53..55])? as u8;
-        (trace_id != 0 && parent != 0).then_some((trace_id, flags))
+        (trace_id != 0 && parent != 0).then_some((trace_id, parent as u64, flags))
     }
 
     /// The `traceparent` to send upstream.
@@ -141,6 +147,10 @@ mod tests {
             TraceContext::continue_or_start(Some(&HeaderValue::from_static(GOOD)));
         assert!(continued);
         assert_eq!(ctx.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(
+            ctx.parent_id, 0x00f067aa0ba902b7,
+            "the client's span is the parent"
+        );
         let out = ctx.header();
         let out = out.to_str().unwrap();
         assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
@@ -175,6 +185,7 @@ mod tests {
             trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
             span_id: 0x00f067aa0ba902b7,
             flags: 1,
+            parent_id: 0,
         };
         assert_eq!(ctx.header(), GOOD);
     }

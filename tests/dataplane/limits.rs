@@ -293,6 +293,7 @@ async fn no_map_means_503_no_topology_and_not_ready() {
     let proxy = shardgate::proxy::Proxy::new(
         &config,
         std::sync::Arc::new(shardgate::telemetry::Metrics::new()),
+        None,
     )
     .unwrap();
     assert!(proxy.table().is_none());

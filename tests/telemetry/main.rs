@@ -2,6 +2,7 @@
 //! validity, and the sampled access log.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod otlp;
 #[path = "../support/mod.rs"]
 mod support;
 

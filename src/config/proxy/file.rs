@@ -443,6 +443,26 @@ impl Default for LogSection {
     }
 }
 
+/// `[telemetry]`: trace export.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct TelemetrySection {
+    /// The OTLP/gRPC collector sampled traces go to (`http://host:4317`);
+    /// empty: no export.
+    pub otlp_endpoint: String,
+    /// Spans that may wait for export; beyond that they are dropped and counted.
+    pub otlp_max_queue: usize,
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        TelemetrySection {
+            otlp_endpoint: String::new(),
+            otlp_max_queue: 2048,
+        }
+    }
+}
+
 /// The proxy config file, section by section.
 #[derive(Clone, Debug, Default)]
 pub struct ProxyFile {
@@ -468,6 +488,8 @@ pub struct ProxyFile {
     pub failover_buffer: FailoverBufferSection,
     /// `[log]`
     pub log: LogSection,
+    /// `[telemetry]`
+    pub telemetry: TelemetrySection,
 }
 
 pub(super) const SECTIONS: &[&str] = &[
@@ -482,6 +504,7 @@ pub(super) const SECTIONS: &[&str] = &[
     "upstream",
     "failover_buffer",
     "log",
+    "telemetry",
 ];
 
 /// Command-line flags that override the file.
@@ -515,6 +538,7 @@ impl ProxyFile {
             upstream: doc.section("upstream", issues),
             failover_buffer: doc.section("failover_buffer", issues),
             log: doc.section("log", issues),
+            telemetry: doc.section("telemetry", issues),
         }
     }
 

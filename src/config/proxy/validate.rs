@@ -14,7 +14,7 @@ use crate::resilience::{
     AllOpen, Backoff, BreakerConfig, BreakerPolicy, BudgetConfig, Jitter, RetryPolicy, StatusSet,
 };
 use crate::routing::{KeyExtractor, KeySource, PathTemplate, ReadPreference, RoutingConfig};
-use crate::telemetry::{LogConfig, LogFormat};
+use crate::telemetry::{LogConfig, LogFormat, OtlpConfig};
 use crate::upstream::{PoolSettings, UpstreamSettings, UpstreamTls};
 use http::HeaderName;
 use std::net::SocketAddr;
@@ -151,6 +151,7 @@ impl ProxyConfig {
             issues.push("upstream.pool_idle_timeout", "must be above zero");
         }
         let log = validate_log(&f.log, &mut issues);
+        let otlp = validate_telemetry(&f.telemetry, &mut issues);
         let tls = validate_server_tls(&f.tls, &mut issues);
         let admin_tls = admin_tls(&f.server, &mut issues);
         // System roots are only needed (and only checked) when a coordinator is https.
@@ -243,6 +244,7 @@ impl ProxyConfig {
                 client_tls: topology_tls,
             },
             log,
+            otlp,
         };
         issues.finish(name, config)
     }
@@ -551,6 +553,37 @@ fn validate_breaker(b: &BreakerSection, issues: &mut Issues<'_>) -> (BreakerConf
             when_all_open,
         },
     )
+}
+
+/// Check `[telemetry]`: an OTLP endpoint is an http(s) URL with a host.
+fn validate_telemetry(t: &TelemetrySection, issues: &mut Issues<'_>) -> Option<OtlpConfig> {
+    if t.otlp_endpoint.is_empty() {
+        return None;
+    }
+    if t.otlp_max_queue == 0 {
+        issues.push("telemetry.otlp_max_queue", "must be above zero");
+    }
+    match t.otlp_endpoint.parse::<http::Uri>() {
+        Ok(endpoint)
+            if matches!(endpoint.scheme_str(), Some("http" | "https"))
+                && endpoint.host().is_some() =>
+        {
+            Some(OtlpConfig {
+                endpoint,
+                max_queue: t.otlp_max_queue.max(1),
+            })
+        }
+        _ => {
+            issues.push(
+                "telemetry.otlp_endpoint",
+                format!(
+                    "{:?}: expected the collector's OTLP/gRPC URL, such as http://127.0.0.1:4317",
+                    t.otlp_endpoint
+                ),
+            );
+            None
+        }
+    }
 }
 
 /// Check `[log] level` and `format` (shared by every command's config).

@@ -41,7 +41,7 @@ use super::error::ProxyError;
 use super::headers::{ClientInfo, HostMemo};
 use super::live::{LiveMap, Snapshot};
 use crate::routing::{PartitionMetrics, ServedBy};
-use crate::telemetry::TraceContext;
+use crate::telemetry::{SpanSink, TraceContext};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use std::cell::RefCell;
@@ -139,6 +139,8 @@ pub(crate) struct Shared {
     /// `Connection: close`, so keep-alive clients leave after their next
     /// answer instead of racing a close.
     pub(crate) closing: Arc<std::sync::atomic::AtomicBool>,
+    /// Where sampled requests' spans go, when traces are exported.
+    pub(crate) spans: Option<Arc<SpanSink>>,
 }
 
 /// The bookkeeping one successful request does, for `benches/hot_path.rs`:
@@ -195,10 +197,14 @@ pub(crate) fn connection(
     + Send
     + use<>,
 > {
+    let spans = shared
+        .spans
+        .as_ref()
+        .map(|sink| observe::SpanConn::new(sink.clone(), &client.info));
     let route = route::Route::new(shared.forwarder.clone(), client);
     let stack = ServiceBuilder::new()
         .layer(respond::RespondLayer::new(shared.closing.clone()))
-        .layer(observe::ObserveLayer::new(shared.unrouted.clone()))
+        .layer(observe::ObserveLayer::new(shared.unrouted.clone(), spans))
         .layer(admission::AdmissionLayer::new(activity))
         .layer(deadline::DeadlineLayer)
         .service_fn(move |b: Bounded| route.call(b));

@@ -2,15 +2,19 @@
 //! for every error and a sampled share of successes, an access-log line
 //! (SPEC §6). Nothing is logged per request at info level otherwise.
 //!
+//! With `[telemetry] otlp_endpoint`, the same requests (and those whose
+//! client's `traceparent` asks for sampling) are exported as spans.
+//!
 //! It sits just inside `respond` and sees the outcome as it is (a response
 //! passed on, or the proxy's own error, which it counts with the status
 //! `respond` will give it), and passes it on untouched.
 
+use super::super::headers::ClientInfo;
 use super::{Failed, Forwarded, Inbound, Trail};
 use crate::routing::ServedBy;
 use crate::routing::{PartitionMetrics, RequestClass};
-use crate::telemetry::TraceId;
-use http::{Method, StatusCode};
+use crate::telemetry::{ServerSpan, SpanSink, TraceContext, TraceId};
+use http::{Method, StatusCode, Version};
 use rand::RngExt;
 use std::future::Future;
 use std::pin::Pin;
@@ -22,12 +26,17 @@ use tower::{Layer, Service};
 /// Adds [`Observe`].
 pub(crate) struct ObserveLayer {
     unrouted: Arc<PartitionMetrics>,
+    spans: Option<Arc<SpanConn>>,
 }
 
 impl ObserveLayer {
-    /// Requests no partition took are counted under `unrouted`.
-    pub(crate) fn new(unrouted: Arc<PartitionMetrics>) -> ObserveLayer {
-        ObserveLayer { unrouted }
+    /// Requests no partition took are counted under `unrouted`; spans go
+    /// to `spans`, when traces are exported.
+    pub(crate) fn new(unrouted: Arc<PartitionMetrics>, spans: Option<SpanConn>) -> ObserveLayer {
+        ObserveLayer {
+            unrouted,
+            spans: spans.map(Arc::new),
+        }
     }
 }
 
@@ -37,6 +46,7 @@ impl<S> Layer<S> for ObserveLayer {
         Observe {
             inner,
             unrouted: self.unrouted.clone(),
+            spans: self.spans.clone(),
         }
     }
 }
@@ -45,16 +55,46 @@ impl<S> Layer<S> for ObserveLayer {
 pub(crate) struct Observe<S> {
     inner: S,
     unrouted: Arc<PartitionMetrics>,
+    spans: Option<Arc<SpanConn>>,
+}
+
+/// A client connection's part of its requests' spans.
+pub(crate) struct SpanConn {
+    sink: Arc<SpanSink>,
+    scheme: &'static str,
+    client: String,
+}
+
+impl SpanConn {
+    /// Spans of requests from the client `info` describes, into `sink`.
+    pub(crate) fn new(sink: Arc<SpanSink>, info: &ClientInfo) -> SpanConn {
+        SpanConn {
+            sink,
+            scheme: if info.tls { "https" } else { "http" },
+            client: info.forwarded_for.to_str().unwrap_or("").to_owned(),
+        }
+    }
+}
+
+/// What a span needs of a request that only its arrival knows; taken only
+/// when traces are exported.
+struct SpanStart {
+    conn: Arc<SpanConn>,
+    path: String,
+    version: Version,
+    epoch: Option<u64>,
 }
 
 /// What is known of a request when it arrives.
 struct Arrival {
     arrived: Instant,
     method: Method,
-    trace_id: u128,
+    /// Its trace, and whether the client's was continued.
+    trace: (TraceContext, bool),
     /// Share of successes written to the access log.
     sample: f64,
     unrouted: Arc<PartitionMetrics>,
+    span: Option<SpanStart>,
 }
 
 impl<S, B, R> Service<Inbound<R>> for Observe<S>
@@ -72,12 +112,19 @@ where
 
     #[inline(always)] // see `respond`
     fn call(&mut self, inbound: Inbound<R>) -> Self::Future {
+        let span = self.spans.as_ref().map(|conn| SpanStart {
+            conn: conn.clone(),
+            path: inbound.req.uri().path().to_owned(),
+            version: inbound.req.version(),
+            epoch: inbound.snapshot.table.as_ref().map(|t| t.epoch()),
+        });
         let arrival = Arrival {
             arrived: inbound.arrived,
             method: inbound.req.method().clone(),
-            trace_id: inbound.trace.0.trace_id,
+            trace: inbound.trace,
             sample: inbound.snapshot.settings.access_log_sample,
             unrouted: self.unrouted.clone(),
+            span,
         };
         ObserveFuture {
             inner: self.inner.call(inbound),
@@ -144,6 +191,13 @@ fn record(a: &Arrival, status: StatusCode, trail: &Trail, error: Option<&'static
     let is_error = error.is_some() || status.is_server_error();
     // Sampling draws a random number; at a rate of 0 it need not.
     let sampled = a.sample > 0.0 && rand::rng().random_bool(a.sample);
+    if let Some(span) = &a.span {
+        // A client that samples its trace gets this hop's span too (OpenTelemetry's parent-based sampling).
+        let (trace, continued) = a.trace;
+        if is_error || sampled || (continued && trace.flags & 1 == 1) {
+            export(a, span, status, trail, served_by, error, secs);
+        }
+    }
     if is_error || sampled {
         tracing::info!(
             target: "shardgate::access",
@@ -155,10 +209,47 @@ fn record(a: &Arrival, status: StatusCode, trail: &Trail, error: Option<&'static
             attempts = trail.attempts,
             duration_ms = secs * 1000.0,
             error,
-            trace_id = %TraceId(a.trace_id),
+            trace_id = %TraceId(a.trace.0.trace_id),
             "request"
         );
     }
+}
+
+/// Hand one answered request's span to the exporter.
+fn export(
+    a: &Arrival,
+    span: &SpanStart,
+    status: StatusCode,
+    trail: &Trail,
+    served_by: ServedBy,
+    error: Option<&'static str>,
+    secs: f64,
+) {
+    let ago = Instant::now().saturating_duration_since(a.arrived);
+    let start = std::time::SystemTime::now()
+        .checked_sub(ago)
+        .unwrap_or(std::time::UNIX_EPOCH);
+    span.conn.sink.record(&ServerSpan {
+        trace: a.trace.0,
+        start,
+        end: start + std::time::Duration::from_secs_f64(secs.max(0.0)),
+        method: a.method.as_str(),
+        path: &span.path,
+        scheme: span.conn.scheme,
+        protocol: match span.version {
+            Version::HTTP_2 => "2",
+            Version::HTTP_10 => "1.0",
+            _ => "1.1",
+        },
+        client: &span.conn.client,
+        status: status.as_u16(),
+        error,
+        partition: trail.partition.as_ref().map(|(i, _)| *i),
+        epoch: span.epoch,
+        attempts: trail.attempts,
+        served_by: served_by.label(),
+        upstream: trail.upstream.as_deref(),
+    });
 }
 
 #[cfg(test)]
@@ -182,25 +273,26 @@ mod tests {
         let registry = Arc::new(Metrics::new());
         let unrouted = Arc::new(PartitionMetrics::new(registry.clone(), "none"));
         let partition = Arc::new(PartitionMetrics::new(registry.clone(), "2"));
-        let mut svc = ObserveLayer::new(unrouted).layer(tower::service_fn(move |i: Inbound<()>| {
-            let partition = partition.clone();
-            async move {
-                // The upstream answered 50 ms after arrival; the rest of the
-                // wait is not the request's duration.
-                let answered = i.arrived + Duration::from_millis(50);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                Ok::<_, Failed>(Forwarded {
-                    response: Response::new(()),
-                    trail: Trail {
-                        partition: Some((2, partition)),
-                        served_by: ServedBy::Replica,
-                        answered: Some(answered),
-                        attempts: 1,
-                        upstream: None,
-                    },
-                })
-            }
-        }));
+        let mut svc =
+            ObserveLayer::new(unrouted, None).layer(tower::service_fn(move |i: Inbound<()>| {
+                let partition = partition.clone();
+                async move {
+                    // The upstream answered 50 ms after arrival; the rest of the
+                    // wait is not the request's duration.
+                    let answered = i.arrived + Duration::from_millis(50);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Ok::<_, Failed>(Forwarded {
+                        response: Response::new(()),
+                        trail: Trail {
+                            partition: Some((2, partition)),
+                            served_by: ServedBy::Replica,
+                            answered: Some(answered),
+                            attempts: 1,
+                            upstream: None,
+                        },
+                    })
+                }
+            }));
         let Ok(forwarded) = svc
             .call(inbound(http::Request::get("/").body(()).unwrap()))
             .await
@@ -231,7 +323,7 @@ mod tests {
         let registry = Arc::new(Metrics::new());
         let unrouted = Arc::new(PartitionMetrics::new(registry.clone(), "none"));
         let mut svc =
-            ObserveLayer::new(unrouted).layer(tower::service_fn(|_: Inbound<()>| async {
+            ObserveLayer::new(unrouted, None).layer(tower::service_fn(|_: Inbound<()>| async {
                 Err::<Forwarded<()>, _>(Failed {
                     error: ProxyError::MissingShardKey("no x-shard-key".into()),
                     // An upstream was tried before the proxy gave up.

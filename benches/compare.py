@@ -25,13 +25,19 @@ measure it with --binary target/pgo/shardgate; the default is the plain
 request is compared with the better peer of the same round (median of those
 per-round ratios), which a noisy host disturbs less.
 
+With --h2 clients speak HTTP/2 (h2c, prior knowledge) instead: h2load on
+CPU 1 opens --connections/4 connections with 32 concurrent streams each
+(many streams per connection, as browsers and gRPC clients do); every proxy
+still speaks HTTP/1.1 to the upstream. p50/p99 come from h2load's
+per-request log.
+
 With --baseline PATH a second shardgate build (e.g. the previous commit's)
 runs as "baseline" in the same interleaved rounds, so a change is judged by a
 ratio measured side by side, not against numbers from another run.
 
-Usage: python3 benches/compare.py [--rounds 5] [--seconds 10] [--connections 64] [--tls] [--close]
+Usage: python3 benches/compare.py [--rounds 5] [--seconds 10] [--connections 64] [--tls] [--close] [--h2]
                                   [--binary target/pgo/shardgate] [--baseline target/base/shardgate]
-Needs: nginx, haproxy, wrk, openssl (apt-get install nginx haproxy wrk openssl),
+Needs: nginx, haproxy, wrk, openssl, h2load (apt-get install nginx haproxy wrk openssl nghttp2-client),
 a release build.
 Talks only to 127.0.0.1; stops everything it starts by PID.
 """
@@ -159,11 +165,38 @@ def run_wrk(port, seconds, connections, scheme="http", close=False, script=None)
     return reqs, rps, p50, p99
 
 
+def run_h2load(port, seconds, connections, streams=32):
+    """h2load on CPU 1: `connections` HTTP/2 connections with `streams`
+    concurrent streams each, keyed. (requests, req/s, p50 µs, p99 µs)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
+        out = subprocess.run(
+            ["taskset", "-c", "1", "h2load", f"-c{max(1, connections)}", f"-m{streams}", f"-D{seconds}",
+             "-H", "x-shard-key: user:42", f"--log-file={log.name}", f"http://127.0.0.1:{port}/kv/user:42"],
+            capture_output=True, text=True, timeout=seconds + 30,
+        ).stdout
+        # start (µs since the epoch), status, µs to the end of the response
+        rows = [line.split("\t") for line in log.read().splitlines() if line.strip()]
+    m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored",
+                  out)
+    if not m or int(m.group(4)) or int(m.group(5)) or any(r[1] != "200" for r in rows):
+        raise RuntimeError(f"failures during run:\n{out}")
+    reqs = int(m.group(3))
+    rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
+    lat = sorted(int(r[2]) for r in rows)
+    return reqs, rps, lat[len(lat) // 2], lat[min(len(lat) - 1, len(lat) * 99 // 100)]
+
+
 def measure(args, ports, by_name, scheme, title, close):
     """Interleaved rounds of one workload; prints per-round lines and a median table."""
     results = {n: [] for n in ports}
+
+    def run(port, seconds):
+        if args.h2:
+            return run_h2load(port, seconds, args.connections // 4)
+        return run_wrk(port, seconds, args.connections, scheme, close)
+
     for name, port in ports.items():  # warm up pools and caches
-        run_wrk(port, 2, args.connections, scheme, close)
+        run(port, 2)
     order = list(ports.items())
     for r in range(args.rounds):
         # Each round starts with a different proxy, so no proxy always runs
@@ -171,7 +204,7 @@ def measure(args, ports, by_name, scheme, title, close):
         for name, port in order[r % len(order):] + order[: r % len(order)]:
             pids = by_name[name].pids()
             u0, s0, c0 = cpu_seconds(pids)
-            reqs, rps, p50, p99 = run_wrk(port, args.seconds, args.connections, scheme, close)
+            reqs, rps, p50, p99 = run(port, args.seconds)
             u1, s1, c1 = cpu_seconds(pids)
             cpu_us = (c1 - c0) * 1e6 / reqs
             ticks = (u1 - u0) + (s1 - s0)
@@ -192,8 +225,10 @@ def measure(args, ports, by_name, scheme, title, close):
     def vs(value, best):
         return f"{value / best:.2f}×" if best else "—"
 
-    print(f"\n{scheme}, {title}: {args.rounds} interleaved rounds of {args.seconds}s, {args.connections} "
-          "connections, proxy pinned to CPU 0 (1 worker), wrk + upstream on CPU 1; medians\n")
+    load = (f"h2load with {args.connections // 4} HTTP/2 connections × 32 streams" if args.h2
+            else f"wrk with {args.connections} connections")
+    print(f"\n{scheme}, {title}: {args.rounds} interleaved rounds of {args.seconds}s, {load}, "
+          "proxy pinned to CPU 0 (1 worker), load + upstream on CPU 1; medians\n")
     print("| proxy | req/s | vs best peer | p50 | p99 | CPU µs/req | user | sys | CPU vs best peer |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in [n for n in ["nginx", "haproxy", "baseline", "shardgate"] if n in med]:
@@ -219,7 +254,7 @@ def measure(args, ports, by_name, scheme, title, close):
     sys.stdout.flush()
 
 
-def job(work, ups, ports, admin, builds, scheme="http", ng_tls="", hap_tls="", sg_tls=""):
+def job(work, ups, ports, admin, builds, scheme="http", ng_tls="", hap_tls="", sg_tls="", h2=False):
     """The same job for every proxy: the upstream's argv, and (name, argv) per proxy.
 
     Each proxy routes by the hash of `x-shard-key` to one of the `ups` ports
@@ -233,10 +268,15 @@ def job(work, ups, ports, admin, builds, scheme="http", ng_tls="", hap_tls="", s
     upstream = ["nginx", "-c", up_conf, "-p", work]
 
     servers = "\n".join(f"server 127.0.0.1:{p};" for p in ups)
+    # HTTP/2 clients keep 16 × 32 requests in flight, all to one upstream:
+    # an idle pool capped at 64 would close (and later reopen) a connection
+    # after most requests. HAProxy keeps every idle connection it opened, so
+    # the other two may keep 1,024.
+    pool = 1024 if h2 else 64
     ng_conf = nginx_conf(work, "nginx", f"""
-  upstream shards {{ hash $http_x_shard_key consistent; {servers} keepalive 64; keepalive_requests 10000000; }}
+  upstream shards {{ hash $http_x_shard_key consistent; {servers} keepalive {pool}; keepalive_requests 10000000; }}
   server {{
-    listen 127.0.0.1:{ports['nginx']}{" ssl" if tls else ""};
+    listen 127.0.0.1:{ports['nginx']}{" ssl" if tls else ""}{" http2" if h2 else ""};
     {ng_tls}
     location / {{
       proxy_pass http://shards;
@@ -263,7 +303,7 @@ defaults
   option forwardfor
   http-reuse always
 frontend fe
-  bind 127.0.0.1:{ports['haproxy']}{hap_tls}
+  bind 127.0.0.1:{ports['haproxy']}{hap_tls}{" proto h2" if h2 and not hap_tls else ""}
   http-request set-header X-Forwarded-Proto {scheme}
   default_backend shards
 backend shards
@@ -283,6 +323,8 @@ admin_listen = "127.0.0.1:{admin[name]}"
 workers = 1
 [topology]
 sources = ["{topo}"]
+[upstream]
+pool_max_idle = {pool}
 [log]
 level = "warn"
 access_log_sample = 0.0
@@ -341,7 +383,10 @@ def main():
     ap.add_argument("--close", action="store_true",
                     help="also run a new connection per request (always on with --tls)")
     ap.add_argument("--baseline", default=None, help="another shardgate binary to measure beside this one")
+    ap.add_argument("--h2", action="store_true", help="clients speak HTTP/2 (h2load, many streams per connection)")
     args = ap.parse_args()
+    if args.h2 and (args.tls or args.close):
+        sys.exit("--h2 measures clear-text HTTP/2 keep-alive only")
     if not os.path.exists(args.binary):
         sys.exit(f"{args.binary} missing: run cargo build --release first")
 
@@ -365,7 +410,7 @@ def main():
     scheme = "https" if args.tls else "http"
     builds = [("shardgate", args.binary)] + ([("baseline", args.baseline)] if args.baseline else [])
     try:
-        upstream, proxies = job(work, ups, ports, admin, builds, scheme, ng_tls, hap_tls, sg_tls)
+        upstream, proxies = job(work, ups, ports, admin, builds, scheme, ng_tls, hap_tls, sg_tls, args.h2)
         procs.append(Proc("upstream", upstream, work, cpu=1))
         for name, argv in proxies:
             procs.append(Proc(name, argv, work, cpu=0))
@@ -376,7 +421,7 @@ def main():
             ports = {n: p for n, p in ports.items() if n in args.only}
         by_name = {p.name: p for p in procs}
         per_conn = "new TLS connection per request" if args.tls else "new connection per request"
-        workloads = [("keep-alive", False)] + ([(per_conn, True)] if args.tls or args.close else [])
+        workloads = [("HTTP/2 keep-alive" if args.h2 else "keep-alive", False)] + ([(per_conn, True)] if args.tls or args.close else [])
         for title, close in workloads:
             measure(args, ports, by_name, scheme, title, close)
     finally:

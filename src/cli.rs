@@ -182,7 +182,11 @@ impl NodeArgs {
 
 /// `shardgate coordinator` flags; each overrides the config file.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub(crate) struct CoordinatorArgs {
+    /// Instead of running: a one-off task on the stores.
+    #[command(subcommand)]
+    pub action: Option<CoordinatorAction>,
     /// Config file (TOML); built-in defaults when absent.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -199,7 +203,7 @@ pub(crate) struct CoordinatorArgs {
     /// Map to start from when the store is empty.
     #[arg(long)]
     pub topology: Option<String>,
-    /// `file:PATH` or `postgres://...`.
+    /// `file:PATH`, `postgres://...` or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`.
     #[arg(long)]
     pub store: Option<String>,
     /// Seconds of silence before a node is DEAD.
@@ -218,6 +222,21 @@ pub(crate) struct CoordinatorArgs {
     /// this machine (by default such a coordinator refuses to start).
     #[arg(long)]
     pub insecure_heartbeats: bool,
+}
+
+/// One-off coordinator tasks.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum CoordinatorAction {
+    /// Copy the cluster state, epoch and all, from one store into an empty
+    /// one (e.g. a state file into etcd), with the coordinators stopped.
+    MigrateStore {
+        /// The store to copy from.
+        #[arg(long)]
+        from: String,
+        /// The empty store to copy into.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 impl CoordinatorArgs {

@@ -150,6 +150,9 @@ fn run_proxy(args: &cli::ProxyArgs) -> ExitCode {
 }
 
 fn run_coordinator(args: &cli::CoordinatorArgs) -> ExitCode {
+    if let Some(cli::CoordinatorAction::MigrateStore { from, to }) = &args.action {
+        return migrate_store(from, to);
+    }
     let config =
         match shardgate::config::CoordinatorConfig::load(args.config.as_deref(), &args.overrides())
         {
@@ -173,6 +176,39 @@ fn run_coordinator(args: &cli::CoordinatorArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail("coordinator", &e),
+    }
+}
+
+fn migrate_store(from: &str, to: &str) -> ExitCode {
+    use shardgate::coordinator::StoreUrl;
+    let (from, to) = match (StoreUrl::parse(from), StoreUrl::parse(to)) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("shardgate coordinator migrate-store: {e}");
+            return ExitCode::from(Exit::Invalid as u8);
+        }
+    };
+    shardgate::telemetry::init_logging("warn", LogFormat::Text);
+    let rt = match runtime(1) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(shardgate::coordinator::migrate_store(
+        &from,
+        &to,
+        "migrate-store",
+    )) {
+        Ok(state) => {
+            println!(
+                "copied epoch {} ({} partitions, {} nodes, {} fenced) into the new store",
+                state.map.cluster_epoch,
+                state.map.partitions.len(),
+                state.nodes.len(),
+                state.fenced.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail("coordinator migrate-store", &e),
     }
 }
 

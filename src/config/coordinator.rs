@@ -275,20 +275,10 @@ impl CoordinatorConfig {
             &mut issues,
         );
         let store_key = flag(o.store.is_some(), "--store", "coordinator.store");
-        let store = if let Some(path) = c.store.strip_prefix("file:") {
-            if path.is_empty() {
-                issues.push(store_key, "file: needs a path");
-            }
-            StoreUrl::File(PathBuf::from(path))
-        } else if c.store.starts_with("postgres://") || c.store.starts_with("postgresql://") {
-            StoreUrl::Postgres(c.store.clone())
-        } else {
-            issues.push(
-                store_key,
-                format!("{:?}: expected file:PATH or postgres://...", c.store),
-            );
+        let store = StoreUrl::parse(&c.store).unwrap_or_else(|e| {
+            issues.push(store_key, e);
             StoreUrl::File(PathBuf::new())
-        };
+        });
         if c.id.trim().is_empty() {
             issues.push("coordinator.id", "must not be empty");
         }

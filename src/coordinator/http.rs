@@ -398,7 +398,7 @@ async fn put_topology<S: Store>(c: &Coordinator<S>, req: Request<Incoming>) -> R
             .response();
         }
     };
-    let (before, snapshot) = {
+    let (before, snapshot, previous) = {
         let mut st = c.lock();
         let before = st.epoch();
         // Optimistic concurrency: a change made from an older version of the
@@ -430,8 +430,8 @@ async fn put_topology<S: Store>(c: &Coordinator<S>, req: Request<Incoming>) -> R
             };
         }
         let snapshot = candidate.persisted();
-        *st = candidate;
-        (before, snapshot)
+        let previous = std::mem::replace(&mut *st, candidate);
+        (before, snapshot, previous)
     };
     match c.store.commit(Some(before), &snapshot).await {
         Ok(Commit::Won) => {
@@ -454,11 +454,22 @@ async fn put_topology<S: Store>(c: &Coordinator<S>, req: Request<Incoming>) -> R
             )
         }
         Err(e) => {
-            let _ = c.reload().await;
+            // Not committed, so not in force: with the store unreachable a
+            // reload cannot say so, and the state machine must not go on
+            // telling nodes about a map nobody serves.
+            {
+                let mut st = c.lock();
+                if st.epoch() == snapshot.map.cluster_epoch {
+                    *st = previous;
+                }
+            }
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
-                &e.to_string(),
+                &format!(
+                    "the store did not confirm the change, which is not in force; it may still \
+                     take effect once the store is back (read the map before retrying): {e}"
+                ),
             )
         }
     }

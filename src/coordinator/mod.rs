@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use store::{Commit, FileStore, PgStore, SharedStore, Store, StoreError};
+use store::{Commit, EtcdStore, FileStore, PgStore, SharedStore, Store, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -323,9 +323,19 @@ impl<S: Store> Coordinator<S> {
             shared
                 .record_heartbeat(&hb, status, skew_ms, started.elapsed())
                 .await?;
-            if command == Command::Rebalance && !shared.claim_told(&hb.node_id, assignment).await? {
-                // Another coordinator already told this node.
-                command = Command::Continue;
+            if command == Command::Rebalance {
+                match shared.claim_told(&hb.node_id, assignment).await {
+                    Ok(true) => {}
+                    // Another coordinator already told this node.
+                    Ok(false) => command = Command::Continue,
+                    // Unknown whether anyone told it: not now, and again on its
+                    // next heartbeat. The heartbeat itself is answered.
+                    Err(e) => {
+                        tracing::warn!(node = %hb.node_id, "REBALANCE deferred: {e}");
+                        self.lock().forget_told(&hb.node_id);
+                        command = Command::Continue;
+                    }
+                }
             }
         }
         if let (true, Some(snapshot)) = (persist, snapshot) {
@@ -712,20 +722,24 @@ async fn replication_recorder<S: Store>(c: Arc<Coordinator<S>>, shutdown: Cancel
 }
 
 /// Followers of a shared store pick up the leader's changes quickly, so
-/// watches held open on any coordinator wake within a fraction of a second.
+/// watches held open on any coordinator wake within a fraction of a second:
+/// at once where the store can watch (etcd), else by polling.
 async fn follower<S: Store>(c: Arc<Coordinator<S>>, shutdown: CancellationToken) {
+    let Some(shared) = c.store.shared() else {
+        return;
+    };
     let period = c.cfg.sweep_interval.min(Duration::from_millis(250));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            () = shared.changed(period) => {}
         }
         if !c.is_leader()
             && let Err(e) = c.refresh().await
         {
             tracing::warn!("refresh from the shared store failed: {e}");
+            // Not a busy loop while the store is away.
+            tokio::time::sleep(period).await;
         }
     }
 }
@@ -750,6 +764,76 @@ async fn serve_until_stopped<S: Store>(signals: &mut Signals, running: &RunningC
     }
 }
 
+/// Why a store migration stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// There is nothing to copy.
+    #[error("the source store holds no cluster state")]
+    Empty,
+    /// The destination is in use; it is left as it was.
+    #[error("the destination store already holds cluster state (epoch {0}); nothing was copied")]
+    NotEmpty(u64),
+    /// A store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl crate::exit::Failure for MigrateError {
+    fn exit(&self) -> Exit {
+        match self {
+            MigrateError::Empty | MigrateError::NotEmpty(_) => Exit::Invalid,
+            MigrateError::Store(_) => Exit::Runtime,
+        }
+    }
+}
+
+/// `shardgate coordinator migrate-store`: copy the state in `from` into
+/// the empty store `to`, epoch and all; returns what was copied. Run it with
+/// the coordinators stopped: a change made meanwhile would not come along.
+pub async fn migrate_store(
+    from: &StoreUrl,
+    to: &StoreUrl,
+    id: &str,
+) -> Result<state::Persisted, MigrateError> {
+    let state = match from {
+        StoreUrl::File(p) => FileStore::new(p.clone()).load().await?,
+        StoreUrl::Postgres(u) => PgStore::connect(u, id).await?.load().await?,
+        StoreUrl::Etcd(u) => {
+            EtcdStore::connect(u, id, Duration::from_secs(2))
+                .await?
+                .load()
+                .await?
+        }
+    }
+    .ok_or(MigrateError::Empty)?;
+    match to {
+        StoreUrl::File(p) => copy_into(&FileStore::new(p.clone()), &state).await?,
+        StoreUrl::Postgres(u) => copy_into(&PgStore::connect(u, id).await?, &state).await?,
+        StoreUrl::Etcd(u) => {
+            copy_into(
+                &EtcdStore::connect(u, id, Duration::from_secs(2)).await?,
+                &state,
+            )
+            .await?;
+        }
+    }
+    Ok(state)
+}
+
+/// Write `state` into `store`, only if it holds none.
+async fn copy_into<S: Store>(store: &S, state: &state::Persisted) -> Result<(), MigrateError> {
+    if let Some(existing) = store.load().await? {
+        return Err(MigrateError::NotEmpty(existing.map.cluster_epoch));
+    }
+    match store.commit(None, state).await? {
+        Commit::Won => Ok(()),
+        Commit::Lost => match store.load().await? {
+            Some(existing) => Err(MigrateError::NotEmpty(existing.map.cluster_epoch)),
+            None => Err(MigrateError::Empty),
+        },
+    }
+}
+
 /// Open the configured store and run until SIGTERM/SIGINT; SIGHUP reloads certificates.
 pub async fn run(
     cfg: CoordinatorConfig,
@@ -765,6 +849,14 @@ pub async fn run(
         }
         StoreUrl::Postgres(url) => {
             let store = PgStore::connect(&url, &cfg.id).await?;
+            let running = start(cfg, store).await?;
+            ready(running.http_addr, running.grpc_addr);
+            serve_until_stopped(&mut signals, &running).await;
+            running.coordinator.store().resign().await;
+            running.shutdown().await;
+        }
+        StoreUrl::Etcd(url) => {
+            let store = EtcdStore::connect(&url, &cfg.id, cfg.heartbeat_timeout).await?;
             let running = start(cfg, store).await?;
             ready(running.http_addr, running.grpc_addr);
             serve_until_stopped(&mut signals, &running).await;

@@ -15,6 +15,28 @@ pub enum StoreUrl {
     File(PathBuf),
     /// A PostgreSQL connection string.
     Postgres(String),
+    /// An etcd cluster and key prefix.
+    Etcd(super::store::EtcdUrl),
+}
+
+impl StoreUrl {
+    /// `file:PATH`, `postgres://...` or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`.
+    pub fn parse(s: &str) -> Result<StoreUrl, String> {
+        if let Some(path) = s.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err("file: needs a path".into());
+            }
+            Ok(StoreUrl::File(PathBuf::from(path)))
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(StoreUrl::Postgres(s.to_owned()))
+        } else if s.starts_with("etcd://") {
+            super::store::EtcdUrl::parse(s).map(StoreUrl::Etcd)
+        } else {
+            Err(format!(
+                "{s:?}: expected file:PATH, postgres://... or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"
+            ))
+        }
+    }
 }
 
 /// A validated coordinator configuration.

@@ -6,6 +6,7 @@
 //!   agents, a coordinator stand-in, throwaway PostgreSQL databases;
 //! - `netns`: hosts in network namespaces, for partitions of chosen links;
 //! - `relay`: a TCP relay that cuts, black-holes or delays one link;
+//! - `etcd`: a throwaway etcd cluster whose members a test kills and restarts;
 //! - `nodes`: a partition of replicated reference nodes and its coordinator;
 //! - `client`: the HTTP client, answers, SPEC error checks, polling;
 //! - `tls`: a throwaway PKI and real TLS clients (openssl, curl).
@@ -16,6 +17,7 @@
 
 mod client;
 mod cluster;
+mod etcd;
 mod netns;
 mod nodes;
 mod relay;
@@ -25,4 +27,6 @@ mod upstream;
 
 // Each test binary uses its own part of the support.
 #[allow(unused_imports)]
-pub(crate) use {client::*, cluster::*, netns::*, nodes::*, relay::*, topology::*, upstream::*};
+pub(crate) use {
+    client::*, cluster::*, etcd::*, netns::*, nodes::*, relay::*, topology::*, upstream::*,
+};

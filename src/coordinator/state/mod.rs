@@ -443,6 +443,15 @@ impl ClusterState {
         Ok((Command::Continue, persist))
     }
 
+    /// Forget what `node` was last told, so its next heartbeat is answered
+    /// REBALANCE again (after a claim on the shared store that could not be
+    /// made: better told twice than never).
+    pub fn forget_told(&mut self, node: &str) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.told = None;
+        }
+    }
+
     /// Whether `hb` may be recorded.
     ///
     /// A node id and its address are bound once known: a known node may move

@@ -3,10 +3,14 @@
 //! - `FileStore`: a local JSON state file, written atomically; one coordinator.
 //! - `PgStore`: PostgreSQL with the SPEC §4 schema; several coordinators share
 //!   it, one leads (advisory lock), promotions are compare-and-set on the epoch.
+//! - `EtcdStore`: etcd; several coordinators share it, one leads (a leased
+//!   key), and every change the leader makes is fenced by that key's revision.
 
+mod etcd;
 mod file;
 mod postgres;
 
+pub use etcd::{EtcdStore, EtcdUrl};
 pub use file::FileStore;
 pub use postgres::{PgStore, migrations};
 
@@ -38,9 +42,12 @@ pub enum StoreError {
     /// PostgreSQL refused or failed.
     #[error("postgres: {0}")]
     Postgres(#[from] tokio_postgres::Error),
-    /// Data in PostgreSQL breaks an invariant.
-    #[error("postgres data: {0}")]
+    /// Data in PostgreSQL or etcd breaks an invariant.
+    #[error("store data: {0}")]
     Data(String),
+    /// etcd refused, failed, or did not answer in time (no majority?).
+    #[error("etcd: {0}")]
+    Etcd(String),
 }
 
 /// Whether a compare-and-set commit won.
@@ -136,6 +143,13 @@ pub trait SharedStore: Send + Sync + 'static {
 
     /// Drop heartbeat history older than `retention`.
     fn prune(&self, retention: Duration) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Return when the shared state may have changed, or after `period`
+    /// at the latest: a store that can watch wakes followers at once, one
+    /// that cannot is polled every `period`.
+    fn changed(&self, period: Duration) -> impl Future<Output = ()> + Send {
+        tokio::time::sleep(period)
+    }
 }
 
 /// The shared duties of a store no other coordinator shares: there are

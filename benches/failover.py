@@ -15,7 +15,12 @@ writer that PUTs back to back through the proxy, kills the primary's process
 Detection is bounded by heartbeat_timeout (1 s here, agents beat every 0.2 s,
 sweep every 100 ms); the figures show what shardgate adds on top.
 
+With --store etcd://HOST:PORT[,...] the coordinator keeps its state in that
+etcd cluster (a fresh key prefix per round), with --store postgres://... on
+that server (a fresh database per round), instead of a state file.
+
 Usage: python3 benches/failover.py [--rounds 20] [--binary target/release/shardgate]
+                                   [--store etcd://127.0.0.1:2379,...|postgres://...] [--buffering off]
 """
 
 import argparse
@@ -44,7 +49,19 @@ def http(method, url, body=None, timeout=30):
 
 
 class Cluster:
-    def __init__(self, binary, buffering, env=None):
+    def store_url(self, store):
+        """A fresh, empty store for this round: a file, a new etcd key prefix,
+        or a new database on the PostgreSQL server `store` names."""
+        if not store:
+            return f"file:{self.dir}/state.json"
+        if store.startswith("postgres"):
+            name = f"failover_{os.getpid()}_{time.time_ns()}"
+            subprocess.run(["psql", store, "-qc", f"CREATE DATABASE {name}"], check=True)
+            return store.rsplit("/", 1)[0] + "/" + name
+        hosts = store.removeprefix("etcd://").split("/")[0]
+        return f"etcd://{hosts}/failover-{os.getpid()}-{time.time_ns()}"
+
+    def __init__(self, binary, buffering, env=None, store=None):
         self.dir = tempfile.mkdtemp(prefix="shardgate-failover-")
         self.procs = []
         self.binary = binary
@@ -57,7 +74,7 @@ class Cluster:
         self.coordinator = f"http://127.0.0.1:{chttp}"
         self.spawn("coordinator", [binary, "coordinator", "--http-listen", f"127.0.0.1:{chttp}",
                                    "--grpc-listen", f"127.0.0.1:{cgrpc}", "--topology", topo,
-                                   "--store", f"file:{self.dir}/state.json",
+                                   "--store", self.store_url(store),
                                    "--heartbeat-timeout", "1", "--sweep-interval", "0.1"])
         wait_port(chttp)
         for role, port in self.nodes.items():
@@ -96,9 +113,9 @@ class Cluster:
         stop_all([p for _, p in self.procs], self.dir)
 
 
-def one_round(binary, buffering, env=None):
+def one_round(binary, buffering, env=None, store=None):
     """One failover; `env` (default: this process's) is the cluster processes' environment."""
-    c = Cluster(binary, buffering, env)
+    c = Cluster(binary, buffering, env, store)
     try:
         writes = []  # (started, finished, status)
         stop = threading.Event()
@@ -157,18 +174,24 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/shardgate"))
+    ap.add_argument("--store", default=None,
+                    help="etcd://HOST:PORT[,...] or postgres://...: the coordinator's store (default a file)")
+    ap.add_argument("--buffering", choices=["both", "off", "on"], default="both")
     args = ap.parse_args()
     results = {}
-    for buffering in (False, True):
+    modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.buffering]
+    for buffering in modes:
         rows = []
         for r in range(args.rounds):
-            row = one_round(args.binary, buffering)
+            row = one_round(args.binary, buffering, store=args.store)
             rows.append(row)
             print(f"buffering={'on' if buffering else 'off'} round {r + 1}: "
                   + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   file=sys.stderr)
         results[buffering] = rows
-    print(f"\n{args.rounds} failovers per mode; heartbeat_timeout 1 s, agents every 0.2 s, sweep 0.1 s\n")
+    store = args.store.split(":")[0] if args.store else "file"
+    print(f"\n{args.rounds} failovers per mode, {store} store; heartbeat_timeout 1 s, agents every 0.2 s, "
+          "sweep 0.1 s\n")
     print("| buffering | detection (kill → new epoch) median / max | propagation coordinator → proxy median / max | write unavailability median / max | failed writes (total) |")
     print("|---|---:|---:|---:|---:|")
     for buffering, rows in results.items():

@@ -7,7 +7,9 @@
 //! (PostgreSQL's own CPU is not included). The PostgreSQL run needs a server:
 //! `SHARDGATE_BENCH_PG=postgres://user@127.0.0.1:port/postgres` (a database
 //! is created for the run and dropped after); without it only the file
-//! store is measured.
+//! store is measured. The etcd run needs a cluster:
+//! `SHARDGATE_BENCH_ETCD=etcd://127.0.0.1:2379,127.0.0.1:2381,127.0.0.1:2383`
+//! (a fresh key prefix is used for the run).
 //!
 //! With `SHARDGATE_BENCH_FORGED=N` the heartbeats instead come from N node
 //! ids the map does not know (what anyone reaching the gRPC port can send),
@@ -271,6 +273,15 @@ fn main() {
                     .await;
             }
             Err(_) => eprintln!("SHARDGATE_BENCH_PG not set: PostgreSQL store skipped"),
+        }
+        match std::env::var("SHARDGATE_BENCH_ETCD") {
+            Ok(cluster) => {
+                let hosts = cluster.trim_start_matches("etcd://").split('/').next().unwrap_or("");
+                let url = format!("etcd://{hosts}/bench-{}", std::process::id());
+                let dir = tempfile::tempdir().unwrap();
+                results.push(measure("etcd", &url, dir.path()).await);
+            }
+            Err(_) => eprintln!("SHARDGATE_BENCH_ETCD not set: etcd store skipped"),
         }
         let ids = match forged() {
             0 => format!("{NODES} node ids of the map"),

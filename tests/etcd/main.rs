@@ -25,45 +25,6 @@ async fn store(cluster: &EtcdCluster, prefix: &str, id: &str) -> EtcdStore {
         .unwrap()
 }
 
-async fn etcd_coordinator(
-    url: &str,
-    dir: &std::path::Path,
-    id: &str,
-    extra: &[&str],
-) -> BinCoordinator {
-    let topo = dir.join("map.json");
-    std::fs::write(&topo, two_partition_map(10)).unwrap();
-    let config = dir.join(format!("{id}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "[coordinator]\nid = \"{id}\"\nfailover_hold_down = \"1s\"\nadmin_token = \"s3cret\"\n"
-        ),
-    )
-    .unwrap();
-    let mut args = vec![
-        "--config",
-        config.to_str().unwrap(),
-        "--topology",
-        topo.to_str().unwrap(),
-        "--store",
-        url,
-    ];
-    args.extend_from_slice(&DETECTION_FLAGS);
-    args.extend_from_slice(extra);
-    BinCoordinator::spawn(&args).await
-}
-
-async fn is_leader(c: &BinCoordinator) -> bool {
-    let m = send(
-        &client(),
-        http::Request::get(c.url("/metrics")).body(empty()).unwrap(),
-    )
-    .await
-    .text();
-    m.lines().any(|l| l == "shardgate_coordinator_is_leader 1")
-}
-
 async fn put_map(c: &BinCoordinator, map: &str) -> Answer {
     let r =
         http::Request::put(c.url("/v1/cluster/topology")).header("authorization", "Bearer s3cret");
@@ -115,27 +76,11 @@ async fn two_coordinators_on_etcd_have_one_leader_and_hand_over_without_a_double
     let cluster = EtcdCluster::start(3).await;
     let url = cluster.url("handover");
     let dir = tempfile::tempdir().unwrap();
-    let a = etcd_coordinator(&url, dir.path(), "coord-a", &[]).await;
-    let b = etcd_coordinator(&url, dir.path(), "coord-b", &[]).await;
-    eventually(Duration::from_secs(10), "a leader is chosen", || async {
-        is_leader(&a).await || is_leader(&b).await
-    })
-    .await;
-    for _ in 0..10 {
-        let (la, lb) = (is_leader(&a).await, is_leader(&b).await);
-        assert!(la != lb, "leaders: a={la} b={lb}");
-    }
-    let (leader, follower) = if is_leader(&a).await { (a, b) } else { (b, a) };
-
+    let a = BinCoordinator::on_store(&url, dir.path(), "coord-a", &[]).await;
+    let b = BinCoordinator::on_store(&url, dir.path(), "coord-b", &[]).await;
+    let (leader, follower) = leader_and_follower(a, b).await;
     // Agents heartbeat to the follower; the leader hears them through etcd.
-    let mut agents = Vec::new();
-    for (id, ip) in [
-        ("p0-replica", "127.0.0.11:9000"),
-        ("p1-primary", "127.0.0.20:9000"),
-        ("p1-replica", "127.0.0.21:9000"),
-    ] {
-        agents.push(spawn_agent(follower.grpc, id, ip, "0.2", &[]).await);
-    }
+    let agents = agents_but_p0_primary(follower.grpc).await;
     // p0's primary never heartbeats: the leader promotes its replica, once.
     eventually(Duration::from_secs(20), "p0 failed over", || async {
         follower.epoch().await == 11
@@ -153,7 +98,7 @@ async fn two_coordinators_on_etcd_have_one_leader_and_hand_over_without_a_double
     // p1's nodes keep heartbeating and their liveness survived in etcd.
     leader.proc.kill().await;
     eventually(Duration::from_secs(15), "the follower leads", || async {
-        is_leader(&follower).await
+        follower.is_leader().await
     })
     .await;
     for _ in 0..20 {
@@ -221,9 +166,9 @@ async fn one_etcd_member_lost_changes_nothing_and_losing_the_majority_makes_chan
     let mut cluster = EtcdCluster::start(3).await;
     let url = cluster.url("majority");
     let dir = tempfile::tempdir().unwrap();
-    let c = etcd_coordinator(&url, dir.path(), "coord-a", &[]).await;
+    let c = BinCoordinator::on_store(&url, dir.path(), "coord-a", &[]).await;
     eventually(Duration::from_secs(10), "the coordinator leads", || async {
-        is_leader(&c).await
+        c.is_leader().await
     })
     .await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -294,17 +239,14 @@ async fn migrate_store_copies_a_file_stores_state_into_etcd_with_its_epoch() {
         c.proc.kill().await;
     }
     let to = cluster.url("migrated");
-    let out = std::process::Command::new(binary())
-        .args([
-            "coordinator",
-            "migrate-store",
-            "--from",
-            &format!("file:{}", file.display()),
-            "--to",
-            &to,
-        ])
-        .output()
-        .unwrap();
+    let from = format!("file:{}", file.display());
+    let migrate = || {
+        std::process::Command::new(binary())
+            .args(["coordinator", "migrate-store", "--from", &from, "--to", &to])
+            .output()
+            .unwrap()
+    };
+    let out = migrate();
     assert!(
         out.status.success(),
         "{}",
@@ -312,17 +254,7 @@ async fn migrate_store_copies_a_file_stores_state_into_etcd_with_its_epoch() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("epoch 11"));
     // A second copy over a store that holds state is refused.
-    let again = std::process::Command::new(binary())
-        .args([
-            "coordinator",
-            "migrate-store",
-            "--from",
-            &format!("file:{}", file.display()),
-            "--to",
-            &to,
-        ])
-        .output()
-        .unwrap();
+    let again = migrate();
     assert_eq!(
         again.status.code(),
         Some(1),
@@ -330,7 +262,7 @@ async fn migrate_store_copies_a_file_stores_state_into_etcd_with_its_epoch() {
         String::from_utf8_lossy(&again.stderr)
     );
 
-    let c = etcd_coordinator(&to, dir.path(), "coord-b", &[]).await;
+    let c = BinCoordinator::on_store(&to, dir.path(), "coord-b", &[]).await;
     assert_eq!(c.epoch().await, 11, "the epoch came along");
     let m = c.get_json("/v1/cluster/topology").await;
     let from_file: serde_json::Value =
@@ -341,7 +273,7 @@ async fn migrate_store_copies_a_file_stores_state_into_etcd_with_its_epoch() {
 /// A coordinator on a state file, for the migration's source.
 async fn etcd_free_coordinator(dir: &std::path::Path, file: &std::path::Path) -> BinCoordinator {
     let store = format!("file:{}", file.display());
-    etcd_coordinator(&store, dir, "coord-file", &[]).await
+    BinCoordinator::on_store(&store, dir, "coord-file", &[]).await
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -407,13 +339,13 @@ async fn leader_fault_round(cluster: &EtcdCluster, seed: u64) -> (usize, Vec<See
         }
         let hosts: Vec<String> = mine.iter().map(|r| r.addr.to_string()).collect();
         let url = format!("etcd://{}/round-{seed}", hosts.join(","));
-        coordinators.push(etcd_coordinator(&url, dir.path(), name, &[]).await);
+        coordinators.push(BinCoordinator::on_store(&url, dir.path(), name, &[]).await);
         relays.push(mine);
     }
     let mut leader = None;
     for _ in 0..200 {
         for (i, c) in coordinators.iter().enumerate() {
-            if is_leader(c).await {
+            if c.is_leader().await {
                 leader = Some(i);
             }
         }
@@ -444,14 +376,7 @@ async fn leader_fault_round(cluster: &EtcdCluster, seed: u64) -> (usize, Vec<See
             }
         }));
     }
-    let mut agents = Vec::new();
-    for (id, ip) in [
-        ("p0-replica", "127.0.0.11:9000"),
-        ("p1-primary", "127.0.0.20:9000"),
-        ("p1-replica", "127.0.0.21:9000"),
-    ] {
-        agents.push(spawn_agent(coordinators[follower].grpc, id, ip, "0.2", &[]).await);
-    }
+    let agents = agents_but_p0_primary(coordinators[follower].grpc).await;
     // The failover is due ~2-3 s in (2 s silence, 1 s hold-down): strike
     // before, during or after it.
     tokio::time::sleep(Duration::from_millis(rng.random_range(0..3500))).await;

@@ -3,7 +3,6 @@
 //! binary that cannot start leaves the old one serving.
 
 use super::support::*;
-use super::write_atomically;
 use http::Request;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -29,19 +28,7 @@ fn install(path: &Path, from: &Path) {
 }
 
 async fn start_installed(exe: &Path, upstream: SocketAddr, dir: &Path) -> BinProxy {
-    let map = dir.join("map.json");
-    write_atomically(&map, &topology(1, &[(upstream, vec![])]));
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.args([
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--topology",
-        map.to_str().unwrap(),
-    ]);
-    BinProxy::spawn_cmd(cmd).await
+    BinProxy::in_front_of(exe, dir, upstream, "").await
 }
 
 /// What the load saw.

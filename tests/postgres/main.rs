@@ -95,48 +95,11 @@ async fn migrations_create_the_spec_schema_and_are_idempotent() {
     assert_eq!(versions, [1, 2, 3]);
 }
 
-async fn pg_coordinator(
-    url: &str,
-    dir: &std::path::Path,
-    id: &str,
-    extra: &[&str],
-) -> BinCoordinator {
-    let topo = dir.join("map.json");
-    std::fs::write(&topo, two_partition_map(10)).unwrap();
-    let config = dir.join(format!("{id}.toml"));
-    std::fs::write(
-        &config,
-        format!("[coordinator]\nid = \"{id}\"\nfailover_hold_down = \"1s\"\n"),
-    )
-    .unwrap();
-    let mut args = vec![
-        "--config",
-        config.to_str().unwrap(),
-        "--topology",
-        topo.to_str().unwrap(),
-        "--store",
-        url,
-    ];
-    args.extend_from_slice(&DETECTION_FLAGS);
-    args.extend_from_slice(extra);
-    BinCoordinator::spawn(&args).await
-}
-
-async fn is_leader(c: &BinCoordinator) -> bool {
-    let m = send(
-        &client(),
-        http::Request::get(c.url("/metrics")).body(empty()).unwrap(),
-    )
-    .await
-    .text();
-    m.lines().any(|l| l == "shardgate_coordinator_is_leader 1")
-}
-
 #[tokio::test]
 async fn heartbeats_land_in_cluster_nodes_and_node_heartbeats_and_the_map_is_mirrored() {
     let url = pg_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let coord = pg_coordinator(&url, dir.path(), "coord-a", &[]).await;
+    let coord = BinCoordinator::on_store(&url, dir.path(), "coord-a", &[]).await;
     let mut grpc = coord.grpc_client().await;
     for _ in 0..3 {
         let r = grpc
@@ -199,28 +162,11 @@ async fn heartbeats_land_in_cluster_nodes_and_node_heartbeats_and_the_map_is_mir
 async fn two_coordinators_have_one_leader_and_hand_over_without_a_double_promotion() {
     let url = pg_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = pg_coordinator(&url, dir.path(), "coord-a", &[]).await;
-    let b = pg_coordinator(&url, dir.path(), "coord-b", &[]).await;
-    eventually(Duration::from_secs(10), "a leader is chosen", || async {
-        is_leader(&a).await || is_leader(&b).await
-    })
-    .await;
-    // Exactly one leads, every time we look.
-    for _ in 0..10 {
-        let (la, lb) = (is_leader(&a).await, is_leader(&b).await);
-        assert!(la != lb, "leaders: a={la} b={lb}");
-    }
-    let (leader, follower) = if is_leader(&a).await { (a, b) } else { (b, a) };
-
+    let a = BinCoordinator::on_store(&url, dir.path(), "coord-a", &[]).await;
+    let b = BinCoordinator::on_store(&url, dir.path(), "coord-b", &[]).await;
+    let (leader, follower) = leader_and_follower(a, b).await;
     // Agents heartbeat to the follower; the leader sees them through the store.
-    let mut agents = Vec::new();
-    for (id, ip) in [
-        ("p0-replica", "127.0.0.11:9000"),
-        ("p1-primary", "127.0.0.20:9000"),
-        ("p1-replica", "127.0.0.21:9000"),
-    ] {
-        agents.push(spawn_agent(follower.grpc, id, ip, "0.2", &[]).await);
-    }
+    let agents = agents_but_p0_primary(follower.grpc).await;
     // p0's primary never heartbeats: after the grace, the leader promotes its replica.
     eventually(Duration::from_secs(15), "p0 failed over", || async {
         follower.epoch().await == 11
@@ -238,7 +184,7 @@ async fn two_coordinators_have_one_leader_and_hand_over_without_a_double_promoti
     // The leader dies; the follower takes over, and does not promote again.
     leader.proc.kill().await;
     eventually(Duration::from_secs(15), "the follower leads", || async {
-        is_leader(&follower).await
+        follower.is_leader().await
     })
     .await;
     // A few sweeps under the new leader.
@@ -452,7 +398,7 @@ async fn beat_all(
 async fn a_promotion_is_served_only_once_it_is_committed() {
     let url = pg_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let coord = pg_coordinator(&url, dir.path(), "coord-a", &[]).await;
+    let coord = BinCoordinator::on_store(&url, dir.path(), "coord-a", &[]).await;
     let mut grpc = coord.grpc_client().await;
     let live = [
         ("p0-replica", "127.0.0.11:9000"),

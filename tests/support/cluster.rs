@@ -156,6 +156,33 @@ impl BinProxy {
         }
     }
 
+    /// `exe proxy` in front of `upstream` alone (a one-partition map, epoch
+    /// 1, in `dir`), with `config` as its config file; ephemeral ports.
+    pub(crate) async fn in_front_of(
+        exe: &Path,
+        dir: &Path,
+        upstream: SocketAddr,
+        config: &str,
+    ) -> BinProxy {
+        let map = dir.join("map.json");
+        std::fs::write(&map, super::topology(1, &[(upstream, vec![])])).unwrap();
+        let cfg = dir.join("proxy.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("proxy")
+            .arg("--config")
+            .arg(&cfg)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--topology",
+            ])
+            .arg(&map);
+        BinProxy::spawn_cmd(cmd).await
+    }
+
     pub(crate) fn pid(&self) -> i32 {
         self.child.id().unwrap() as i32
     }
@@ -320,6 +347,49 @@ impl BinCoordinator {
         BinCoordinator { proc, http, grpc }
     }
 
+    /// A coordinator of the two-partition test map (epoch 10) on `store`
+    /// (a file, PostgreSQL or etcd URL), with the test detection timings,
+    /// a one-second failover hold-down and the operator token `s3cret`.
+    pub(crate) async fn on_store(
+        store: &str,
+        dir: &Path,
+        id: &str,
+        extra: &[&str],
+    ) -> BinCoordinator {
+        let topo = dir.join("map.json");
+        std::fs::write(&topo, super::two_partition_map(10)).unwrap();
+        let config = dir.join(format!("{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[coordinator]\nid = \"{id}\"\nfailover_hold_down = \"1s\"\nadmin_token = \"s3cret\"\n"
+            ),
+        )
+        .unwrap();
+        let mut args = vec![
+            "--config",
+            config.to_str().unwrap(),
+            "--topology",
+            topo.to_str().unwrap(),
+            "--store",
+            store,
+        ];
+        args.extend_from_slice(&super::DETECTION_FLAGS);
+        args.extend_from_slice(extra);
+        BinCoordinator::spawn(&args).await
+    }
+
+    /// Whether it leads, by its own metric.
+    pub(crate) async fn is_leader(&self) -> bool {
+        let m = send(
+            &client(),
+            Request::get(self.url("/metrics")).body(empty()).unwrap(),
+        )
+        .await
+        .text();
+        m.lines().any(|l| l == "shardgate_coordinator_is_leader 1")
+    }
+
     pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.http, path)
     }
@@ -409,6 +479,37 @@ pub(crate) async fn spawn_agent(
     ];
     args.extend_from_slice(extra);
     BinProcess::spawn(&args, false).await
+}
+
+/// Two coordinators sharing a store, once one of them leads: (leader,
+/// follower). Exactly one leads every time they are asked, ten times over.
+pub(crate) async fn leader_and_follower(
+    a: BinCoordinator,
+    b: BinCoordinator,
+) -> (BinCoordinator, BinCoordinator) {
+    super::eventually(Duration::from_secs(10), "a leader is chosen", || async {
+        a.is_leader().await || b.is_leader().await
+    })
+    .await;
+    for _ in 0..10 {
+        let (la, lb) = (a.is_leader().await, b.is_leader().await);
+        assert!(la != lb, "leaders: a={la} b={lb}");
+    }
+    if a.is_leader().await { (a, b) } else { (b, a) }
+}
+
+/// Agents for every node of the two-partition test map but p0's primary,
+/// heartbeating to `grpc` every 0.2 s: p0 is due a failover.
+pub(crate) async fn agents_but_p0_primary(grpc: SocketAddr) -> Vec<BinProcess> {
+    let mut agents = Vec::new();
+    for (id, ip) in [
+        ("p0-replica", "127.0.0.11:9000"),
+        ("p1-primary", "127.0.0.20:9000"),
+        ("p1-replica", "127.0.0.21:9000"),
+    ] {
+        agents.push(spawn_agent(grpc, id, ip, "0.2", &[]).await);
+    }
+    agents
 }
 
 /// A coordinator stand-in that serves whatever map a test sets, so the

@@ -397,24 +397,12 @@ async fn the_coordinator_exports_its_metrics_and_they_pass_promtool() {
 async fn the_access_log_keeps_every_error_and_about_the_configured_share_of_successes() {
     let up = Upstream::start("p").await;
     let dir = tempfile::tempdir().unwrap();
-    let map = dir.path().join("map.json");
-    std::fs::write(&map, topology(1, &[(up.addr, vec![])])).unwrap();
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
+    let proxy = BinProxy::in_front_of(
+        &binary(),
+        dir.path(),
+        up.addr,
         "[log]\nformat = \"json\"\naccess_log_sample = 0.1\n",
     )
-    .unwrap();
-    let proxy = BinProxy::spawn(&[
-        "--config",
-        config.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--topology",
-        map.to_str().unwrap(),
-    ])
     .await;
     let c = client();
     let url = format!("http://{}/kv/a", proxy.addr);

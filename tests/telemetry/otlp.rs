@@ -185,27 +185,10 @@ async fn proxy_exporting_to(
     up: &Upstream,
     dir: &std::path::Path,
 ) -> BinProxy {
-    let map = dir.join("map.json");
-    std::fs::write(&map, topology(1, &[(up.addr, vec![])])).unwrap();
-    let config = dir.join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[log]\naccess_log_sample = 0.0\n[telemetry]\notlp_endpoint = \"http://{endpoint}\"\n"
-        ),
-    )
-    .unwrap();
-    BinProxy::spawn(&[
-        "--config",
-        config.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--topology",
-        map.to_str().unwrap(),
-    ])
-    .await
+    let config = format!(
+        "[log]\naccess_log_sample = 0.0\n[telemetry]\notlp_endpoint = \"http://{endpoint}\"\n"
+    );
+    BinProxy::in_front_of(&binary(), dir, up.addr, &config).await
 }
 
 async fn get_traced(url: &str, key: &str, traceparent: Option<&str>) -> Answer {

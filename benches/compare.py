@@ -254,17 +254,22 @@ def measure(args, ports, by_name, scheme, title, close):
     sys.stdout.flush()
 
 
-def job(work, ups, ports, admin, builds, scheme="http", ng_tls="", hap_tls="", sg_tls="", h2=False):
+def job(work, ups, ports, admin, builds, scheme="http", ng_tls="", hap_tls="", sg_tls="", h2=False,
+        up_location='return 200 "ok\\n";', ng_extra="", up_extra=""):
     """The same job for every proxy: the upstream's argv, and (name, argv) per proxy.
 
     Each proxy routes by the hash of `x-shard-key` to one of the `ups` ports
     over pooled keep-alive connections and adds the usual forwarding headers;
-    `builds` names the shardgate binaries to run.
+    `builds` names the shardgate binaries to run. `up_location` is what the
+    upstream nginx does with a request (`up_extra`: more of its servers);
+    `ng_extra` goes into the proxying nginx's location (benches/bodies.py
+    streams large bodies with them).
     """
     tls = bool(ng_tls)
     listen = "\n".join(f"listen 127.0.0.1:{p};" for p in ups)
     up_conf = nginx_conf(work, "upstream", f"""
-  server {{ {listen} location / {{ return 200 "ok\\n"; }} }}""")
+  server {{ {listen} location / {{ {up_location} }} }}
+  {up_extra}""")
     upstream = ["nginx", "-c", up_conf, "-p", work]
 
     servers = "\n".join(f"server 127.0.0.1:{p};" for p in ups)
@@ -285,6 +290,7 @@ def job(work, ups, ports, admin, builds, scheme="http", ng_tls="", hap_tls="", s
       proxy_set_header Host $host;
       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
       proxy_set_header X-Forwarded-Proto $scheme;
+      {ng_extra}
     }}
   }}""")
     proxies = [("nginx", ["nginx", "-c", ng_conf, "-p", work])]
@@ -346,9 +352,9 @@ class Bench:
         self.admin = {"shardgate": free_port(), "baseline": free_port()}
         self.builds = [("shardgate", binary)] + ([("baseline", baseline)] if baseline else [])
 
-    def job(self):
+    def job(self, **kw):
         """compare.py's job over these ports: (upstream argv, [(name, argv)])."""
-        return job(self.work, self.ups, self.ports, self.admin, self.builds)
+        return job(self.work, self.ups, self.ports, self.admin, self.builds, **kw)
 
     def each_proxy(self, upstream_argv, proxies, only, measure):
         """Start the upstream (CPU 1), then each proxy in turn (CPU 0, one at

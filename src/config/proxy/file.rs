@@ -410,7 +410,12 @@ pub struct UpstreamSection {
 impl Default for UpstreamSection {
     fn default() -> Self {
         UpstreamSection {
-            pool_max_idle: 64,
+            // Below the requests in flight to one node, every answer beyond
+            // the cap closes a connection the next request reopens: with 512
+            // HTTP/2 streams in flight a cap of 64 doubled the CPU per request
+            // (benches/compare.py --h2). Idle ones still go after
+            // pool_idle_timeout, and HAProxy and Envoy set no cap at all.
+            pool_max_idle: 1024,
             pool_idle_timeout: Duration::from_secs(30),
             tls: false,
             tls_ca: String::new(),

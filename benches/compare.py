@@ -31,6 +31,13 @@ CPU 1 opens --connections/4 connections with 32 concurrent streams each
 still speaks HTTP/1.1 to the upstream. p50/p99 come from h2load's
 per-request log.
 
+With --spread each proxy runs as it ships, on both cores: shardgate with
+`workers = 0` (a thread per core), nginx with 2 worker processes, HAProxy
+with `nbthread 2`; nothing is pinned, and wrk (2 threads) and the upstream
+share the same two cores. As load generator and proxy then compete for the
+same CPUs, CPU per request is also reported for the whole box (/proc/stat,
+every CPU, everything running), beside the proxy's own.
+
 With --baseline PATH a second shardgate build (e.g. the previous commit's)
 runs as "baseline" in the same interleaved rounds, so a change is judged by a
 ratio measured side by side, not against numbers from another run.
@@ -54,6 +61,15 @@ import tempfile
 from benchlib import ROOT, free_port, self_signed_cert, wait_port, write_topology
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def box_cpu_seconds():
+    """Busy CPU seconds of the whole machine so far, every CPU (/proc/stat:
+    all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]
+    return busy / CLK_TCK
 
 
 def cpu_seconds(pids):
@@ -118,13 +134,13 @@ class Proc:
                 self.p.wait()
 
 
-def nginx_conf(work, name, body):
+def nginx_conf(work, name, body, workers=1):
     path = os.path.join(work, f"{name}.conf")
     with open(path, "w") as f:
         f.write(f"""
-worker_processes 1;
+worker_processes {workers};
 daemon off;
-master_process off;
+master_process {"off" if workers == 1 else "on"};
 pid {work}/{name}.pid;
 error_log {work}/{name}.err warn;
 events {{ worker_connections 8192; }}
@@ -142,14 +158,16 @@ http {{
     return path
 
 
-def run_wrk(port, seconds, connections, scheme="http", close=False, script=None):
-    """wrk on CPU 1 against 127.0.0.1:`port`, keyed; `script` a wrk Lua
-    script (another method, a body). (requests, req/s, p50 µs, p99 µs)."""
+def run_wrk(port, seconds, connections, scheme="http", close=False, script=None, spread=False):
+    """wrk on CPU 1 (with `spread`: two threads, anywhere) against
+    127.0.0.1:`port`, keyed; `script` a wrk Lua script (another method, a
+    body). (requests, req/s, p50 µs, p99 µs)."""
     extra = ["-H", "Connection: close"] if close else []
     if script:
         extra += ["-s", script]
+    where = ["wrk", "-t2"] if spread else ["taskset", "-c", "1", "wrk", "-t1"]
     out = subprocess.run(
-        ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+        [*where, f"-c{connections}", f"-d{seconds}s", "--latency",
          "-H", "x-shard-key: user:42", *extra, f"{scheme}://127.0.0.1:{port}/kv/user:42"],
         capture_output=True, text=True, timeout=seconds + 30,
     ).stdout
@@ -193,7 +211,7 @@ def measure(args, ports, by_name, scheme, title, close):
     def run(port, seconds):
         if args.h2:
             return run_h2load(port, seconds, args.connections // 4)
-        return run_wrk(port, seconds, args.connections, scheme, close)
+        return run_wrk(port, seconds, args.connections, scheme, close, spread=args.spread)
 
     for name, port in ports.items():  # warm up pools and caches
         run(port, 2)
@@ -204,14 +222,16 @@ def measure(args, ports, by_name, scheme, title, close):
         for name, port in order[r % len(order):] + order[: r % len(order)]:
             pids = by_name[name].pids()
             u0, s0, c0 = cpu_seconds(pids)
+            box0 = box_cpu_seconds()
             reqs, rps, p50, p99 = run(port, args.seconds)
             u1, s1, c1 = cpu_seconds(pids)
+            box_us = (box_cpu_seconds() - box0) * 1e6 / reqs
             cpu_us = (c1 - c0) * 1e6 / reqs
             ticks = (u1 - u0) + (s1 - s0)
             user_share = (u1 - u0) / ticks if ticks else 0.0
             user_us = cpu_us * user_share
             sys_us = cpu_us - user_us
-            results[name].append((rps, p50, p99, user_us + sys_us, user_us, sys_us))
+            results[name].append((rps, p50, p99, user_us + sys_us, user_us, sys_us, box_us))
             print(f"{title}: round {r + 1} {name:9} {rps:10.0f} req/s  p50 {p50:7.0f}us  p99 {p99:7.0f}us  "
                   f"cpu {user_us + sys_us:5.1f}us/req (user {user_us:4.1f}, sys {sys_us:4.1f})",
                   file=sys.stderr)
@@ -227,14 +247,17 @@ def measure(args, ports, by_name, scheme, title, close):
 
     load = (f"h2load with {args.connections // 4} HTTP/2 connections × 32 streams" if args.h2
             else f"wrk with {args.connections} connections")
-    print(f"\n{scheme}, {title}: {args.rounds} interleaved rounds of {args.seconds}s, {load}, "
-          "proxy pinned to CPU 0 (1 worker), load + upstream on CPU 1; medians\n")
-    print("| proxy | req/s | vs best peer | p50 | p99 | CPU µs/req | user | sys | CPU vs best peer |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    where = ("each proxy on both cores as it ships (shardgate workers = 0, nginx 2 workers, HAProxy "
+             "nbthread 2), wrk (2 threads) and upstream sharing them" if args.spread
+             else "proxy pinned to CPU 0 (1 worker), load + upstream on CPU 1")
+    print(f"\n{scheme}, {title}: {args.rounds} interleaved rounds of {args.seconds}s, {load}, {where}; medians\n")
+    print("| proxy | req/s | vs best peer | p50 | p99 | CPU µs/req | user | sys | CPU vs best peer "
+          "| whole box µs/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in [n for n in ["nginx", "haproxy", "baseline", "shardgate"] if n in med]:
-        rps, p50, p99, cpu, user, system = med[n]
+        rps, p50, p99, cpu, user, system, box = med[n]
         print(f"| {n} | {rps:,.0f} | {vs(rps, best_rps)} | {p50:.0f} µs | {p99:.0f} µs | {cpu:.1f} | {user:.1f} "
-              f"| {system:.1f} | {vs(cpu, best_cpu)} |")
+              f"| {system:.1f} | {vs(cpu, best_cpu)} | {box:.1f} |")
     # Adjacent runs share the machine's state; on a noisy host their ratio is
     # steadier than a ratio of medians taken minutes apart.
     def per_round(label, ours, theirs):
@@ -255,7 +278,7 @@ def measure(args, ports, by_name, scheme, title, close):
 
 
 def job(work, ups, ports, admin, builds, scheme="http", ng_tls="", hap_tls="", sg_tls="", h2=False,
-        up_location='return 200 "ok\\n";', ng_extra="", up_extra=""):
+        up_location='return 200 "ok\\n";', ng_extra="", up_extra="", spread=False):
     """The same job for every proxy: the upstream's argv, and (name, argv) per proxy.
 
     Each proxy routes by the hash of `x-shard-key` to one of the `ups` ports
@@ -292,14 +315,14 @@ def job(work, ups, ports, admin, builds, scheme="http", ng_tls="", hap_tls="", s
       proxy_set_header X-Forwarded-Proto $scheme;
       {ng_extra}
     }}
-  }}""")
+  }}""", workers=2 if spread else 1)
     proxies = [("nginx", ["nginx", "-c", ng_conf, "-p", work])]
 
     hap = os.path.join(work, "haproxy.cfg")
     with open(hap, "w") as f:
         f.write(f"""
 global
-  nbthread 1
+  nbthread {2 if spread else 1}
   maxconn 4096
 defaults
   mode http
@@ -326,7 +349,7 @@ backend shards
 [server]
 listen = "127.0.0.1:{ports[name]}"
 admin_listen = "127.0.0.1:{admin[name]}"
-workers = 1
+workers = {0 if spread else 1}
 [topology]
 sources = ["{topo}"]
 [upstream]
@@ -390,7 +413,11 @@ def main():
                     help="also run a new connection per request (always on with --tls)")
     ap.add_argument("--baseline", default=None, help="another shardgate binary to measure beside this one")
     ap.add_argument("--h2", action="store_true", help="clients speak HTTP/2 (h2load, many streams per connection)")
+    ap.add_argument("--spread", action="store_true",
+                    help="every proxy on both cores as it ships (shardgate workers = 0), nothing pinned")
     args = ap.parse_args()
+    if args.spread and args.h2:
+        sys.exit("--spread measures HTTP/1.1 with wrk")
     if args.h2 and (args.tls or args.close):
         sys.exit("--h2 measures clear-text HTTP/2 keep-alive only")
     if not os.path.exists(args.binary):
@@ -416,10 +443,11 @@ def main():
     scheme = "https" if args.tls else "http"
     builds = [("shardgate", args.binary)] + ([("baseline", args.baseline)] if args.baseline else [])
     try:
-        upstream, proxies = job(work, ups, ports, admin, builds, scheme, ng_tls, hap_tls, sg_tls, args.h2)
-        procs.append(Proc("upstream", upstream, work, cpu=1))
+        upstream, proxies = job(work, ups, ports, admin, builds, scheme, ng_tls, hap_tls, sg_tls, args.h2,
+                                spread=args.spread)
+        procs.append(Proc("upstream", upstream, work, cpu=None if args.spread else 1))
         for name, argv in proxies:
-            procs.append(Proc(name, argv, work, cpu=0))
+            procs.append(Proc(name, argv, work, cpu=None if args.spread else 0))
         for p in list(ports.values()) + ups:
             wait_port(p)
 

@@ -31,3 +31,4 @@ pub mod telemetry;
 pub mod tls;
 pub mod topology;
 pub mod upstream;
+pub mod workers;

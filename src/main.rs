@@ -122,16 +122,34 @@ fn run_proxy(args: &cli::ProxyArgs) -> ExitCode {
     shardgate::telemetry::init_logging(&config.log.level, config.log.format);
     // Each client connection may take an upstream one too.
     open_files_for(config.runtime.limits.max_connections.saturating_mul(2));
-    let rt = match runtime(config.server.workers) {
+    // The main thread's runtime accepts, follows the coordinators and
+    // serves the admin listener; with more than one worker, connections are
+    // served on worker threads with a runtime each (see `shardgate::workers`).
+    let n = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        n => n,
+    };
+    let rt = match runtime(1) {
         Ok(rt) => rt,
         Err(code) => return code,
+    };
+    let workers = if n > 1 {
+        match shardgate::workers::Workers::start(n) {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("cannot start the worker threads: {e}");
+                return ExitCode::from(Exit::Runtime as u8);
+            }
+        }
+    } else {
+        shardgate::workers::Workers::none()
     };
     let reread: Option<shardgate::proxy::Reread> = args.config.clone().map(|path| {
         let reread: shardgate::proxy::Reread =
             Arc::new(move || ProxyConfig::load(Some(&path), &overrides).map_err(Into::into));
         reread
     });
-    let result = rt.block_on(shardgate::proxy::run(config, reread, |running| {
+    let result = rt.block_on(shardgate::proxy::run(config, reread, workers, |running| {
         // Tests and scripts wait for this line to learn the bound ports.
         let mut out = std::io::stdout().lock();
         let _ = writeln!(

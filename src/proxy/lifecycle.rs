@@ -12,6 +12,7 @@ use crate::signals::{Signal, SignalError, Signals};
 use crate::telemetry::{Metrics, names};
 use crate::tls::{ALPN_H1, ALPN_H2_H1, Terminator, TlsError};
 use crate::topology::{TopologyFileError, read_topology_file};
+use crate::workers::Workers;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -89,14 +90,15 @@ struct Reloadable {
 
 /// Bind, load the initial map and start serving.
 pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
-    start_with(config, None).await
+    start_with(config, None, Arc::new(Workers::none())).await
 }
 
 /// Start serving on `inherited` listeners (a binary upgrade's successor), or
-/// on newly bound ones.
+/// on newly bound ones; client connections are served by `workers`.
 async fn start_with(
     config: ProxyConfig,
     inherited: Option<Listeners>,
+    workers: Arc<Workers>,
 ) -> Result<RunningProxy, StartError> {
     let ((listener, addr), (admin, admin_addr)) = match inherited {
         Some(l) => (adopt(l.client)?, adopt(l.admin)?),
@@ -179,6 +181,7 @@ async fn start_with(
             listener,
             config.server.clone(),
             tls.clone(),
+            workers,
             shutdown.clone(),
         )),
         tokio::spawn(admin::serve(
@@ -395,6 +398,7 @@ async fn finished<T>(job: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::
 pub async fn run(
     config: ProxyConfig,
     reread: Option<Reread>,
+    workers: Workers,
     ready: impl FnOnce(&RunningProxy),
 ) -> Result<(), StartError> {
     let mut signals = Signals::proxy()?;
@@ -405,11 +409,8 @@ pub async fn run(
     // The successor must be serving within the time it may wait for a first
     // map, and then some.
     let upgrade_within = config.watch.startup_wait + Duration::from_secs(10);
-    let running = start_with(
-        config,
-        inherited.as_mut().and_then(Inherited::take_listeners),
-    )
-    .await?;
+    let listeners = inherited.as_mut().and_then(Inherited::take_listeners);
+    let running = start_with(config, listeners, Arc::new(workers)).await?;
     ready(&running);
     if let Some(predecessor) = inherited
         && let Err(e) = predecessor.serving()

@@ -9,6 +9,7 @@ use super::stall::StreamExecutor;
 use crate::json_error::JsonError;
 use crate::server::{Accepted, Drain, DrainWatcher, accept_loop};
 use crate::tls::{HandshakeError, Terminator};
+use crate::workers::Workers;
 use http::StatusCode;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -49,12 +50,14 @@ pub struct ServerConfig {
 /// beyond this many at once they are simply closed.
 const OVERLOAD_RESPONDERS: usize = 64;
 
-/// Serve until `shutdown`, then drain for up to the grace period.
+/// Serve until `shutdown`, then drain for up to the grace period; each
+/// connection is served on the next of `workers` (or here, without any).
 pub(super) async fn serve(
     proxy: Arc<Proxy>,
     listener: TcpListener,
     cfg: ServerConfig,
     tls: Option<Arc<Terminator>>,
+    workers: Arc<Workers>,
     shutdown: CancellationToken,
 ) {
     let snapshot = proxy.live.snapshot();
@@ -116,12 +119,29 @@ pub(super) async fn serve(
             match &tls {
                 None => {
                     let head_by = Instant::now() + timeouts.header_read;
-                    tokio::spawn(conn.wait(stream, head_by));
+                    if workers.any() {
+                        // Off this runtime's reactor, onto the worker's.
+                        if let Ok(stream) = stream.into_std() {
+                            workers.spawn(async move {
+                                if let Ok(stream) = TcpStream::from_std(stream) {
+                                    conn.wait(stream, head_by).await;
+                                }
+                            });
+                        }
+                    } else {
+                        tokio::spawn(conn.wait(stream, head_by));
+                    }
                 }
                 Some(tls) => {
                     let tls = tls.clone();
                     let shutdown = shutdown.clone();
-                    tokio::spawn(async move {
+                    let Ok(stream) = stream.into_std() else {
+                        return;
+                    };
+                    workers.spawn(async move {
+                        let Ok(stream) = TcpStream::from_std(stream) else {
+                            return;
+                        };
                         let accepted = tokio::select! {
                             () = shutdown.cancelled() => None,
                             r = tls.accept(stream) => Some(r),

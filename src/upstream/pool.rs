@@ -165,12 +165,18 @@ struct Idle {
     since: Instant,
 }
 
+/// Shards of a pool: one per worker thread (`crate::workers`), so a request
+/// reuses connections its own worker opened and polls, and workers never
+/// contend for one lock. Workers beyond this share shards.
+const SHARDS: usize = 16;
+
 /// The idle connections to one upstream.
 pub struct Pool {
     addr: SocketAddr,
     settings: PoolSettings,
     tls: Option<Arc<Connector>>,
-    idle: Mutex<Vec<Idle>>,
+    /// Idle connections by worker (`max_idle` is per shard).
+    idle: [Mutex<Vec<Idle>>; SHARDS],
 }
 
 impl Pool {
@@ -180,17 +186,22 @@ impl Pool {
             addr,
             settings,
             tls,
-            idle: Mutex::new(Vec::new()),
+            idle: std::array::from_fn(|_| Mutex::new(Vec::new())),
         }
     }
 
+    /// This worker's shard.
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+        self.shard(crate::workers::current() % SHARDS)
+    }
+
+    fn shard(&self, i: usize) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.idle[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Idle connections currently held.
     pub fn idle_count(&self) -> usize {
-        self.lock().len()
+        (0..SHARDS).map(|i| self.shard(i).len()).sum()
     }
 
     /// A connection ready for a request: the most recently used idle one that
@@ -294,7 +305,9 @@ impl Pool {
     /// Drop idle connections past their idle timeout (called periodically).
     pub fn evict_expired(&self) {
         let timeout = self.settings.idle_timeout;
-        self.lock()
-            .retain(|i| !i.conn.sender.is_closed() && i.since.elapsed() < timeout);
+        for i in 0..SHARDS {
+            self.shard(i)
+                .retain(|i| !i.conn.sender.is_closed() && i.since.elapsed() < timeout);
+        }
     }
 }

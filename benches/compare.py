@@ -221,11 +221,14 @@ def measure(args, ports, by_name, scheme, title, close):
         # right after the same neighbour.
         for name, port in order[r % len(order):] + order[: r % len(order)]:
             pids = by_name[name].pids()
+            up_pids = by_name["upstream"].pids()
             u0, s0, c0 = cpu_seconds(pids)
+            up0 = cpu_seconds(up_pids)[2]
             box0 = box_cpu_seconds()
             reqs, rps, p50, p99 = run(port, args.seconds)
             u1, s1, c1 = cpu_seconds(pids)
             box_us = (box_cpu_seconds() - box0) * 1e6 / reqs
+            up_us = (cpu_seconds(up_pids)[2] - up0) * 1e6 / reqs
             cpu_us = (c1 - c0) * 1e6 / reqs
             ticks = (u1 - u0) + (s1 - s0)
             user_share = (u1 - u0) / ticks if ticks else 0.0
@@ -233,7 +236,8 @@ def measure(args, ports, by_name, scheme, title, close):
             sys_us = cpu_us - user_us
             results[name].append((rps, p50, p99, user_us + sys_us, user_us, sys_us, box_us))
             print(f"{title}: round {r + 1} {name:9} {rps:10.0f} req/s  p50 {p50:7.0f}us  p99 {p99:7.0f}us  "
-                  f"cpu {user_us + sys_us:5.1f}us/req (user {user_us:4.1f}, sys {sys_us:4.1f})",
+                  f"cpu {user_us + sys_us:5.1f}us/req (user {user_us:4.1f}, sys {sys_us:4.1f}), "
+                  f"upstream {up_us:5.1f}us/req, whole box {box_us:5.1f}us/req",
                   file=sys.stderr)
 
     med = {n: [statistics.median(col) for col in zip(*rows)] for n, rows in results.items()}

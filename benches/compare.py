@@ -38,6 +38,12 @@ share the same two cores. As load generator and proxy then compete for the
 same CPUs, CPU per request is also reported for the whole box (/proc/stat,
 every CPU, everything running), beside the proxy's own.
 
+With --rate the comparison is at equal load rather than at saturation: nginx's
+saturation rate is measured first (wrk, as above), then oha (CPU 1) sends a
+fixed rate, open loop with latency correction (a late response also delays
+the requests meant to go after it, as wrk2 counts), at 50 % and 80 % of it
+to each proxy: p50, p99 and p99.9, and CPU per request. `cargo install oha`.
+
 With --baseline PATH a second shardgate build (e.g. the previous commit's)
 runs as "baseline" in the same interleaved rounds, so a change is judged by a
 ratio measured side by side, not against numbers from another run.
@@ -202,6 +208,44 @@ def run_h2load(port, seconds, connections, streams=32):
     rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
     lat = sorted(int(r[2]) for r in rows)
     return reqs, rps, lat[len(lat) // 2], lat[min(len(lat) - 1, len(lat) * 99 // 100)]
+
+
+def run_oha(port, seconds, connections, rate):
+    """oha on CPU 1: `rate` requests per second, open loop, keyed, over
+    `connections` keep-alive connections. (requests, req/s, p50, p99, p99.9 µs)."""
+    out = subprocess.run(
+        ["taskset", "-c", "1", "oha", "--no-tui", "--output-format", "json", "--latency-correction",
+         "-z", f"{seconds}s", "-q", str(rate), "-c", str(connections), "-H", "x-shard-key: user:42",
+         f"http://127.0.0.1:{port}/kv/user:42"],
+        capture_output=True, text=True, timeout=seconds + 60, check=True,
+    ).stdout
+    import json
+    r = json.loads(out)
+    codes = r.get("statusCodeDistribution", {})
+    if set(codes) - {"200"} or r["summary"]["successRate"] < 1.0:
+        raise RuntimeError(f"failures during run: {codes} {r['summary']}")
+    lat = r["latencyPercentiles"]
+    reqs = sum(codes.values())
+    return reqs, r["summary"]["requestsPerSec"], lat["p50"] * 1e6, lat["p99"] * 1e6, lat["p99.9"] * 1e6
+
+
+def measure_rate(args, ports, by_name):
+    """p50/p99/p99.9 at 50 % and 80 % of nginx's saturation rate."""
+    _, saturation, _, _ = run_wrk(ports["nginx"], args.seconds, args.connections)
+    print(f"nginx saturates at {saturation:,.0f} req/s (wrk, {args.connections} connections)", file=sys.stderr)
+    print(f"\nFixed rate, open loop (oha, latency-corrected, {args.connections} connections, {args.seconds}s); "
+          f"nginx's saturation rate {saturation:,.0f} req/s; proxy pinned to CPU 0, oha + upstream on CPU 1\n")
+    print("| load | proxy | req/s | p50 | p99 | p99.9 | CPU µs/req |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for share in (0.5, 0.8):
+        rate = int(saturation * share)
+        for name, port in ports.items():
+            pids = by_name[name].pids()
+            c0 = cpu_seconds(pids)[2]
+            reqs, rps, p50, p99, p999 = run_oha(port, args.seconds, args.connections, rate)
+            cpu = (cpu_seconds(pids)[2] - c0) * 1e6 / reqs
+            print(f"| {share:.0%} | {name} | {rps:,.0f} | {p50:.0f} µs | {p99:.0f} µs | {p999:.0f} µs | {cpu:.1f} |")
+            sys.stdout.flush()
 
 
 def measure(args, ports, by_name, scheme, title, close):
@@ -417,11 +461,15 @@ def main():
                     help="also run a new connection per request (always on with --tls)")
     ap.add_argument("--baseline", default=None, help="another shardgate binary to measure beside this one")
     ap.add_argument("--h2", action="store_true", help="clients speak HTTP/2 (h2load, many streams per connection)")
+    ap.add_argument("--rate", action="store_true",
+                    help="latency at 50 % and 80 % of nginx's saturation rate, open loop (oha)")
     ap.add_argument("--spread", action="store_true",
                     help="every proxy on both cores as it ships (shardgate workers = 0), nothing pinned")
     args = ap.parse_args()
     if args.spread and args.h2:
         sys.exit("--spread measures HTTP/1.1 with wrk")
+    if args.rate and (args.tls or args.h2 or args.spread or args.close):
+        sys.exit("--rate measures clear-text keep-alive, pinned")
     if args.h2 and (args.tls or args.close):
         sys.exit("--h2 measures clear-text HTTP/2 keep-alive only")
     if not os.path.exists(args.binary):
@@ -460,6 +508,9 @@ def main():
         by_name = {p.name: p for p in procs}
         per_conn = "new TLS connection per request" if args.tls else "new connection per request"
         workloads = [("HTTP/2 keep-alive" if args.h2 else "keep-alive", False)] + ([(per_conn, True)] if args.tls or args.close else [])
+        if args.rate:
+            measure_rate(args, ports, by_name)
+            return
         for title, close in workloads:
             measure(args, ports, by_name, scheme, title, close)
     finally:

@@ -12,11 +12,45 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-/// A copy of the real binary in `dir`, to be replaced as an operator would.
-fn installed_binary(dir: &Path) -> PathBuf {
-    let path = dir.join("shardgate");
-    std::fs::copy(binary(), &path).unwrap();
-    path
+/// A copy of the real binary in a directory of the test's own, to be
+/// replaced as an operator would. Dropped (even by a failing test), it
+/// stops every process still running from that path: successors the test
+/// did not start itself, found by their exact `argv[0]` and stopped by PID.
+struct Installed {
+    exe: PathBuf,
+}
+
+impl Installed {
+    fn new(dir: &Path) -> Installed {
+        let exe = dir.join("shardgate");
+        std::fs::copy(binary(), &exe).unwrap();
+        Installed { exe }
+    }
+
+    fn running(&self) -> Vec<i32> {
+        let argv0 = self.exe.as_os_str().as_encoded_bytes();
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                    .filter(|pid| {
+                        std::fs::read(format!("/proc/{pid}/cmdline"))
+                            .is_ok_and(|c| c.split(|b| *b == 0).next() == Some(argv0))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        for pid in self.running() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
 }
 
 /// Install `contents` at `path` the way package managers do: a new file
@@ -161,7 +195,8 @@ async fn stop_by_pid(pid: i32) {
 async fn sigusr2_hands_the_listeners_to_the_new_binary_under_load_without_a_failed_request() {
     let up = Upstream::start("up").await;
     let dir = tempfile::tempdir().unwrap();
-    let exe = installed_binary(dir.path());
+    let installed = Installed::new(dir.path());
+    let exe = installed.exe.clone();
     let mut old = start_installed(&exe, up.addr, dir.path()).await;
     let old_pid = old.pid();
 
@@ -220,7 +255,8 @@ async fn sigusr2_hands_the_listeners_to_the_new_binary_under_load_without_a_fail
 async fn a_new_binary_that_cannot_start_leaves_the_old_one_serving() {
     let up = Upstream::start("up").await;
     let dir = tempfile::tempdir().unwrap();
-    let exe = installed_binary(dir.path());
+    let installed = Installed::new(dir.path());
+    let exe = installed.exe.clone();
     let mut old = start_installed(&exe, up.addr, dir.path()).await;
     let url = format!("http://{}/kv/x", old.addr);
 

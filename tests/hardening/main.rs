@@ -338,8 +338,10 @@ async fn an_idle_keep_alive_connection_costs_little_more_than_its_socket() {
     const PER_IDLE_CLIENT: u64 = 2048;
     let up = Upstream::start("node").await;
     let dir = tempfile::tempdir().unwrap();
+    // The clients connect first and send one by one: on a loaded machine the
+    // last may wait longer than the default header-read deadline to send.
     let limits = format!(
-        "[limits]\nmax_connections = {}\nidle_timeout = \"300s\"\n",
+        "[limits]\nmax_connections = {}\nidle_timeout = \"300s\"\nheader_read_timeout = \"300s\"\n",
         CLIENTS + 100
     );
     let proxy = measured_proxy(&proxy_config(dir.path(), up.addr, &limits)).await;

@@ -211,7 +211,7 @@ fn migrate_store(from: &str, to: &str) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match rt.block_on(shardgate::coordinator::migrate_store(
+    match rt.block_on(shardgate::coordinator::store::migrate_store(
         &from,
         &to,
         "migrate-store",

@@ -61,28 +61,26 @@ impl Signals {
 
     /// The next signal.
     pub async fn recv(&mut self) -> Signal {
-        let hup = async {
-            match self.hup.as_mut() {
-                Some(h) => h.recv().await,
-                None => pending().await,
-            }
-        };
-        let usr2 = async {
-            match self.usr2.as_mut() {
-                Some(h) => h.recv().await,
-                None => pending().await,
-            }
-        };
         tokio::select! {
             _ = self.term.recv() => Signal::Stop,
             _ = self.int.recv() => Signal::Stop,
-            _ = hup => Signal::Reload,
-            _ = usr2 => Signal::Upgrade,
+            _ = installed(self.hup.as_mut()) => Signal::Reload,
+            _ = installed(self.usr2.as_mut()) => Signal::Upgrade,
         }
     }
 
     /// Wait for SIGTERM or SIGINT.
     pub async fn stopped(&mut self) {
         while self.recv().await != Signal::Stop {}
+    }
+}
+
+/// The next delivery of `handler`'s signal; never, for one not installed.
+async fn installed(handler: Option<&mut Handler>) {
+    match handler {
+        Some(h) => {
+            h.recv().await;
+        }
+        None => pending().await,
     }
 }

@@ -764,76 +764,6 @@ async fn serve_until_stopped<S: Store>(signals: &mut Signals, running: &RunningC
     }
 }
 
-/// Why a store migration stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum MigrateError {
-    /// There is nothing to copy.
-    #[error("the source store holds no cluster state")]
-    Empty,
-    /// The destination is in use; it is left as it was.
-    #[error("the destination store already holds cluster state (epoch {0}); nothing was copied")]
-    NotEmpty(u64),
-    /// A store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl crate::exit::Failure for MigrateError {
-    fn exit(&self) -> Exit {
-        match self {
-            MigrateError::Empty | MigrateError::NotEmpty(_) => Exit::Invalid,
-            MigrateError::Store(_) => Exit::Runtime,
-        }
-    }
-}
-
-/// `shardgate coordinator migrate-store`: copy the state in `from` into
-/// the empty store `to`, epoch and all; returns what was copied. Run it with
-/// the coordinators stopped: a change made meanwhile would not come along.
-pub async fn migrate_store(
-    from: &StoreUrl,
-    to: &StoreUrl,
-    id: &str,
-) -> Result<state::Persisted, MigrateError> {
-    let state = match from {
-        StoreUrl::File(p) => FileStore::new(p.clone()).load().await?,
-        StoreUrl::Postgres(u) => PgStore::connect(u, id).await?.load().await?,
-        StoreUrl::Etcd(u) => {
-            EtcdStore::connect(u, id, Duration::from_secs(2))
-                .await?
-                .load()
-                .await?
-        }
-    }
-    .ok_or(MigrateError::Empty)?;
-    match to {
-        StoreUrl::File(p) => copy_into(&FileStore::new(p.clone()), &state).await?,
-        StoreUrl::Postgres(u) => copy_into(&PgStore::connect(u, id).await?, &state).await?,
-        StoreUrl::Etcd(u) => {
-            copy_into(
-                &EtcdStore::connect(u, id, Duration::from_secs(2)).await?,
-                &state,
-            )
-            .await?;
-        }
-    }
-    Ok(state)
-}
-
-/// Write `state` into `store`, only if it holds none.
-async fn copy_into<S: Store>(store: &S, state: &state::Persisted) -> Result<(), MigrateError> {
-    if let Some(existing) = store.load().await? {
-        return Err(MigrateError::NotEmpty(existing.map.cluster_epoch));
-    }
-    match store.commit(None, state).await? {
-        Commit::Won => Ok(()),
-        Commit::Lost => match store.load().await? {
-            Some(existing) => Err(MigrateError::NotEmpty(existing.map.cluster_epoch)),
-            None => Err(MigrateError::Empty),
-        },
-    }
-}
-
 /// Open the configured store and run until SIGTERM/SIGINT; SIGHUP reloads certificates.
 pub async fn run(
     cfg: CoordinatorConfig,
@@ -841,28 +771,32 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let mut signals = Signals::stop_and_reload()?;
     match cfg.store.clone() {
-        StoreUrl::File(path) => {
-            let running = start(cfg, FileStore::new(path)).await?;
-            ready(running.http_addr, running.grpc_addr);
-            serve_until_stopped(&mut signals, &running).await;
-            running.shutdown().await;
-        }
+        StoreUrl::File(path) => serve_on(cfg, FileStore::new(path), &mut signals, ready).await,
         StoreUrl::Postgres(url) => {
             let store = PgStore::connect(&url, &cfg.id).await?;
-            let running = start(cfg, store).await?;
-            ready(running.http_addr, running.grpc_addr);
-            serve_until_stopped(&mut signals, &running).await;
-            running.coordinator.store().resign().await;
-            running.shutdown().await;
+            serve_on(cfg, store, &mut signals, ready).await
         }
         StoreUrl::Etcd(url) => {
             let store = EtcdStore::connect(&url, &cfg.id, cfg.heartbeat_timeout).await?;
-            let running = start(cfg, store).await?;
-            ready(running.http_addr, running.grpc_addr);
-            serve_until_stopped(&mut signals, &running).await;
-            running.coordinator.store().resign().await;
-            running.shutdown().await;
+            serve_on(cfg, store, &mut signals, ready).await
         }
     }
+}
+
+/// Serve on `store` until SIGTERM/SIGINT; a shared store's lead is given up
+/// before the drain.
+async fn serve_on<S: Store>(
+    cfg: CoordinatorConfig,
+    store: S,
+    signals: &mut Signals,
+    ready: impl FnOnce(SocketAddr, SocketAddr),
+) -> Result<(), StartError> {
+    let running = start(cfg, store).await?;
+    ready(running.http_addr, running.grpc_addr);
+    serve_until_stopped(signals, &running).await;
+    if let Some(shared) = running.coordinator.store().shared() {
+        shared.resign().await;
+    }
+    running.shutdown().await;
     Ok(())
 }

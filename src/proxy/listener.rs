@@ -119,29 +119,12 @@ pub(super) async fn serve(
             match &tls {
                 None => {
                     let head_by = Instant::now() + timeouts.header_read;
-                    if workers.any() {
-                        // Off this runtime's reactor, onto the worker's.
-                        if let Ok(stream) = stream.into_std() {
-                            workers.spawn(async move {
-                                if let Ok(stream) = TcpStream::from_std(stream) {
-                                    conn.wait(stream, head_by).await;
-                                }
-                            });
-                        }
-                    } else {
-                        tokio::spawn(conn.wait(stream, head_by));
-                    }
+                    dispatch(&workers, stream, move |stream| conn.wait(stream, head_by));
                 }
                 Some(tls) => {
                     let tls = tls.clone();
                     let shutdown = shutdown.clone();
-                    let Ok(stream) = stream.into_std() else {
-                        return;
-                    };
-                    workers.spawn(async move {
-                        let Ok(stream) = TcpStream::from_std(stream) else {
-                            return;
-                        };
+                    dispatch(&workers, stream, move |stream| async move {
                         let accepted = tokio::select! {
                             () = shutdown.cancelled() => None,
                             r = tls.accept(stream) => Some(r),
@@ -195,6 +178,28 @@ pub(super) async fn serve(
 /// How long, after a successor took over, HTTP/1 keep-alive clients are
 /// given to come back for the answer that closes their connection.
 const HANDOVER_WINDOW: Duration = Duration::from_secs(5);
+
+/// Serve `stream` with `serve` on the next of `workers`, moving the socket
+/// from this runtime's reactor to that worker's; without workers, here, as
+/// it is.
+fn dispatch<F, Fut>(workers: &Workers, stream: TcpStream, serve: F)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    if !workers.any() {
+        tokio::spawn(serve(stream));
+        return;
+    }
+    let Ok(stream) = stream.into_std() else {
+        return;
+    };
+    workers.spawn(async move {
+        if let Ok(stream) = TcpStream::from_std(stream) {
+            serve(stream).await;
+        }
+    });
+}
 
 /// hyper's per-protocol connection settings.
 struct Builders {

@@ -76,19 +76,8 @@ async fn two_coordinators_on_etcd_have_one_leader_and_hand_over_without_a_double
     let cluster = EtcdCluster::start(3).await;
     let url = cluster.url("handover");
     let dir = tempfile::tempdir().unwrap();
-    let a = BinCoordinator::on_store(&url, dir.path(), "coord-a", &[]).await;
-    let b = BinCoordinator::on_store(&url, dir.path(), "coord-b", &[]).await;
-    let (leader, follower) = leader_and_follower(a, b).await;
-    // Agents heartbeat to the follower; the leader hears them through etcd.
-    let agents = agents_but_p0_primary(follower.grpc).await;
-    // p0's primary never heartbeats: the leader promotes its replica, once.
-    eventually(Duration::from_secs(20), "p0 failed over", || async {
-        follower.epoch().await == 11
-    })
-    .await;
-    assert_eq!(leader.epoch().await, 11);
-    let m = follower.get_json("/v1/cluster/topology").await;
-    assert_eq!(m["partitions"][0]["primaryNodeIp"], "127.0.0.11:9000");
+    // The leader hears the follower's agents through etcd, and promotes once.
+    let (leader, follower, agents, m) = failed_over_through_a_shared_store(&url, dir.path()).await;
     assert_eq!(
         m["partitions"][1]["primaryNodeIp"], "127.0.0.20:9000",
         "p1's primary is alive"

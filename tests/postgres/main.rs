@@ -162,19 +162,8 @@ async fn heartbeats_land_in_cluster_nodes_and_node_heartbeats_and_the_map_is_mir
 async fn two_coordinators_have_one_leader_and_hand_over_without_a_double_promotion() {
     let url = pg_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = BinCoordinator::on_store(&url, dir.path(), "coord-a", &[]).await;
-    let b = BinCoordinator::on_store(&url, dir.path(), "coord-b", &[]).await;
-    let (leader, follower) = leader_and_follower(a, b).await;
-    // Agents heartbeat to the follower; the leader sees them through the store.
-    let agents = agents_but_p0_primary(follower.grpc).await;
-    // p0's primary never heartbeats: after the grace, the leader promotes its replica.
-    eventually(Duration::from_secs(15), "p0 failed over", || async {
-        follower.epoch().await == 11
-    })
-    .await;
-    assert_eq!(leader.epoch().await, 11);
-    let m = follower.get_json("/v1/cluster/topology").await;
-    assert_eq!(m["partitions"][0]["primaryNodeIp"], "127.0.0.11:9000");
+    // The leader sees the follower's agents through the store, and promotes once.
+    let (leader, follower, agents, m) = failed_over_through_a_shared_store(&url, dir.path()).await;
     let master = m["masterNodeId"].as_str().unwrap();
     assert!(
         master == "coord-a" || master == "coord-b",

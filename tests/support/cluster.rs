@@ -498,6 +498,33 @@ pub(crate) async fn leader_and_follower(
     if a.is_leader().await { (a, b) } else { (b, a) }
 }
 
+/// Two coordinators sharing `store`, agents heartbeating to the follower
+/// (the leader hears them through the store) and p0's primary silent, once
+/// the leader has promoted p0's replica (epoch 11, as both serve it):
+/// (leader, follower, agents, the follower's map).
+pub(crate) async fn failed_over_through_a_shared_store(
+    store: &str,
+    dir: &Path,
+) -> (
+    BinCoordinator,
+    BinCoordinator,
+    Vec<BinProcess>,
+    serde_json::Value,
+) {
+    let a = BinCoordinator::on_store(store, dir, "coord-a", &[]).await;
+    let b = BinCoordinator::on_store(store, dir, "coord-b", &[]).await;
+    let (leader, follower) = leader_and_follower(a, b).await;
+    let agents = agents_but_p0_primary(follower.grpc).await;
+    super::eventually(Duration::from_secs(20), "p0 failed over", || async {
+        follower.epoch().await == 11
+    })
+    .await;
+    assert_eq!(leader.epoch().await, 11);
+    let m = follower.get_json("/v1/cluster/topology").await;
+    assert_eq!(m["partitions"][0]["primaryNodeIp"], "127.0.0.11:9000");
+    (leader, follower, agents, m)
+}
+
 /// Agents for every node of the two-partition test map but p0's primary,
 /// heartbeating to `grpc` every 0.2 s: p0 is due a failover.
 pub(crate) async fn agents_but_p0_primary(grpc: SocketAddr) -> Vec<BinProcess> {

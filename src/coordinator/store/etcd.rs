@@ -266,15 +266,6 @@ impl EtcdStore {
         tokio::spawn(watch_epoch(Arc::downgrade(&inner), epoch_tx));
         Ok(EtcdStore { inner })
     }
-
-    /// Give up the lead (and what this coordinator heard) at once, on a
-    /// clean shutdown, rather than after the lease's TTL.
-    pub async fn resign(&self) {
-        let lease = self.inner.leadership.lock().await.lease.take();
-        if let Some((id, _, _)) = lease {
-            let _ = self.inner.client.lease_client().revoke(id).await;
-        }
-    }
 }
 
 impl Inner {
@@ -572,6 +563,14 @@ impl Store for EtcdStore {
 }
 
 impl SharedStore for EtcdStore {
+    /// The lease goes, and with it the lead and what this coordinator heard.
+    async fn resign(&self) {
+        let lease = self.inner.leadership.lock().await.lease.take();
+        if let Some((id, _, _)) = lease {
+            let _ = self.inner.client.lease_client().revoke(id).await;
+        }
+    }
+
     async fn lead(&self) -> Result<bool, StoreError> {
         let inner = &self.inner;
         let mut l = inner.leadership.lock().await;

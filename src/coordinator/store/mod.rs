@@ -8,10 +8,12 @@
 
 mod etcd;
 mod file;
+mod migrate;
 mod postgres;
 
 pub use etcd::{EtcdStore, EtcdUrl};
 pub use file::FileStore;
+pub use migrate::{MigrateError, migrate_store};
 pub use postgres::{PgStore, migrations};
 
 use super::state::{Assignment, Heartbeat, NodeStatus, Persisted, ReplicationRow, Usage};
@@ -144,6 +146,10 @@ pub trait SharedStore: Send + Sync + 'static {
     /// Drop heartbeat history older than `retention`.
     fn prune(&self, retention: Duration) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
+    /// Give up the lead at once, on a clean shutdown, rather than when it
+    /// would lapse.
+    fn resign(&self) -> impl Future<Output = ()> + Send;
+
     /// Return when the shared state may have changed, or after `period`
     /// at the latest: a store that can watch wakes followers at once, one
     /// that cannot is polled every `period`.
@@ -189,6 +195,10 @@ impl SharedStore for NotShared {
     }
 
     async fn prune(&self, _: Duration) -> Result<u64, StoreError> {
+        match *self {}
+    }
+
+    async fn resign(&self) {
         match *self {}
     }
 }

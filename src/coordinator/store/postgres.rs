@@ -176,12 +176,6 @@ impl PgStore {
         let lane = xxhash_rust::xxh3::xxh3_64(node_id.as_bytes()) as usize % self.heartbeats.len();
         &self.heartbeats[lane]
     }
-
-    /// Give up leadership now (tests, orderly shutdown).
-    pub async fn resign(&self) {
-        *self.leader_conn.lock().await = None;
-        self.leading.store(false, Ordering::SeqCst);
-    }
 }
 
 /// Apply every migration not yet applied, each in its own transaction.
@@ -486,6 +480,12 @@ impl Store for PgStore {
 }
 
 impl SharedStore for PgStore {
+    /// The leader's session (and with it the advisory lock) goes.
+    async fn resign(&self) {
+        *self.leader_conn.lock().await = None;
+        self.leading.store(false, Ordering::SeqCst);
+    }
+
     async fn record_heartbeat(
         &self,
         hb: &Heartbeat,

@@ -39,10 +39,14 @@ same CPUs, CPU per request is also reported for the whole box (/proc/stat,
 every CPU, everything running), beside the proxy's own.
 
 With --rate the comparison is at equal load rather than at saturation: nginx's
-saturation rate is measured first (wrk, as above), then oha (CPU 1) sends a
-fixed rate, open loop with latency correction (a late response also delays
-the requests meant to go after it, as wrk2 counts), at 50 % and 80 % of it
-to each proxy: p50, p99 and p99.9, and CPU per request. `cargo install oha`.
+saturation rate is measured first (wrk), then oha sends a fixed rate, open
+loop with latency correction (a late response also delays the requests meant
+to go after it, as wrk2 counts), at 50 % and 80 % of it to each proxy in
+interleaved rounds: p50, p99 and p99.9, CPU per request, and how much of the
+rate oha held. oha then has CPU 1 to itself and the upstream joins the proxy
+on CPU 0 (saturation is measured in that layout too): sharing a core with the
+upstream, oha could not hold 80 %. With --tls --rate every request is a new
+TLS connection (oha --disable-keepalive). `cargo install oha`.
 
 With --baseline PATH a second shardgate build (e.g. the previous commit's)
 runs as "baseline" in the same interleaved rounds, so a change is judged by a
@@ -58,6 +62,7 @@ Talks only to 127.0.0.1; stops everything it starts by PID.
 import argparse
 import os
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -164,19 +169,34 @@ http {{
     return path
 
 
+def run_timed(argv, timeout):
+    """Run a load generator to its end: (stdout, its own CPU seconds, user +
+    system). The kernel's exact accounting of reaped children (getrusage
+    RUSAGE_CHILDREN) grows by the generator's time alone while it runs, as
+    nothing else this script starts ends meanwhile; so the load's share of
+    the box is measured, not inferred by difference."""
+    def reaped():
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    before = reaped()
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout).stdout
+    return out, reaped() - before
+
+
 def run_wrk(port, seconds, connections, scheme="http", close=False, script=None, spread=False):
     """wrk on CPU 1 (with `spread`: two threads, anywhere) against
     127.0.0.1:`port`, keyed; `script` a wrk Lua script (another method, a
-    body). (requests, req/s, p50 µs, p99 µs)."""
+    body). (requests, req/s, p50 µs, p99 µs, wrk's CPU s)."""
     extra = ["-H", "Connection: close"] if close else []
     if script:
         extra += ["-s", script]
     where = ["wrk", "-t2"] if spread else ["taskset", "-c", "1", "wrk", "-t1"]
-    out = subprocess.run(
+    out, load_cpu = run_timed(
         [*where, f"-c{connections}", f"-d{seconds}s", "--latency",
          "-H", "x-shard-key: user:42", *extra, f"{scheme}://127.0.0.1:{port}/kv/user:42"],
-        capture_output=True, text=True, timeout=seconds + 30,
-    ).stdout
+        timeout=seconds + 30,
+    )
     reqs = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     dist = out.split("Latency Distribution", 1)[1]
@@ -186,18 +206,18 @@ def run_wrk(port, seconds, connections, scheme="http", close=False, script=None,
     errors = re.search(r"Socket errors: (.*)", out)
     if non2xx or errors:
         raise RuntimeError(f"failures during run:\n{out}")
-    return reqs, rps, p50, p99
+    return reqs, rps, p50, p99, load_cpu
 
 
 def run_h2load(port, seconds, connections, streams=32):
     """h2load on CPU 1: `connections` HTTP/2 connections with `streams`
-    concurrent streams each, keyed. (requests, req/s, p50 µs, p99 µs)."""
+    concurrent streams each, keyed. (requests, req/s, p50 µs, p99 µs, h2load's CPU s)."""
     with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
-        out = subprocess.run(
+        out, load_cpu = run_timed(
             ["taskset", "-c", "1", "h2load", f"-c{max(1, connections)}", f"-m{streams}", f"-D{seconds}",
              "-H", "x-shard-key: user:42", f"--log-file={log.name}", f"http://127.0.0.1:{port}/kv/user:42"],
-            capture_output=True, text=True, timeout=seconds + 30,
-        ).stdout
+            timeout=seconds + 30,
+        )
         # start (µs since the epoch), status, µs to the end of the response
         rows = [line.split("\t") for line in log.read().splitlines() if line.strip()]
     m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored",
@@ -207,18 +227,21 @@ def run_h2load(port, seconds, connections, streams=32):
     reqs = int(m.group(3))
     rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
     lat = sorted(int(r[2]) for r in rows)
-    return reqs, rps, lat[len(lat) // 2], lat[min(len(lat) - 1, len(lat) * 99 // 100)]
+    return reqs, rps, lat[len(lat) // 2], lat[min(len(lat) - 1, len(lat) * 99 // 100)], load_cpu
 
 
-def run_oha(port, seconds, connections, rate):
+def run_oha(port, seconds, connections, rate, tls=False):
     """oha on CPU 1: `rate` requests per second, open loop, keyed, over
-    `connections` keep-alive connections. (requests, req/s, p50, p99, p99.9 µs)."""
-    out = subprocess.run(
+    `connections` keep-alive connections (with `tls`: a new TLS connection
+    per request). (requests, req/s, p50, p99, p99.9 µs, oha's CPU s)."""
+    scheme = "https" if tls else "http"
+    per_request = ["--disable-keepalive", "--insecure"] if tls else []
+    out, load_cpu = run_timed(
         ["taskset", "-c", "1", "oha", "--no-tui", "--output-format", "json", "--latency-correction",
-         "-z", f"{seconds}s", "-q", str(rate), "-c", str(connections), "-H", "x-shard-key: user:42",
-         f"http://127.0.0.1:{port}/kv/user:42"],
-        capture_output=True, text=True, timeout=seconds + 60, check=True,
-    ).stdout
+         *per_request, "-z", f"{seconds}s", "-q", str(rate), "-c", str(connections),
+         "-H", "x-shard-key: user:42", f"{scheme}://127.0.0.1:{port}/kv/user:42"],
+        timeout=seconds + 60,
+    )
     import json
     r = json.loads(out)
     codes = r.get("statusCodeDistribution", {})
@@ -226,26 +249,47 @@ def run_oha(port, seconds, connections, rate):
         raise RuntimeError(f"failures during run: {codes} {r['summary']}")
     lat = r["latencyPercentiles"]
     reqs = sum(codes.values())
-    return reqs, r["summary"]["requestsPerSec"], lat["p50"] * 1e6, lat["p99"] * 1e6, lat["p99.9"] * 1e6
+    return (reqs, r["summary"]["requestsPerSec"], lat["p50"] * 1e6, lat["p99"] * 1e6, lat["p99.9"] * 1e6,
+            load_cpu)
 
 
 def measure_rate(args, ports, by_name):
-    """p50/p99/p99.9 at 50 % and 80 % of nginx's saturation rate."""
-    _, saturation, _, _ = run_wrk(ports["nginx"], args.seconds, args.connections)
-    print(f"nginx saturates at {saturation:,.0f} req/s (wrk, {args.connections} connections)", file=sys.stderr)
-    print(f"\nFixed rate, open loop (oha, latency-corrected, {args.connections} connections, {args.seconds}s); "
-          f"nginx's saturation rate {saturation:,.0f} req/s; proxy pinned to CPU 0, oha + upstream on CPU 1\n")
-    print("| load | proxy | req/s | p50 | p99 | p99.9 | CPU µs/req |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    """p50/p99/p99.9 at 50 % and 80 % of nginx's saturation rate, open loop,
+    in interleaved rounds (medians). With --tls every request opens a new TLS
+    connection: the slow-first-request comparison at equal load, which a
+    closed loop cannot make (the proxy that spends less CPU per handshake
+    moves the bottleneck to the generator's core, and wrk's latency then
+    measures that core's queue)."""
+    tls = args.tls
+    saturation = run_wrk(ports["nginx"], args.seconds, args.connections,
+                         "https" if tls else "http", close=tls)[1]
+    what = "a new TLS connection per request" if tls else "keep-alive"
+    print(f"nginx saturates at {saturation:,.0f} req/s (wrk, {args.connections} connections, {what})",
+          file=sys.stderr)
+    print(f"\nFixed rate, {what}, open loop (oha, latency-corrected, {args.connections} connections, "
+          f"{args.rounds} interleaved rounds of {args.seconds}s, medians); nginx's saturation rate "
+          f"{saturation:,.0f} req/s; oha alone on CPU 1, proxy and upstream on CPU 0\n")
+    print("| load | proxy | target req/s | held | p50 | p99 | p99.9 | CPU µs/req | oha µs/req |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    order = list(ports.items())
     for share in (0.5, 0.8):
         rate = int(saturation * share)
-        for name, port in ports.items():
-            pids = by_name[name].pids()
-            c0 = cpu_seconds(pids)[2]
-            reqs, rps, p50, p99, p999 = run_oha(port, args.seconds, args.connections, rate)
-            cpu = (cpu_seconds(pids)[2] - c0) * 1e6 / reqs
-            print(f"| {share:.0%} | {name} | {rps:,.0f} | {p50:.0f} µs | {p99:.0f} µs | {p999:.0f} µs | {cpu:.1f} |")
-            sys.stdout.flush()
+        rows = {n: [] for n in ports}
+        for r in range(args.rounds):
+            for name, port in order[r % len(order):] + order[: r % len(order)]:
+                pids = by_name[name].pids()
+                c0 = cpu_seconds(pids)[2]
+                reqs, rps, p50, p99, p999, load = run_oha(port, args.seconds, args.connections, rate, tls)
+                cpu = (cpu_seconds(pids)[2] - c0) * 1e6 / reqs
+                rows[name].append((rps, p50, p99, p999, cpu, load * 1e6 / reqs))
+                print(f"{share:.0%} round {r + 1} {name:9} {rps:9,.0f} req/s  p50 {p50:7.0f}us  p99 {p99:7.0f}us  "
+                      f"p99.9 {p999:7.0f}us  cpu {cpu:5.1f}us/req  oha {load * 1e6 / reqs:5.1f}us/req",
+                      file=sys.stderr)
+        for name in [n for n in ["nginx", "haproxy", "baseline", "shardgate"] if n in rows]:
+            rps, p50, p99, p999, cpu, load = [statistics.median(c) for c in zip(*rows[name])]
+            print(f"| {share:.0%} | {name} | {rate:,} | {rps / rate:.1%} | {p50:.0f} µs | {p99:.0f} µs "
+                  f"| {p999:.0f} µs | {cpu:.1f} | {load:.1f} |")
+        sys.stdout.flush()
 
 
 def measure(args, ports, by_name, scheme, title, close):
@@ -269,7 +313,8 @@ def measure(args, ports, by_name, scheme, title, close):
             u0, s0, c0 = cpu_seconds(pids)
             up0 = cpu_seconds(up_pids)[2]
             box0 = box_cpu_seconds()
-            reqs, rps, p50, p99 = run(port, args.seconds)
+            reqs, rps, p50, p99, load_cpu = run(port, args.seconds)
+            load_us = load_cpu * 1e6 / reqs
             u1, s1, c1 = cpu_seconds(pids)
             box_us = (box_cpu_seconds() - box0) * 1e6 / reqs
             up_us = (cpu_seconds(up_pids)[2] - up0) * 1e6 / reqs
@@ -278,10 +323,10 @@ def measure(args, ports, by_name, scheme, title, close):
             user_share = (u1 - u0) / ticks if ticks else 0.0
             user_us = cpu_us * user_share
             sys_us = cpu_us - user_us
-            results[name].append((rps, p50, p99, user_us + sys_us, user_us, sys_us, box_us))
+            results[name].append((rps, p50, p99, user_us + sys_us, user_us, sys_us, box_us, up_us, load_us))
             print(f"{title}: round {r + 1} {name:9} {rps:10.0f} req/s  p50 {p50:7.0f}us  p99 {p99:7.0f}us  "
                   f"cpu {user_us + sys_us:5.1f}us/req (user {user_us:4.1f}, sys {sys_us:4.1f}), "
-                  f"upstream {up_us:5.1f}us/req, whole box {box_us:5.1f}us/req",
+                  f"upstream {up_us:5.1f}us/req, load {load_us:5.1f}us/req, whole box {box_us:5.1f}us/req",
                   file=sys.stderr)
 
     med = {n: [statistics.median(col) for col in zip(*rows)] for n, rows in results.items()}
@@ -299,13 +344,16 @@ def measure(args, ports, by_name, scheme, title, close):
              "nbthread 2), wrk (2 threads) and upstream sharing them" if args.spread
              else "proxy pinned to CPU 0 (1 worker), load + upstream on CPU 1")
     print(f"\n{scheme}, {title}: {args.rounds} interleaved rounds of {args.seconds}s, {load}, {where}; medians\n")
+    # The upstream's and the load generator's CPU per request say whether
+    # the proxy makes the rest of the box work harder (the TLS close-per-
+    # request workload is bounded by CPU 1, where both run).
     print("| proxy | req/s | vs best peer | p50 | p99 | CPU µs/req | user | sys | CPU vs best peer "
-          "| whole box µs/req |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| upstream µs/req | load µs/req | whole box µs/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in [n for n in ["nginx", "haproxy", "baseline", "shardgate"] if n in med]:
-        rps, p50, p99, cpu, user, system, box = med[n]
+        rps, p50, p99, cpu, user, system, box, up, load = med[n]
         print(f"| {n} | {rps:,.0f} | {vs(rps, best_rps)} | {p50:.0f} µs | {p99:.0f} µs | {cpu:.1f} | {user:.1f} "
-              f"| {system:.1f} | {vs(cpu, best_cpu)} | {box:.1f} |")
+              f"| {system:.1f} | {vs(cpu, best_cpu)} | {up:.1f} | {load:.1f} | {box:.1f} |")
     # Adjacent runs share the machine's state; on a noisy host their ratio is
     # steadier than a ratio of medians taken minutes apart.
     def per_round(label, ours, theirs):
@@ -462,14 +510,14 @@ def main():
     ap.add_argument("--baseline", default=None, help="another shardgate binary to measure beside this one")
     ap.add_argument("--h2", action="store_true", help="clients speak HTTP/2 (h2load, many streams per connection)")
     ap.add_argument("--rate", action="store_true",
-                    help="latency at 50 % and 80 % of nginx's saturation rate, open loop (oha)")
+                    help="latency at 50 %% and 80 %% of nginx's saturation rate, open loop (oha)")
     ap.add_argument("--spread", action="store_true",
                     help="every proxy on both cores as it ships (shardgate workers = 0), nothing pinned")
     args = ap.parse_args()
     if args.spread and args.h2:
         sys.exit("--spread measures HTTP/1.1 with wrk")
-    if args.rate and (args.tls or args.h2 or args.spread or args.close):
-        sys.exit("--rate measures clear-text keep-alive, pinned")
+    if args.rate and (args.h2 or args.spread):
+        sys.exit("--rate measures HTTP/1.1 (keep-alive, or with --tls a new connection per request), pinned")
     if args.h2 and (args.tls or args.close):
         sys.exit("--h2 measures clear-text HTTP/2 keep-alive only")
     if not os.path.exists(args.binary):
@@ -497,7 +545,10 @@ def main():
     try:
         upstream, proxies = job(work, ups, ports, admin, builds, scheme, ng_tls, hap_tls, sg_tls, args.h2,
                                 spread=args.spread)
-        procs.append(Proc("upstream", upstream, work, cpu=None if args.spread else 1))
+        # At a fixed rate oha needs a core of its own to hold 80 % of
+        # nginx's saturation, so the upstream moves to the proxy's core
+        # (saturation is measured in that same layout).
+        procs.append(Proc("upstream", upstream, work, cpu=None if args.spread else 0 if args.rate else 1))
         for name, argv in proxies:
             procs.append(Proc(name, argv, work, cpu=None if args.spread else 0))
         for p in list(ports.values()) + ups:

@@ -134,11 +134,14 @@ pub(super) async fn serve(
                                 let head_by = Instant::now() + conn.timeouts.header_read;
                                 conn.serve(stream, true, head_by, None).await;
                             }
-                            Some(Err(HandshakeError::PlainHttp(stream))) => {
-                                refuse(stream, &plain_http()).await;
-                            }
                             Some(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                conn.proxy.clients.handshake_failures.count(&e);
+                                match e {
+                                    HandshakeError::PlainHttp(stream) => {
+                                        refuse(stream, &plain_http()).await;
+                                    }
+                                    e => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                                }
                             }
                             None => {}
                         }

@@ -41,7 +41,7 @@ pub use upgrade::UpgradeError;
 
 use crate::routing::{PartitionMetrics, RouteTable};
 use crate::telemetry::{Metrics, SpanSink, names};
-use crate::tls::TlsError;
+use crate::tls::{HandshakeError, TlsError};
 use crate::topology::TopologyFileError;
 use live::LiveMap;
 use metrics::{Counter, Gauge};
@@ -55,6 +55,30 @@ pub(crate) struct Clients {
     open: AtomicUsize,
     /// `shardgate_load_shed_total{reason="connections"}`
     shed: Counter,
+    /// `shardgate_tls_handshake_failures_total{reason}`: what the log no
+    /// longer says per connection (a peer can cause any number of them).
+    handshake_failures: HandshakeFailures,
+}
+
+/// Failed TLS handshakes by reason.
+pub(crate) struct HandshakeFailures {
+    /// Not finished within `handshake_timeout`.
+    timeout: Counter,
+    /// Refused by rustls (bad hello, old version, missing client certificate).
+    refused: Counter,
+    /// Plain HTTP sent to the TLS port (answered with a 400).
+    plain_http: Counter,
+}
+
+impl HandshakeFailures {
+    fn count(&self, e: &HandshakeError) {
+        match e {
+            HandshakeError::Timeout(_) => &self.timeout,
+            HandshakeError::Failed(_) => &self.refused,
+            HandshakeError::PlainHttp(_) => &self.plain_http,
+        }
+        .increment(1);
+    }
 }
 
 impl Clients {
@@ -138,6 +162,15 @@ impl Proxy {
             clients: Clients {
                 open: AtomicUsize::new(0),
                 shed: shed("connections"),
+                handshake_failures: {
+                    let failed =
+                        |reason| r.counter(names::TLS_HANDSHAKE_FAILURES, &[("reason", reason)]);
+                    HandshakeFailures {
+                        timeout: failed("timeout"),
+                        refused: failed("refused"),
+                        plain_http: failed("plain_http"),
+                    }
+                },
             },
             sampled: Sampled {
                 inflight: r.gauge(names::INFLIGHT, &[]),

@@ -34,12 +34,25 @@ pub struct LogConfig {
 ///
 /// Noisy dependencies are held at `warn` unless the filter names them, so a
 /// client that misbehaves cannot fill the log through hyper's own messages.
+/// rustls is held at `error`: it warns about what a peer sent (an IP address
+/// as the server name — wrk and many OpenSSL clients do that on every
+/// connection — or an alert), which made one log line per handshake; the
+/// handshake's own outcome is already counted and, when it fails, logged by
+/// the listener.
 pub fn init_logging(level: &str, format: LogFormat) {
     let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_owned());
     let mut filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
-    for quiet in ["hyper", "h2", "tower", "tonic", "rustls", "tokio_postgres"] {
-        if !directives.contains(quiet)
-            && let Ok(d) = format!("{quiet}=warn").parse()
+    let quiet = [
+        ("hyper", "warn"),
+        ("h2", "warn"),
+        ("tower", "warn"),
+        ("tonic", "warn"),
+        ("rustls", "error"),
+        ("tokio_postgres", "warn"),
+    ];
+    for (target, level) in quiet {
+        if !directives.contains(target)
+            && let Ok(d) = format!("{target}={level}").parse()
         {
             filter = filter.add_directive(d);
         }

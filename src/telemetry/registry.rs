@@ -45,6 +45,8 @@ pub mod names {
     pub const DOWNSTREAM_CONNECTIONS: &str = "shardgate_downstream_connections";
     /// Requests or connections refused to protect the proxy.
     pub const LOAD_SHED: &str = "shardgate_load_shed_total";
+    /// Client connections that never finished the TLS handshake, by reason.
+    pub const TLS_HANDSHAKE_FAILURES: &str = "shardgate_tls_handshake_failures_total";
     /// Bytes the proxy's allocator has handed out.
     pub const MEMORY_ALLOCATED: &str = "shardgate_memory_allocated_bytes";
     /// Reads a replica served, or was passed over for, by result.

@@ -521,6 +521,62 @@ async fn plain_http_sent_to_the_tls_port_gets_a_400_and_a_prompt_close() {
     edge.proxy.stop().await;
 }
 
+/// wrk and many OpenSSL clients send the address they connect to as the
+/// server name, which RFC 6066 forbids; rustls ignores it and warned on
+/// every handshake, so a load test wrote one log line per connection. The
+/// log stays quiet; failed handshakes are counted by reason instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_name_an_ip_address_do_not_write_a_log_line_per_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "edge");
+    let cert = pki.server("proxy", &["shard.test", "127.0.0.1"]);
+    let up = Upstream::start("a").await;
+    let proxy = bin_proxy_with_tls(dir.path(), &up, &cert).await;
+    let before = proxy.stderr().lines().count();
+
+    for _ in 0..5 {
+        let out = s_client(proxy.addr, &["-servername", "127.0.0.1", "-tls1_3"]).await;
+        assert!(out.all().contains("TLSv1.3"), "{}", out.all());
+    }
+    // One of each failure the counter tells apart.
+    let mut plain = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: shard.test\r\n\r\n")
+        .await
+        .unwrap();
+    closed_within(&mut plain, Duration::from_secs(10)).await;
+    let old = s_client(proxy.addr, &["-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"]).await;
+    assert!(!old.ok && old.all().contains("alert"), "{}", old.all());
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    silent.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    closed_within(&mut silent, Duration::from_secs(10)).await;
+
+    let failures = |reason: &'static str| {
+        let admin = proxy.admin;
+        async move {
+            metric(
+                admin,
+                &format!("shardgate_tls_handshake_failures_total{{reason=\"{reason}\"}}"),
+            )
+            .await
+        }
+    };
+    assert_eq!(failures("plain_http").await, 1.0);
+    assert_eq!(failures("refused").await, 1.0);
+    assert_eq!(failures("timeout").await, 1.0);
+    let logged: Vec<String> = proxy
+        .stderr()
+        .lines()
+        .skip(before)
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        logged.is_empty(),
+        "handshakes, good or bad, log nothing by default: {logged:?}"
+    );
+    assert_eq!(up.requests(), 0);
+}
+
 /// A small deterministic generator, so a failure can be replayed.
 struct XorShift(u64);
 

@@ -108,6 +108,10 @@ impl Metrics {
         c(REQUESTS, "Requests answered by the proxy.");
         c(OTLP_SPANS_EXPORTED, "Trace spans the collector took.");
         c(
+            TLS_HANDSHAKE_FAILURES,
+            "Client connections that never finished the TLS handshake, by reason.",
+        );
+        c(
             OTLP_SPANS_DROPPED,
             "Trace spans dropped: export queue full, or the collector did not take them.",
         );

@@ -77,6 +77,12 @@ pub struct DrainWatcher {
 }
 
 impl DrainWatcher {
+    /// Wait for the drain to begin: for a task that only waits (no
+    /// connection to close gracefully), smaller than a [`Following`].
+    pub fn drain_begun(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.signal.cancelled()
+    }
+
     /// Start following the drain from the task that serves the connection.
     pub fn follow(self) -> Following {
         Following {

@@ -86,6 +86,7 @@ pub(super) async fn serve(
     let builder = Builders {
         http1,
         http2: cfg.http2.then_some(http2),
+        timeouts,
     };
 
     let builder = Arc::new(builder);
@@ -104,14 +105,12 @@ pub(super) async fn serve(
             let _ = stream.set_nodelay(true);
             proxy.clients.opened();
             let conn = Connection {
-                _closed: Closed {
+                closed: Closed {
                     proxy: proxy.clone(),
                     _permit: permit,
                 },
-                proxy: proxy.clone(),
                 builder: builder.clone(),
                 watcher: drain.watcher(),
-                timeouts,
                 peer,
             };
             // Two task types, so a clear-text connection's task is not sized
@@ -131,11 +130,11 @@ pub(super) async fn serve(
                         };
                         match accepted {
                             Some(Ok(stream)) => {
-                                let head_by = Instant::now() + conn.timeouts.header_read;
+                                let head_by = Instant::now() + conn.builder.timeouts.header_read;
                                 conn.serve(stream, true, head_by, None).await;
                             }
                             Some(Err(e)) => {
-                                conn.proxy.clients.handshake_failures.count(&e);
+                                conn.proxy().clients.handshake_failures.count(&e);
                                 match e {
                                     HandshakeError::PlainHttp(stream) => {
                                         refuse(stream, &plain_http()).await;
@@ -204,11 +203,13 @@ where
     });
 }
 
-/// hyper's per-protocol connection settings.
+/// What every connection of a listener shares: hyper's per-protocol
+/// settings and the connection deadlines.
 struct Builders {
     http1: http1::Builder,
     /// `None`: HTTP/1 only.
     http2: Option<http2::Builder<StreamExecutor>>,
+    timeouts: ConnTimeouts,
 }
 
 /// Counts a client connection closed, and frees its place under the cap,
@@ -225,13 +226,14 @@ impl Drop for Closed {
 }
 
 /// Everything a client connection needs once it is past the cap (and TLS).
+///
+/// Kept small, as it is most of what a waiting connection's task holds:
+/// what every connection of the listener shares lives behind `builder`.
 struct Connection {
     /// Dropped when the connection's task ends.
-    _closed: Closed,
-    proxy: Arc<Proxy>,
+    closed: Closed,
     builder: Arc<Builders>,
     watcher: DrainWatcher,
-    timeouts: ConnTimeouts,
     peer: SocketAddr,
 }
 
@@ -241,6 +243,10 @@ struct Connection {
 type HandOff<S> = Option<fn(Connection, S, Instant)>;
 
 impl Connection {
+    fn proxy(&self) -> &Arc<Proxy> {
+        &self.closed.proxy
+    }
+
     /// Wait, as a task that holds the socket and little else, until the
     /// client sends (then serve it, as a new task), closes, or lets `until`
     /// pass (then close: the header-read deadline of a connection that
@@ -252,13 +258,20 @@ impl Connection {
     // Not `async fn`: the declared `Send` breaks the cycle the compiler
     // cannot infer through (`wait` spawns `serve`, which spawns `wait`).
     #[allow(clippy::manual_async_fn)]
+    //
+    //
+    // Each byte counts here: tokio's task cell is 128-byte aligned, so the
+    // future's size sets the allocation in steps of 128 bytes (the test
+    // below pins it). So the drain is followed through the watcher's own
+    // token rather than a `Following` copy of the watcher, and nothing is
+    // built outside the future and moved in (a captured value keeps its
+    // place beside the copy the `select!` holds).
     fn wait(self, stream: TcpStream, until: Instant) -> impl Future<Output = ()> + Send {
         async move {
             let readable = {
-                let following = pin!(self.watcher.clone().follow());
                 tokio::select! {
                     biased;
-                    () = following.drained() => false,
+                    () = self.watcher.drain_begun() => false,
                     // `poll_read_ready`, not `readable()`: it takes the
                     // socket's reader slot, dropping the waker the serving
                     // task left there, which otherwise keeps that task's
@@ -271,7 +284,7 @@ impl Connection {
                 }
             };
             if readable {
-                let head_by = Instant::now() + self.timeouts.header_read;
+                let head_by = Instant::now() + self.builder.timeouts.header_read;
                 tokio::spawn(self.serve(stream, false, head_by, Some(park)));
             }
         }
@@ -298,14 +311,14 @@ impl Connection {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let conn = self;
-        let activity = ConnActivity::new(conn.proxy.pipeline.limit.clone());
+        let activity = ConnActivity::new(conn.proxy().pipeline.limit.clone());
         // Owned by the pipeline, which hyper calls from this connection's task only.
         let client = ClientConn {
             info: ClientInfo::new(conn.peer, tls),
             hosts: HostMemo::default(),
         };
-        let mut svc = pipeline::connection(&conn.proxy.pipeline, client, activity.clone());
-        let mut io = TimedIo::new(stream, activity, conn.timeouts, head_by);
+        let mut svc = pipeline::connection(&conn.proxy().pipeline, client, activity.clone());
+        let mut io = TimedIo::new(stream, activity, conn.builder.timeouts, head_by);
         async move {
             // Followed through a copy: `conn` stays whole to hand over.
             let mut watcher = pin!(conn.watcher.clone().follow());
@@ -399,4 +412,54 @@ async fn refuse(mut stream: TcpStream, e: &JsonError<'_>) {
         Ok::<_, std::io::Error>(())
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection whose client sent nothing yet, or that went idle, is a
+    /// task waiting on its socket: at 10,000 of them its size is the proxy's
+    /// memory. tokio keeps a task in a 128-byte-aligned cell with 112 bytes
+    /// of its own (tokio 1.54: header, scheduler and id, trailer), so a
+    /// future of at most 400 bytes takes a 512-byte cell, and one byte more
+    /// takes 640.
+    #[tokio::test]
+    async fn a_waiting_connection_is_a_task_of_at_most_512_bytes() {
+        let config = crate::config::ProxyConfig::from_toml(
+            "[topology]\nsources = [\"map.json\"]\n",
+            "t.toml",
+            &crate::config::ProxyOverrides::default(),
+        )
+        .unwrap();
+        let proxy = Proxy::new(&config, Arc::new(crate::telemetry::Metrics::new()), None).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let second = Duration::from_secs(1);
+        let conn = Connection {
+            closed: Closed {
+                proxy,
+                _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+            },
+            builder: Arc::new(Builders {
+                http1: http1::Builder::new(),
+                http2: None,
+                timeouts: ConnTimeouts {
+                    header_read: second,
+                    idle: second,
+                    send: second,
+                },
+            }),
+            watcher: Drain::default().watcher(),
+            peer,
+        };
+        let waiting = conn.wait(stream, Instant::now() + second);
+        let size = std::mem::size_of_val(&waiting);
+        assert!(
+            size <= 400,
+            "the waiting connection's future is {size} bytes"
+        );
+    }
 }

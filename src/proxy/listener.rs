@@ -272,11 +272,19 @@ impl Connection {
                 tokio::select! {
                     biased;
                     () = self.watcher.drain_begun() => false,
-                    // `poll_read_ready`, not `readable()`: it takes the
-                    // socket's reader slot, dropping the waker the serving
-                    // task left there, which otherwise keeps that task's
-                    // whole memory allocated while the connection waits.
-                    r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => r.is_ok(),
+                    // A peek, not `readable()` nor `poll_read_ready`: it
+                    // takes the socket's reader slot, dropping the waker the
+                    // serving task left there (which otherwise keeps that
+                    // task's whole memory allocated while the connection
+                    // waits), and it is ready only when bytes (or the end)
+                    // are really there — readiness alone reported a newly
+                    // accepted, silent socket ready, and every such
+                    // connection then waited in the serving task, 896 bytes
+                    // instead of 512.
+                    r = std::future::poll_fn(|cx| {
+                        let mut first = [0u8; 1];
+                        stream.poll_peek(cx, &mut tokio::io::ReadBuf::new(&mut first))
+                    }) => matches!(r, Ok(n) if n > 0),
                     () = tokio::time::sleep_until(until) => {
                         tracing::debug!(peer = %self.peer, "client connection closed: nothing sent in time");
                         false
@@ -425,7 +433,7 @@ mod tests {
     /// future of at most 400 bytes takes a 512-byte cell, and one byte more
     /// takes 640.
     #[tokio::test]
-    async fn a_waiting_connection_is_a_task_of_at_most_512_bytes() {
+    async fn a_waiting_connection_is_a_512_byte_task_until_its_client_sends() {
         let config = crate::config::ProxyConfig::from_toml(
             "[topology]\nsources = [\"map.json\"]\n",
             "t.toml",
@@ -435,7 +443,7 @@ mod tests {
         let proxy = Proxy::new(&config, Arc::new(crate::telemetry::Metrics::new()), None).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let _client = TcpStream::connect(addr).await.unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
         let second = Duration::from_secs(1);
         let conn = Connection {
@@ -455,11 +463,27 @@ mod tests {
             watcher: Drain::default().watcher(),
             peer,
         };
-        let waiting = conn.wait(stream, Instant::now() + second);
+        let waiting = conn.wait(stream, Instant::now() + Duration::from_secs(60));
         let size = std::mem::size_of_val(&waiting);
         assert!(
             size <= 400,
             "the waiting connection's future is {size} bytes"
         );
+
+        // And it stays that small task until its client sends: it does not
+        // hand over to the serving task (and end) on a readiness alone.
+        let waiting = tokio::spawn(waiting);
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !waiting.is_finished(),
+            "a client that sent nothing is served by the larger task"
+        );
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the first bytes hand the connection to the serving task")
+            .unwrap();
     }
 }

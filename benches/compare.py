@@ -60,6 +60,7 @@ Talks only to 127.0.0.1; stops everything it starts by PID.
 """
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -169,6 +170,13 @@ http {{
     return path
 
 
+def rotated(order, r):
+    """`order` started at its `r`-th entry: each round starts with a different
+    proxy, so no proxy always runs right after the same neighbour."""
+    k = r % len(order)
+    return order[k:] + order[:k]
+
+
 def run_timed(argv, timeout):
     """Run a load generator to its end: (stdout, its own CPU seconds, user +
     system). The kernel's exact accounting of reaped children (getrusage
@@ -242,7 +250,6 @@ def run_oha(port, seconds, connections, rate, tls=False):
          "-H", "x-shard-key: user:42", f"{scheme}://127.0.0.1:{port}/kv/user:42"],
         timeout=seconds + 60,
     )
-    import json
     r = json.loads(out)
     codes = r.get("statusCodeDistribution", {})
     if set(codes) - {"200"} or r["summary"]["successRate"] < 1.0:
@@ -276,7 +283,7 @@ def measure_rate(args, ports, by_name):
         rate = int(saturation * share)
         rows = {n: [] for n in ports}
         for r in range(args.rounds):
-            for name, port in order[r % len(order):] + order[: r % len(order)]:
+            for name, port in rotated(order, r):
                 pids = by_name[name].pids()
                 c0 = cpu_seconds(pids)[2]
                 reqs, rps, p50, p99, p999, load = run_oha(port, args.seconds, args.connections, rate, tls)
@@ -305,9 +312,7 @@ def measure(args, ports, by_name, scheme, title, close):
         run(port, 2)
     order = list(ports.items())
     for r in range(args.rounds):
-        # Each round starts with a different proxy, so no proxy always runs
-        # right after the same neighbour.
-        for name, port in order[r % len(order):] + order[: r % len(order)]:
+        for name, port in rotated(order, r):
             pids = by_name[name].pids()
             up_pids = by_name["upstream"].pids()
             u0, s0, c0 = cpu_seconds(pids)

@@ -7,6 +7,7 @@
 mod grpc;
 mod http;
 mod limiter;
+mod metric_handles;
 mod settings;
 pub mod state;
 pub mod store;
@@ -17,11 +18,11 @@ use crate::clock::{Hlc, HlcClock};
 use crate::exit::{Exit, Failure};
 use crate::server::{BindError, bind};
 use crate::signals::{Signal, SignalError, Signals};
-use crate::telemetry::{Lazy, Metrics, names};
+use crate::telemetry::{Metrics, names};
 use crate::tls::{ALPN_H1, ALPN_H2, ServerTls, Terminator, TlsError};
 use crate::topology::{InvalidTopology, NodeAddr, ShardMap, TopologyDoc, TopologyFileError};
 use limiter::RateLimiter;
-use metrics::{Counter, Gauge};
+use metric_handles::CoordinatorMetrics;
 use state::{ClusterState, Command, Heartbeat, NodeStatus, Rules, SweepReport};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -82,65 +83,6 @@ pub enum HeartbeatError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// Coordinator metric handles.
-struct CoordinatorMetrics {
-    registry: Arc<Metrics>,
-    nodes: [Gauge; 3],
-    leader: Gauge,
-    heartbeats: HashMap<&'static str, Counter>,
-    /// Watches held now (sampled when scraped).
-    watches: Gauge,
-    /// Watches answered at once because too many were held.
-    watches_shed: Counter,
-    failovers: Mutex<HashMap<u32, Counter>>,
-    skew: Mutex<HashMap<String, Lazy<Gauge>>>,
-    /// Replication lag per node: bytes, seconds.
-    lag: Mutex<HashMap<String, (Gauge, Gauge)>>,
-}
-
-/// Heartbeat results as `shardgate_coordinator_heartbeats_total` labels them.
-const HEARTBEAT_RESULTS: [&str; 7] = [
-    "ok",
-    "invalid",
-    "rate_limited",
-    "unauthenticated",
-    "store_error",
-    "refused",
-    "too_many_nodes",
-];
-
-impl CoordinatorMetrics {
-    fn new(registry: Arc<Metrics>) -> CoordinatorMetrics {
-        let r = &registry;
-        CoordinatorMetrics {
-            nodes: [NodeStatus::Active, NodeStatus::Degraded, NodeStatus::Dead]
-                .map(|s| r.gauge(names::COORDINATOR_NODES, &[("status", s.as_str())])),
-            leader: r.gauge(names::COORDINATOR_IS_LEADER, &[]),
-            heartbeats: HEARTBEAT_RESULTS
-                .iter()
-                .map(|res| {
-                    (
-                        *res,
-                        r.counter(names::COORDINATOR_HEARTBEATS, &[("result", res)]),
-                    )
-                })
-                .collect(),
-            watches: r.gauge(names::COORDINATOR_WATCHES, &[]),
-            watches_shed: r.counter(names::COORDINATOR_WATCHES_SHED, &[]),
-            failovers: Mutex::new(HashMap::new()),
-            skew: Mutex::new(HashMap::new()),
-            lag: Mutex::new(HashMap::new()),
-            registry,
-        }
-    }
-
-    fn heartbeat(&self, result: &'static str) {
-        if let Some(c) = self.heartbeats.get(result) {
-            c.increment(1);
-        }
-    }
 }
 
 /// The coordinator's shared state.

@@ -255,32 +255,28 @@ impl Connection {
     /// A task's size is fixed by its largest state, so a connection that
     /// waits inside the task that serves it costs as much as one being
     /// served; most connections of a large population are waiting.
-    // Not `async fn`: the declared `Send` breaks the cycle the compiler
-    // cannot infer through (`wait` spawns `serve`, which spawns `wait`).
-    #[allow(clippy::manual_async_fn)]
-    //
-    //
     // Each byte counts here: tokio's task cell is 128-byte aligned, so the
     // future's size sets the allocation in steps of 128 bytes (the test
     // below pins it). So the drain is followed through the watcher's own
     // token rather than a `Following` copy of the watcher, and nothing is
     // built outside the future and moved in (a captured value keeps its
     // place beside the copy the `select!` holds).
+    //
+    // Not `async fn`: the declared `Send` breaks the cycle the compiler
+    // cannot infer through (`wait` spawns `serve`, which spawns `wait`).
+    #[allow(clippy::manual_async_fn)]
     fn wait(self, stream: TcpStream, until: Instant) -> impl Future<Output = ()> + Send {
         async move {
             let readable = {
                 tokio::select! {
                     biased;
                     () = self.watcher.drain_begun() => false,
-                    // A peek, not `readable()` nor `poll_read_ready`: it
-                    // takes the socket's reader slot, dropping the waker the
-                    // serving task left there (which otherwise keeps that
-                    // task's whole memory allocated while the connection
-                    // waits), and it is ready only when bytes (or the end)
-                    // are really there — readiness alone reported a newly
-                    // accepted, silent socket ready, and every such
-                    // connection then waited in the serving task, 896 bytes
-                    // instead of 512.
+                    // A peek, not `readable()`: it takes the socket's
+                    // reader slot, dropping the waker the serving task left
+                    // there (which would keep that task's memory while the
+                    // connection waits). Not `poll_read_ready` either: that
+                    // reported a newly accepted, silent socket ready, and it
+                    // then waited in the far larger serving task.
                     r = std::future::poll_fn(|cx| {
                         let mut first = [0u8; 1];
                         stream.poll_peek(cx, &mut tokio::io::ReadBuf::new(&mut first))

@@ -532,6 +532,12 @@ async fn clients_that_name_an_ip_address_do_not_write_a_log_line_per_handshake()
     let cert = pki.server("proxy", &["shard.test", "127.0.0.1"]);
     let up = Upstream::start("a").await;
     let proxy = bin_proxy_with_tls(dir.path(), &up, &cert).await;
+    // Start-up lines reach the collector after the readiness line on
+    // stdout; count from the last of them.
+    eventually(Duration::from_secs(10), "the start-up log", || async {
+        proxy.stderr().contains("proxy listening")
+    })
+    .await;
     let before = proxy.stderr().lines().count();
 
     for _ in 0..5 {

@@ -13,6 +13,9 @@ use std::task::{Context, Poll};
 pub enum ProxyBody {
     /// Written by the proxy (errors, admin pages).
     Full(Option<Bytes>),
+    /// Written by the proxy for a client request, holding its place as
+    /// [`Streamed`] does.
+    Answer(Answer),
     /// Streamed from an upstream.
     Upstream(Streamed),
 }
@@ -26,7 +29,24 @@ pub struct Streamed {
     watch: Option<Watch>,
 }
 
+/// The proxy's own answer to a request, holding its ticket.
+pub struct Answer {
+    bytes: Option<Bytes>,
+    _admitted: Ticket,
+}
+
 impl ProxyBody {
+    /// This body, holding `admitted` (if any) until it is done.
+    pub(crate) fn holding(self, admitted: Option<Ticket>) -> ProxyBody {
+        match (self, admitted) {
+            (ProxyBody::Full(bytes), Some(t)) => ProxyBody::Answer(Answer {
+                bytes,
+                _admitted: t,
+            }),
+            (body, _) => body,
+        }
+    }
+
     /// `body`, holding `admitted` until it is dropped.
     pub(crate) fn upstream(
         body: UpstreamBody,
@@ -69,7 +89,9 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Full(b) | ProxyBody::Answer(Answer { bytes: b, .. }) => {
+                Poll::Ready(b.take().map(|b| Ok(Frame::data(b))))
+            }
             ProxyBody::Upstream(u) => {
                 if let Some(w) = &u.watch {
                     w.polled();
@@ -81,14 +103,16 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Full(b) | ProxyBody::Answer(Answer { bytes: b, .. }) => b.is_none(),
             ProxyBody::Upstream(u) => u.body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Full(b) | ProxyBody::Answer(Answer { bytes: b, .. }) => {
+                SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
             ProxyBody::Upstream(u) => u.body.size_hint(),
         }
     }

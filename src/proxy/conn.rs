@@ -7,12 +7,15 @@
 //! `header_read_timeout` once the first byte of a new request head arrives,
 //! and a write-stall limit for clients that stop reading.
 //!
-//! An HTTP/1 connection idle for [`PARK_AFTER`] is *parked*: the reader
-//! tells hyper the client is gone (an end of stream, which hyper meets
-//! between requests by letting go), withholds the real shutdown, and the
-//! listener drops hyper's connection state and buffers, keeping only the
-//! socket until the client sends again. Bytes read while parked (or while
-//! telling HTTP/1 from HTTP/2) are handed back first to the next reader.
+//! An idle HTTP/1 connection is *parked*: the reader tells hyper the client
+//! is gone (an end of stream, which hyper meets between requests by letting
+//! go), withholds the real shutdown, and the listener drops hyper's
+//! connection state and buffers, keeping only the socket until the client
+//! sends again. Bytes read while parked (or while telling HTTP/1 from
+//! HTTP/2) are handed back first to the next reader. When depends on the
+//! client (see [`PARK_AFTER`]): one that comes and goes is parked as soon as
+//! its answer is out, one that keeps the connection busy after a second of
+//! silence.
 //!
 //! A request ending does not wake the connection's reader (it often ends in
 //! the reader's own task, where a wake costs a whole extra pass over the
@@ -60,14 +63,28 @@ enum Phase {
 /// HTTP/1 request line.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
-/// How long an HTTP/1 connection sits idle before its hyper state is dropped.
+/// How long a busy HTTP/1 connection sits idle before its hyper state is
+/// dropped; a connection that is not busy is parked as soon as it is idle.
 ///
 /// nginx frees an idle connection's buffers at once, but its buffers come
 /// from a pool that costs nothing to refill; rebuilding a hyper connection
 /// costs a few allocations, which a client under load would pay on every
-/// request. After a second of silence the rebuild is noise, and idle
-/// connections (most of a large population) cost only their socket.
+/// request. So a client that sends its next request within this time of the
+/// last one ending is *busy*, and its connection lingers this long between
+/// requests before it is parked. Any other client (a new connection, one
+/// back after a pause) has its hyper state, 20 KiB with the read and write
+/// buffers, dropped as soon as its answer is out, as nginx does: otherwise
+/// a burst of 10,000 clients that each send one request holds 200 MB for a
+/// second, and the allocator's bookkeeping for that peak stays for good.
 pub(super) const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Whether a client whose connection was parked until `until` (its idle
+/// deadline) and sends now is busy: its previous request ended less than
+/// [`PARK_AFTER`] ago.
+pub(super) fn back_soon(until: Instant, idle: Duration) -> bool {
+    // now - (until - idle) < PARK_AFTER, without subtracting instants.
+    Instant::now() + idle < until + PARK_AFTER
+}
 
 /// What a client speaks, from its first bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -111,6 +128,9 @@ pub(super) struct TimedIo<S> {
     /// The reader was told "end of stream" to make hyper let go; the
     /// stream is still open.
     parked: bool,
+    /// Idle spells last [`PARK_AFTER`] before parking (a busy client), not
+    /// nothing.
+    linger: bool,
 }
 
 fn timed_out(what: &str) -> io::Error {
@@ -118,12 +138,14 @@ fn timed_out(what: &str) -> io::Error {
 }
 
 impl<S> TimedIo<S> {
-    /// Wrap a stream whose next request head is due by `head_by`.
+    /// Wrap a stream whose next request head is due by `head_by`; `linger`
+    /// for a busy client (see [`PARK_AFTER`]).
     pub(super) fn new(
         inner: S,
         activity: Arc<ConnActivity>,
         timeouts: ConnTimeouts,
         head_by: Instant,
+        linger: bool,
     ) -> TimedIo<S> {
         let deadline = head_by;
         TimedIo {
@@ -142,6 +164,7 @@ impl<S> TimedIo<S> {
             prefix: Bytes::new(),
             park_then: None,
             parked: false,
+            linger,
         }
     }
 
@@ -171,16 +194,28 @@ impl<S> TimedIo<S> {
         }
     }
 
-    /// Wait, holding nothing but the stream, until the client sends more.
-    /// `false`: it closed instead. Deadlines apply as to any read.
+    /// Wait while parked, holding nothing but the stream, until the client
+    /// sends more (and from then linger if it is busy). `false`: it closed
+    /// instead. Deadlines apply as to any read.
     pub(super) async fn wait_for_bytes(&mut self) -> io::Result<bool>
     where
         S: AsyncRead + Unpin,
     {
-        if !self.prefix.is_empty() {
-            return Ok(true);
+        // Bytes read ahead were pipelined behind the last request: busy.
+        let (back, busy) = if self.prefix.is_empty() {
+            let back = poll_fn(|cx| self.poll_fill(cx)).await?;
+            // Parked, the deadline is the idle one until a head begins.
+            (back, back && back_soon(self.deadline, self.timeouts.idle))
+        } else {
+            (true, true)
+        };
+        if busy != self.linger {
+            self.linger = busy;
+            if busy {
+                self.activity.quiet_end();
+            }
         }
-        poll_fn(|cx| self.poll_fill(cx)).await
+        Ok(back)
     }
 
     /// Read what the stream has into `prefix`; `false` at end of stream.
@@ -323,9 +358,22 @@ impl<S: AsyncRead + Unpin> TimedIo<S> {
     ) -> Poll<io::Result<()>> {
         let this = self;
         if this.activity.busy() {
+            let before = buf.filled().len();
             let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+            if !this.linger && buf.filled().len() > before {
+                // Sent while a request is in flight (its body, or the next
+                // request): hyper may hold part of a message when this one
+                // ends, which a withheld end of stream would cut short.
+                this.linger = true;
+                this.activity.quiet_end();
+            }
             if r.is_pending() {
                 this.keep_armed(cx);
+                // To be parked as soon as the request ends, which happens
+                // elsewhere (see the module's opening comment): be woken.
+                if !this.linger && !this.activity.wake_reader_at_end(cx.waker()) {
+                    cx.waker().wake_by_ref();
+                }
             }
             return r;
         }
@@ -339,7 +387,11 @@ impl<S: AsyncRead + Unpin> TimedIo<S> {
             this.park_then = None;
             if this.may_park() {
                 this.park_then = Some(this.deadline);
-                this.deadline = ended + PARK_AFTER;
+                this.deadline = if this.linger {
+                    ended + PARK_AFTER
+                } else {
+                    ended
+                };
             }
         }
         let before = buf.filled().len();
@@ -471,7 +523,12 @@ mod tests {
     const IDLE: Duration = Duration::from_secs(60);
     const SEND: Duration = Duration::from_secs(30);
 
+    /// A connection of a busy client (see [`PARK_AFTER`]).
     fn connection() -> (DuplexStream, TimedIo<DuplexStream>, Arc<ConnActivity>) {
+        connection_of(true)
+    }
+
+    fn connection_of(linger: bool) -> (DuplexStream, TimedIo<DuplexStream>, Arc<ConnActivity>) {
         let (client, server) = tokio::io::duplex(64);
         let m = Metrics::new();
         let limit = Arc::new(InflightLimit::new(
@@ -489,6 +546,7 @@ mod tests {
                 send: SEND,
             },
             Instant::now() + HEADER,
+            linger,
         );
         (client, io, activity)
     }
@@ -531,7 +589,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_idle_http1_connection_parks_after_a_second_and_closes_at_the_idle_timeout() {
+    async fn a_busy_clients_idle_connection_parks_after_a_second_and_closes_at_the_idle_timeout() {
         let (_client, mut io, activity) = connection();
         drop(activity.enter()); // a request came and went
         let t0 = Instant::now();
@@ -582,8 +640,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_first_request_parks_a_second_after_it_ends_not_at_the_header_deadline() {
-        let (mut client, mut io, activity) = connection();
+    async fn a_first_request_parks_once_it_ends_not_at_the_header_deadline() {
+        let (mut client, mut io, activity) = connection_of(false);
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         let (head_read, admitted) = (
             tokio::sync::oneshot::channel(),
@@ -602,6 +660,86 @@ mod tests {
         let ticket = activity.enter().ok();
         admitted.0.send(()).unwrap();
         ends_and_parks(read, ticket).await;
+    }
+
+    /// Parked: hyper is told to let go (an end of stream), and the mark
+    /// is taken.
+    async fn parks(io: &mut TimedIo<DuplexStream>) {
+        assert_eq!(io.read(&mut [0u8; 8]).await.unwrap(), 0, "hyper lets go");
+        assert!(io.unpark(Bytes::new()), "parked, not closed by the client");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_comes_and_goes_is_parked_as_soon_as_its_answer_is_out() {
+        let (_client, mut io, activity) = connection_of(false);
+        drop(activity.enter());
+        let t0 = Instant::now();
+        parks(&mut io).await;
+        assert_about(t0.elapsed(), Duration::ZERO);
+        closed_when_idle_times_out(&mut io).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_ending_elsewhere_wakes_a_reader_that_parks_at_once() {
+        let (_client, mut io, activity) = connection_of(false);
+        let ticket = activity.enter().ok();
+        let read = tokio::spawn(async move {
+            let n = io.read(&mut [0u8; 8]).await;
+            (n.unwrap(), Instant::now())
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!read.is_finished());
+        drop(ticket);
+        let t0 = Instant::now();
+        let (n, at) = read.await.unwrap();
+        assert_eq!(n, 0, "parked");
+        assert_about(at - t0, Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_back_within_a_second_is_busy_and_its_connection_lingers() {
+        let (mut client, mut io, activity) = connection_of(false);
+        drop(activity.enter());
+        parks(&mut io).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(io.wait_for_bytes().await.unwrap());
+        let mut buf = [0u8; 64];
+        assert!(io.read(&mut buf).await.unwrap() > 0);
+        drop(activity.enter());
+        let t0 = Instant::now();
+        parks(&mut io).await;
+        assert_about(t0.elapsed(), PARK_AFTER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_client_back_after_a_pause_is_parked_at_once_again() {
+        let (mut client, mut io, activity) = connection();
+        drop(activity.enter());
+        parks(&mut io).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(io.wait_for_bytes().await.unwrap());
+        let mut buf = [0u8; 64];
+        assert!(io.read(&mut buf).await.unwrap() > 0);
+        drop(activity.enter());
+        let t0 = Instant::now();
+        parks(&mut io).await;
+        assert_about(t0.elapsed(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_client_is_busy_if_it_sends_within_a_second_of_its_last_request() {
+        let idle = Duration::from_secs(60);
+        let now = Instant::now();
+        // Parked with the idle deadline `until`: its request ended at until - idle.
+        assert!(back_soon(now + idle, idle), "ended just now");
+        assert!(back_soon(now + idle - PARK_AFTER / 2, idle));
+        assert!(!back_soon(now + idle - PARK_AFTER, idle));
+        assert!(
+            !back_soon(now + Duration::from_secs(10), idle),
+            "ended 50 s ago"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,7 +2,7 @@
 //! text or over TLS (ALPN picks the protocol).
 
 use super::Proxy;
-use super::conn::{ConnTimeouts, Protocol, TimedIo};
+use super::conn::{self, ConnTimeouts, Protocol, TimedIo};
 use super::headers::{ClientInfo, HostMemo};
 use super::pipeline::{self, ClientConn, ConnActivity};
 use super::stall::StreamExecutor;
@@ -118,7 +118,9 @@ pub(super) async fn serve(
             match &tls {
                 None => {
                     let head_by = Instant::now() + timeouts.header_read;
-                    dispatch(&workers, stream, move |stream| conn.wait(stream, head_by));
+                    dispatch(&workers, stream, move |stream| {
+                        conn.wait(stream, head_by, false)
+                    });
                 }
                 Some(tls) => {
                     let tls = tls.clone();
@@ -131,7 +133,7 @@ pub(super) async fn serve(
                         match accepted {
                             Some(Ok(stream)) => {
                                 let head_by = Instant::now() + conn.builder.timeouts.header_read;
-                                conn.serve(stream, true, head_by, None).await;
+                                conn.serve(stream, true, head_by, None, false).await;
                             }
                             Some(Err(e)) => {
                                 conn.proxy().clients.handshake_failures.count(&e);
@@ -250,7 +252,7 @@ impl Connection {
     /// Wait, as a task that holds the socket and little else, until the
     /// client sends (then serve it, as a new task), closes, or lets `until`
     /// pass (then close: the header-read deadline of a connection that
-    /// never sent, the idle deadline of a parked one).
+    /// never sent, the idle deadline of a `parked` one).
     ///
     /// A task's size is fixed by its largest state, so a connection that
     /// waits inside the task that serves it costs as much as one being
@@ -265,7 +267,12 @@ impl Connection {
     // Not `async fn`: the declared `Send` breaks the cycle the compiler
     // cannot infer through (`wait` spawns `serve`, which spawns `wait`).
     #[allow(clippy::manual_async_fn)]
-    fn wait(self, stream: TcpStream, until: Instant) -> impl Future<Output = ()> + Send {
+    fn wait(
+        self,
+        stream: TcpStream,
+        until: Instant,
+        parked: bool,
+    ) -> impl Future<Output = ()> + Send {
         async move {
             let readable = {
                 tokio::select! {
@@ -288,15 +295,18 @@ impl Connection {
                 }
             };
             if readable {
-                let head_by = Instant::now() + self.builder.timeouts.header_read;
-                tokio::spawn(self.serve(stream, false, head_by, Some(park)));
+                let timeouts = self.builder.timeouts;
+                let busy = parked && conn::back_soon(until, timeouts.idle);
+                let head_by = Instant::now() + timeouts.header_read;
+                tokio::spawn(self.serve(stream, false, head_by, Some(park), busy));
             }
         }
     }
 
     /// Serve HTTP on `stream` until the client leaves, shutdown drains it,
     /// or (HTTP/1) it goes idle and is parked; its next request head is due
-    /// by `head_by`.
+    /// by `head_by`, and `busy` says whether the client is (see
+    /// [`conn::PARK_AFTER`]).
     ///
     /// Nothing of hyper's is built until the client's first bytes arrive,
     /// and an HTTP/1 connection that goes idle is parked (see `conn`): hyper
@@ -310,6 +320,7 @@ impl Connection {
         tls: bool,
         head_by: Instant,
         hand_off: HandOff<S>,
+        busy: bool,
     ) -> impl Future<Output = ()> + Send + use<S>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -322,7 +333,7 @@ impl Connection {
             hosts: HostMemo::default(),
         };
         let mut svc = pipeline::connection(&conn.proxy().pipeline, client, activity.clone());
-        let mut io = TimedIo::new(stream, activity, conn.builder.timeouts, head_by);
+        let mut io = TimedIo::new(stream, activity, conn.builder.timeouts, head_by, busy);
         async move {
             // Followed through a copy: `conn` stays whole to hand over.
             let mut watcher = pin!(conn.watcher.clone().follow());
@@ -345,14 +356,21 @@ impl Connection {
                     (Ok(Some(_)), _) => loop {
                         let mut http =
                             Box::new(conn.builder.http1.serve_connection(TokioIo::new(io), svc));
-                        if let Err(e) = watcher.as_mut().serve(Pin::new(&mut *http)).await {
-                            break Err(e.into());
-                        }
+                        let served = watcher.as_mut().serve(Pin::new(&mut *http)).await;
                         let parked = {
                             let parts = http.into_parts();
                             (io, svc) = (parts.io.into_inner(), parts.service);
                             io.unpark(parts.read_buf)
                         };
+                        match served {
+                            Ok(()) => {}
+                            // Parked with the next request's head begun (it
+                            // came with the last one): hyper took the end of
+                            // stream for the client's and gave up on the head,
+                            // whose bytes `unpark` kept for the next reader.
+                            Err(e) if parked && e.is_incomplete_message() => {}
+                            Err(e) => break Err(e.into()),
+                        }
                         if !parked || watcher.told() {
                             break Ok(());
                         }
@@ -382,7 +400,7 @@ impl Connection {
 
 /// Park a clear-text connection: a small task waits for its client.
 fn park(conn: Connection, stream: TcpStream, until: Instant) {
-    tokio::spawn(conn.wait(stream, until));
+    tokio::spawn(conn.wait(stream, until, true));
 }
 
 /// The answer to a connection over the cap.
@@ -459,7 +477,7 @@ mod tests {
             watcher: Drain::default().watcher(),
             peer,
         };
-        let waiting = conn.wait(stream, Instant::now() + Duration::from_secs(60));
+        let waiting = conn.wait(stream, Instant::now() + Duration::from_secs(60), true);
         let size = std::mem::size_of_val(&waiting);
         assert!(
             size <= 400,

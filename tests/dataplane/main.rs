@@ -7,6 +7,7 @@ mod support;
 
 mod headers;
 mod limits;
+mod parking;
 mod read_preference;
 mod retries;
 mod routing;

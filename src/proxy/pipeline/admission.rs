@@ -7,7 +7,8 @@
 //!
 //! The ticket also tells the connection's reader (`conn::TimedIo`) whether a
 //! request is in flight, which decides between the idle and the header-read
-//! deadline.
+//! deadline, and, for a connection to be parked once its request ends, wakes
+//! the reader when it does.
 
 use super::super::error::ProxyError;
 use super::{Failed, Forwarded, Inbound};
@@ -87,6 +88,9 @@ impl InflightLimit {
 /// What a connection's IO wrapper and its requests share.
 pub(crate) struct ConnActivity {
     active: AtomicUsize,
+    /// The reader asked to be woken when the last request in flight ends.
+    wake_at_end: AtomicBool,
+    reader: atomic_waker::AtomicWaker,
     /// When the last request ended, in nanoseconds after `born`; 0 before any.
     idle_since: AtomicU64,
     born: Instant,
@@ -104,7 +108,13 @@ impl Drop for Ticket {
         // idle also sees since when. At least 1: 0 means "no request yet".
         let now = u64::try_from(a.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
         a.idle_since.fetch_max(now.max(1), Ordering::Relaxed);
-        a.active.fetch_sub(1, Ordering::Release);
+        // SeqCst with `wake_reader_at_end`: each side writes one value and
+        // reads the other's, and one of them must see the other's write.
+        // On x86 this costs the busy path a plain load.
+        let was = a.active.fetch_sub(1, Ordering::SeqCst);
+        if was == 1 && a.wake_at_end.load(Ordering::SeqCst) {
+            a.reader.wake();
+        }
     }
 }
 
@@ -113,6 +123,8 @@ impl ConnActivity {
     pub(crate) fn new(limit: Arc<InflightLimit>) -> Arc<ConnActivity> {
         Arc::new(ConnActivity {
             active: AtomicUsize::new(0),
+            wake_at_end: AtomicBool::new(false),
+            reader: atomic_waker::AtomicWaker::new(),
             idle_since: AtomicU64::new(0),
             born: Instant::now(),
             limit,
@@ -120,23 +132,51 @@ impl ConnActivity {
     }
 
     /// Admit a request, or say why not.
+    #[cfg(test)]
     pub(crate) fn enter(self: &Arc<Self>) -> Result<Ticket, Refused> {
+        match self.ticket() {
+            (ticket, None) => Ok(ticket),
+            (_, Some(refused)) => Err(refused),
+        }
+    }
+
+    /// A request's ticket, and why it is refused, if it is. A refused
+    /// request's ticket is held by its answer like any other: the
+    /// connection's reader takes "no ticket out" to mean every answer has
+    /// been handed to hyper.
+    fn ticket(self: &Arc<Self>) -> (Ticket, Option<Refused>) {
         let l = &self.limit;
         let before = l.inflight.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::AcqRel);
         let ticket = Ticket(self.clone());
-        if before >= l.max.load(Ordering::Relaxed) {
-            Err(Refused::Inflight)
+        let refused = if before >= l.max.load(Ordering::Relaxed) {
+            Some(Refused::Inflight)
         } else if l.over_memory.load(Ordering::Relaxed) {
-            Err(Refused::Memory)
+            Some(Refused::Memory)
         } else {
-            Ok(ticket)
-        }
+            None
+        };
+        (ticket, refused)
     }
 
     /// Whether a request is in flight on the connection.
     pub(crate) fn busy(&self) -> bool {
         self.active.load(Ordering::Acquire) > 0
+    }
+
+    /// Wake `reader` when the requests in flight have ended, from then on.
+    /// `false`: they have already (nothing will wake it).
+    pub(crate) fn wake_reader_at_end(&self, reader: &std::task::Waker) -> bool {
+        self.reader.register(reader);
+        if !self.wake_at_end.load(Ordering::Relaxed) {
+            self.wake_at_end.store(true, Ordering::SeqCst);
+        }
+        self.active.load(Ordering::SeqCst) > 0
+    }
+
+    /// Stop waking the reader as requests end (it lingers after them).
+    pub(crate) fn quiet_end(&self) {
+        self.wake_at_end.store(false, Ordering::Relaxed);
     }
 
     /// When the last request ended (the raw stamp; compare with `born`).
@@ -193,14 +233,14 @@ where
 
     #[inline(always)] // see `respond`
     fn call(&mut self, mut inbound: Inbound<R>) -> Self::Future {
-        match self.activity.enter() {
-            Ok(ticket) => {
+        match self.activity.ticket() {
+            (ticket, None) => {
                 inbound.admitted = Some(ticket);
                 AdmissionFuture::Admitted {
                     inner: self.inner.call(inbound),
                 }
             }
-            Err(refused) => {
+            (ticket, Some(refused)) => {
                 let l = &self.activity.limit;
                 let reason = match refused {
                     Refused::Inflight => {
@@ -213,9 +253,12 @@ where
                     }
                 };
                 AdmissionFuture::Shed {
-                    error: Some(ProxyError::Overloaded {
-                        reason,
-                        partition: None,
+                    failed: Some(Failed {
+                        admitted: Some(ticket),
+                        ..Failed::early(ProxyError::Overloaded {
+                            reason,
+                            partition: None,
+                        })
                     }),
                 }
             }
@@ -228,7 +271,7 @@ pin_project_lite::pin_project! {
     #[project = Projected]
     pub(crate) enum AdmissionFuture<F> {
         Admitted { #[pin] inner: F },
-        Shed { error: Option<ProxyError> },
+        Shed { failed: Option<Failed> },
     }
 }
 
@@ -242,8 +285,8 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             Projected::Admitted { inner } => inner.poll(cx),
-            Projected::Shed { error } => match error.take() {
-                Some(e) => Poll::Ready(Err(Failed::early(e))),
+            Projected::Shed { failed } => match failed.take() {
+                Some(f) => Poll::Ready(Err(f)),
                 None => Poll::Pending, // polled after completion
             },
         }
@@ -313,6 +356,47 @@ mod layer_tests {
     use crate::telemetry::Metrics;
     use http::Response;
 
+    /// The connection's reader parks an idle connection as soon as no
+    /// ticket is out, and takes that to mean every answer is in hyper's
+    /// hands: the proxy's own answers hold their ticket too.
+    #[tokio::test]
+    async fn the_proxys_own_answers_keep_their_connection_busy_until_their_body_is_done() {
+        use super::super::respond::RespondLayer;
+        use crate::proxy::body::ProxyBody;
+        use http_body_util::BodyExt;
+        let m = Metrics::new();
+        let limit = Arc::new(InflightLimit::new(
+            1,
+            m.counter("shed", &[]),
+            m.counter("memory", &[]),
+        ));
+        let conn = ConnActivity::new(limit.clone());
+        // A stage that refuses every request, handing the ticket back as
+        // `route` does.
+        let mut svc = RespondLayer::new(Arc::new(AtomicBool::new(false))).layer(
+            AdmissionLayer::new(conn.clone()).layer(tower::service_fn(|mut i: Inbound<()>| {
+                let admitted = i.admitted.take();
+                async move {
+                    Err::<Forwarded<ProxyBody>, _>(Failed {
+                        admitted,
+                        ..Failed::early(ProxyError::NoTopology)
+                    })
+                }
+            })),
+        );
+        let refused = svc.call(inbound(http::Request::new(()))).await.unwrap();
+        assert_eq!(refused.status(), 503);
+        assert!(conn.busy(), "the answer's body holds the ticket");
+        // Shed while the first answer is out: its answer holds one too.
+        let shed = svc.call(inbound(http::Request::new(()))).await.unwrap();
+        assert_eq!(shed.status(), 503);
+        drop(refused.into_body().collect().await.unwrap());
+        assert!(conn.busy(), "the shed answer is not written yet");
+        drop(shed.into_body().collect().await.unwrap());
+        assert!(!conn.busy());
+        assert_eq!(limit.inflight(), 0);
+    }
+
     #[tokio::test]
     async fn an_admitted_request_carries_the_ticket_that_holds_its_place_and_the_next_is_shed() {
         let m = Metrics::new();
@@ -342,7 +426,9 @@ mod layer_tests {
             m.render()
                 .contains(r#"shardgate_load_shed_total{reason="inflight"} 1"#)
         );
-        drop(first);
+        // The shed request's answer holds its ticket until it is written.
+        assert!(shed.admitted.is_some());
+        drop((first, shed));
         assert_eq!(limit.inflight(), 0, "the place is freed with the body");
         assert!(!conn.busy());
     }

@@ -102,14 +102,23 @@ pub(crate) struct Forwarded<B> {
 pub(crate) struct Failed {
     pub(crate) error: ProxyError,
     pub(crate) trail: Trail,
+    /// Its admission ticket, for the answer's body to hold (`respond`
+    /// puts it there; the forwarding stage hands it back with the failure).
+    pub(crate) admitted: Option<Ticket>,
 }
 
 impl Failed {
     /// `error`, before any partition was chosen.
     pub(crate) fn early(error: ProxyError) -> Failed {
+        Failed::at(error, Trail::default())
+    }
+
+    /// `error`, after the stages that left `trail`.
+    pub(crate) fn at(error: ProxyError, trail: Trail) -> Failed {
         Failed {
             error,
-            trail: Trail::default(),
+            trail,
+            admitted: None,
         }
     }
 }

@@ -325,6 +325,7 @@ mod tests {
         let mut svc =
             ObserveLayer::new(unrouted, None).layer(tower::service_fn(|_: Inbound<()>| async {
                 Err::<Forwarded<()>, _>(Failed {
+                    admitted: None,
                     error: ProxyError::MissingShardKey("no x-shard-key".into()),
                     // An upstream was tried before the proxy gave up.
                     trail: Trail {

@@ -98,7 +98,10 @@ where
         let this = self.project();
         let mut response = match ready!(this.inner.poll(cx)) {
             Ok(forwarded) => forwarded.response,
-            Err(failed) => failed.error.to_response().map(B::from),
+            Err(failed) => failed
+                .error
+                .to_response()
+                .map(|body| B::from(body.holding(failed.admitted))),
         };
         if *this.close {
             response
@@ -118,6 +121,7 @@ mod tests {
     #[tokio::test]
     async fn a_failure_becomes_the_spec_answer() {
         let failed = Failed {
+            admitted: None,
             error: ProxyError::Overloaded {
                 reason: "too many requests in flight",
                 partition: Some(3),

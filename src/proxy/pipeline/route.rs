@@ -130,21 +130,35 @@ impl Route {
 
     /// Forward one request; never fails to produce a result.
     #[inline(always)] // see `observe`
+    ///
+    /// The admission ticket goes with the answer, whoever writes it: the
+    /// upstream's (`respond::reply`) or the proxy's own (with the failure).
     pub(crate) fn call(
         &self,
-        b: Bounded,
+        mut b: Bounded,
     ) -> RouteFuture<impl Future<Output = Result<Forwarded<ProxyBody>, Failed>> + Send + use<>>
     {
+        let admitted = b.inbound.admitted.take();
         match self.route(b) {
             Err(error) => RouteFuture::Refused {
-                failed: Some(Failed::early(error)),
+                failed: Some(Failed {
+                    admitted,
+                    ..Failed::early(error)
+                }),
             },
             Ok(mut routed) => {
+                routed.admitted = admitted;
                 let fwd = self.fwd.clone();
                 RouteFuture::Forwarding {
                     inner: async move {
-                        let forward = pin!(forward(&fwd, &mut routed));
-                        forward.await
+                        let forwarded = {
+                            let forward = pin!(forward(&fwd, &mut routed));
+                            forward.await
+                        };
+                        forwarded.map_err(|failed| Failed {
+                            admitted: routed.admitted.take(),
+                            ..failed
+                        })
                     },
                 }
             }
@@ -166,7 +180,7 @@ impl Route {
                     snapshot,
                     arrived,
                     trace,
-                    admitted,
+                    admitted: _,
                 },
             deadline,
         } = b;
@@ -205,7 +219,7 @@ impl Route {
             deadline,
             trace_id: trace.0.trace_id,
             snapshot,
-            admitted,
+            admitted: None,
         })
     }
 }
@@ -245,15 +259,12 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
         let newer = {
             let snapshot = &r.snapshot;
             let Some(table) = snapshot.table.as_deref() else {
-                return Err(Failed {
-                    error: ProxyError::NoTopology,
-                    trail,
-                });
+                return Err(Failed::at(ProxyError::NoTopology, trail));
             };
             // 2. placement
             let partition = match placement::place(table, r.placement) {
                 Ok(p) => p,
-                Err(error) => return Err(Failed { error, trail }),
+                Err(error) => return Err(Failed::at(error, trail)),
             };
             trail.partition = Some((partition.index, partition.metrics.clone()));
             // 3. plan
@@ -265,7 +276,7 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                     if let ProxyError::NoFreshReplica { why, .. } = error {
                         fwd.metrics.replica_reads.unfit(why);
                     }
-                    return Err(Failed { error, trail });
+                    return Err(Failed::at(error, trail));
                 }
             };
             fwd.metrics.replica_reads.passed_over(&plan.passed_over);
@@ -359,10 +370,10 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                             .and_then(|w| Some((w, fwd.holds.try_hold()?)));
                         match slot {
                             Some((w, slot)) => (Wait::Failover { error, _slot: slot }, w),
-                            None => return Err(Failed { error, trail }),
+                            None => return Err(Failed::at(error, trail)),
                         }
                     }
-                    Err(error) => return Err(Failed { error, trail }),
+                    Err(error) => return Err(Failed::at(error, trail)),
                 }
             };
             match (fwd.live.newer_than(w.above, w.until).await, wait) {
@@ -383,7 +394,7 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                     answer.trail.answered = None;
                     return Ok(answer);
                 }
-                (None, Wait::Failover { error, .. }) => return Err(Failed { error, trail }),
+                (None, Wait::Failover { error, .. }) => return Err(Failed::at(error, trail)),
             }
         };
         if let Some(t) = newer.table.as_deref() {

@@ -151,14 +151,15 @@ impl Route {
                 let fwd = self.fwd.clone();
                 RouteFuture::Forwarding {
                     inner: async move {
-                        let forwarded = {
+                        let mut forwarded = {
                             let forward = pin!(forward(&fwd, &mut routed));
                             forward.await
                         };
-                        forwarded.map_err(|failed| Failed {
-                            admitted: routed.admitted.take(),
-                            ..failed
-                        })
+                        // In place: a rebuilt result is a copy per request.
+                        if let Err(failed) = &mut forwarded {
+                            failed.admitted = routed.admitted.take();
+                        }
+                        forwarded
                     },
                 }
             }

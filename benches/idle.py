@@ -58,7 +58,7 @@ def settled_rss(pid, seconds, target=None):
     """RSS once it has not moved by more than 0.2 % for 12 s (or has reached
     `target`), polled for up to `seconds`: allocators give memory back over
     seconds (jemalloc's default decay spreads it over 10 s, starting a few
-    seconds after the free), and shardgate parks idle connections after one."""
+    seconds after the free), and shardgate parks an idle busy connection after one."""
     deadline = time.monotonic() + seconds
     history = [rss_kib(pid)]
     while time.monotonic() < deadline:

@@ -609,22 +609,26 @@ mod tests {
 
     /// With a read pending in its own task (polled again only when woken,
     /// as hyper's is) and `ticket` in flight: end the request elsewhere, as
-    /// hyper's write path does, which wakes nothing, and assert the reader
-    /// still parks within two seconds.
+    /// hyper's write path does, and return how long the reader then took to
+    /// park.
     async fn ends_and_parks(
         read: tokio::task::JoinHandle<(usize, Instant)>,
         ticket: Option<Ticket>,
-    ) {
+    ) -> Duration {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!read.is_finished());
         drop(ticket);
         let t0 = Instant::now();
         let (n, at) = read.await.unwrap();
         assert_eq!(n, 0, "parked");
+        at - t0
+    }
+
+    /// Within two seconds of the request's end, not at the header deadline.
+    fn soon_enough(took: Duration) {
         assert!(
-            at - t0 <= 2 * PARK_AFTER,
-            "parked {:?} after the request ended; the header deadline is {HEADER:?}",
-            at - t0
+            took <= 2 * PARK_AFTER,
+            "parked {took:?} after the request ended; the header deadline is {HEADER:?}"
         );
     }
 
@@ -636,7 +640,7 @@ mod tests {
             let n = io.read(&mut [0u8; 8]).await;
             (n.unwrap(), Instant::now())
         });
-        ends_and_parks(read, ticket).await;
+        soon_enough(ends_and_parks(read, ticket).await);
     }
 
     #[tokio::test(start_paused = true)]
@@ -659,7 +663,7 @@ mod tests {
         head_read.1.await.unwrap();
         let ticket = activity.enter().ok();
         admitted.0.send(()).unwrap();
-        ends_and_parks(read, ticket).await;
+        soon_enough(ends_and_parks(read, ticket).await);
     }
 
     /// Parked: hyper is told to let go (an end of stream), and the mark
@@ -687,45 +691,37 @@ mod tests {
             let n = io.read(&mut [0u8; 8]).await;
             (n.unwrap(), Instant::now())
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!read.is_finished());
-        drop(ticket);
+        assert_about(ends_and_parks(read, ticket).await, Duration::ZERO);
+    }
+
+    /// A request comes and goes on a connection that lingers or not; its
+    /// client is back `after` the connection parks, with its next request,
+    /// which comes and goes too. How long, after that, until it parks again.
+    async fn parks_again_after(linger: bool, after: Duration) -> Duration {
+        let (mut client, mut io, activity) = connection_of(linger);
+        drop(activity.enter());
+        parks(&mut io).await;
+        tokio::time::sleep(after).await;
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(io.wait_for_bytes().await.unwrap());
+        let mut buf = [0u8; 64];
+        assert!(io.read(&mut buf).await.unwrap() > 0);
+        drop(activity.enter());
         let t0 = Instant::now();
-        let (n, at) = read.await.unwrap();
-        assert_eq!(n, 0, "parked");
-        assert_about(at - t0, Duration::ZERO);
+        parks(&mut io).await;
+        t0.elapsed()
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_client_back_within_a_second_is_busy_and_its_connection_lingers() {
-        let (mut client, mut io, activity) = connection_of(false);
-        drop(activity.enter());
-        parks(&mut io).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        assert!(io.wait_for_bytes().await.unwrap());
-        let mut buf = [0u8; 64];
-        assert!(io.read(&mut buf).await.unwrap() > 0);
-        drop(activity.enter());
-        let t0 = Instant::now();
-        parks(&mut io).await;
-        assert_about(t0.elapsed(), PARK_AFTER);
+        let took = parks_again_after(false, Duration::from_millis(300)).await;
+        assert_about(took, PARK_AFTER);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_busy_client_back_after_a_pause_is_parked_at_once_again() {
-        let (mut client, mut io, activity) = connection();
-        drop(activity.enter());
-        parks(&mut io).await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        assert!(io.wait_for_bytes().await.unwrap());
-        let mut buf = [0u8; 64];
-        assert!(io.read(&mut buf).await.unwrap() > 0);
-        drop(activity.enter());
-        let t0 = Instant::now();
-        parks(&mut io).await;
-        assert_about(t0.elapsed(), Duration::ZERO);
+        let took = parks_again_after(true, Duration::from_secs(5)).await;
+        assert_about(took, Duration::ZERO);
     }
 
     #[test]

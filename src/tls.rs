@@ -418,6 +418,22 @@ pub enum ClientStream {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+impl ClientStream {
+    /// Whether the peer has sent nothing (no bytes, no close) that the
+    /// socket has been told of; never waits. A peek at the TCP socket, so
+    /// for TLS a close_notify counts as "something sent".
+    pub fn is_quiet(&self) -> bool {
+        let tcp = match self {
+            ClientStream::Plain(s) => s,
+            ClientStream::Tls(s) => s.get_ref().0,
+        };
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        tcp.poll_peek(&mut Context::from_waker(std::task::Waker::noop()), &mut buf)
+            .is_pending()
+    }
+}
+
 impl AsyncRead for ClientStream {
     fn poll_read(
         self: Pin<&mut Self>,

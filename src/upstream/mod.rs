@@ -381,6 +381,8 @@ mod tests {
     use std::convert::Infallible;
     use std::sync::atomic::AtomicU64;
     use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::Notify;
 
     fn settings(max_idle: usize) -> UpstreamSettings {
         UpstreamSettings {
@@ -495,6 +497,74 @@ mod tests {
         );
         assert_eq!(closed.load(Ordering::SeqCst), 2);
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_for_a_while_is_parked_and_serves_again_on_its_socket() {
+        let (addr, accepted) = node(false).await;
+        let u = factory(4).make(addr);
+        get(&u, Instant::now()).await;
+        u.pool().sweep_at(Instant::now());
+        assert_eq!(u.pool().parked_count(), 0, "just used: kept whole");
+        u.pool().sweep_at(Instant::now() + Duration::from_secs(2));
+        assert_eq!(u.pool().parked_count(), 1, "idle a while: parked");
+        assert!(get(&u, Instant::now()).await, "the parked socket is reused");
+        assert!(get(&u, Instant::now()).await, "and pooled again whole");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// A node that answers each connection's first request, then, once told
+    /// (`hang_up`), sends `farewell` and closes it without having said it
+    /// would (as a restarting node does); `gone` fires when it has.
+    async fn node_that_hangs_up(farewell: &'static [u8]) -> (SocketAddr, Arc<Notify>, Arc<Notify>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (hang_up, gone) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let (told, telling) = (hang_up.clone(), gone.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (told, telling) = (told.clone(), telling.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    stream.write_all(ok).await.unwrap();
+                    told.notified().await;
+                    let _ = stream.write_all(farewell).await;
+                    drop(stream);
+                    telling.notify_one();
+                });
+            }
+        });
+        (addr, hang_up, gone)
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_its_node_closed_or_spoke_on_is_replaced_unseen() {
+        for farewell in [&b""[..], b"HTTP/1.1 408 Request Timeout\r\n\r\n"] {
+            let (addr, hang_up, gone) = node_that_hangs_up(farewell).await;
+            let u = factory(4).make(addr);
+            get(&u, Instant::now()).await;
+            u.pool().sweep_at(Instant::now() + Duration::from_secs(2));
+            assert_eq!(u.pool().parked_count(), 1);
+            hang_up.notify_one();
+            gone.notified().await;
+            // Let the runtime take in the socket's news (a yield polls the
+            // IO driver).
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert!(
+                !get(&u, Instant::now()).await,
+                "a new connection answers, and the request does not fail"
+            );
+        }
     }
 
     #[tokio::test]

@@ -554,6 +554,80 @@ async fn an_http2_stream_granted_no_window_is_reset_at_the_send_timeout() {
 }
 
 #[tokio::test]
+async fn an_http2_stream_whose_last_bytes_wait_for_a_window_is_still_reset_at_the_send_timeout() {
+    // The whole body arrives in one piece and is more than the client's
+    // window: the proxy hands its last chunk to HTTP/2 while part of the
+    // window is open, and (before the fix) was done with the stream, so
+    // nothing timed the client that never granted the rest.
+    // With a length, and chunked (whose end shows only after its last
+    // chunk); more than is sent whole as a copy, and less than hyper's first
+    // read of an upstream (8 KiB), so that it arrives as one chunk.
+    for (up, heads) in [
+        big_body_upstream(6 * 1024).await,
+        chunked_body_upstream(6 * 1024).await,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = proxy_config(
+            dir.path(),
+            up,
+            "[limits]\nsend_timeout = \"1s\"\n[timeouts]\noverall = \"60s\"\n",
+        );
+        let proxy = measured_proxy(&config).await;
+        let mut sender = h2_connection(proxy.addr, 1024).await;
+        let resp = sender.send_request(big_get(&proxy, 1)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(heads.load(Ordering::SeqCst), 1);
+        eventually(
+            Duration::from_secs(10),
+            "the stream is cut or given up",
+            || async { metric(proxy.admin, "shardgate_inflight_requests").await == 0.0 },
+        )
+        .await;
+        use http_body_util::BodyExt;
+        let read = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+            .await
+            .map(|r| r.map(|body| body.to_bytes().len()));
+        assert!(
+            matches!(read, Ok(Err(_))),
+            "the stream was reset at the send timeout, not left for the client to finish: {read:?}"
+        );
+    }
+}
+
+/// An upstream answering `GET /big` with `len` bytes in one chunk of chunked
+/// encoding, written at once with its head and end.
+async fn chunked_body_upstream(len: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let counted = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let (head, _) = read_until(&mut s, Duration::from_secs(60), |b| {
+                    b.windows(4).any(|w| w == b"\r\n\r\n")
+                })
+                .await;
+                if !head.starts_with(b"GET /big ") {
+                    return;
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut answer =
+                    format!("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{len:x}\r\n")
+                        .into_bytes();
+                answer.resize(answer.len() + len, b'c');
+                answer.extend_from_slice(b"\r\n0\r\n\r\n");
+                let _ = s.write_all(&answer).await;
+                // Held open: the proxy may pool the connection.
+                let _ = read_until(&mut s, Duration::from_secs(60), |_| false).await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test]
 async fn over_its_memory_bound_the_proxy_refuses_new_requests_until_memory_is_back() {
     const BOUND: u64 = 24 * 1024 * 1024;
     let (up, _) = big_body_upstream(256 * 1024 * 1024).await;

@@ -198,6 +198,7 @@ fn upstreams(proxy: &Proxy) -> Response<ProxyBody> {
                 "inflight": u.inflight(),
                 "latency_ms": u.latency().estimate().as_secs_f64() * 1000.0,
                 "idle_connections": u.pool().idle_count(),
+                "parked_connections": u.pool().parked_count(),
                 "failures_last_minute": u.recent_failures(),
             })
         })

@@ -413,8 +413,7 @@ impl Pool {
         self.sweep(now);
     }
 
-    /// Idle connections parked (tests).
-    #[cfg(test)]
+    /// Idle connections currently parked (of [`Pool::idle_count`]).
     pub fn parked_count(&self) -> usize {
         (0..SHARDS)
             .map(|i| {

@@ -420,6 +420,54 @@ async fn upstream_tls_reaches_nodes_with_certificates_from_the_configured_ca_and
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_tls_upstream_connection_serves_again_on_its_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = Pki::new(dir.path(), "nodes");
+    let node = nodes.server("node-ip", &["127.0.0.1"]);
+    let up = Upstream::start_tls("secure", &node.cert, &node.key).await;
+    let upstream = format!(
+        "[upstream]\ntls = true\ntls_ca = {:?}\n",
+        nodes.ca_path.to_str().unwrap()
+    );
+    let proxy = TestProxy::start(&one_node(&up), &upstream).await;
+    let c = client();
+    let a = get_key(&c, &proxy.url("/kv/x"), "k1").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    // Idle for over a second, the pooled connection is parked by the next
+    // housekeeping sweep (every 5 s): hyper's state goes, the TLS session stays.
+    let pool = |field: &'static str| {
+        let admin = proxy.admin;
+        async move {
+            admin_get(admin, "/admin/upstreams").await.json()["upstreams"][0][field]
+                .as_u64()
+                .unwrap_or(0)
+        }
+    };
+    eventually(
+        Duration::from_secs(15),
+        "the idle connection is parked",
+        || async { pool("parked_connections").await == 1 },
+    )
+    .await;
+    let b = get_key(&c, &proxy.url("/kv/x"), "k2").await;
+    assert_eq!(b.status, 200, "{}", b.text());
+    assert_eq!(b.text(), "secure");
+    assert_eq!(up.requests(), 2);
+    assert_eq!(
+        up.connections_accepted(),
+        1,
+        "the parked session was used again"
+    );
+    assert_eq!(
+        pool("parked_connections").await,
+        0,
+        "and pooled whole again"
+    );
+    assert_eq!(pool("idle_connections").await, 1);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_tls_refuses_a_node_whose_certificate_is_not_from_the_configured_ca() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = Pki::new(dir.path(), "nodes");

@@ -195,12 +195,17 @@ mod tests {
         (buffer.slice(100..100 + len), buffer)
     }
 
+    /// Whether a chunk of `len` bytes is sent as it came, the same slice whole.
+    fn goes_as_it_came(len: usize, maybe_last: bool) -> bool {
+        let (chunk, _) = slice_of_read_buffer(len);
+        let (now, held) = last_chunk(chunk.clone(), maybe_last);
+        now.as_ptr() == chunk.as_ptr() && now.len() == len && held.is_none()
+    }
+
     #[test]
     fn a_chunk_that_is_not_the_last_goes_as_it_came() {
-        let (chunk, _) = slice_of_read_buffer(10_000);
-        let (now, held) = last_chunk(chunk.clone(), false);
-        assert_eq!(now.as_ptr(), chunk.as_ptr());
-        assert!(held.is_none());
+        assert!(goes_as_it_came(10_000, false));
+        assert!(goes_as_it_came(SMALL_TAIL, false));
     }
 
     #[test]
@@ -224,9 +229,6 @@ mod tests {
 
     #[test]
     fn one_byte_needs_no_care() {
-        let (chunk, _) = slice_of_read_buffer(1);
-        let (now, held) = last_chunk(chunk.clone(), true);
-        assert_eq!(now.as_ptr(), chunk.as_ptr());
-        assert!(held.is_none());
+        assert!(goes_as_it_came(1, true));
     }
 }

@@ -393,6 +393,20 @@ async fn an_idle_keep_alive_connection_costs_little_more_than_its_socket() {
 /// as the proxy takes them, and anything else with two. Counts the request
 /// heads for `/big` it has seen.
 async fn big_body_upstream(len: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    body_upstream(len, Framing::Length).await
+}
+
+/// How [`body_upstream`] frames its answer to `GET /big`.
+#[derive(Clone, Copy)]
+enum Framing {
+    /// `content-length`, the body streamed in 64 KiB writes.
+    Length,
+    /// One chunk of chunked encoding, written at once with the head and the
+    /// end; the connection is then held open.
+    Chunked,
+}
+
+async fn body_upstream(len: usize, framing: Framing) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let heads = Arc::new(AtomicUsize::new(0));
@@ -415,16 +429,28 @@ async fn big_body_upstream(len: usize) -> (std::net::SocketAddr, Arc<AtomicUsize
                     return;
                 }
                 counted.fetch_add(1, Ordering::SeqCst);
-                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
-                s.write_all(answer.as_bytes()).await.unwrap_or(());
-                let chunk = vec![b'b'; 64 * 1024];
-                let mut left = len;
-                while left > 0 {
-                    let n = left.min(chunk.len());
-                    if s.write_all(&chunk[..n]).await.is_err() {
-                        return;
+                match framing {
+                    Framing::Length => {
+                        let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                        s.write_all(answer.as_bytes()).await.unwrap_or(());
+                        let chunk = vec![b'b'; 64 * 1024];
+                        let mut left = len;
+                        while left > 0 {
+                            let n = left.min(chunk.len());
+                            if s.write_all(&chunk[..n]).await.is_err() {
+                                return;
+                            }
+                            left -= n;
+                        }
                     }
-                    left -= n;
+                    Framing::Chunked => {
+                        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                        let mut answer = format!("{head}{len:x}\r\n").into_bytes();
+                        answer.resize(answer.len() + len, b'c');
+                        answer.extend_from_slice(b"\r\n0\r\n\r\n");
+                        let _ = s.write_all(&answer).await;
+                        let _ = read_until(&mut s, Duration::from_secs(60), |_| false).await;
+                    }
                 }
             });
         }
@@ -497,16 +523,18 @@ fn big_get(proxy: &BinProxy, key: usize) -> http::Request<http_body_util::Empty<
         .unwrap()
 }
 
+/// A proxy in front of `up` that cuts a client accepting nothing after one
+/// second, long before its requests' overall deadline.
+async fn quick_send_timeout_proxy(dir: &std::path::Path, up: std::net::SocketAddr) -> BinProxy {
+    let limits = "[limits]\nsend_timeout = \"1s\"\n[timeouts]\noverall = \"60s\"\n";
+    measured_proxy(&proxy_config(dir, up, limits)).await
+}
+
 #[tokio::test]
 async fn an_http2_stream_granted_no_window_is_reset_at_the_send_timeout() {
     let (up, heads) = big_body_upstream(256 * 1024 * 1024).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = proxy_config(
-        dir.path(),
-        up,
-        "[limits]\nsend_timeout = \"1s\"\n[timeouts]\noverall = \"60s\"\n",
-    );
-    let proxy = measured_proxy(&config).await;
+    let proxy = quick_send_timeout_proxy(dir.path(), up).await;
     let mut sender = h2_connection(proxy.addr, 16 * 1024).await;
     // Streams whose client never reads: their window runs out at 16 KiB.
     let mut stalled = Vec::new();
@@ -562,15 +590,10 @@ async fn an_http2_stream_whose_last_bytes_wait_for_a_window_is_still_reset_at_th
     // read of an upstream (8 KiB), so that it arrives as one chunk.
     for (up, heads) in [
         big_body_upstream(6 * 1024).await,
-        chunked_body_upstream(6 * 1024).await,
+        body_upstream(6 * 1024, Framing::Chunked).await,
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let config = proxy_config(
-            dir.path(),
-            up,
-            "[limits]\nsend_timeout = \"1s\"\n[timeouts]\noverall = \"60s\"\n",
-        );
-        let proxy = measured_proxy(&config).await;
+        let proxy = quick_send_timeout_proxy(dir.path(), up).await;
         let mut sender = h2_connection(proxy.addr, 1024).await;
         let resp = sender.send_request(big_get(&proxy, 1)).await.unwrap();
         assert_eq!(resp.status(), 200);
@@ -590,39 +613,6 @@ async fn an_http2_stream_whose_last_bytes_wait_for_a_window_is_still_reset_at_th
             "the stream was reset at the send timeout, not left for the client to finish: {read:?}"
         );
     }
-}
-
-/// An upstream answering `GET /big` with `len` bytes in one chunk of chunked
-/// encoding, written at once with its head and end.
-async fn chunked_body_upstream(len: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let heads = Arc::new(AtomicUsize::new(0));
-    let counted = heads.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let (head, _) = read_until(&mut s, Duration::from_secs(60), |b| {
-                    b.windows(4).any(|w| w == b"\r\n\r\n")
-                })
-                .await;
-                if !head.starts_with(b"GET /big ") {
-                    return;
-                }
-                counted.fetch_add(1, Ordering::SeqCst);
-                let mut answer =
-                    format!("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{len:x}\r\n")
-                        .into_bytes();
-                answer.resize(answer.len() + len, b'c');
-                answer.extend_from_slice(b"\r\n0\r\n\r\n");
-                let _ = s.write_all(&answer).await;
-                // Held open: the proxy may pool the connection.
-                let _ = read_until(&mut s, Duration::from_secs(60), |_| false).await;
-            });
-        }
-    });
-    (addr, heads)
 }
 
 #[tokio::test]

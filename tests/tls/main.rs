@@ -386,17 +386,24 @@ async fn mtls_refuses_clients_without_a_certificate_from_the_configured_ca() {
     proxy.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_tls_reaches_nodes_with_certificates_from_the_configured_ca_and_pools_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = Pki::new(dir.path(), "nodes");
-    // Verified against the node's IP by default...
+/// A node answering "secure" over TLS with a certificate for 127.0.0.1 from
+/// the `nodes` CA, and the `[upstream]` settings that trust that CA.
+async fn tls_node(nodes: &Pki) -> (Upstream, String) {
     let by_ip = nodes.server("node-ip", &["127.0.0.1"]);
     let up = Upstream::start_tls("secure", &by_ip.cert, &by_ip.key).await;
     let upstream = format!(
         "[upstream]\ntls = true\ntls_ca = {:?}\n",
         nodes.ca_path.to_str().unwrap()
     );
+    (up, upstream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_reaches_nodes_with_certificates_from_the_configured_ca_and_pools_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = Pki::new(dir.path(), "nodes");
+    // Verified against the node's IP by default...
+    let (up, upstream) = tls_node(&nodes).await;
     let proxy = TestProxy::start(&one_node(&up), &upstream).await;
     let c = client();
     for i in 0..3 {
@@ -423,12 +430,7 @@ async fn upstream_tls_reaches_nodes_with_certificates_from_the_configured_ca_and
 async fn a_parked_tls_upstream_connection_serves_again_on_its_session() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = Pki::new(dir.path(), "nodes");
-    let node = nodes.server("node-ip", &["127.0.0.1"]);
-    let up = Upstream::start_tls("secure", &node.cert, &node.key).await;
-    let upstream = format!(
-        "[upstream]\ntls = true\ntls_ca = {:?}\n",
-        nodes.ca_path.to_str().unwrap()
-    );
+    let (up, upstream) = tls_node(&nodes).await;
     let proxy = TestProxy::start(&one_node(&up), &upstream).await;
     let c = client();
     let a = get_key(&c, &proxy.url("/kv/x"), "k1").await;

@@ -192,13 +192,14 @@ fn upstreams(proxy: &Proxy) -> Response<ProxyBody> {
         .iter()
         .flat_map(|t| t.upstreams())
         .map(|u| {
+            let (idle, parked) = u.pool().idle_counts();
             json!({
                 "address": &**u.label(),
                 "breaker": u.breaker().state().as_str(),
                 "inflight": u.inflight(),
                 "latency_ms": u.latency().estimate().as_secs_f64() * 1000.0,
-                "idle_connections": u.pool().idle_count(),
-                "parked_connections": u.pool().parked_count(),
+                "idle_connections": idle,
+                "parked_connections": parked,
                 "failures_last_minute": u.recent_failures(),
             })
         })

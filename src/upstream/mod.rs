@@ -505,9 +505,9 @@ mod tests {
         let u = factory(4).make(addr);
         get(&u, Instant::now()).await;
         u.pool().sweep_at(Instant::now());
-        assert_eq!(u.pool().parked_count(), 0, "just used: kept whole");
+        assert_eq!(u.pool().idle_counts().1, 0, "just used: kept whole");
         u.pool().sweep_at(Instant::now() + Duration::from_secs(2));
-        assert_eq!(u.pool().parked_count(), 1, "idle a while: parked");
+        assert_eq!(u.pool().idle_counts().1, 1, "idle a while: parked");
         assert!(get(&u, Instant::now()).await, "the parked socket is reused");
         assert!(get(&u, Instant::now()).await, "and pooled again whole");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -552,7 +552,7 @@ mod tests {
             let u = factory(4).make(addr);
             get(&u, Instant::now()).await;
             u.pool().sweep_at(Instant::now() + Duration::from_secs(2));
-            assert_eq!(u.pool().parked_count(), 1);
+            assert_eq!(u.pool().idle_counts().1, 1);
             hang_up.notify_one();
             gone.notified().await;
             // Let the runtime take in the socket's news (a yield polls the

@@ -248,7 +248,21 @@ impl Pool {
 
     /// Idle connections currently held.
     pub fn idle_count(&self) -> usize {
-        (0..SHARDS).map(|i| self.shard(i).len()).sum()
+        self.idle_counts().0
+    }
+
+    /// Idle connections currently held, and how many of them are parked.
+    pub fn idle_counts(&self) -> (usize, usize) {
+        (0..SHARDS)
+            .map(|i| {
+                let shard = self.shard(i);
+                let parked = shard
+                    .iter()
+                    .filter(|i| matches!(i.kept, Kept::Parked(_)))
+                    .count();
+                (shard.len(), parked)
+            })
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
     }
 
     /// A connection ready for a request: the most recently used idle one that
@@ -411,17 +425,5 @@ impl Pool {
     #[cfg(test)]
     pub fn sweep_at(&self, now: Instant) {
         self.sweep(now);
-    }
-
-    /// Idle connections currently parked (of [`Pool::idle_count`]).
-    pub fn parked_count(&self) -> usize {
-        (0..SHARDS)
-            .map(|i| {
-                self.shard(i)
-                    .iter()
-                    .filter(|i| matches!(i.kept, Kept::Parked(_)))
-                    .count()
-            })
-            .sum()
     }
 }

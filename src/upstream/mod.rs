@@ -467,7 +467,7 @@ mod tests {
         let (addr, accepted) = node(false).await;
         let u = factory(4).make(addr);
         assert!(!get(&u, Instant::now()).await, "the first is new");
-        assert_eq!(u.pool().idle_count(), 1);
+        assert_eq!(u.pool().idle_counts().0, 1);
         assert!(get(&u, Instant::now()).await, "the second reuses it");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
@@ -487,7 +487,7 @@ mod tests {
         let (addr, accepted) = node(false).await;
         let u = factory(0).make(addr);
         get(&u, Instant::now()).await;
-        assert_eq!(u.pool().idle_count(), 0);
+        assert_eq!(u.pool().idle_counts().0, 0);
         let (closing, closed) = node(true).await;
         let v = factory(4).make(closing);
         get(&v, Instant::now()).await;
@@ -504,9 +504,9 @@ mod tests {
         let (addr, accepted) = node(false).await;
         let u = factory(4).make(addr);
         get(&u, Instant::now()).await;
-        u.pool().sweep_at(Instant::now());
+        u.pool().sweep(Instant::now());
         assert_eq!(u.pool().idle_counts().1, 0, "just used: kept whole");
-        u.pool().sweep_at(Instant::now() + Duration::from_secs(2));
+        u.pool().sweep(Instant::now() + Duration::from_secs(2));
         assert_eq!(u.pool().idle_counts().1, 1, "idle a while: parked");
         assert!(get(&u, Instant::now()).await, "the parked socket is reused");
         assert!(get(&u, Instant::now()).await, "and pooled again whole");
@@ -551,7 +551,7 @@ mod tests {
             let (addr, hang_up, gone) = node_that_hangs_up(farewell).await;
             let u = factory(4).make(addr);
             get(&u, Instant::now()).await;
-            u.pool().sweep_at(Instant::now() + Duration::from_secs(2));
+            u.pool().sweep(Instant::now() + Duration::from_secs(2));
             assert_eq!(u.pool().idle_counts().1, 1);
             hang_up.notify_one();
             gone.notified().await;

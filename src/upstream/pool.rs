@@ -246,11 +246,6 @@ impl Pool {
         self.idle[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Idle connections currently held.
-    pub fn idle_count(&self) -> usize {
-        self.idle_counts().0
-    }
-
     /// Idle connections currently held, and how many of them are parked.
     pub fn idle_counts(&self) -> (usize, usize) {
         (0..SHARDS)
@@ -395,7 +390,8 @@ impl Pool {
         self.sweep(Instant::now());
     }
 
-    fn sweep(&self, now: Instant) {
+    /// The sweep as of `now`.
+    pub(super) fn sweep(&self, now: Instant) {
         let timeout = self.settings.idle_timeout;
         for i in 0..SHARDS {
             let mut shard = self.shard(i);
@@ -419,11 +415,5 @@ impl Pool {
                 })
                 .collect();
         }
-    }
-
-    /// The sweep as it would run at `now` (tests).
-    #[cfg(test)]
-    pub fn sweep_at(&self, now: Instant) {
-        self.sweep(now);
     }
 }

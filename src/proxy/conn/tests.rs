@@ -154,6 +154,15 @@ async fn a_first_request_parks_once_it_ends_not_at_the_header_deadline() {
 
 /// Parked: hyper is told to let go (an end of stream), and the mark
 /// is taken.
+/// A connection whose request came and went, its reader having told hyper
+/// to let go (not yet unparked).
+async fn let_go_after_a_request() -> (DuplexStream, TimedIo<DuplexStream>) {
+    let (client, mut io, activity) = connection();
+    drop(activity.enter());
+    assert_eq!(io.read(&mut [0u8; 8]).await.unwrap(), 0, "hyper lets go");
+    (client, io)
+}
+
 async fn parks(io: &mut TimedIo<DuplexStream>) {
     assert_eq!(io.read(&mut [0u8; 8]).await.unwrap(), 0, "hyper lets go");
     assert!(io.unpark(Bytes::new()), "parked, not closed by the client");
@@ -226,10 +235,7 @@ fn a_client_is_busy_if_it_sends_within_a_second_of_its_last_request() {
 
 #[tokio::test(start_paused = true)]
 async fn a_parked_connection_keeps_its_socket_when_hyper_shuts_it_down() {
-    let (mut client, mut io, activity) = connection();
-    drop(activity.enter());
-    let mut buf = [0u8; 8];
-    assert_eq!(io.read(&mut buf).await.unwrap(), 0);
+    let (mut client, mut io) = let_go_after_a_request().await;
     io.shutdown().await.unwrap();
     let mut got = [0u8; 8];
     let still_open = tokio::time::timeout(Duration::from_secs(1), client.read(&mut got)).await;
@@ -248,11 +254,9 @@ async fn a_parked_connection_keeps_its_socket_when_hyper_shuts_it_down() {
 
 #[tokio::test(start_paused = true)]
 async fn bytes_read_while_parked_and_hypers_unread_bytes_come_first() {
-    let (mut client, mut io, activity) = connection();
-    drop(activity.enter());
-    let mut buf = [0u8; 64];
-    assert_eq!(io.read(&mut buf).await.unwrap(), 0);
+    let (mut client, mut io) = let_go_after_a_request().await;
     assert!(io.unpark(Bytes::from_static(b"GET /a")));
+    let mut buf = [0u8; 64];
     client.write_all(b" HTTP/1.1\r\n").await.unwrap();
     assert!(io.wait_for_bytes().await.unwrap());
     let mut got = Vec::new();

@@ -129,10 +129,10 @@ impl Route {
     }
 
     /// Forward one request; never fails to produce a result.
-    #[inline(always)] // see `observe`
     ///
     /// The admission ticket goes with the answer, whoever writes it: the
     /// upstream's (`respond::reply`) or the proxy's own (with the failure).
+    #[inline(always)] // see `observe`
     pub(crate) fn call(
         &self,
         mut b: Bounded,

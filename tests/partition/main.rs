@@ -968,3 +968,90 @@ async fn the_gate_passes_a_primarys_writes_only_under_its_lease_and_its_epoch() 
     agent.signal("TERM");
     assert_eq!(agent.exit_code(Duration::from_secs(10)).await, Some(0));
 }
+
+/// A promoted node takes up its role only when its agent next hears from the
+/// coordinator; heartbeats every 300 ms make that moment wide enough that
+/// writes released from the failover hold meet it.
+const SLOW_AGENT: &[&str] = &["--interval", "0.3"];
+
+/// Each write's key, the status it got and its error code.
+type Ledger = Arc<Mutex<Vec<(String, u16, String)>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_failover_buffering_writes_a_promoted_node_refuses_before_taking_up_its_role_are_held_not_failed()
+ {
+    let mut p = Partition::start(&[SLOW_AGENT, SLOW_AGENT, SLOW_AGENT], true).await;
+    let url = p.proxy_url("");
+    let old = p.nodes[0].addr.to_string();
+    assert_eq!(primary_addr(&p).await, old);
+    // One writer through the proxy, a unique key and value per write; the
+    // ledger keeps every answer.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ledger: Ledger = Arc::default();
+    let writer = {
+        let (stop, ledger, url) = (stop.clone(), ledger.clone(), url.clone());
+        tokio::spawn(async move {
+            let c = client();
+            let mut i = 0u64;
+            while !stop.is_cancelled() && i < 20_000 {
+                i += 1;
+                let key = format!("held-{i}");
+                let a = send(
+                    &c,
+                    http::Request::put(format!("{url}/kv/{key}"))
+                        .body(full(format!("v{i}")))
+                        .unwrap(),
+                )
+                .await;
+                let code = a.header("x-shardgate-error").unwrap_or_default().to_owned();
+                ledger.lock().unwrap().push((key, a.status.as_u16(), code));
+            }
+        })
+    };
+    let taken = |ledger: &Ledger| {
+        ledger
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s, _)| *s == 200)
+            .count()
+    };
+    eventually(Duration::from_secs(10), "writes are taken", || async {
+        taken(&ledger) > 20
+    })
+    .await;
+    p.nodes.remove(0).proc.kill().await;
+    eventually(Duration::from_secs(10), "a successor is named", || async {
+        primary_addr(&p).await != old
+    })
+    .await;
+    // Past the successor's first heartbeats: it has taken up its role.
+    let after = taken(&ledger);
+    eventually(
+        Duration::from_secs(10),
+        "the successor takes writes",
+        || async { taken(&ledger) > after + 50 },
+    )
+    .await;
+    stop.cancel();
+    writer.await.unwrap();
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    let failed: Vec<_> = ledger.iter().filter(|(_, s, _)| *s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} writes failed across the failover: {:?}",
+        failed.len(),
+        ledger.len(),
+        &failed[..failed.len().min(5)]
+    );
+    // Nothing acknowledged is lost: the new primary holds every write.
+    let primary = p.primary().await;
+    for (i, (key, ..)) in ledger.iter().enumerate() {
+        let got = primary.get(key).await;
+        assert_eq!(
+            got.status, 200,
+            "{key} acknowledged but not on the new primary"
+        );
+        assert_eq!(got.json()["value"], format!("v{}", i + 1), "{key}");
+    }
+}

@@ -44,9 +44,11 @@ impl NodeProc {
             addr_file.to_str().unwrap(),
             "--coordinator",
             &grpc,
-            "--interval",
-            "0.1",
         ];
+        // Heartbeats every 100 ms unless the test sets its own pace.
+        if !extra.contains(&"--interval") {
+            args.extend_from_slice(&["--interval", "0.1"]);
+        }
         args.extend_from_slice(extra);
         let proc = BinProcess::spawn_in(ns, &args, false).await;
         let read = || -> Option<SocketAddr> {

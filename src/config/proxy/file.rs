@@ -143,13 +143,14 @@ impl Default for TopologySection {
     }
 }
 
-/// `[failover_buffer]`: hold writes while a partition has no reachable primary.
+/// `[failover_buffer]`: hold writes while a partition has no reachable
+/// primary, or its new primary refuses them for its role.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct FailoverBufferSection {
     /// Off by default: such writes fail at once with `primary_unavailable`.
     pub enabled: bool,
-    /// Longest a write is held waiting for a new map.
+    /// Longest a write is held waiting for a new map or its new primary.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
     /// Writes held at once; more fail at once.

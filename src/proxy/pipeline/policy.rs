@@ -15,6 +15,13 @@ use tokio::time::Instant;
 /// How long a read that met a `421` may wait for the newer map.
 pub(crate) const MISDIRECTED_WAIT: Duration = Duration::from_secs(2);
 
+/// The first pause before a held write goes again to a primary that refused
+/// it for its role; each later pause doubles, up to [`ROLE_WAIT_MAX`]. A
+/// promoted node takes up its role at its agent's next heartbeat.
+pub(crate) const ROLE_WAIT_FIRST: Duration = Duration::from_millis(10);
+/// The longest pause between sends of a write held for a primary's role.
+pub(crate) const ROLE_WAIT_MAX: Duration = Duration::from_millis(100);
+
 /// The rules one request's attempts follow.
 pub(crate) struct Rules<'a> {
     /// Attempts, backoff.
@@ -141,6 +148,22 @@ pub(crate) fn misdirected(status: StatusCode, headers: &HeaderMap, ours: u64) ->
     (theirs > ours).then_some(theirs)
 }
 
+/// Whether an answer is a primary's refusal of a write for what it is not
+/// yet (SPEC §7–§8): primary, holding a lease, or in reach of a majority. A
+/// node gives these before it applies anything, and a node just promoted
+/// gives them until its agent hears its role and its replicas follow it.
+pub(crate) fn refused_for_role(status: StatusCode, headers: &HeaderMap) -> bool {
+    status == StatusCode::SERVICE_UNAVAILABLE
+        && headers
+            .get(crate::json_error::ERROR_HEADER)
+            .is_some_and(|code| {
+                matches!(
+                    code.as_bytes(),
+                    b"not_primary" | b"lease_expired" | b"no_quorum"
+                )
+            })
+}
+
 /// A wait for a map newer than `above`, until `until`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct WaitFor {
@@ -151,9 +174,14 @@ pub(crate) struct WaitFor {
 }
 
 /// Placing a request again under a newer map: at most once per request.
+/// A write its primary refused for its role may also go again, for as long
+/// as failover buffering holds it.
 #[derive(Debug, Default)]
 pub(crate) struct Replacement {
     used: bool,
+    /// Since the primary first refused the write for its role: when the hold
+    /// ends, and the next pause.
+    role_hold: Option<(Instant, Duration)>,
 }
 
 impl Replacement {
@@ -196,6 +224,37 @@ impl Replacement {
         Some(WaitFor {
             above: ours,
             until: deadline.min(now + buffer.max_wait),
+        })
+    }
+
+    /// The primary map `ours` names refused a write for its role
+    /// ([`refused_for_role`]). It applied nothing, so the write may go
+    /// again; a node just promoted takes up its role within a heartbeat. With failover
+    /// buffering the write waits — for a newer map, or a pause that doubles
+    /// from [`ROLE_WAIT_FIRST`] — and goes again, until `max_wait` from the
+    /// first refusal or the deadline. `None`: answer with the refusal.
+    pub(crate) fn after_role_refusal(
+        &mut self,
+        class: RequestClass,
+        buffer: Option<FailoverBuffer>,
+        ours: u64,
+        deadline: Instant,
+        now: Instant,
+    ) -> Option<WaitFor> {
+        if class != RequestClass::Write {
+            return None;
+        }
+        let buffer = buffer?;
+        let (ends, pause) = *self
+            .role_hold
+            .get_or_insert((deadline.min(now + buffer.max_wait), ROLE_WAIT_FIRST));
+        if now >= ends {
+            return None;
+        }
+        self.role_hold = Some((ends, (pause * 2).min(ROLE_WAIT_MAX)));
+        Some(WaitFor {
+            above: ours,
+            until: ends.min(now + pause),
         })
     }
 }
@@ -482,6 +541,61 @@ mod tests {
         );
         assert_eq!(
             r.after_primary_unavailable(RequestClass::Write, Some(buffer), 8, deadline, now),
+            None
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_a_promoted_primary_refuses_goes_again_after_doubling_pauses_until_the_buffer_runs_out()
+     {
+        let now = Instant::now();
+        let buffer = FailoverBuffer {
+            max_wait: SEC,
+            max_requests: 10,
+        };
+        let mut r = Replacement::default();
+        assert_eq!(
+            r.after_role_refusal(RequestClass::Write, None, 7, now + 30 * SEC, now),
+            None,
+            "buffering off: the refusal is the answer"
+        );
+        assert_eq!(
+            r.after_role_refusal(RequestClass::Read, Some(buffer), 7, now + 30 * SEC, now),
+            None
+        );
+        // A hold through the failover itself does not use up this one.
+        let deadline = now + 30 * SEC;
+        assert!(
+            r.after_primary_unavailable(RequestClass::Write, Some(buffer), 6, deadline, now)
+                .is_some()
+        );
+        let mut at = now;
+        let mut pauses = Vec::new();
+        while let Some(w) = r.after_role_refusal(RequestClass::Write, Some(buffer), 7, deadline, at)
+        {
+            assert_eq!(w.above, 7, "a newer map ends the pause early");
+            assert!(w.until > at && w.until <= now + SEC);
+            pauses.push(w.until - at);
+            at = w.until;
+        }
+        assert_eq!(&pauses[..5], [10 * MS, 20 * MS, 40 * MS, 80 * MS, 100 * MS]);
+        assert!(pauses[5..].iter().all(|p| *p <= 100 * MS));
+        assert_eq!(
+            at,
+            now + SEC,
+            "held for max_wait from the first refusal, no longer"
+        );
+
+        // Never past the request's own deadline.
+        let mut r = Replacement::default();
+        let soon = now + 15 * MS;
+        let first = r.after_role_refusal(RequestClass::Write, Some(buffer), 7, soon, now);
+        assert_eq!(first.map(|w| w.until), Some(now + 10 * MS));
+        let second =
+            r.after_role_refusal(RequestClass::Write, Some(buffer), 7, soon, now + 10 * MS);
+        assert_eq!(second.map(|w| w.until), Some(soon));
+        assert_eq!(
+            r.after_role_refusal(RequestClass::Write, Some(buffer), 7, soon, soon),
             None
         );
     }

@@ -120,6 +120,10 @@ enum Wait {
         error: ProxyError,
         _slot: OwnedSemaphorePermit,
     },
+    /// A write the primary refused for its role, held (with a slot) until it
+    /// goes again. The refusal itself is dropped at once, so it holds no
+    /// upstream connection: the next attempt's answer is the one given.
+    RoleRefused { _slot: OwnedSemaphorePermit },
 }
 
 impl Route {
@@ -298,7 +302,7 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
             // the pin (a directly awaited call is laid out twice), and its
             // outcome lives in this block only, not through the rare wait for
             // a newer map below.
-            let (wait, w): (Wait, WaitFor) = {
+            let (wait, w): (Wait, WaitFor) = 'placed: {
                 // 4. attempts
                 let (outcome, made) = {
                     let attempts = pin!(attempts::run(&mut r.outgoing, &plan, partition, &run));
@@ -312,6 +316,28 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                             delivered.resp.headers(),
                             table.epoch(),
                         ) else {
+                            // A primary not yet in its role refused the
+                            // write unapplied: with failover buffering it
+                            // waits and goes again (see `policy`).
+                            let hold = policy::refused_for_role(
+                                delivered.resp.status(),
+                                delivered.resp.headers(),
+                            )
+                            .then(|| {
+                                replacement.after_role_refusal(
+                                    r.class,
+                                    snapshot.settings.failover_buffer,
+                                    table.epoch(),
+                                    r.deadline,
+                                    Instant::now(),
+                                )
+                            })
+                            .flatten()
+                            .filter(|_| r.outgoing.refill())
+                            .and_then(|w| Some((w, fwd.holds.try_hold()?)));
+                            if let Some((w, slot)) = hold {
+                                break 'placed (Wait::RoleRefused { _slot: slot }, w);
+                            }
                             // 5. response
                             let mut delivered = delivered;
                             if let Some(stamp) = r.stamp {
@@ -396,6 +422,8 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                     return Ok(answer);
                 }
                 (None, Wait::Failover { error, .. }) => return Err(Failed::at(error, trail)),
+                // No newer map: the same primary, once more.
+                (None, Wait::RoleRefused { .. }) => snapshot.clone(),
             }
         };
         if let Some(t) = newer.table.as_deref() {

@@ -227,24 +227,22 @@ impl Replacement {
         })
     }
 
-    /// The primary map `ours` names refused a write for its role
-    /// ([`refused_for_role`]). It applied nothing, so the write may go
-    /// again; a node just promoted takes up its role within a heartbeat. With failover
-    /// buffering the write waits — for a newer map, or a pause that doubles
-    /// from [`ROLE_WAIT_FIRST`] — and goes again, until `max_wait` from the
-    /// first refusal or the deadline. `None`: answer with the refusal.
+    /// The primary refused a write for its role ([`refused_for_role`]). It
+    /// applied nothing, so the write may go again; a node just promoted
+    /// takes up its role within a heartbeat. With failover buffering the
+    /// write waits — for a newer map, or a pause that doubles from
+    /// [`ROLE_WAIT_FIRST`] — and goes again, until `max_wait` from the first
+    /// refusal or the deadline. `None`: answer with the refusal.
+    ///
+    /// Returns when to send it again at the latest (a newer map, if one comes
+    /// first, is used at once).
     pub(crate) fn after_role_refusal(
         &mut self,
         class: RequestClass,
         buffer: Option<FailoverBuffer>,
-        ours: u64,
-        deadline: Instant,
-        now: Instant,
-    ) -> Option<WaitFor> {
-        if class != RequestClass::Write {
-            return None;
-        }
-        let buffer = buffer?;
+        (deadline, now): (Instant, Instant),
+    ) -> Option<Instant> {
+        let buffer = buffer.filter(|_| class == RequestClass::Write)?;
         let (ends, pause) = *self
             .role_hold
             .get_or_insert((deadline.min(now + buffer.max_wait), ROLE_WAIT_FIRST));
@@ -252,10 +250,7 @@ impl Replacement {
             return None;
         }
         self.role_hold = Some((ends, (pause * 2).min(ROLE_WAIT_MAX)));
-        Some(WaitFor {
-            above: ours,
-            until: ends.min(now + pause),
-        })
+        Some(ends.min(now + pause))
     }
 }
 
@@ -555,12 +550,12 @@ mod tests {
         };
         let mut r = Replacement::default();
         assert_eq!(
-            r.after_role_refusal(RequestClass::Write, None, 7, now + 30 * SEC, now),
+            r.after_role_refusal(RequestClass::Write, None, (now + 30 * SEC, now)),
             None,
             "buffering off: the refusal is the answer"
         );
         assert_eq!(
-            r.after_role_refusal(RequestClass::Read, Some(buffer), 7, now + 30 * SEC, now),
+            r.after_role_refusal(RequestClass::Read, Some(buffer), (now + 30 * SEC, now)),
             None
         );
         // A hold through the failover itself does not use up this one.
@@ -571,12 +566,12 @@ mod tests {
         );
         let mut at = now;
         let mut pauses = Vec::new();
-        while let Some(w) = r.after_role_refusal(RequestClass::Write, Some(buffer), 7, deadline, at)
+        while let Some(until) =
+            r.after_role_refusal(RequestClass::Write, Some(buffer), (deadline, at))
         {
-            assert_eq!(w.above, 7, "a newer map ends the pause early");
-            assert!(w.until > at && w.until <= now + SEC);
-            pauses.push(w.until - at);
-            at = w.until;
+            assert!(until > at && until <= now + SEC);
+            pauses.push(until - at);
+            at = until;
         }
         assert_eq!(&pauses[..5], [10 * MS, 20 * MS, 40 * MS, 80 * MS, 100 * MS]);
         assert!(pauses[5..].iter().all(|p| *p <= 100 * MS));
@@ -589,13 +584,12 @@ mod tests {
         // Never past the request's own deadline.
         let mut r = Replacement::default();
         let soon = now + 15 * MS;
-        let first = r.after_role_refusal(RequestClass::Write, Some(buffer), 7, soon, now);
-        assert_eq!(first.map(|w| w.until), Some(now + 10 * MS));
-        let second =
-            r.after_role_refusal(RequestClass::Write, Some(buffer), 7, soon, now + 10 * MS);
-        assert_eq!(second.map(|w| w.until), Some(soon));
+        let first = r.after_role_refusal(RequestClass::Write, Some(buffer), (soon, now));
+        assert_eq!(first, Some(now + 10 * MS));
+        let second = r.after_role_refusal(RequestClass::Write, Some(buffer), (soon, now + 10 * MS));
+        assert_eq!(second, Some(soon));
         assert_eq!(
-            r.after_role_refusal(RequestClass::Write, Some(buffer), 7, soon, soon),
+            r.after_role_refusal(RequestClass::Write, Some(buffer), (soon, soon)),
             None
         );
     }

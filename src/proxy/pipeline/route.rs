@@ -327,15 +327,17 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                                 replacement.after_role_refusal(
                                     r.class,
                                     snapshot.settings.failover_buffer,
-                                    table.epoch(),
-                                    r.deadline,
-                                    Instant::now(),
+                                    (r.deadline, Instant::now()),
                                 )
                             })
                             .flatten()
                             .filter(|_| r.outgoing.refill())
-                            .and_then(|w| Some((w, fwd.holds.try_hold()?)));
-                            if let Some((w, slot)) = hold {
+                            .and_then(|until| Some((until, fwd.holds.try_hold()?)));
+                            if let Some((until, slot)) = hold {
+                                let w = WaitFor {
+                                    above: table.epoch(),
+                                    until,
+                                };
                                 break 'placed (Wait::RoleRefused { _slot: slot }, w);
                             }
                             // 5. response

@@ -9,7 +9,7 @@ use super::super::error::{ProxyError, UpstreamCause};
 use super::consistency::{self, Needs, Unfit};
 use super::outgoing::Outgoing;
 use super::plan::Plan;
-use super::policy::{Attempts, Next, Rules, Stop};
+use super::policy::{self, Attempts, Next, Rules, Stop};
 use super::response::Delivered;
 use crate::clock::HlcClock;
 use crate::resilience::{AllOpen, Permit, Reach, RetryBudget};
@@ -309,7 +309,7 @@ fn settle(
                 // must not open its breaker, or a newly promoted primary that
                 // refuses for the few milliseconds before it hears its new
                 // role is shut out for the breaker's whole cool-down.
-                let verdict = if role_refusal(delivered.resp.headers()) {
+                let verdict = if policy::role_refusal(delivered.resp.headers()).is_some() {
                     AttemptOutcome::Ok
                 } else {
                     AttemptOutcome::FailureStatus
@@ -451,24 +451,6 @@ fn refused(plan: &Plan<'_>, partition: &RoutePartition, last: Last, r: &Run<'_>)
             cause,
         }
     }
-}
-
-/// Whether an answer is a node's refusal about its role or its partition's
-/// state (SPEC §7–§8), rather than a failure of the node.
-fn role_refusal(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(crate::json_error::ERROR_HEADER)
-        .is_some_and(|code| {
-            matches!(
-                code.as_bytes(),
-                b"not_primary"
-                    | b"lease_expired"
-                    | b"no_quorum"
-                    | b"catching_up"
-                    | b"fenced"
-                    | b"not_placed"
-            )
-        })
 }
 
 /// The final answer once no further attempt will be made.

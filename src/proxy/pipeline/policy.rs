@@ -148,20 +148,32 @@ pub(crate) fn misdirected(status: StatusCode, headers: &HeaderMap, ours: u64) ->
     (theirs > ours).then_some(theirs)
 }
 
-/// Whether an answer is a primary's refusal of a write for what it is not
-/// yet (SPEC §7–§8): primary, holding a lease, or in reach of a majority. A
-/// node gives these before it applies anything, and a node just promoted
-/// gives them until its agent hears its role and its replicas follow it.
-pub(crate) fn refused_for_role(status: StatusCode, headers: &HeaderMap) -> bool {
-    status == StatusCode::SERVICE_UNAVAILABLE
-        && headers
-            .get(crate::json_error::ERROR_HEADER)
-            .is_some_and(|code| {
-                matches!(
-                    code.as_bytes(),
-                    b"not_primary" | b"lease_expired" | b"no_quorum"
-                )
-            })
+/// A node's refusal about its role or its partition's state (SPEC §7–§8),
+/// rather than a failure of the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RoleRefusal {
+    /// Not primary, no lease, no majority in reach — yet: given before a
+    /// write is applied, and over once a promoted node takes up its role and
+    /// its replicas follow it.
+    NotYet,
+    /// Fenced, catching up, not placed.
+    Other,
+}
+
+/// The role refusal an answer carries, if it is one.
+pub(crate) fn role_refusal(headers: &HeaderMap) -> Option<RoleRefusal> {
+    match headers.get(crate::json_error::ERROR_HEADER)?.as_bytes() {
+        b"not_primary" | b"lease_expired" | b"no_quorum" => Some(RoleRefusal::NotYet),
+        b"fenced" | b"catching_up" | b"not_placed" => Some(RoleRefusal::Other),
+        _ => None,
+    }
+}
+
+/// Whether an answer refused a write that the node has not applied and may
+/// take once it is in its role. Only a `503` is looked into: this runs on
+/// every answer.
+pub(crate) fn refused_not_yet(status: StatusCode, headers: &HeaderMap) -> bool {
+    status == StatusCode::SERVICE_UNAVAILABLE && role_refusal(headers) == Some(RoleRefusal::NotYet)
 }
 
 /// A wait for a map newer than `above`, until `until`.
@@ -227,7 +239,7 @@ impl Replacement {
         })
     }
 
-    /// The primary refused a write for its role ([`refused_for_role`]). It
+    /// The primary refused a write for its role ([`refused_not_yet`]). It
     /// applied nothing, so the write may go again; a node just promoted
     /// takes up its role within a heartbeat. With failover buffering the
     /// write waits — for a newer map, or a pause that doubles from

@@ -319,21 +319,20 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                             // A primary not yet in its role refused the
                             // write unapplied: with failover buffering it
                             // waits and goes again (see `policy`).
-                            let hold = policy::refused_for_role(
+                            let refused = policy::refused_not_yet(
                                 delivered.resp.status(),
                                 delivered.resp.headers(),
-                            )
-                            .then(|| {
-                                replacement.after_role_refusal(
-                                    r.class,
-                                    snapshot.settings.failover_buffer,
-                                    (r.deadline, Instant::now()),
-                                )
-                            })
-                            .flatten()
-                            .filter(|_| r.outgoing.refill())
-                            .and_then(|until| Some((until, fwd.holds.try_hold()?)));
-                            if let Some((until, slot)) = hold {
+                            );
+                            let hold = refused
+                                .then(|| {
+                                    replacement.after_role_refusal(
+                                        r.class,
+                                        snapshot.settings.failover_buffer,
+                                        (r.deadline, Instant::now()),
+                                    )
+                                })
+                                .flatten();
+                            if let Some((until, slot)) = held(hold, &mut r.outgoing, &fwd.holds) {
                                 let w = WaitFor {
                                     above: table.epoch(),
                                     until,
@@ -394,10 +393,7 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
                             r.deadline,
                             Instant::now(),
                         );
-                        let slot = hold
-                            .filter(|_| r.outgoing.refill())
-                            .and_then(|w| Some((w, fwd.holds.try_hold()?)));
-                        match slot {
+                        match held(hold, &mut r.outgoing, &fwd.holds) {
                             Some((w, slot)) => (Wait::Failover { error, _slot: slot }, w),
                             None => return Err(Failed::at(error, trail)),
                         }
@@ -433,6 +429,17 @@ async fn forward(fwd: &Forwarder, r: &mut Routed) -> Result<Forwarded<ProxyBody>
         }
         r.snapshot = newer;
     }
+}
+
+/// A hold the policy granted, if the request can be sent again after it
+/// and one of the limited hold slots is free.
+fn held<T>(
+    hold: Option<T>,
+    outgoing: &mut Outgoing,
+    holds: &Holds,
+) -> Option<(T, OwnedSemaphorePermit)> {
+    let hold = hold.filter(|_| outgoing.refill())?;
+    Some((hold, holds.try_hold()?))
 }
 
 /// A successful write's answer carries its read-your-writes token: the

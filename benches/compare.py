@@ -48,12 +48,17 @@ on CPU 0 (saturation is measured in that layout too): sharing a core with the
 upstream, oha could not hold 80 %. With --tls --rate every request is a new
 TLS connection (oha --disable-keepalive). `cargo install oha`.
 
+With --floor the floor proxy runs beside them (benches/floor_proxy.rs, built
+by `cargo build --release --example floor_proxy`, or pass its path): hyper's
+server and pooled client on one tokio thread doing the same job with none of
+shardgate's own work, the least any proxy on this stack can spend.
+
 With --baseline PATH a second shardgate build (e.g. the previous commit's)
 runs as "baseline" in the same interleaved rounds, so a change is judged by a
 ratio measured side by side, not against numbers from another run.
 
 Usage: python3 benches/compare.py [--rounds 5] [--seconds 10] [--connections 64] [--tls] [--close] [--h2]
-                                  [--binary target/pgo/shardgate] [--baseline target/base/shardgate]
+                                  [--binary target/pgo/shardgate] [--baseline target/base/shardgate] [--floor]
 Needs: nginx, haproxy, wrk, openssl, h2load (apt-get install nginx haproxy wrk openssl nghttp2-client),
 a release build.
 Talks only to 127.0.0.1; stops everything it starts by PID.
@@ -73,6 +78,9 @@ import tempfile
 from benchlib import ROOT, free_port, self_signed_cert, wait_port, write_topology
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The order of rows in every table.
+NAMES = ["nginx", "haproxy", "floor", "baseline", "shardgate"]
+FLOOR = os.path.join(ROOT, "target/release/examples/floor_proxy")
 
 
 def box_cpu_seconds():
@@ -292,7 +300,7 @@ def measure_rate(args, ports, by_name):
                 print(f"{share:.0%} round {r + 1} {name:9} {rps:9,.0f} req/s  p50 {p50:7.0f}us  p99 {p99:7.0f}us  "
                       f"p99.9 {p999:7.0f}us  cpu {cpu:5.1f}us/req  oha {load * 1e6 / reqs:5.1f}us/req",
                       file=sys.stderr)
-        for name in [n for n in ["nginx", "haproxy", "baseline", "shardgate"] if n in rows]:
+        for name in [n for n in NAMES if n in rows]:
             rps, p50, p99, p999, cpu, load = [statistics.median(c) for c in zip(*rows[name])]
             print(f"| {share:.0%} | {name} | {rate:,} | {rps / rate:.1%} | {p50:.0f} µs | {p99:.0f} µs "
                   f"| {p999:.0f} µs | {cpu:.1f} | {load:.1f} |")
@@ -355,7 +363,7 @@ def measure(args, ports, by_name, scheme, title, close):
     print("| proxy | req/s | vs best peer | p50 | p99 | CPU µs/req | user | sys | CPU vs best peer "
           "| upstream µs/req | load µs/req | whole box µs/req |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n in [n for n in ["nginx", "haproxy", "baseline", "shardgate"] if n in med]:
+    for n in [n for n in NAMES if n in med]:
         rps, p50, p99, cpu, user, system, box, up, load = med[n]
         print(f"| {n} | {rps:,.0f} | {vs(rps, best_rps)} | {p50:.0f} µs | {p99:.0f} µs | {cpu:.1f} | {user:.1f} "
               f"| {system:.1f} | {vs(cpu, best_cpu)} | {up:.1f} | {load:.1f} | {box:.1f} |")
@@ -371,7 +379,7 @@ def measure(args, ports, by_name, scheme, title, close):
     if peer_rounds:
         # The better peer of each round, so a round's noise hits both sides.
         best = [min(rows[3] for rows in same_round) for same_round in zip(*peer_rounds)]
-        for n in [n for n in ("baseline", "shardgate") if n in results]:
+        for n in [n for n in ("floor", "baseline", "shardgate") if n in results]:
             per_round(f"{n} / better peer of the round", results[n], best)
     if "baseline" in results and "shardgate" in results:
         per_round("shardgate / baseline", results["shardgate"], [b[3] for b in results["baseline"]])
@@ -379,12 +387,13 @@ def measure(args, ports, by_name, scheme, title, close):
 
 
 def job(work, ups, ports, admin, builds, scheme="http", ng_tls="", hap_tls="", sg_tls="", h2=False,
-        up_location='return 200 "ok\\n";', ng_extra="", up_extra="", spread=False):
+        up_location='return 200 "ok\\n";', ng_extra="", up_extra="", spread=False, floor=None):
     """The same job for every proxy: the upstream's argv, and (name, argv) per proxy.
 
     Each proxy routes by the hash of `x-shard-key` to one of the `ups` ports
     over pooled keep-alive connections and adds the usual forwarding headers;
-    `builds` names the shardgate binaries to run. `up_location` is what the
+    `builds` names the shardgate binaries to run; `floor` is the floor
+    proxy's binary (benches/floor_proxy.rs), if it runs. `up_location` is what the
     upstream nginx does with a request (`up_extra`: more of its servers);
     `ng_extra` goes into the proxying nginx's location (benches/bodies.py
     streams large bodies with them).
@@ -462,6 +471,8 @@ access_log_sample = 0.0
 {os.environ.get("SHARDGATE_BENCH_EXTRA", "")}
 """)
         proxies.append((name, [binary, "proxy", "--config", sg_conf]))
+    if floor:
+        proxies.append(("floor", [floor, f"127.0.0.1:{ports['floor']}"] + [f"127.0.0.1:{p}" for p in ups]))
     return upstream, proxies
 
 
@@ -513,6 +524,8 @@ def main():
     ap.add_argument("--close", action="store_true",
                     help="also run a new connection per request (always on with --tls)")
     ap.add_argument("--baseline", default=None, help="another shardgate binary to measure beside this one")
+    ap.add_argument("--floor", nargs="?", const=FLOOR, default=None,
+                    help="also run the floor proxy (benches/floor_proxy.rs; default: its release build)")
     ap.add_argument("--h2", action="store_true", help="clients speak HTTP/2 (h2load, many streams per connection)")
     ap.add_argument("--rate", action="store_true",
                     help="latency at 50 %% and 80 %% of nginx's saturation rate, open loop (oha)")
@@ -533,6 +546,12 @@ def main():
     ports = {"nginx": free_port(), "haproxy": free_port(), "shardgate": free_port()}
     if args.baseline:
         ports["baseline"] = free_port()
+    if args.floor:
+        if args.tls or args.h2 or args.spread:
+            sys.exit("--floor measures the clear-text HTTP/1.1 pinned job")
+        if not os.path.exists(args.floor):
+            sys.exit(f"{args.floor} missing: run cargo build --release --example floor_proxy first")
+        ports["floor"] = free_port()
     admin = {"shardgate": free_port(), "baseline": free_port()}
     procs = []
     cert = key = combined = None
@@ -549,7 +568,7 @@ def main():
     builds = [("shardgate", args.binary)] + ([("baseline", args.baseline)] if args.baseline else [])
     try:
         upstream, proxies = job(work, ups, ports, admin, builds, scheme, ng_tls, hap_tls, sg_tls, args.h2,
-                                spread=args.spread)
+                                spread=args.spread, floor=args.floor)
         # At a fixed rate oha needs a core of its own to hold 80 % of
         # nginx's saturation, so the upstream moves to the proxy's core
         # (saturation is measured in that same layout).

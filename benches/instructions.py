@@ -46,7 +46,7 @@ import sys
 import tempfile
 
 from benchlib import ROOT, free_port, wait_port
-from compare import Proc, job
+from compare import FLOOR, NAMES, Proc, job
 
 WARMUP = 2000
 
@@ -159,6 +159,8 @@ def main():
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/shardgate"))
     ap.add_argument("--baseline", default=None, help="another shardgate binary to count beside this one")
+    ap.add_argument("--floor", nargs="?", const=FLOOR, default=None,
+                    help="also count the floor proxy (benches/floor_proxy.rs; default: its release build)")
     ap.add_argument("--only", nargs="*", default=None, help="count only these proxies")
     ap.add_argument("--write", action="store_true", help="POST a small body (a write) instead of GET")
     ap.add_argument("--detail", action="store_true",
@@ -174,11 +176,11 @@ def main():
         with open(BODY, "w") as f:
             f.write("0123456789abcdef")
     ups = [free_port() for _ in range(3)]
-    names = ["nginx", "haproxy", "shardgate"] + (["baseline"] if args.baseline else [])
+    names = ["nginx", "haproxy", "shardgate"] + (["baseline"] if args.baseline else []) + (["floor"] if args.floor else [])
     ports = {n: free_port() for n in names}
     admin = {"shardgate": free_port(), "baseline": free_port()}
     builds = [("shardgate", args.binary)] + ([("baseline", args.baseline)] if args.baseline else [])
-    upstream_argv, proxies = job(work, ups, ports, admin, builds)
+    upstream_argv, proxies = job(work, ups, ports, admin, builds, floor=args.floor)
     upstream = Proc("upstream", upstream_argv, work, cpu=1)
     counts = {}
     try:
@@ -200,7 +202,7 @@ def main():
     more = " allocator calls/request | atomic RMWs/request |" if args.detail else ""
     print(f"| proxy | instructions/request | vs best peer |{more}")
     print("|---|---:|---:|" + ("---:|---:|" if args.detail else ""))
-    for n in [n for n in ["nginx", "haproxy", "baseline", "shardgate"] if n in counts]:
+    for n in [n for n in NAMES if n in counts]:
         instructions, allocs, atomics = counts[n]
         ratio = f"{instructions / best:.2f}×" if best else "—"
         cells = f" {allocs:.1f} | {atomics:.1f} |" if args.detail else ""

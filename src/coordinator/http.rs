@@ -413,8 +413,9 @@ async fn put_topology<S: Store>(c: &Coordinator<S>, req: Request<Incoming>) -> R
                 before,
             );
         }
-        let mut candidate = st.clone();
-        if let Err(e) = candidate.replace_map(doc) {
+        let previous = st.map_in_force();
+        // Leaves the state as it was when it refuses.
+        if let Err(e) = st.replace_map(doc) {
             return match &e {
                 MapChangeError::Stale { in_force, .. } => {
                     conflict("stale_epoch", e.to_string(), *in_force)
@@ -429,9 +430,7 @@ async fn put_topology<S: Store>(c: &Coordinator<S>, req: Request<Incoming>) -> R
                 .response(),
             };
         }
-        let snapshot = candidate.persisted();
-        let previous = std::mem::replace(&mut *st, candidate);
-        (before, snapshot, previous)
+        (before, st.persisted(), previous)
     };
     match c.store.commit(Some(before), &snapshot).await {
         Ok(Commit::Won) => {
@@ -460,7 +459,7 @@ async fn put_topology<S: Store>(c: &Coordinator<S>, req: Request<Incoming>) -> R
             {
                 let mut st = c.lock();
                 if st.epoch() == snapshot.map.cluster_epoch {
-                    *st = previous;
+                    st.undo_map_change(previous);
                 }
             }
             error(

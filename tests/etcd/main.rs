@@ -215,6 +215,68 @@ async fn one_etcd_member_lost_changes_nothing_and_losing_the_majority_makes_chan
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_change_etcd_never_confirms_is_undone_without_forgetting_the_heartbeats_heard_meanwhile()
+ {
+    let cluster = EtcdCluster::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = BinCoordinator::on_store(&cluster.url("undo"), dir.path(), "coord-a", &[]).await;
+    eventually(Duration::from_secs(10), "the coordinator leads", || async {
+        c.is_leader().await
+    })
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = heartbeat_load(&c, &stop);
+    eventually(Duration::from_secs(10), "every node heard", || async {
+        let nodes = c.get_json("/v1/cluster/nodes").await;
+        nodes["nodes"].as_array().is_some_and(|n| n.len() == 4)
+    })
+    .await;
+
+    // A stopped etcd takes the request and never answers: the change waits
+    // for its deadline, in force meanwhile, while the nodes beat on.
+    cluster.signal(0, "STOP");
+    let asked = unix_ms();
+    let r = put_map(&c, &two_partition_map(11)).await;
+    let waited = unix_ms() - asked;
+    cluster.signal(0, "CONT");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"], "store_unavailable");
+    assert!(
+        waited >= 1_000,
+        "refused after {waited} ms, before any deadline"
+    );
+
+    // Undone: the map goes back, what was heard during the wait stays. Had
+    // the whole state gone back, every node would look silent since before
+    // the change, and the next sweep would take them all for dead.
+    let nodes = c.get_json("/v1/cluster/nodes").await;
+    assert_eq!(nodes["epoch"], 10, "the unconfirmed map is not in force");
+    for n in nodes["nodes"].as_array().unwrap() {
+        let heard = n["lastHeartbeatUnixMs"].as_i64().unwrap();
+        assert!(
+            heard > asked + 500,
+            "last heard {} ms after the change was asked: {n}",
+            heard - asked
+        );
+        assert_eq!(n["status"], "ACTIVE", "{n}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(r) = load.join_next().await {
+        let (_, failed, terminate) = r.unwrap();
+        assert_eq!(
+            (failed, terminate),
+            (0, 0),
+            "heartbeats failed or nodes were told to stop"
+        );
+    }
+    assert!(
+        !c.proc.stderr().contains("went silent"),
+        "{}",
+        c.proc.stderr()
+    );
+}
+
 #[tokio::test]
 async fn migrate_store_copies_a_file_stores_state_into_etcd_with_its_epoch() {
     let cluster = EtcdCluster::start(3).await;

@@ -133,6 +133,21 @@ impl EtcdCluster {
         }
     }
 
+    /// Send member `i` a signal (`"STOP"`, `"CONT"`), by its PID.
+    pub(crate) fn signal(&self, i: usize, sig: &str) {
+        let pid = self.members[i]
+            .child
+            .as_ref()
+            .expect("member is running")
+            .id();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {pid} failed");
+    }
+
     /// Start member `i` again on its data directory.
     pub(crate) fn restart(&mut self, i: usize) {
         assert!(self.members[i].child.is_none(), "member {i} is running");

@@ -256,6 +256,14 @@ pub struct ClusterState {
     started: Instant,
 }
 
+/// A map and its fencing, as they stood before a change
+/// ([`ClusterState::map_in_force`]).
+#[derive(Clone, Debug)]
+pub struct MapInForce {
+    map: ShardMap,
+    fenced: BTreeSet<NodeAddr>,
+}
+
 /// Every address `map` names.
 fn named(map: &ShardMap) -> HashSet<NodeAddr> {
     map.partitions()
@@ -562,6 +570,25 @@ impl ClusterState {
         self.fenced.retain(|a| !named.contains(a));
         self.set_map(map);
         Ok(self.map.epoch())
+    }
+
+    /// The map in force and who is fenced: what [`ClusterState::replace_map`]
+    /// changes, to put back with [`ClusterState::undo_map_change`].
+    pub fn map_in_force(&self) -> MapInForce {
+        MapInForce {
+            map: self.map.clone(),
+            fenced: self.fenced.clone(),
+        }
+    }
+
+    /// Put back the map a change replaced when the store did not confirm the
+    /// change. Only the map and its fencing go back: what was heard while
+    /// the store was asked (heartbeats, what nodes were told) stays, or a
+    /// slow refusal would age every node by the time it took and the next
+    /// sweep could take them all for dead.
+    pub fn undo_map_change(&mut self, before: MapInForce) {
+        self.fenced = before.fenced;
+        self.set_map(before.map);
     }
 
     /// The status of the node at `addr` (the one heard last, if several

@@ -207,6 +207,7 @@ async fn operator_maps_must_raise_the_epoch_and_fence_dropped_nodes() {
             Err(MapChangeError::OutOfRange(_))
         ));
     }
+    let kept = s.persisted();
     let mut bad = s.doc();
     bad.cluster_epoch = 101;
     bad.partition_count = 9;
@@ -214,5 +215,32 @@ async fn operator_maps_must_raise_the_epoch_and_fence_dropped_nodes() {
         s.replace_map(bad),
         Err(MapChangeError::Invalid(_))
     ));
-    assert_eq!(s.epoch(), 100);
+    // The HTTP handler changes the state in place, so a refusal must not
+    // have touched it.
+    assert_eq!(s.persisted(), kept);
+}
+
+#[tokio::test(start_paused = true)]
+async fn undoing_an_unconfirmed_map_change_keeps_the_heartbeats_heard_while_the_store_was_asked() {
+    let mut s = ClusterState::new(map(), "coord", Instant::now());
+    all_beat(&mut s, &[]);
+    // The change drops c (fenced) and is in force while the store is asked.
+    let before = s.map_in_force();
+    let mut doc = s.doc();
+    doc.partitions[0].replica_node_ips.pop();
+    doc.cluster_epoch = 8;
+    s.replace_map(doc).unwrap();
+    assert!(s.is_fenced(&"10.0.0.3:80".parse().unwrap()));
+    // The store takes most of a heartbeat timeout to refuse; the nodes beat
+    // meanwhile.
+    tokio::time::advance(14 * SEC).await;
+    all_beat(&mut s, &[]);
+    s.undo_map_change(before);
+    assert_eq!(s.epoch(), 7);
+    assert!(!s.is_fenced(&"10.0.0.3:80".parse().unwrap()));
+    // Past the timeout counted from before the change, not from the beats.
+    tokio::time::advance(2 * SEC).await;
+    let report = s.sweep(Instant::now(), &rules(), &no_lag);
+    assert!(report.newly_dead.is_empty(), "{:?}", report.newly_dead);
+    assert!(s.nodes().all(|n| n.status == NodeStatus::Active));
 }

@@ -479,17 +479,18 @@ access_log_sample = 0.0
 class Bench:
     """Ports, builds and a work directory for one side-by-side run of the job."""
 
-    def __init__(self, prefix, binary, baseline=None):
+    def __init__(self, prefix, binary, baseline=None, floor=None):
         self.work = tempfile.mkdtemp(prefix=prefix)
         self.ups = [free_port() for _ in range(3)]
-        names = ["nginx", "haproxy", "shardgate"] + (["baseline"] if baseline else [])
+        self.floor = floor
+        names = ["nginx", "haproxy", "shardgate"] + (["baseline"] if baseline else []) + (["floor"] if floor else [])
         self.ports = {x: free_port() for x in names}
         self.admin = {"shardgate": free_port(), "baseline": free_port()}
         self.builds = [("shardgate", binary)] + ([("baseline", baseline)] if baseline else [])
 
     def job(self, **kw):
         """compare.py's job over these ports: (upstream argv, [(name, argv)])."""
-        return job(self.work, self.ups, self.ports, self.admin, self.builds, **kw)
+        return job(self.work, self.ups, self.ports, self.admin, self.builds, floor=self.floor, **kw)
 
     def each_proxy(self, upstream_argv, proxies, only, measure):
         """Start the upstream (CPU 1), then each proxy in turn (CPU 0, one at

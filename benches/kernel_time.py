@@ -15,7 +15,7 @@ core), over a fixed number of HTTP/1.1 keep-alive requests:
 - a `perf record` of the proxy (cpu-clock, 4 kHz), and the kernel functions
   whose time per request differs most from nginx's.
 
-Usage: python3 benches/kernel_time.py [--requests 100000] [--binary target/pgo/shardgate]
+Usage: python3 benches/kernel_time.py [--requests 100000] [--binary target/pgo/shardgate] [--floor [PATH]]
 Needs: linux-perf, iproute2 (nstat), nghttp2-client (h2load), nginx, haproxy;
 a release build. Talks only to 127.0.0.1; stops everything it starts by PID.
 """
@@ -29,7 +29,7 @@ import sys
 import time
 
 from benchlib import ROOT
-from compare import Bench, cpu_seconds
+from compare import FLOOR, Bench, cpu_seconds
 
 HZ = 4000
 COUNTERS = ["TcpInSegs", "TcpOutSegs", "TcpExtTCPPureAcks", "TcpExtDelayedACKs", "IpExtInOctets"]
@@ -61,11 +61,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/shardgate"))
+    ap.add_argument("--floor", nargs="?", const=FLOOR, default=None,
+                    help="also the floor proxy (benches/floor_proxy.rs; default: its release build)")
     args = ap.parse_args()
     if not os.path.exists(args.binary):
         sys.exit(f"{args.binary} missing: run cargo build --release first")
     n = args.requests
-    bench = Bench("shardgate-kernel-time-", args.binary)
+    bench = Bench("shardgate-kernel-time-", args.binary, floor=args.floor)
     upstream_argv, proxies = bench.job()
 
     def measure(name, pid, port):
@@ -102,17 +104,20 @@ def main():
                            for k in COUNTERS)
         print(f"| {name} | {user:.2f} | {system:.2f} | {cells} |")
     by_name = {r[0]: r[4] for r in rows}
-    if "nginx" in by_name and "shardgate" in by_name:
-        ng, sg = by_name["nginx"], by_name["shardgate"]
-        hap = by_name.get("haproxy", {})
-        diff = sorted(set(ng) | set(sg), key=lambda s: sg.get(s, 0) - ng.get(s, 0))
-        print("\nkernel functions, µs per request (perf samples; shardgate − nginx, largest both ways)\n")
-        print("| function | shardgate | nginx | HAProxy | shardgate − nginx |")
-        print("|---|---:|---:|---:|---:|")
+    hap, fl = by_name.get("haproxy", {}), by_name.get("floor")
+    # Against nginx, and against the floor (what shardgate adds to its stack).
+    for ref in [r for r in ("nginx", "floor") if r in by_name and "shardgate" in by_name]:
+        base, sg = by_name[ref], by_name["shardgate"]
+        diff = sorted(set(base) | set(sg), key=lambda s: sg.get(s, 0) - base.get(s, 0))
+        print(f"\nkernel functions, µs per request (perf samples; shardgate − {ref}, largest both ways)\n")
+        print("| function | shardgate | nginx | HAProxy |" + (" floor |" if fl is not None else "")
+              + f" shardgate − {ref} |")
+        print("|---|---:|---:|---:|" + ("---:|" if fl is not None else "") + "---:|")
+        ng = by_name.get("nginx", {})
         for s in diff[-10:][::-1] + diff[:5]:
-            print(f"| `{s}` | {sg.get(s, 0):.3f} | {ng.get(s, 0):.3f} | {hap.get(s, 0):.3f} | "
-                  f"{sg.get(s, 0) - ng.get(s, 0):+.3f} |")
-
+            floor = f" {fl.get(s, 0):.3f} |" if fl is not None else ""
+            print(f"| `{s}` | {sg.get(s, 0):.3f} | {ng.get(s, 0):.3f} | {hap.get(s, 0):.3f} |{floor} "
+                  f"{sg.get(s, 0) - base.get(s, 0):+.3f} |")
 
 if __name__ == "__main__":
     main()

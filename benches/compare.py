@@ -472,7 +472,8 @@ access_log_sample = 0.0
 """)
         proxies.append((name, [binary, "proxy", "--config", sg_conf]))
     if floor:
-        proxies.append(("floor", [floor, f"127.0.0.1:{ports['floor']}"] + [f"127.0.0.1:{p}" for p in ups]))
+        proxies.append(("floor", [floor] + (["--h2"] if h2 else []) + [f"127.0.0.1:{ports['floor']}"]
+                        + [f"127.0.0.1:{p}" for p in ups]))
     return upstream, proxies
 
 
@@ -548,8 +549,8 @@ def main():
     if args.baseline:
         ports["baseline"] = free_port()
     if args.floor:
-        if args.tls or args.h2 or args.spread:
-            sys.exit("--floor measures the clear-text HTTP/1.1 pinned job")
+        if args.tls or args.spread:
+            sys.exit("--floor measures the clear-text pinned job (HTTP/1.1, or HTTP/2 with --h2)")
         if not os.path.exists(args.floor):
             sys.exit(f"{args.floor} missing: run cargo build --release --example floor_proxy first")
         ports["floor"] = free_port()

@@ -13,7 +13,9 @@
 //!
 //! Build: `cargo build --release --example floor_proxy`, or profile-guided
 //! as shardgate ships: `python3 benches/floor_pgo.py`.
-//! Run: `floor_proxy LISTEN UPSTREAM...` (socket addresses).
+//! Run: `floor_proxy [--h2] LISTEN UPSTREAM...` (socket addresses; `--h2`
+//! serves clear-text HTTP/2 with prior knowledge instead of HTTP/1.1, for
+//! `compare.py --h2`).
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -133,6 +135,21 @@ async fn forward(
     let headers = req.headers_mut();
     headers.append(FORWARDED_FOR, client);
     headers.insert(FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if req.version() == http::Version::HTTP_2 {
+        // HTTP/1.1 to the upstream: the authority becomes Host, the target
+        // its origin form.
+        let uri = std::mem::take(req.uri_mut());
+        if let Some(host) = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(http::header::HOST, host);
+        }
+        *req.uri_mut() = uri
+            .path_and_query()
+            .map_or(http::Uri::from_static("/"), |p| http::Uri::from(p.clone()));
+        *req.version_mut() = http::Version::HTTP_11;
+    }
     let answer = async {
         let mut sender = pools.checkout(upstream).await?;
         let response = sender.send_request(req).await?;
@@ -154,8 +171,9 @@ async fn forward(
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let usage = "usage: floor_proxy LISTEN UPSTREAM...";
+    let mut args = std::env::args().skip(1).peekable();
+    let usage = "usage: floor_proxy [--h2] LISTEN UPSTREAM...";
+    let h2 = args.next_if(|a| a == "--h2").is_some();
     let listen: SocketAddr = args.next().ok_or(usage)?.parse()?;
     let upstreams = args
         .map(|a| a.parse())
@@ -170,10 +188,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    tokio::task::LocalSet::new().block_on(&runtime, serve(listen, pools))
+    tokio::task::LocalSet::new().block_on(&runtime, serve(listen, pools, h2))
 }
 
-async fn serve(listen: SocketAddr, pools: Rc<Pools>) -> Result<(), Box<dyn std::error::Error>> {
+/// Runs HTTP/2 streams as tasks on this thread: the service is not `Send`.
+#[derive(Clone, Copy)]
+struct Local;
+
+impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for Local {
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+async fn serve(
+    listen: SocketAddr,
+    pools: Rc<Pools>,
+    h2: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind(listen).await?;
     // Returning from main on SIGTERM lets a profile-generating build write
     // its profile (benches/floor_pgo.py).
@@ -188,10 +220,17 @@ async fn serve(listen: SocketAddr, pools: Rc<Pools>) -> Result<(), Box<dyn std::
         let pools = pools.clone();
         let service =
             hyper::service::service_fn(move |req| forward(req, pools.clone(), client.clone()));
-        tokio::task::spawn_local(
-            hyper::server::conn::http1::Builder::new()
-                .writev(false)
-                .serve_connection(TokioIo::new(stream), service),
-        );
+        let io = TokioIo::new(stream);
+        if h2 {
+            tokio::task::spawn_local(
+                hyper::server::conn::http2::Builder::new(Local).serve_connection(io, service),
+            );
+        } else {
+            tokio::task::spawn_local(
+                hyper::server::conn::http1::Builder::new()
+                    .writev(false)
+                    .serve_connection(io, service),
+            );
+        }
     }
 }

@@ -149,6 +149,21 @@ fn heartbeat_load(
     set
 }
 
+/// Stop `heartbeat_load` and total its counts: (answered, failed, told to
+/// terminate).
+async fn stop_load(
+    stop: &std::sync::atomic::AtomicBool,
+    mut load: tokio::task::JoinSet<(u64, u64, u64)>,
+) -> (u64, u64, u64) {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed, mut terminate) = (0, 0, 0);
+    while let Some(r) = load.join_next().await {
+        let (o, f, t) = r.unwrap();
+        (ok, failed, terminate) = (ok + o, failed + f, terminate + t);
+    }
+    (ok, failed, terminate)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_etcd_member_lost_changes_nothing_and_losing_the_majority_makes_changes_fail_until_it_returns()
  {
@@ -161,7 +176,7 @@ async fn one_etcd_member_lost_changes_nothing_and_losing_the_majority_makes_chan
     })
     .await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut load = heartbeat_load(&c, &stop);
+    let load = heartbeat_load(&c, &stop);
 
     // One member down under heartbeat load: heartbeats and changes go on.
     cluster.kill(2);
@@ -200,12 +215,7 @@ async fn one_etcd_member_lost_changes_nothing_and_losing_the_majority_makes_chan
         "changes still refused: {last}\n{}",
         c.proc.stderr()
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut ok, mut failed, mut terminate) = (0, 0, 0);
-    while let Some(r) = load.join_next().await {
-        let (o, f, t) = r.unwrap();
-        (ok, failed, terminate) = (ok + o, failed + f, terminate + t);
-    }
+    let (ok, failed, terminate) = stop_load(&stop, load).await;
     assert_eq!(failed, 0, "heartbeats failed, of {ok} answered");
     assert_eq!(terminate, 0, "no node was taken for dead");
     assert!(
@@ -226,7 +236,7 @@ async fn a_map_change_etcd_never_confirms_is_undone_without_forgetting_the_heart
     })
     .await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut load = heartbeat_load(&c, &stop);
+    let load = heartbeat_load(&c, &stop);
     eventually(Duration::from_secs(10), "every node heard", || async {
         let nodes = c.get_json("/v1/cluster/nodes").await;
         nodes["nodes"].as_array().is_some_and(|n| n.len() == 4)
@@ -261,15 +271,12 @@ async fn a_map_change_etcd_never_confirms_is_undone_without_forgetting_the_heart
         );
         assert_eq!(n["status"], "ACTIVE", "{n}");
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    while let Some(r) = load.join_next().await {
-        let (_, failed, terminate) = r.unwrap();
-        assert_eq!(
-            (failed, terminate),
-            (0, 0),
-            "heartbeats failed or nodes were told to stop"
-        );
-    }
+    let (_, failed, terminate) = stop_load(&stop, load).await;
+    assert_eq!(
+        (failed, terminate),
+        (0, 0),
+        "heartbeats failed or nodes were told to stop"
+    );
     assert!(
         !c.proc.stderr().contains("went silent"),
         "{}",

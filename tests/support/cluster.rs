@@ -188,12 +188,7 @@ impl BinProxy {
     }
 
     pub(crate) fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} failed");
+        signal_pid(self.pid(), sig);
     }
 
     pub(crate) fn stderr(&self) -> String {
@@ -290,12 +285,7 @@ impl BinProcess {
     }
 
     pub(crate) fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} failed");
+        signal_pid(self.pid(), sig);
     }
 
     /// Kill (SIGKILL) and reap.
@@ -695,4 +685,14 @@ pub(crate) fn make_fifo(path: &Path) {
         .status()
         .unwrap();
     assert!(made.success(), "mkfifo failed");
+}
+
+/// Send a process a signal (`"STOP"`, `"CONT"`, `"HUP"`…) by its PID.
+pub(crate) fn signal_pid(pid: i32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
 }

@@ -135,17 +135,8 @@ impl EtcdCluster {
 
     /// Send member `i` a signal (`"STOP"`, `"CONT"`), by its PID.
     pub(crate) fn signal(&self, i: usize, sig: &str) {
-        let pid = self.members[i]
-            .child
-            .as_ref()
-            .expect("member is running")
-            .id();
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} {pid} failed");
+        let child = self.members[i].child.as_ref().expect("member is running");
+        super::signal_pid(child.id() as i32, sig);
     }
 
     /// Start member `i` again on its data directory.
